@@ -1,0 +1,28 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= $(if $(COMPRESS_DATA),$(COMPRESS_DATA),../shared/data/cifar10)
+
+.PHONY: env demo test bench clean
+
+$(BIN)/chansearch: setup.py requirements-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -r requirements-ci.txt
+	touch $@
+
+env: $(BIN)/chansearch
+
+demo: env
+	$(BIN)/chansearch profile mobilenet_v2
+	$(BIN)/chansearch prune mobilenet_v2 --macs 50% --strategy global -o runs/demo/mobilenet_v2_50.pt
+	$(BIN)/chansearch profile runs/demo/mobilenet_v2_50.pt
+
+test: env
+	$(BIN)/python -m pytest -q tests
+
+bench: env
+	$(BIN)/python benchmarks/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) runs

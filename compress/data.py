@@ -1,0 +1,184 @@
+"""Data specs -> torchvision datasets with standard transforms, and the held-out search split.
+
+Specs: `cifar10:DIR` (the `cifar-10-batches-py` folder, or a folder with train.npz/test.npz),
+`imagefolder:DIR` (ImageNet layout: DIR/train, DIR/val), `npz:FILE` (x uint8 (N,H,W,3) RGB,
+y integer labels), `synthetic:N` (N random images, for smoke tests).
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from compress.errors import CompressError
+
+SPEC_HELP = ("a data spec is cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N "
+             "(e.g. cifar10:../shared/data/cifar10)")
+
+
+class ArrayDataset(Dataset):
+    """uint8 images (N, H, W, 3) and integer labels held in memory."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform=None, classes: list[str] | None = None):
+        self.x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # NCHW view, no copy
+        self.y = torch.from_numpy(np.asarray(y).astype(np.int64))
+        self.transform = transform
+        self.classes = classes or [str(i) for i in range(int(self.y.max()) + 1 if len(self.y) else 0)]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        img = v2.functional.to_image(self.x[i])
+        return (self.transform(img) if self.transform else img), int(self.y[i])
+
+    def labels(self) -> np.ndarray:
+        return self.y.numpy()
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise CompressError(f"data file '{path}' does not exist.")
+    try:
+        with np.load(path) as f:
+            keys = set(f.files)
+            if not {"x", "y"} <= keys:
+                raise CompressError(f"'{path}' must hold arrays 'x' (uint8 images N,H,W,3) and 'y' "
+                                    f"(labels); it has {sorted(keys)}.")
+            x, y = f["x"], f["y"]
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CompressError(f"'{path}' is not a readable .npz file ({exc}).") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise CompressError(f"'{path}': 'x' must be uint8 of shape (N, H, W, 3), got "
+                            f"{x.dtype} {x.shape}.")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise CompressError(f"'{path}': 'y' must be {len(x)} integer labels, got {y.dtype} {y.shape}.")
+    if len(y) and y.min() < 0:
+        raise CompressError(f"'{path}': labels must be >= 0, found {y.min()}.")
+    return x, y
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str
+    location: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "DataSpec":
+        kind, sep, loc = spec.partition(":")
+        if not sep or kind not in ("cifar10", "imagefolder", "npz", "synthetic") or not loc:
+            raise CompressError(f"bad data spec '{spec}': {SPEC_HELP}.")
+        if kind == "synthetic" and not loc.isdigit():
+            raise CompressError(f"bad data spec '{spec}': synthetic:N takes an image count, e.g. synthetic:64.")
+        return cls(kind, loc)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.location}"
+
+
+def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes: int = 10,
+                  image_size: int = 32) -> Dataset:
+    """The train or evaluation split of a data spec, with `transform` applied."""
+    spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
+    loc = Path(spec.location)
+    if spec.kind == "synthetic":
+        n = int(spec.location)
+        gen = np.random.default_rng(0 if train else 1)
+        x = gen.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+        return ArrayDataset(x, gen.integers(0, num_classes, n), transform,
+                            [str(i) for i in range(num_classes)])
+    if spec.kind == "npz":
+        return ArrayDataset(*_read_npz(loc), transform)
+    if not loc.is_dir():
+        raise CompressError(f"data folder '{loc}' (from --data {spec}) does not exist.")
+    if spec.kind == "cifar10":
+        npz = loc / ("train.npz" if train else "test.npz")
+        if npz.is_file():
+            return ArrayDataset(*_read_npz(npz), transform, CIFAR10_CLASSES)
+        root = loc.parent if loc.name == "cifar-10-batches-py" else loc
+        if not (root / "cifar-10-batches-py").is_dir():
+            raise CompressError(f"'{loc}' holds neither train.npz/test.npz nor the standard "
+                                "cifar-10-batches-py folder (python version of CIFAR-10).")
+        try:
+            return datasets.CIFAR10(str(root), train=train, transform=transform, download=False)
+        except RuntimeError as exc:
+            raise CompressError(f"CIFAR-10 at '{root}' is incomplete or corrupt: {exc}") from None
+    split = loc / ("train" if train else "val")
+    folder = split if split.is_dir() else loc
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise CompressError(f"image folder '{folder}': {exc}. Expected one sub-folder of images per "
+                            "class (ImageNet layout: DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg).") from None
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[np.asarray(dataset.indices)]
+    if isinstance(dataset, ArrayDataset):
+        return dataset.labels()
+    return np.asarray(getattr(dataset, "targets"))
+
+
+def check_labels(dataset: Dataset, num_classes: int, source: str) -> None:
+    labels = labels_of(dataset)
+    if len(labels) == 0:
+        raise CompressError(f"{source} holds no images.")
+    if labels.max() >= num_classes:
+        raise CompressError(f"{source} has label {labels.max()} but the model has {num_classes} "
+                            "classes; pass --num-classes or use a matching model.")
+
+
+def transforms(train: bool, input_size: int, mean, std):
+    """Standard torchvision recipes: pad-crop + flip for small images, random-resized crop
+    + flip for ImageNet-style ones; resize + center crop to evaluate."""
+    small = input_size <= 64
+    if train:
+        geometry = ([v2.Resize(input_size, antialias=True), v2.RandomCrop(input_size, padding=input_size // 8)]
+                    if small else [v2.RandomResizedCrop(input_size, antialias=True)])
+        geometry.append(v2.RandomHorizontalFlip())
+    else:
+        geometry = ([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)] if small else
+                    [v2.Resize(int(round(input_size / 0.875)), antialias=True), v2.CenterCrop(input_size)])
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
+
+
+def eval_set(spec: str, input_size: int, mean, std, num_classes: int) -> Dataset:
+    ds = build_dataset(spec, train=False, transform=transforms(False, input_size, mean, std),
+                       num_classes=num_classes, image_size=input_size)
+    check_labels(ds, num_classes, f"--data {spec}")
+    return ds
+
+
+def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdout: int = 0,
+                  seed: int = 0) -> tuple[Dataset, Dataset | None, np.ndarray]:
+    """The training set minus `holdout` images picked with `seed`, those images (with eval
+    transforms, for search), and the holdout indices (to record in the run folder)."""
+    train = build_dataset(spec, True, transforms(True, input_size, mean, std), num_classes, input_size)
+    check_labels(train, num_classes, f"--data {spec}")
+    if holdout <= 0:
+        return train, None, np.array([], dtype=np.int64)
+    if holdout >= len(train):
+        raise CompressError(f"--holdout {holdout} leaves no training images ({spec} has {len(train)}).")
+    plain = build_dataset(spec, True, transforms(False, input_size, mean, std), num_classes, input_size)
+    perm = np.random.default_rng(seed).permutation(len(train))
+    held, kept = np.sort(perm[:holdout]), np.sort(perm[holdout:])
+    return Subset(train, kept.tolist()), Subset(plain, held.tolist()), held
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
+           sampler=None, drop_last: bool = False, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, drop_last=drop_last, generator=gen,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

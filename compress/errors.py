@@ -1,0 +1,11 @@
+"""The one exception type users see: a message that names what to fix."""
+
+
+class CompressError(Exception):
+    """A problem with the user's input (model, config, file, budget, data).
+
+    The CLI prints its message as one paragraph and exits non-zero; it never
+    shows a traceback for these.
+    """
+
+    exit_code = 2

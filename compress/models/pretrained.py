@@ -1,0 +1,102 @@
+"""Pretrained weights: torchvision's weights enums, or a local state_dict file."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from compress.errors import CompressError
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The last Linear layer: the head whose output width is the class count."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise CompressError("the model has no nn.Linear classifier head.")
+    return names[-1]
+
+
+def torchvision_state_dict(weights_name: str) -> dict:
+    weights = tvm.get_weight(weights_name)
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # offline: URLError, socket errors, hash failures
+        raise CompressError(
+            f"could not get torchvision weights {weights_name} from {weights.url} ({exc}). "
+            f"Without internet, download that file elsewhere and put it at {cache}, "
+            "or pass --pretrained PATH to a local .pth state_dict.") from None
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A state_dict from a .pth file: plain, wrapped ({'state_dict': ...}) or our checkpoint."""
+    from compress.checkpoint import FORMAT, read_checkpoint_dict
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"pretrained weights file '{path}' does not exist.")
+    obj = read_checkpoint_dict(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if obj.get("pruned"):
+            raise CompressError(f"'{path}' is a pruned compress checkpoint; load it with "
+                                "compress.load() or pass it as the TARGET instead of --pretrained.")
+        obj = obj["state_dict"]
+    for key in ("state_dict", "model", "model_state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CompressError(f"'{path}' does not hold a state_dict (a dict of tensors).")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_pretrained(model: nn.Module, entry, pretrained: str, width_mult: float) -> None:
+    if pretrained == "torchvision":
+        if entry.weights is None:
+            raise CompressError(f"torchvision has no pretrained weights for '{entry.name}'; "
+                                "pass --pretrained PATH to a local state_dict instead.")
+        if width_mult != 1.0:
+            raise CompressError(f"torchvision's {entry.weights} are for width_mult=1.0, "
+                                f"not {width_mult}; build 1.0x and prune it instead.")
+        state = torchvision_state_dict(entry.weights)
+        source = entry.weights
+    else:
+        state = read_state_dict(pretrained)
+        source = pretrained
+    load_state_dict_checked(model, state, source)
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
+    """Load strictly, except a classifier head whose class count differs (re-initialized)."""
+    own = model.state_dict()
+    head = classifier_name(model)
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    head_keys = [k for k in mismatched if k.startswith(head + ".")]
+    if head_keys and len(head_keys) == len(mismatched):
+        warnings.warn(f"{source}: classifier '{head}' has {state[head + '.weight'].shape[0]} classes, "
+                      f"the model {own[head + '.weight'].shape[0]}; keeping the backbone and "
+                      "re-initializing the head.", stacklevel=2)
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        mismatched = []
+        missing_ok = set(head_keys)
+    else:
+        missing_ok = set()
+    missing = [k for k in own if k not in state and k not in missing_ok]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or mismatched:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if mismatched:
+            parts.append("mismatched shapes: " + show(
+                [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]))
+        raise CompressError(f"the weights in {source} do not fit the model: " + "; ".join(parts)
+                            + ". Check the model name, --width-mult and --num-classes.")
+    model.load_state_dict(state, strict=not missing_ok)

@@ -1,0 +1,103 @@
+"""Model registry: zoo names -> builders, with the defaults a checkpoint records."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from compress.errors import CompressError
+from compress.models.mobilenet_v1 import MobileNetV1
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    build: Callable[..., nn.Module]
+    input_size: int
+    num_classes: int
+    weights: str | None = None  # torchvision weights enum, "Class.MEMBER"
+    cifar: bool = False
+    description: str = ""
+    mean: tuple = field(default=IMAGENET_MEAN)
+    std: tuple = field(default=IMAGENET_STD)
+
+
+def _cifar_strides(model: nn.Module) -> nn.Module:
+    """The usual CIFAR adaptation: stride-1 stem and one less downsampling.
+
+    The first conv gets stride 1, and so does the first later conv with stride
+    2, so a 32x32 input leaves the feature extractor at 4x4 instead of 1x1.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    convs[0].stride = (1, 1)
+    for conv in convs[1:]:
+        if conv.stride == (2, 2):
+            conv.stride = (1, 1)
+            break
+    return model
+
+
+def _tv(fn: Callable[..., nn.Module], cifar: bool = False) -> Callable[..., nn.Module]:
+    def build(num_classes: int, width_mult: float = 1.0) -> nn.Module:
+        model = fn(weights=None, num_classes=num_classes, width_mult=width_mult)
+        return _cifar_strides(model) if cifar else model
+    return build
+
+
+def _v1(cifar: bool = False) -> Callable[..., nn.Module]:
+    def build(num_classes: int, width_mult: float = 1.0) -> nn.Module:
+        model = MobileNetV1(num_classes=num_classes, width_mult=width_mult)
+        return _cifar_strides(model) if cifar else model
+    return build
+
+
+_ENTRIES = [
+    ZooEntry("mobilenet_v1", _v1(), 224, 1000, None, description="MobileNetV1 (defined here)"),
+    ZooEntry("mobilenet_v2", _tv(tvm.mobilenet_v2), 224, 1000, "MobileNet_V2_Weights.IMAGENET1K_V1",
+             description="torchvision MobileNetV2"),
+    ZooEntry("mobilenet_v3_large", _tv(tvm.mobilenet_v3_large), 224, 1000,
+             "MobileNet_V3_Large_Weights.IMAGENET1K_V1", description="torchvision MobileNetV3-Large"),
+    ZooEntry("mobilenet_v3_small", _tv(tvm.mobilenet_v3_small), 224, 1000,
+             "MobileNet_V3_Small_Weights.IMAGENET1K_V1", description="torchvision MobileNetV3-Small"),
+]
+_ENTRIES += [
+    ZooEntry(e.name + "_cifar", _v1(True) if e.name == "mobilenet_v1" else
+             _tv(getattr(tvm, e.name), cifar=True), 32, 10, e.weights, cifar=True,
+             description=e.description + ", CIFAR strides (32x32)")
+    for e in list(_ENTRIES)
+]
+ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
+
+
+def zoo_entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        import difflib
+        close = difflib.get_close_matches(name, ZOO, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise CompressError(f"unknown model '{name}'.{hint} Known models: {', '.join(ZOO)} "
+                            "(`chansearch models` lists them), or pass a checkpoint file path.")
+    return ZOO[name]
+
+
+def build_model(name: str, num_classes: int | None = None, width_mult: float = 1.0,
+                pretrained: str | None = None) -> nn.Module:
+    """Build a zoo model; `pretrained` is None, "torchvision" or a local file path."""
+    entry = zoo_entry(name)
+    if width_mult <= 0:
+        raise CompressError(f"--width-mult must be positive, got {width_mult}.")
+    num_classes = entry.num_classes if num_classes is None else num_classes
+    model = entry.build(num_classes=num_classes, width_mult=width_mult)
+    if pretrained:
+        from compress.models.pretrained import load_pretrained
+        load_pretrained(model, entry, pretrained, width_mult)
+    return model
+
+
+def example_input(input_size: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, input_size, input_size)

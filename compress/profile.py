@@ -1,0 +1,72 @@
+"""MACs and parameter counts: thop's count of a real model, and the per-group table."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import thop
+import torch
+from thop.vision.basic_hooks import zero_ops
+from torch import nn
+
+# The papers' convention counts conv and linear MACs only: thop's rules for
+# normalization, activation and pooling layers are replaced by zero.
+_ZERO = {t: zero_ops for t in (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.GELU, nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d,
+    nn.AdaptiveMaxPool2d, nn.Upsample, nn.Identity)}
+
+
+def count(model: nn.Module, input_size: int | tuple, channels: int = 3) -> tuple[int, int]:
+    """(MACs, params) of `model` on one image, counted by thop (conv + linear MACs)."""
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    param = next(model.parameters())
+    x = torch.zeros(1, channels, *hw, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    with contextlib.redirect_stdout(io.StringIO()):  # thop prints per-type notices
+        macs, params = thop.profile(model, inputs=(x,), custom_ops=_ZERO, verbose=False)
+    # thop leaves its counters as buffers on every module; remove them so the
+    # model's state_dict stays as it was.
+    for m in model.modules():
+        for key in ("total_ops", "total_params"):
+            m._buffers.pop(key, None)
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def model_space(model: nn.Module, divisor: int = 8):
+    """The channel space a model's widths are read against: its unpruned base architecture's
+    when it is a pruned zoo checkpoint, else its own."""
+    from compress.checkpoint import model_cfg
+    from compress.models import build_model
+    from compress.space import ChannelSpace
+    cfg = model_cfg(model)
+    size = cfg["input_size"]
+    example = torch.randn(1, 3, size, size)
+    if cfg.get("config") is not None and "zoo" in cfg["arch"]:
+        base = build_model(cfg["arch"]["zoo"], **cfg["arch"].get("kwargs", {}))
+        settings = cfg.get("space") or {"divisor": divisor}
+        return ChannelSpace.from_model(base, example, **settings)
+    return ChannelSpace.from_model(model, example, divisor=divisor)
+
+
+def profile_model(model: nn.Module, divisor: int = 8) -> dict:
+    """MACs and params (thop) and each channel group's width against its maximum."""
+    from compress.checkpoint import model_cfg
+    from compress.prune import widths_of
+    cfg = model_cfg(model)
+    macs, params = count(model, cfg["input_size"])
+    space = model_space(model, divisor)
+    widths = widths_of(model, space)
+    return {"macs": macs, "params": params, "input_size": cfg["input_size"],
+            "num_classes": cfg["num_classes"], "arch": cfg["arch"],
+            "groups": [{"name": g.name, "width": widths[g.name], "max": g.max, "min": g.min}
+                       for g in space.groups]}

@@ -1,0 +1,214 @@
+"""Materialize a channel config as a plain, physically smaller nn.Module (torch-pruning)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.errors import CompressError
+from compress.profile import human
+from compress.space import ChannelConfig, ChannelSpace, dependency_graph
+
+IMPORTANCES = ("l1", "l2", "first", "taylor", "bn")
+STRATEGIES = ("uniform", "global")
+
+
+def _importance(name: str):
+    if name not in IMPORTANCES:
+        raise CompressError(f"unknown importance '{name}'; choose one of {', '.join(IMPORTANCES)}.")
+    return {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+            "taylor": lambda: tp.importance.GroupTaylorImportance(),
+            "bn": lambda: tp.importance.BNScaleImportance(),
+            "first": lambda: None}[name]()
+
+
+def _taylor_gradients(model: nn.Module, batch) -> None:
+    if batch is None:
+        raise CompressError("importance 'taylor' needs a batch of (images, labels) to take "
+                            "gradients on; pass batch=... (CLI: use l1, l2, bn or first).")
+    images, labels = batch
+    model.zero_grad()
+    with torch.enable_grad():
+        nn.functional.cross_entropy(model(images), labels).backward()
+
+
+def _group_of(graph: tp.DependencyGraph, model: nn.Module, name: str, idxs: list[int]):
+    module = model.get_submodule(name)
+    return graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs)
+
+
+def group_scores(model: nn.Module, space: ChannelSpace, importance: str = "l1",
+                 batch=None) -> dict[str, np.ndarray]:
+    """Per-channel importance of every group (torch-pruning's group importance)."""
+    imp = _importance(importance)
+    model = copy.deepcopy(model).eval()
+    graph = dependency_graph(model, _example(space, model))
+    if importance == "taylor":
+        _taylor_gradients(model, batch)
+    scores = {}
+    for g in space.groups:
+        if imp is None:  # "first": earlier channels matter more
+            scores[g.name] = np.arange(g.max, 0, -1, dtype=np.float64)
+        else:
+            scores[g.name] = imp(_group_of(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
+    return scores
+
+
+def prune(model: nn.Module, config: Mapping[str, int], space: ChannelSpace | None = None,
+          importance: str = "l1", batch=None, input_size: int | None = None) -> nn.Module:
+    """A copy of `model` pruned to exactly the widths of `config`.
+
+    Within each group the channels with the highest importance are kept
+    (`first` keeps the first k, as slimmable-trained weights need).
+    """
+    if space is None:
+        space = ChannelSpace.from_model(model, _example_of_size(model, input_size))
+    config = space.validate(config)
+    imp = _importance(importance)
+    pruned = copy.deepcopy(model)
+    was_training = pruned.training
+    pruned.eval()
+    graph = dependency_graph(pruned, _example(space, pruned))
+    if importance == "taylor":
+        _taylor_gradients(pruned, batch)
+    for g in space.groups:
+        width = config[g.name]
+        if width == g.max:
+            continue
+        if imp is None:
+            drop = list(range(width, g.max))
+        else:
+            scores = imp(_group_of(graph, pruned, g.name, list(range(g.max))))
+            drop = sorted(torch.argsort(scores)[: g.max - width].tolist())
+        _group_of(graph, pruned, g.name, drop).prune()
+    pruned.zero_grad(set_to_none=True)
+    return pruned.train(was_training)
+
+
+def config_for_macs(space: ChannelSpace, target_macs: int, strategy: str = "uniform",
+                    scores: dict[str, np.ndarray] | None = None) -> ChannelConfig:
+    """The config with the most MACs not above `target_macs`.
+
+    `uniform` scales every group by one multiplier; `global` removes, across all
+    groups, the least important channels first (needs `scores`). Both then top up
+    single groups while the budget allows, so the result lands just under the target.
+    """
+    if strategy not in STRATEGIES:
+        raise CompressError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}.")
+    floor = space.macs(space.min())
+    full = space.macs(space.max())
+    if target_macs < floor:
+        raise CompressError(
+            f"MAC target {human(target_macs)} is below the smallest config this space allows "
+            f"({human(floor)} MACs, every group at its minimum width; {floor - target_macs:,} MACs "
+            f"short). Raise the target to at least {human(floor)} or lower the space's min ratio.")
+    if target_macs >= full:
+        return space.max()
+    if strategy == "uniform":
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if space.macs(space.uniform(mid)) <= target_macs:
+                lo = mid
+            else:
+                hi = mid
+        config = space.uniform(lo) if lo > 0 and space.macs(space.uniform(lo)) <= target_macs else space.min()
+        return _fill(space, config, target_macs, key=lambda g, w: w / g.max)
+    if scores is None:
+        raise CompressError("strategy 'global' needs channel importance scores.")
+    ranked = {g.name: np.sort(scores[g.name])[::-1] for g in space.groups}  # most important first
+    widths = dict(space.max())
+    macs = full
+    while macs > target_macs:
+        best, best_cost = None, np.inf
+        for g in space.groups:
+            w = widths[g.name]
+            lower = [x for x in g.widths if x < w]
+            if not lower:
+                continue
+            cost = ranked[g.name][lower[-1]:w].mean()
+            if cost < best_cost:
+                best, best_cost = (g.name, lower[-1]), cost
+        widths[best[0]] = best[1]
+        macs = space.macs(widths)
+    return _fill(space, ChannelConfig(widths), target_macs,
+                 key=lambda g, w: -ranked[g.name][w:_next_width(g, w)].mean())
+
+
+def _next_width(group, width: int) -> int:
+    return min(x for x in group.widths if x > width)
+
+
+def _fill(space: ChannelSpace, config: ChannelConfig, target_macs: int,
+          key: Callable) -> ChannelConfig:
+    """Grow single groups one step at a time (lowest `key` first) while MACs stay in budget."""
+    widths = dict(config)
+    while True:
+        options = [g for g in space.groups if widths[g.name] < g.max]
+        options.sort(key=lambda g: key(g, widths[g.name]))
+        for g in options:
+            trial = {**widths, g.name: _next_width(g, widths[g.name])}
+            if space.macs(trial) <= target_macs:
+                widths = trial
+                break
+        else:
+            return ChannelConfig(widths)
+
+
+def widths_of(model: nn.Module, space: ChannelSpace) -> ChannelConfig:
+    """The widths a (pruned) model actually has, read off each group's defining layer."""
+    out = {}
+    for g in space.groups:
+        m = model.get_submodule(g.name)
+        out[g.name] = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    return ChannelConfig(out)
+
+
+def _example(space: ChannelSpace, model: nn.Module) -> torch.Tensor:
+    param = next(model.parameters())
+    return torch.randn(1, *space.input_size, device=param.device, dtype=param.dtype)
+
+
+def _example_of_size(model: nn.Module, input_size: int | None) -> torch.Tensor:
+    if input_size is None:
+        raise CompressError("prune() needs a space or an input size to trace the model.")
+    param = next(model.parameters())
+    return torch.randn(1, 3, input_size, input_size, device=param.device, dtype=param.dtype)
+
+
+def prune_target(model: nn.Module, config: str | Mapping | None = None, macs: str | int | None = None,
+                 width: float | None = None, importance: str = "l1", strategy: str = "uniform",
+                 divisor: int = 8, batch=None) -> tuple[nn.Module, dict]:
+    """Prune a model that carries `compress_cfg` to a config (or JSON file), a MAC target or a
+    uniform width; the result carries the updated `compress_cfg`."""
+    from compress.checkpoint import model_cfg
+    from compress.units import parse_count
+    cfg = model_cfg(model)
+    if cfg.get("config") is not None:
+        raise CompressError(f"'{cfg.get('source')}' is already pruned; prune its unpruned parent "
+                            f"({cfg.get('provenance', {}).get('parent', 'the original model')}) instead.")
+    size = cfg["input_size"]
+    space = ChannelSpace.from_model(model, _example_of_size(model, size), divisor=divisor)
+    full = space.macs(space.max())
+    info = {"macs_before": full, "params_before": space.params(space.max()), "strategy": None}
+    if config is not None:
+        chosen = space.validate(ChannelConfig.load(config) if isinstance(config, (str, Path)) else config)
+    elif macs is not None:
+        target = parse_count(macs, "MAC count", full=full)
+        scores = group_scores(model, space, importance, batch) if strategy == "global" else None
+        chosen = config_for_macs(space, target, strategy, scores)
+        info.update(strategy=strategy, target_macs=target)
+    elif width is not None:
+        chosen = space.uniform(width)
+        info.update(strategy="uniform")
+    else:
+        raise CompressError("give one of a channel config, a MAC target or a width multiplier.")
+    pruned = prune(model, chosen, space, importance=importance, batch=batch)
+    pruned.compress_cfg = {**cfg, "config": chosen.to_dict(), "space": space.settings()}
+    return pruned, info

@@ -1,0 +1,378 @@
+"""The channel space: which layer dimensions must share a width, and what widths they may take.
+
+`ChannelSpace.from_model` reads the groups off torch-pruning's `DependencyGraph`, so it
+works on any CNN the graph understands. It also records, once, each layer's dimensions
+as affine functions of the group widths, which makes `macs(config)` and `params(config)`
+exact closed-form counts that need no forward pass.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.errors import CompressError
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+class ChannelConfig(Mapping):
+    """Group name -> width. Plain data: hashable, comparable, JSON round-trip."""
+
+    def __init__(self, widths: Mapping[str, int]):
+        self._w = {str(k): int(v) for k, v in widths.items()}
+
+    def __getitem__(self, name: str) -> int:
+        return self._w[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._w)
+
+    def __len__(self) -> int:
+        return len(self._w)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._w.items())))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self._w) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"ChannelConfig({self._w})"
+
+    def replace(self, **changes: int) -> "ChannelConfig":
+        return ChannelConfig({**self._w, **changes})
+
+    def with_width(self, name: str, width: int) -> "ChannelConfig":
+        return ChannelConfig({**self._w, name: width})
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self._w)
+
+    def to_json(self) -> str:
+        return json.dumps(self._w, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> "ChannelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CompressError(f"{source} is not valid JSON: {exc}. A channel config is a JSON "
+                                'object mapping group names to widths, e.g. {"features.0.0": 24}.') from None
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            data = data["config"]  # also accept a search/profile result that wraps it
+        if not isinstance(data, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+            raise CompressError(f"{source} must be a JSON object mapping group names to integer "
+                                'widths, e.g. {"features.0.0": 24}.')
+        return cls(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ChannelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise CompressError(f"channel config file '{path}' does not exist.")
+        return cls.from_json(path.read_text(), source=f"'{path}'")
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Layer dimensions that must keep one width, e.g. a conv's output, its BN, the
+    depthwise conv after it and the next conv's input."""
+
+    name: str
+    max: int
+    widths: tuple[int, ...]
+    members: tuple[str, ...]  # "module.name:out" / "module.name:in"
+
+    @property
+    def min(self) -> int:
+        return self.widths[0]
+
+    def nearest(self, width: float) -> int:
+        return min(self.widths, key=lambda w: (abs(w - width), w))
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """Round to the nearest multiple of `divisor`, never below it nor 10% under `value`
+    (the rule torchvision's MobileNets use for width multipliers)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+def _allowed_widths(full: int, divisor: int, min_ratio: float, ratios) -> tuple[int, ...]:
+    if ratios is not None:
+        widths = {min(full, make_divisible(full * r, divisor)) for r in ratios}
+    else:
+        lo = min(full, max(divisor, math.ceil(full * min_ratio / divisor) * divisor))
+        widths = set(range(lo, full + 1, divisor)) if full >= divisor else set()
+    widths.add(full)
+    return tuple(sorted(w for w in widths if 0 < w <= full))
+
+
+class _Affine:
+    """Each row is a layer dimension written as const + sum_g coef_g * width_g."""
+
+    def __init__(self, n_groups: int):
+        self.n = n_groups
+        self.rows: list[tuple[dict[int, float], float]] = []
+
+    def add(self, coefs: dict[int, float], const: float) -> int:
+        self.rows.append((coefs, const))
+        return len(self.rows) - 1
+
+    def matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        a = np.zeros((len(self.rows), self.n))
+        b = np.zeros(len(self.rows))
+        for i, (coefs, const) in enumerate(self.rows):
+            for g, c in coefs.items():
+                a[i, g] = c
+            b[i] = const
+        return a, b
+
+
+class _Bilinear:
+    """A count of the form sum_t scale_t * dim[p_t] * dim[q_t] (dim -1 means 1)."""
+
+    def __init__(self, terms: list[tuple[float, int, int]], a: np.ndarray, b: np.ndarray):
+        ones_row = len(b)
+        self.a = np.vstack([a, np.zeros((1, a.shape[1]))])
+        self.b = np.append(b, 1.0)
+        self.scale = np.array([t[0] for t in terms], dtype=np.float64)
+        self.p = np.array([t[1] if t[1] >= 0 else ones_row for t in terms], dtype=np.int64)
+        self.q = np.array([t[2] if t[2] >= 0 else ones_row for t in terms], dtype=np.int64)
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        dims = w @ self.a.T + self.b  # (..., n_dims)
+        return np.rint((dims[..., self.p] * dims[..., self.q]) @ self.scale).astype(np.int64)
+
+
+class ChannelSpace:
+    """The channel groups of one model at one input size, and their allowed widths."""
+
+    def __init__(self, groups: list[ChannelGroup], macs_fn: _Bilinear, params_fn: _Bilinear,
+                 input_size: tuple[int, ...], divisor: int, min_ratio: float, ratios):
+        self.groups = groups
+        self.by_name = {g.name: g for g in groups}
+        self._macs = macs_fn
+        self._params = params_fn
+        self.input_size = tuple(input_size)
+        self.divisor = divisor
+        self.min_ratio = min_ratio
+        self.ratios = None if ratios is None else tuple(ratios)
+
+    # ---- building -------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, example_input: torch.Tensor, divisor: int = 8,
+                   ratios=None, min_ratio: float = 0.25) -> "ChannelSpace":
+        """Find the channel groups of `model` with torch-pruning's DependencyGraph.
+
+        Allowed widths are the multiples of `divisor` from `min_ratio` of each group's
+        width up to the full width, or, with `ratios`, those ratios rounded to `divisor`.
+        The full width is always allowed, so the unpruned model is in the space.
+        """
+        if divisor < 1 or not 0 < min_ratio <= 1:
+            raise CompressError(f"divisor must be >= 1 and min_ratio in (0, 1]; got {divisor}, {min_ratio}.")
+        model = model.eval()
+        graph = dependency_graph(model, example_input)
+        names = {m: n for n, m in model.named_modules()}
+        order = {n: i for i, n in enumerate(names.values())}
+
+        raw = []  # (name, full width, [(module, 'out'|'in', n_idxs)])
+        for group in graph.get_all_groups(ignored_layers=fixed_layers(model, graph),
+                                          root_module_types=PRUNABLE):
+            full = len(group.items[0].idxs)
+            members = []
+            for item in group.items:
+                module = item.dep.target.module
+                if module not in names:
+                    continue  # torch-pruning's nodes for functional ops (add, reshape, ...)
+                kind = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                members.append((module, kind, len(item.idxs)))
+            outs = [names[m] for m, k, _ in members if k == "out" and isinstance(m, PRUNABLE)]
+            if not outs:
+                continue
+            name = min(outs, key=order.__getitem__)
+            raw.append((name, full, members))
+        raw.sort(key=lambda r: order[r[0]])
+
+        groups, dims_of = [], {}
+        for gi, (name, full, members) in enumerate(raw):
+            groups.append(ChannelGroup(
+                name=name, max=full, widths=_allowed_widths(full, divisor, min_ratio, ratios),
+                members=tuple(sorted({f"{names[m]}:{k}" for m, k, _ in members}, key=lambda s: (
+                    order[s.rsplit(':', 1)[0]], s)))))
+            for module, kind, n in members:
+                dims_of.setdefault((module, kind), {})[gi] = (n, full)
+        macs_fn, params_fn = _counters(model, example_input, dims_of, len(groups))
+        return cls(groups, macs_fn, params_fn, tuple(example_input.shape[1:]), divisor, min_ratio, ratios)
+
+    # ---- configs --------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def max(self) -> ChannelConfig:
+        return ChannelConfig({g.name: g.max for g in self.groups})
+
+    def min(self) -> ChannelConfig:
+        return ChannelConfig({g.name: g.min for g in self.groups})
+
+    def uniform(self, width_mult: float) -> ChannelConfig:
+        """Every group at `width_mult` of its width, rounded as torchvision rounds widths."""
+        if not 0 < width_mult <= 1:
+            raise CompressError(f"a width multiplier must be in (0, 1], got {width_mult}.")
+        return ChannelConfig({g.name: g.nearest(make_divisible(g.max * width_mult, self.divisor)
+                                                 if g.max >= self.divisor else g.max)
+                              for g in self.groups})
+
+    def sample(self, rng: np.random.Generator) -> ChannelConfig:
+        return ChannelConfig({g.name: int(rng.choice(g.widths)) for g in self.groups})
+
+    def validate(self, config: Mapping[str, int]) -> ChannelConfig:
+        """Check that `config` names every group once and uses allowed widths."""
+        unknown = [k for k in config if k not in self.by_name]
+        if unknown:
+            import difflib
+            hints = [f"'{k}'" + (f" (did you mean '{c[0]}'?)" if (c := difflib.get_close_matches(
+                k, self.by_name, n=1)) else "") for k in unknown[:5]]
+            raise CompressError(f"channel config names unknown group(s) {', '.join(hints)}; this "
+                                f"space has {len(self.groups)} groups (`chansearch profile` lists them).")
+        missing = [g.name for g in self.groups if g.name not in config]
+        if missing:
+            raise CompressError(f"channel config is missing group(s) {', '.join(missing[:5])}"
+                                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                                + "; give a width for every group.")
+        for g in self.groups:
+            if config[g.name] not in g.widths:
+                raise CompressError(
+                    f"width {config[g.name]} is not allowed for group '{g.name}' (max {g.max}); "
+                    f"allowed widths: {_show_widths(g.widths)}.")
+        return ChannelConfig({g.name: int(config[g.name]) for g in self.groups})
+
+    def vector(self, config: Mapping[str, int]) -> np.ndarray:
+        return np.array([config[g.name] for g in self.groups], dtype=np.float64)
+
+    def config(self, vector) -> ChannelConfig:
+        return ChannelConfig({g.name: int(w) for g, w in zip(self.groups, vector)})
+
+    # ---- cost -----------------------------------------------------------------------------
+    def macs(self, config: Mapping[str, int]) -> int:
+        """Conv + linear multiply-accumulates at the space's input size (batch 1)."""
+        return int(self._macs(self.vector(config)))
+
+    def params(self, config: Mapping[str, int]) -> int:
+        return int(self._params(self.vector(config)))
+
+    def macs_many(self, vectors: np.ndarray) -> np.ndarray:
+        """MACs of many configs at once, one config per row of group widths."""
+        return self._macs(np.asarray(vectors, dtype=np.float64))
+
+    def params_many(self, vectors: np.ndarray) -> np.ndarray:
+        return self._params(np.asarray(vectors, dtype=np.float64))
+
+    def settings(self) -> dict:
+        """What `from_model` needs, besides the model, to rebuild this space."""
+        return {"divisor": self.divisor, "min_ratio": self.min_ratio,
+                "ratios": None if self.ratios is None else list(self.ratios)}
+
+
+def _show_widths(widths) -> str:
+    return ", ".join(map(str, widths)) if len(widths) <= 12 else (
+        f"{', '.join(map(str, widths[:4]))}, ..., {', '.join(map(str, widths[-3:]))}")
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    try:
+        with torch.enable_grad():  # torch-pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+    except Exception as exc:
+        raise CompressError(f"torch-pruning could not trace the model on an input of shape "
+                            f"{tuple(example_input.shape)}: {type(exc).__name__}: {exc}. Check "
+                            "the input size (--input-size) and that the model runs on it.") from None
+
+
+def fixed_layers(model: nn.Module, graph: tp.DependencyGraph) -> list[nn.Module]:
+    """Layers whose output channels are fixed: the classifier (its output is the model's
+    output) and grouped, non-depthwise convs (their groups tie widths to a multiple)."""
+    fixed = []
+    for module in model.modules():
+        if not isinstance(module, PRUNABLE) or module not in graph.module2node:
+            continue
+        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels:
+            fixed.append(module)
+            continue
+        frontier, seen, reaches_output = [graph.module2node[module]], set(), False
+        while frontier and not reaches_output:
+            node = frontier.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if not node.outputs:
+                reaches_output = True
+            for nxt in node.outputs:
+                if not (isinstance(nxt.module, nn.Module) and any(True for _ in nxt.module.parameters())):
+                    frontier.append(nxt)  # through parameter-free ops only
+        if reaches_output:
+            fixed.append(module)
+    return fixed
+
+
+def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
+              n_groups: int) -> tuple[_Bilinear, _Bilinear]:
+    """Write MACs and params as bilinear forms in the group widths (recorded once).
+
+    A layer dimension covered by groups g (n_g of its channels at full width n_g = r_g *
+    max_g) is const + sum_g r_g * width_g; a conv's MACs are spatial * k * out * in/groups.
+    """
+    spatial = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: spatial.__setitem__(m, o[0].numel() // o.shape[1]))
+             for m in model.modules() if isinstance(m, PRUNABLE)]
+    with torch.no_grad():
+        model(example_input)
+    for h in hooks:
+        h.remove()
+
+    aff = _Affine(n_groups)
+
+    def dim(module: nn.Module, kind: str, full: int) -> int:
+        cover = dims_of.get((module, kind), {})
+        return aff.add({g: n / g_full for g, (n, g_full) in cover.items()},
+                       full - sum(n for n, _ in cover.values()))
+
+    macs, params = [], []
+    for module in model.modules():
+        if next(module.children(), None) is not None:
+            continue  # leaf modules own the parameters, as thop counts them
+        if isinstance(module, nn.Conv2d):
+            out = dim(module, "out", module.out_channels)
+            k = module.kernel_size[0] * module.kernel_size[1]
+            if module.groups == module.in_channels == module.out_channels and module.groups > 1:
+                macs.append((spatial.get(module, 0) * k, out, -1))  # depthwise: in/groups == 1
+                params.append((k, out, -1))
+            else:
+                inp = dim(module, "in", module.in_channels)
+                macs.append((spatial.get(module, 0) * k / module.groups, out, inp))
+                params.append((k / module.groups, out, inp))
+            if module.bias is not None:
+                params.append((1, out, -1))
+        elif isinstance(module, nn.Linear):
+            out, inp = dim(module, "out", module.out_features), dim(module, "in", module.in_features)
+            macs.append((spatial.get(module, 0), out, inp))
+            params.append((1, out, inp))
+            if module.bias is not None:
+                params.append((1, out, -1))
+        else:
+            for p in module.parameters(recurse=False):
+                covered = (module, "out") in dims_of and p.dim() == 1
+                params.append((1, dim(module, "out", p.numel()), -1) if covered else (p.numel(), -1, -1))
+    a, b = aff.matrices()
+    return _Bilinear(macs, a, b), _Bilinear(params, a, b)

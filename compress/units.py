@@ -1,0 +1,26 @@
+"""Parsing the counts users type: 150M MACs, 2.5M params, 75% of the full model."""
+from __future__ import annotations
+
+from compress.errors import CompressError
+
+_SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_count(text: str | int | float, what: str = "MAC count", full: int | None = None) -> int:
+    """'150M' -> 150_000_000; '1.2G'; '300000'; '50%' (of `full`, when given)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    s = str(text).strip().upper()
+    try:
+        if s.endswith("%"):
+            if full is None:
+                raise ValueError
+            return int(full * float(s[:-1]) / 100)
+        suffix = s[-1] if s and s[-1] in _SUFFIX else ""
+        value = float(s[: len(s) - len(suffix)]) * _SUFFIX[suffix]
+    except ValueError:
+        pct = " or a percentage like 50%" if full is not None else ""
+        raise CompressError(f"'{text}' is not a {what} like 150M, 1.2G or 300000{pct}.") from None
+    if value <= 0:
+        raise CompressError(f"a {what} must be positive, got '{text}'.")
+    return int(value)

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="compress",
+    version="0.1.0",
+    description="Make CNNs small and fast for edge devices: channel search, pruning, export, latency checks.",
+    packages=find_packages(include=["compress", "compress.*", "export", "export.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4", "torchvision>=0.19", "torch-pruning>=1.5", "thop", "numpy", "PyYAML",
+        "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert", "litert-torch",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    entry_points={"console_scripts": ["chansearch=compress.cli:main"]},
+)
