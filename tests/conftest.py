@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+class ResidualNet(nn.Module):
+    """A user-defined CNN with a residual connection, not from any zoo."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(24 * 8 * 8, num_classes)  # flatten of an 8x8 map, not a pool
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.body(x))
+        return self.head(self.down(x).flatten(1))
+
+
+@pytest.fixture
+def user_net():
+    torch.manual_seed(0)
+    return ResidualNet().eval()
+
+
+@pytest.fixture(scope="session")
+def cifar_dir():
+    if not (CIFAR / "test.npz").is_file():
+        pytest.skip(f"CIFAR-10 arrays not found at {CIFAR}")
+    return CIFAR
+
+
+def run_cli(*args, cwd=None, env=None):
+    """Run `python -m compress ARGS` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, env=full_env, timeout=600)

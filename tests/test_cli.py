@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import compress
+from conftest import run_cli
+
+
+def test_models_lists_zoo_with_counts():
+    out = run_cli("models", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["mobilenet_v2"]["macs"] == 300774272 and rows["mobilenet_v1"]["params"] == 4231976
+    assert "mobilenet_v3_small_cifar" in rows
+
+
+def test_profile_json():
+    out = run_cli("profile", "mobilenet_v2_cifar", "--width-mult", "0.5", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert isinstance(report["macs"], int) and isinstance(report["params"], int)
+    assert report["macs"] == compress.count(compress.build("mobilenet_v2_cifar", width_mult=0.5), 32)[0]
+    assert report["groups"][0] == {"name": "features.0.0", "width": 16, "max": 16, "min": 8}
+
+
+def test_prune_profile_eval_pipeline(tmp_path, cifar_dir):
+    out_pt = tmp_path / "half.pt"
+    out = run_cli("prune", "mobilenet_v2_cifar", "--macs", "50%", "--strategy", "global",
+                  "-o", out_pt, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert 0.98 * result["macs_before"] / 2 <= result["macs"] <= result["macs_before"] / 2
+    profile = json.loads(run_cli("profile", out_pt, "--json").stdout)
+    assert profile["macs"] == result["macs"]
+    assert {g["name"]: g["width"] for g in profile["groups"]} == result["config"]
+    evaluated = run_cli("eval", out_pt, "--data", f"cifar10:{cifar_dir}", "--max-batches", "2",
+                        "--batch-size", "64", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    assert 0 <= metrics["top1"] <= 1 and metrics["images"] == 128
+
+
+def test_prune_with_config_file_and_width(tmp_path):
+    model = compress.build("mobilenet_v3_small_cifar")
+    space = compress.ChannelSpace.from_model(model, torch.randn(1, 3, 32, 32))
+    config = space.sample(np.random.default_rng(3))
+    (tmp_path / "c.json").write_text(config.to_json())
+    out = run_cli("prune", "mobilenet_v3_small_cifar", "--config", tmp_path / "c.json", "-o", tmp_path / "c.pt")
+    assert out.returncode == 0, out.stderr
+    assert compress.load(tmp_path / "c.pt").compress_cfg["config"] == dict(config)
+    out = run_cli("prune", "mobilenet_v1_cifar", "--width", "0.5", "--importance", "bn", "-o", tmp_path / "w.pt")
+    assert out.returncode == 0, out.stderr
+    assert compress.load(tmp_path / "w.pt").features[0][0].out_channels == 16
+
+
+def test_eval_npz_spec(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, 20))
+    out = run_cli("eval", "mobilenet_v3_small_cifar", "--data", f"npz:{tmp_path / 'd.npz'}", "--json", "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"] == 20
+
+
+def _bad(*args):
+    out = run_cli(*args)
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and "error:" in out.stderr
+    return out.stderr
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    assert "unknown model 'mobilenet_v9'" in _bad("profile", "mobilenet_v9")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "not valid JSON" in _bad("prune", "mobilenet_v2_cifar", "--config", tmp_path / "bad.json", "-o", tmp_path / "x.pt")
+    (tmp_path / "unknown.json").write_text(json.dumps({"features.99": 8}))
+    assert "unknown group(s) 'features.99'" in _bad(
+        "prune", "mobilenet_v2_cifar", "--config", tmp_path / "unknown.json", "-o", tmp_path / "x.pt")
+    assert "below the smallest config" in _bad("prune", "mobilenet_v2_cifar", "--macs", "1M", "-o", tmp_path / "x.pt")
+    assert "not a MAC count" in _bad("prune", "mobilenet_v2_cifar", "--macs", "150Q", "-o", tmp_path / "x.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00" * 100)
+    assert "corrupt.pt" in _bad("profile", tmp_path / "corrupt.pt")
+    assert "does not exist" in _bad("eval", "mobilenet_v2_cifar", "--data", f"cifar10:{tmp_path / 'nowhere'}")
+    assert "bad data spec" in _bad("eval", "mobilenet_v2_cifar", "--data", "mnist:/tmp")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_help_documents_every_command():
+    out = run_cli("--help")
+    for command in ("models", "profile", "prune", "eval"):
+        assert command in out.stdout
+    prune_help = run_cli("prune", "--help").stdout
+    for flag in ("--config", "--macs", "--width", "--pretrained", "--importance", "--strategy",
+                 "--divisor", "--num-classes", "--input-size", "--output"):
+        assert flag in prune_help
