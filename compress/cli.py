@@ -17,8 +17,9 @@ def _formatter(prog):
     return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
 
 
-def _model_args(p: argparse.ArgumentParser, pretrained: bool = True) -> None:
-    p.add_argument("target", metavar="TARGET", help="zoo name or checkpoint path")
+def _model_args(p: argparse.ArgumentParser, pretrained: bool = True, resumable: bool = False) -> None:
+    p.add_argument("target", metavar="TARGET", nargs="?" if resumable else None,
+                   help="zoo name or checkpoint path" + (" (not with --resume)" if resumable else ""))
     p.add_argument("--input-size", type=int, default=None,
                    help="input height/width (default: the model's, 224 or 32 for *_cifar)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (zoo models; default: the model's)")
@@ -117,6 +118,119 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- train / finetune -----------------------------------------------------------------------
+TRAIN_HELP = {
+    "epochs": "training epochs", "batch_size": "global batch size (split across torchrun processes)",
+    "lr": "peak learning rate", "optimizer": "sgd (Nesterov momentum) or adamw",
+    "momentum": "SGD momentum", "weight_decay": "weight decay (not on BN, biases, depthwise weights)",
+    "schedule": "cosine or linear decay per step, after warm-up", "warmup_epochs": "linear warm-up epochs",
+    "label_smoothing": "label smoothing of the cross-entropy", "clip_grad": "max gradient norm (0 = off)",
+    "amp": "mixed precision on CUDA: none, bf16 or fp16", "channels_last": "channels_last memory format",
+    "ema_decay": "EMA of the weights (0 = off, e.g. 0.9998)",
+    "kd_temperature": "KD softmax temperature", "kd_weight": "share of the KD loss (with --teacher)",
+    "holdout": "training images held out (for search), picked with --seed",
+    "val_images": "evaluation images per epoch (0 = the whole evaluation split)",
+    "steps_per_epoch": "cap on steps per epoch (0 = whole training set; for smoke tests)",
+    "workers": "data loader processes per rank", "seed": "random seed",
+    "deterministic": "deterministic algorithms (bit-exact resume on CPU)", "quiet": "no progress output",
+}
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+    from compress.train import TrainConfig
+    p.add_argument("--data", metavar="SPEC", help="cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N (required)")
+    p.add_argument("--teacher", default=None, metavar="TARGET", help="distill from this zoo model or checkpoint")
+    g = p.add_argument_group("training")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action="store_true", help=TRAIN_HELP[f.name])
+        else:
+            g.add_argument(flag, type=type(f.default), default=f.default, help=TRAIN_HELP[f.name])
+
+
+def _train_config(args) -> "TrainConfig":  # noqa: F821
+    from dataclasses import fields
+    from compress.train import TrainConfig
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def _resumed_args(args, parser_command: str) -> argparse.Namespace:
+    """With --resume RUN_DIR, the run's own saved arguments (only --quiet may change)."""
+    if not args.resume:
+        if not args.target or not args.data:
+            raise CompressError(f"`chansearch {parser_command}` needs a TARGET and --data SPEC "
+                                "(or --resume RUN_DIR to continue a run).")
+        return args
+    saved = Path(args.resume) / "args.json"
+    if not saved.is_file():
+        raise CompressError(f"cannot resume '{args.resume}': it has no args.json (not a "
+                            f"`chansearch {parser_command}` run folder).")
+    old = argparse.Namespace(**json.loads(saved.read_text()))
+    old.quiet, old.resume = args.quiet, args.resume
+    return old
+
+
+def _start_run(args, run_dir: Path) -> bool:
+    """Record the arguments of a new run; True when resuming."""
+    from compress import distributed
+    resuming = bool(args.resume)
+    if not resuming:
+        from compress.train import STATE_FILE
+        if (run_dir / STATE_FILE).exists():
+            raise CompressError(f"run folder '{run_dir}' already holds a run; resume it with "
+                                f"--resume {run_dir}, or choose another folder.")
+        if distributed.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+            (run_dir / "args.json").write_text(json.dumps(record, indent=1))
+    return resuming
+
+
+def cmd_train(args) -> int:
+    from compress import distributed
+    from compress.checkpoint import save_checkpoint
+    from compress.models import load_target
+    from compress.train import fit
+    args = _resumed_args(args, "train")
+    run_dir = Path(args.out)
+    resuming = _start_run(args, run_dir)
+    import torch
+    torch.manual_seed(args.seed)  # the initial weights, identical on every rank and rerun
+    model = _load(args)
+    teacher = load_target(args.teacher) if args.teacher else None
+    trained = fit(model, args.data, _train_config(args), run_dir, teacher=teacher, resume=resuming)
+    if distributed.is_main():
+        save_checkpoint(run_dir / "model.pt", trained, provenance={
+            "created_by": "chansearch train", "parent": args.target, "data": args.data, "epochs": args.epochs})
+        print(f"saved {run_dir / 'model.pt'}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from compress import distributed
+    from compress.checkpoint import save_checkpoint
+    from compress.models import load_target
+    from compress.train import fit
+    args = _resumed_args(args, "finetune")
+    if not args.output:
+        raise CompressError("`chansearch finetune` needs -o OUT.pt, the fine-tuned checkpoint to write.")
+    output = Path(args.output)
+    run_dir = Path(args.run_dir or output.with_name(output.stem + "_run"))
+    args.run_dir = str(run_dir)
+    resuming = _start_run(args, run_dir)
+    model = _load(args)
+    teacher = load_target(args.teacher) if args.teacher else None
+    trained = fit(model, args.data, _train_config(args), run_dir, teacher=teacher, resume=resuming)
+    if distributed.is_main():
+        save_checkpoint(output, trained, provenance={
+            "created_by": "chansearch finetune", "parent": args.target, "data": args.data,
+            "epochs": args.epochs, "teacher": args.teacher})
+        print(f"saved {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chansearch", formatter_class=_formatter,
@@ -162,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print JSON with top1, top5, loss")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train a model (from scratch or pretrained); torchrun-ready",
+                       formatter_class=_formatter, epilog=EPILOG + " Resume an interrupted run with --resume RUN_DIR.")
+    _model_args(p, resumable=True)
+    _train_args(p)
+    p.add_argument("--out", default="runs/train", help="run folder: last.pt, metrics.jsonl, model.pt")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run folder with its own settings")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a (pruned) checkpoint, optionally distilling from a teacher",
+                       formatter_class=_formatter, epilog=EPILOG)
+    p.add_argument("target", metavar="CKPT", nargs="?", help="checkpoint to fine-tune (not with --resume)")
+    p.add_argument("--input-size", type=int, default=None, help="train at this input size (default: the checkpoint's)")
+    _train_args(p)
+    p.add_argument("-o", "--output", help="fine-tuned checkpoint (.pt; required)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: OUTPUT's name + _run)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run folder with its own settings")
+    p.set_defaults(func=cmd_finetune, num_classes=None, width_mult=1.0, pretrained=None)
     return parser
 
 

@@ -67,6 +67,19 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+class _CIFAR10Folder(datasets.CIFAR10):
+    """torchvision's reader of the standard `cifar-10-batches-py` folder, checking that the
+    batch files exist rather than their MD5s, so re-packed copies of the folder load too."""
+
+    def _check_integrity(self) -> bool:
+        base = Path(self.root) / self.base_folder
+        return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:  # the class names are fixed; batches.meta is not needed
+        self.classes = list(CIFAR10_CLASSES)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
 @dataclass(frozen=True)
 class DataSpec:
     kind: str
@@ -109,9 +122,10 @@ def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes
             raise CompressError(f"'{loc}' holds neither train.npz/test.npz nor the standard "
                                 "cifar-10-batches-py folder (python version of CIFAR-10).")
         try:
-            return datasets.CIFAR10(str(root), train=train, transform=transform, download=False)
-        except RuntimeError as exc:
-            raise CompressError(f"CIFAR-10 at '{root}' is incomplete or corrupt: {exc}") from None
+            return _CIFAR10Folder(str(root), train=train, transform=transform, download=False)
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
+            raise CompressError(f"CIFAR-10 at '{root / 'cifar-10-batches-py'}' is incomplete or corrupt "
+                                f"({type(exc).__name__}: {exc}).") from None
     split = loc / ("train" if train else "val")
     folder = split if split.is_dir() else loc
     try:
@@ -176,9 +190,7 @@ def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdo
     return Subset(train, kept.tolist()), Subset(plain, held.tolist()), held
 
 
-def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
-           sampler=None, drop_last: bool = False, seed: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=workers, drop_last=drop_last, generator=gen,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
+    """An in-order loader for evaluation."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())

@@ -1,0 +1,341 @@
+"""One training loop for training from scratch, fine-tuning, distillation and supernets.
+
+Modelled on torchvision's references/classification/train.py: plain PyTorch, DDP under
+torchrun, AMP, EMA, an atomic checkpoint every epoch and exact resume. Supernet trainers
+pass their own `step` (what one batch computes); everything else is shared.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from compress import distributed
+from compress.checkpoint import atomic_save, model_cfg, read_checkpoint_dict
+from compress.data import eval_set, train_holdout
+from compress.errors import CompressError
+from compress.evaluate import evaluate
+
+STATE_FILE = "last.pt"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # global: split across torchrun processes
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | linear, per step, after warm-up
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.1
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    channels_last: bool = False
+    ema_decay: float = 0.0  # 0 = no EMA
+    kd_temperature: float = 4.0
+    kd_weight: float = 0.5  # share of the KD loss when a teacher is given
+    holdout: int = 0  # training images held out for search
+    val_images: int = 0  # evaluation images per epoch; 0 = the whole evaluation split
+    steps_per_epoch: int = 0  # 0 = the whole training set
+    workers: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    quiet: bool = False
+
+    # Settings that do not change the result; a resumed run may differ in these. (Not
+    # `workers`: worker processes draw augmentation randomness differently.)
+    COSMETIC = ("quiet",)
+
+    def check(self) -> None:
+        for name, ok, what in (
+                ("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+                ("lr", self.lr > 0, "positive"), ("optimizer", self.optimizer in ("sgd", "adamw"), "sgd or adamw"),
+                ("schedule", self.schedule in ("cosine", "linear"), "cosine or linear"),
+                ("amp", self.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
+                ("kd_weight", 0 <= self.kd_weight <= 1, "in [0, 1]"),
+                ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)")):
+            if not ok:
+                raise CompressError(f"training setting {name}={getattr(self, name)!r} must be {what}.")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on softened logits, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student / t, 1),
+                                nn.functional.log_softmax(teacher / t, 1),
+                                reduction="batchmean", log_target=True) * t * t
+
+
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], torch.Tensor]
+
+
+def standard_step(cfg: TrainConfig, teacher: nn.Module | None = None) -> Step:
+    """Cross-entropy with label smoothing, plus KD from `teacher` when given."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def step(model, images, labels, backward):
+        logits = model(images)
+        loss = criterion(logits, labels)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(images)
+            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(logits, target, cfg.kd_temperature)
+        backward(loss)
+        return loss.detach()
+    return step
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on BN/bias (1-D) and depthwise weights, as slimmable_networks does."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or depthwise else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return factor
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _val_loader(cfg: TrainConfig, spec: str, mcfg: dict, per_rank_batch: int) -> DataLoader:
+    ds = eval_set(spec, mcfg["input_size"], mcfg["mean"], mcfg["std"], mcfg["num_classes"])
+    if 0 < cfg.val_images < len(ds):  # a fixed random subset: evaluation splits are often class-sorted
+        ds = Subset(ds, np.sort(np.random.default_rng(cfg.seed).permutation(len(ds))[: cfg.val_images]).tolist())
+    sampler = DistributedSampler(ds, distributed.world_size(), distributed.rank(), shuffle=False) \
+        if distributed.world_size() > 1 else None
+    return DataLoader(ds, per_rank_batch, sampler=sampler, num_workers=cfg.workers)
+
+
+def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teacher: nn.Module | None = None,
+        step: Step | None = None, resume: bool = False, validate: bool = True,
+        on_epoch_end: Callable[[nn.Module, int], dict] | None = None) -> nn.Module:
+    """Train `model` (carrying `compress_cfg`) on data spec `data`; returns the trained module
+    (the EMA weights when EMA is on). `run_dir` receives last.pt every epoch and
+    metrics.jsonl; `resume=True` continues from run_dir/last.pt exactly."""
+    cfg.check()
+    run_dir = Path(run_dir)
+    rank, world, device = distributed.init()
+    main = rank == 0
+    if cfg.batch_size % world:
+        raise CompressError(f"batch size {cfg.batch_size} does not split over {world} processes; "
+                            f"use a multiple of {world}.")
+    if cfg.amp != "none" and device.type != "cuda":
+        raise CompressError(f"--amp {cfg.amp} needs a CUDA device; this run is on {device}. Use --amp none.")
+    mcfg = model_cfg(model)
+    state_path = run_dir / STATE_FILE
+    saved = read_checkpoint_dict(state_path) if resume else None
+    if resume:
+        _check_same_config(saved, cfg, state_path)
+    _seed(cfg.seed + rank, cfg.deterministic)
+
+    train_set, _, held = train_holdout(data, mcfg["input_size"], mcfg["mean"], mcfg["std"],
+                                       mcfg["num_classes"], cfg.holdout, cfg.seed)
+    per_rank = cfg.batch_size // world
+    if len(train_set) < cfg.batch_size:
+        raise CompressError(f"--data {data} has {len(train_set)} training images, fewer than one batch "
+                            f"({cfg.batch_size}); lower --batch-size.")
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    steps = len(loader) if cfg.steps_per_epoch <= 0 else min(cfg.steps_per_epoch, len(loader))
+    val_loader = _val_loader(cfg, data, mcfg, per_rank) if validate else None
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    net = DistributedDataParallel(model) if world > 1 else model
+    opt = (torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+           if cfg.optimizer == "sgd" else torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay else None
+    step = step or standard_step(cfg, teacher)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
+                              enabled=cfg.amp != "none")
+
+    history, start = [], 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        history, start = saved["history"], saved["epoch"] + 1
+        if world == 1:  # other ranks' generators were not saved; they reseed per rank
+            _set_rng_state(saved["rng"])
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (run_dir / "holdout.json").write_text(json.dumps({"data": data, "seed": cfg.seed, "indices": held.tolist()}))
+        _write_metrics(run_dir, history)
+    writer = _tensorboard(run_dir) if main else None
+
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss).backward()
+
+    for epoch in range(start, cfg.epochs):
+        sampler.set_epoch(epoch)
+        net.train()
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
+        began = time.perf_counter()
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                   disable=not main or cfg.quiet or not _tty())
+        for i, (images, labels) in enumerate(loader):
+            if i >= steps:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.to(memory_format=torch.channels_last)
+            with autocast:
+                loss = step(net, images, labels, backward)
+            bad = distributed.all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device))
+            if bad.item():
+                raise CompressError(
+                    f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {i + 1} "
+                    f"(global step {epoch * steps + i + 1}). Last good checkpoint: "
+                    + (f"{state_path} (after epoch {len(history)})" if history else "none yet")
+                    + ". Lower --lr, or add --clip-grad or --warmup-epochs.")
+            if cfg.clip_grad > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            sums += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64, device=device)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}",
+                            img_s=f"{sums[1].item() * world / (time.perf_counter() - began):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - began
+        sums = distributed.all_sum(sums)
+        final = ema.module if ema is not None else model
+        record = {"epoch": epoch + 1, "train_loss": sums[0].item() / max(sums[1].item(), 1),
+                  "lr": sched.get_last_lr()[0], "seconds": round(seconds, 3),
+                  "images_per_s": round(sums[1].item() / seconds, 1)}
+        if val_loader is not None:
+            record.update({f"val_{k}": v for k, v in evaluate(final, val_loader, device).items()})
+        if on_epoch_end is not None:
+            record.update(on_epoch_end(final, epoch))
+        history.append(record)
+        if main:
+            atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                         "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
+                         "history": history, "train_config": asdict(cfg), "model_cfg": mcfg}, state_path)
+            _write_metrics(run_dir, history)
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, epoch + 1)
+            if not cfg.quiet:
+                print(_summary(record), flush=True)
+        distributed.barrier()
+    if writer is not None:
+        writer.close()
+    final = ema.module if ema is not None else model
+    final.compress_cfg = mcfg
+    return final
+
+
+def _check_same_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    before = TrainConfig.from_dict(saved.get("train_config", {}))
+    diff = [f"{f.name}: {getattr(before, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(cfg)
+            if f.name not in TrainConfig.COSMETIC and getattr(before, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise CompressError(f"cannot resume {path}: the training settings changed ({'; '.join(diff)}). "
+                            "Resume with the run's own settings, or start a new run folder.")
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from the checkpoint's history, so that a resumed run neither
+    loses nor repeats an epoch."""
+    tmp = run_dir / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+
+
+def _summary(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}"]
+    if "val_top1" in record:
+        parts.append(f"val top-1 {record['val_top1']:.2%}")
+    parts.append(f"{record['images_per_s']:.0f} img/s")
+    return ", ".join(parts)
+
+
+def _tty() -> bool:
+    import sys
+    return sys.stderr.isatty()
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

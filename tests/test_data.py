@@ -1,0 +1,94 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compress import CompressError
+from compress.data import build_dataset, eval_set, train_holdout, transforms
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def test_cifar10_npz_folder(cifar_dir):
+    test = eval_set(f"cifar10:{cifar_dir}", 32, MEAN, STD, 10)
+    assert len(test) == 10000
+    image, label = test[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+
+
+def test_standard_cifar10_batches_folder(tmp_path, cifar_dir):
+    """The python-version folder torchvision downloads: data_batch_1..5 and test_batch."""
+    with np.load(cifar_dir / "test.npz") as f:
+        x, y = f["x"][:60], f["y"][:60]
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    flat = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": flat, "labels": y.tolist()}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, fh)
+    for spec in (f"cifar10:{tmp_path}", f"cifar10:{folder}"):
+        ds = build_dataset(spec, train=False, transform=None)
+        assert len(ds) == 60 and np.array_equal(np.asarray(ds[5][0]), x[5]) and ds[5][1] == y[5]
+    assert len(build_dataset(f"cifar10:{tmp_path}", train=True)) == 300
+
+
+def _image_folder(root, classes, per_class=3, size=40):
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((size, size, 3), i * 40, np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_layout_and_transforms(tmp_path):
+    _image_folder(tmp_path, ["cat", "dog"])
+    val = eval_set(f"imagefolder:{tmp_path}", 32, MEAN, STD, 2)
+    assert len(val) == 6 and val[0][0].shape == (3, 32, 32)
+    train, held, idx = train_holdout(f"imagefolder:{tmp_path}", 96, MEAN, STD, 2, holdout=2, seed=0)
+    assert len(train) == 4 and len(held) == 2 and len(idx) == 2
+    assert train[0][0].shape == (3, 96, 96)  # random-resized crop to the input size
+
+
+def test_holdout_is_seeded_and_disjoint():
+    _, held_a, a = train_holdout("synthetic:100", 32, MEAN, STD, 10, holdout=20, seed=5)
+    train_b, _, b = train_holdout("synthetic:100", 32, MEAN, STD, 10, holdout=20, seed=5)
+    _, _, c = train_holdout("synthetic:100", 32, MEAN, STD, 10, holdout=20, seed=6)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert not set(a) & set(train_b.indices) and len(train_b) == 80
+    with pytest.raises(CompressError, match="leaves no training images"):
+        train_holdout("synthetic:10", 32, MEAN, STD, 10, holdout=10)
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    with pytest.raises(CompressError, match="does not exist"):
+        eval_set(f"imagefolder:{tmp_path / 'missing'}", 32, MEAN, STD, 10)
+    _image_folder(tmp_path / "img", ["a", "b"])
+    for f in (tmp_path / "img" / "val" / "b").iterdir():
+        f.unlink()
+    with pytest.raises(CompressError, match="image folder .*val.*one sub-folder of images per class"):
+        eval_set(f"imagefolder:{tmp_path / 'img'}", 32, MEAN, STD, 10)
+    np.savez(tmp_path / "keys.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(CompressError, match=r"must hold arrays 'x'.*it has \['images'\]"):
+        eval_set(f"npz:{tmp_path / 'keys.npz'}", 32, MEAN, STD, 10)
+    np.savez(tmp_path / "shape.npz", x=np.zeros((2, 8, 8), np.uint8), y=np.zeros(2, int))
+    with pytest.raises(CompressError, match=r"'x' must be uint8 of shape \(N, H, W, 3\)"):
+        eval_set(f"npz:{tmp_path / 'shape.npz'}", 32, MEAN, STD, 10)
+    np.savez(tmp_path / "labels.npz", x=np.zeros((2, 8, 8, 3), np.uint8), y=np.array([0, 12]))
+    with pytest.raises(CompressError, match="label 12 but the model has 10 classes"):
+        eval_set(f"npz:{tmp_path / 'labels.npz'}", 32, MEAN, STD, 10)
+    with pytest.raises(CompressError, match="neither train.npz/test.npz nor the standard"):
+        eval_set(f"cifar10:{tmp_path}", 32, MEAN, STD, 10)
+    with pytest.raises(CompressError, match="synthetic:N takes an image count"):
+        eval_set("synthetic:many", 32, MEAN, STD, 10)
+
+
+def test_train_transforms_augment_small_images():
+    t = transforms(True, 32, MEAN, STD)
+    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    outs = {tuple(t(image).flatten()[:50].tolist()) for _ in range(8)}
+    assert len(outs) > 1  # pad-crop + flip vary

@@ -1,0 +1,158 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import compress
+from compress import CompressError
+from compress.train import TrainConfig, fit, kd_loss, lr_lambda, param_groups
+from conftest import ROOT, run_cli
+
+TINY = ["--input-size", "16", "--data", "synthetic:96", "--batch-size", "16", "--val-images", "32", "--workers", "0",
+        "--lr", "0.05", "--seed", "3", "--quiet"]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_train_writes_run_folder_and_checkpoint(tmp_path):
+    out = run_cli("train", "mobilenet_v3_small_cifar", *TINY, "--epochs", "2", "--holdout", "16",
+                  "--out", tmp_path / "run")
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["train_loss"]) and 0 <= m["val_top1"] <= 1 for m in metrics)
+    assert metrics[1]["lr"] == pytest.approx(0.0)  # cosine ends at zero
+    held = json.loads((run / "holdout.json").read_text())
+    assert len(held["indices"]) == 16 and held["seed"] == 3
+    model = compress.load(run / "model.pt")
+    assert model.compress_cfg["provenance"]["created_by"] == "chansearch train"
+    again = run_cli("train", "mobilenet_v3_small_cifar", *TINY, "--epochs", "2", "--out", run)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never overwrites a run
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    args = ["train", "mobilenet_v3_small_cifar", "--input-size", "16", "--data", "synthetic:320", "--batch-size", "16",
+            "--val-images", "16", "--workers", "0", "--epochs", "3", "--seed", "1", "--deterministic",
+            "--quiet", "--ema-decay", "0.9"]
+    full = run_cli(*args, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *args, "--out", str(run)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(done) in (1, 2)  # killed mid-run, completed epochs kept
+    assert not (run / "model.pt").exists()
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["epoch"] + 1 == len(done)
+
+    resumed = run_cli("train", "--resume", run, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    a, b = _weights(tmp_path / "full" / "model.pt"), _weights(run / "model.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-exact
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    common = ["train", "mobilenet_v3_small_cifar", "--input-size", "16", "--data", "synthetic:64", "--batch-size", "16",
+              "--val-images", "32", "--workers", "0", "--epochs", "2", "--lr", "0.01", "--seed", "0",
+              "--quiet"]
+    one = run_cli(*common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "compress", *common, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        # same images, same global batch; BN sees 8 images per process instead of 16
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+        assert b["val_images"] == a["val_images"] == 32
+    assert (tmp_path / "two" / "model.pt").is_file()
+
+
+def test_finetune_with_distillation_records_parent(tmp_path):
+    pruned, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), width=0.5)
+    compress.save_checkpoint(tmp_path / "p.pt", pruned)
+    out = run_cli("finetune", tmp_path / "p.pt", *TINY, "--epochs", "1", "--teacher", "mobilenet_v3_small_cifar",
+                  "--kd-weight", "0.7", "-o", tmp_path / "ft.pt")
+    assert out.returncode == 0, out.stderr
+    tuned = compress.load(tmp_path / "ft.pt")
+    assert tuned.compress_cfg["config"] == pruned.compress_cfg["config"]  # architecture kept
+    record = torch.load(tmp_path / "ft.pt", weights_only=True)
+    assert record["provenance"]["parent"] == str(tmp_path / "p.pt")
+    assert record["provenance"]["teacher"] == "mobilenet_v3_small_cifar"
+    assert (tmp_path / "ft_run" / "metrics.jsonl").is_file()
+
+
+def test_divergence_names_step_and_checkpoint(tmp_path):
+    model = compress.build("mobilenet_v3_small_cifar")
+    calls = {"n": 0}
+
+    def step(net, images, labels, backward):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(net(images), labels)
+        if calls["n"] == 9:  # the 3rd step of the 2nd epoch
+            loss = loss * float("nan")
+        backward(loss)
+        return loss.detach()
+
+    cfg = TrainConfig(epochs=3, batch_size=16, workers=0, quiet=True, val_images=16, steps_per_epoch=6)
+    with pytest.raises(CompressError, match=r"diverged.*epoch 2, step 3.*last\.pt \(after epoch 1\)"):
+        fit(model, "synthetic:96", cfg, tmp_path / "run", step=step)
+
+
+def test_kd_loss_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(8, 10)
+    assert kd_loss(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(logits, torch.randn(8, 10), 4.0).item() > 0
+
+
+def test_no_weight_decay_on_bn_bias_and_depthwise():
+    model = compress.build("mobilenet_v2_cifar")
+    decay, no_decay = param_groups(model, 1e-4)
+    dw = model.features[2].conv[1][0].weight
+    assert any(p is dw for p in no_decay["params"])
+    assert any(p is model.features[2].conv[0][0].weight for p in decay["params"])
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == \
+        sum(p.numel() for p in model.parameters())
+
+
+def test_warmup_then_cosine_schedule():
+    f = lr_lambda(TrainConfig(epochs=10, warmup_epochs=1), steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    g = lr_lambda(TrainConfig(epochs=4, schedule="linear"), steps_per_epoch=5)
+    assert g(10) == pytest.approx(0.5)
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    model = compress.build("mobilenet_v3_small_cifar")
+    cfg = TrainConfig(epochs=1, batch_size=16, workers=0, quiet=True, val_images=16, steps_per_epoch=2)
+    fit(model, "synthetic:64", cfg, tmp_path / "run")
+    changed = TrainConfig(epochs=1, batch_size=16, workers=0, quiet=True, val_images=16, steps_per_epoch=2, lr=0.2)
+    with pytest.raises(CompressError, match=r"settings changed \(lr: 0.05 -> 0.2\)"):
+        fit(compress.build("mobilenet_v3_small_cifar"), "synthetic:64", changed, tmp_path / "run", resume=True)
