@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# CIFAR-10 arrays beside the checkout (see ../shared/data/cifar10/README.md)
+CIFAR = os.path.relpath(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
 
 
 def machine() -> str:

@@ -37,6 +37,15 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (so all ranks stop together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

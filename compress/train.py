@@ -6,6 +6,7 @@ pass their own `step` (what one batch computes); everything else is shared.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -211,8 +212,8 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
     step = step or standard_step(cfg, teacher)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
-                              enabled=cfg.amp != "none")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+                if cfg.amp != "none" else contextlib.nullcontext())
 
     history, start = [], 0
     if saved is not None:
@@ -238,7 +239,7 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         net.train()
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
+        loss_sum, seen = 0.0, 0
         began = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                    disable=not main or cfg.quiet or not _tty())
@@ -251,10 +252,10 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
                 images = images.to(memory_format=torch.channels_last)
             with autocast:
                 loss = step(net, images, labels, backward)
-            bad = distributed.all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device))
-            if bad.item():
+            value = loss.item()  # the one host sync per step
+            if distributed.any_true(not math.isfinite(value), device):
                 raise CompressError(
-                    f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {i + 1} "
+                    f"training diverged: loss is {value} at epoch {epoch + 1}, step {i + 1} "
                     f"(global step {epoch * steps + i + 1}). Last good checkpoint: "
                     + (f"{state_path} (after epoch {len(history)})" if history else "none yet")
                     + ". Lower --lr, or add --clip-grad or --warmup-epochs.")
@@ -267,13 +268,14 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
-            sums += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64, device=device)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}",
-                            img_s=f"{sums[1].item() * world / (time.perf_counter() - began):.0f}")
+            loss_sum, seen = loss_sum + value * len(labels), seen + len(labels)
+            if not bar.disable:
+                bar.update()
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{sched.get_last_lr()[0]:.4f}",
+                                img_s=f"{seen * world / (time.perf_counter() - began):.0f}")
         bar.close()
         seconds = time.perf_counter() - began
-        sums = distributed.all_sum(sums)
+        sums = distributed.all_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
         final = ema.module if ema is not None else model
         record = {"epoch": epoch + 1, "train_loss": sums[0].item() / max(sums[1].item(), 1),
                   "lr": sched.get_last_lr()[0], "seconds": round(seconds, 3),
