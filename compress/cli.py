@@ -231,6 +231,63 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+# ---- export / latency ----------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from compress.data import sample_images
+    from export import export_onnx, export_tflite
+    model = _load(args)
+    cfg = model.compress_cfg
+    size = args.input_size or cfg["input_size"]
+    calib = images = None
+    if args.calib_data:
+        images = sample_images(args.calib_data, False, args.parity_images, size, cfg["mean"], cfg["std"], seed=1)
+        if args.int8:
+            calib = sample_images(args.calib_data, True, args.calib_images, size, cfg["mean"], cfg["std"])
+    elif args.int8:
+        raise CompressError("--int8 needs calibration images: pass --calib-data SPEC (e.g. cifar10:DIR); "
+                            "--calib-images N of its training split calibrate, its evaluation split checks parity.")
+    if args.format == "onnx":
+        if args.int8 or args.nhwc:
+            raise CompressError("--int8 and --nhwc apply to --format tflite.")
+        report = export_onnx(model, args.output, size, opset=args.opset, images=images, tolerance=args.tolerance)
+    else:
+        report = export_tflite(model, args.output, size, int8=args.int8, calib_images=calib, images=images,
+                               nhwc=args.nhwc, tolerance=args.tolerance, min_agreement=args.min_agreement)
+    if args.json:
+        _print_json(report)
+    else:
+        p = report["parity"]
+        print(f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB); parity on {p['images']} "
+              f"{'real' if images is not None else 'random'} images: max |diff| {p['max_abs_diff']:.3g}, "
+              f"top-1 agreement {p['top1_agreement']:.1%}")
+    return 0
+
+
+def cmd_latency(args) -> int:
+    from export.latency import check_budget, measure, measure_adb
+    options = dict(threads=args.threads, warmup=args.warmup, runs=args.runs)
+    if args.device == "local":
+        result = measure(args.model, args.backend, **options)
+    elif args.device.split(":")[0] == "adb":
+        serial = args.device.partition(":")[2] or None
+        result = measure_adb(args.model, serial, binary=args.benchmark_binary, use_xnnpack=not args.no_xnnpack,
+                             taskset=args.taskset, **options)
+    else:
+        raise CompressError(f"unknown --device '{args.device}'; use local or adb[:SERIAL].")
+    if args.budget_ms is not None:
+        result.update(budget_ms=args.budget_ms, within_budget=result["median_ms"] <= args.budget_ms)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['model']} on {result['backend']} ({result['runtime']}, {result['device']}, "
+              f"{result['threads']} thread(s), {result['runs']} runs): median {result['median_ms']:.3f} ms, "
+              + (f"p90 {result['p90_ms']:.3f} ms, " if result["p90_ms"] is not None else "")
+              + f"min {result['min_ms']:.3f} ms, std {result['std_ms']:.3f} ms")
+    if args.budget_ms is not None:
+        check_budget(result, args.budget_ms)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chansearch", formatter_class=_formatter,
@@ -277,6 +334,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON with top1, top5, loss")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("export", help="export to ONNX or TFLite (float/int8) and check parity with PyTorch",
+                       formatter_class=_formatter, epilog=EPILOG)
+    _model_args(p)
+    p.add_argument("--format", required=True, choices=["onnx", "tflite"], help="output format")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output file (.onnx / .tflite)")
+    p.add_argument("--int8", action="store_true", help="TFLite int8 post-training quantization (per-channel weights)")
+    p.add_argument("--calib-data", metavar="SPEC", help="real images: training split calibrates int8, "
+                   "evaluation split checks parity (default parity input: random)")
+    p.add_argument("--calib-images", type=int, default=200, help="calibration images for --int8")
+    p.add_argument("--parity-images", type=int, default=100, help="images compared with PyTorch")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max absolute logit difference (float exports)")
+    p.add_argument("--min-agreement", type=float, default=None, help="fail an int8 export under this top-1 agreement")
+    p.add_argument("--nhwc", action="store_true", help="TFLite input in NHWC layout")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("latency", help="measure latency of an .onnx/.tflite file, here or on a phone; budget check",
+                       formatter_class=_formatter,
+                       epilog="Exit status 3 when the median is over --budget-ms (for CI pipelines).")
+    p.add_argument("model", metavar="MODEL_FILE", help=".onnx or .tflite file")
+    p.add_argument("--backend", default="auto", help="auto (by suffix), onnxruntime or tflite")
+    p.add_argument("--threads", type=int, default=1, help="inference threads")
+    p.add_argument("--runs", type=int, default=100, help="timed runs")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs")
+    p.add_argument("--device", default="local", help="local, or adb[:SERIAL] for an Android phone")
+    p.add_argument("--benchmark-binary", default="/data/local/tmp/benchmark_model",
+                   help="path of TFLite's benchmark_model on the phone")
+    p.add_argument("--no-xnnpack", action="store_true", help="run benchmark_model without XNNPACK")
+    p.add_argument("--taskset", default=None, metavar="MASK", help="pin benchmark_model to these CPUs (e.g. f0)")
+    p.add_argument("--budget-ms", type=float, default=None, help="fail (exit 3) when the median is over this")
+    p.add_argument("--json", action="store_true", help="print JSON (median_ms, p90_ms, ...)")
+    p.set_defaults(func=cmd_latency)
+
     p = sub.add_parser("train", help="train a model (from scratch or pretrained); torchrun-ready",
                        formatter_class=_formatter, epilog=EPILOG + " Resume an interrupted run with --resume RUN_DIR.")
     _model_args(p, resumable=True)
@@ -313,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"chansearch {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader (`| head`) went away; nothing more to say
+        return 0
     except Exception as exc:  # an internal bug: one clear paragraph, traceback only on request
         if debug:
             raise

@@ -194,3 +194,13 @@ def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
     """An in-order loader for evaluation."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       pin_memory=torch.cuda.is_available())
+
+
+def sample_images(spec: str, train: bool, count: int, input_size: int, mean, std, seed: int = 0) -> torch.Tensor:
+    """`count` images of a split, picked at random with `seed`, with evaluation transforms:
+    calibration and parity inputs for export."""
+    ds = build_dataset(spec, train, transforms(False, input_size, mean, std), image_size=input_size)
+    if len(ds) == 0:
+        raise CompressError(f"--data {spec} holds no images.")
+    picks = np.sort(np.random.default_rng(seed).permutation(len(ds))[:count])
+    return torch.stack([ds[int(i)][0] for i in picks])

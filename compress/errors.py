@@ -9,3 +9,10 @@ class CompressError(Exception):
     """
 
     exit_code = 2
+
+
+class CheckFailed(CompressError):
+    """A check the user asked for did not pass: a latency budget or an output parity
+    tolerance. The report is still written; the exit code (3) tells a CI pipeline."""
+
+    exit_code = 3

@@ -1,0 +1,160 @@
+"""Latency of an exported model: ONNX Runtime or LiteRT on this machine, or TFLite's
+benchmark_model on an Android phone over adb; and the budget check a CI pipeline calls."""
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import CheckFailed, CompressError
+
+BACKENDS = ("auto", "onnxruntime", "tflite")
+DEVICE_DIR = "/data/local/tmp"
+
+
+def _backend(path: Path, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise CompressError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
+    if backend != "auto":
+        return backend
+    by_suffix = {".onnx": "onnxruntime", ".tflite": "tflite"}
+    if path.suffix not in by_suffix:
+        raise CompressError(f"cannot tell the backend of '{path}' from its suffix; use .onnx or .tflite, "
+                            "or pass --backend.")
+    return by_suffix[path.suffix]
+
+
+def _input(shape, dtype, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]  # symbolic batch: 1
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _stats(times_s: list[float]) -> dict:
+    ms = np.asarray(times_s) * 1e3
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+            "p95_ms": float(np.percentile(ms, 95)), "min_ms": float(ms.min()), "mean_ms": float(ms.mean()),
+            "std_ms": float(ms.std()), "runs": int(len(ms))}
+
+
+def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: int = 10, runs: int = 100,
+            seed: int = 0) -> dict:
+    """Time single-image inference: one fixed input built once, `warmup` untimed runs, then
+    perf_counter around each run/invoke call only."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"model file '{path}' does not exist.")
+    if threads < 1 or runs < 1 or warmup < 0:
+        raise CompressError(f"need threads >= 1, runs >= 1, warmup >= 0; got {threads}, {runs}, {warmup}.")
+    backend = _backend(path, backend)
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+        from export.onnx import session
+        try:
+            sess = session(path, threads)
+        except Exception as exc:
+            raise CompressError(f"ONNX Runtime cannot load '{path}': {str(exc)[:300]}") from None
+        meta = sess.get_inputs()[0]
+        dtype = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}[meta.type]
+        feed = {meta.name: _input(meta.shape, dtype, seed)}
+
+        def call():
+            sess.run(None, feed)
+        version = f"onnxruntime {ort.__version__}"
+    else:
+        from ai_edge_litert import __version__ as litert_version
+        from export.tflite import _interpreter
+        try:
+            interpreter = _interpreter(path, threads)
+        except Exception as exc:
+            raise CompressError(f"LiteRT cannot load '{path}': {str(exc)[:300]}") from None
+        detail = interpreter.get_input_details()[0]
+        interpreter.set_tensor(detail["index"], _input(list(detail["shape"]), detail["dtype"], seed))
+        call = interpreter.invoke
+        version = f"ai-edge-litert {litert_version}"
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - began)
+    return {"model": str(path), "backend": backend, "threads": threads, "warmup": warmup, **_stats(times),
+            "runtime": version, "device": f"local ({platform.machine()}, {platform.processor() or 'cpu'})"}
+
+
+# ---- Android over adb ---------------------------------------------------------------------
+_DETAIL = re.compile(r"count=(\d+) first=\S+ curr=\S+ min=(\S+) max=(\S+) avg=(\S+) std=(\S+)"
+                     r"(?: p5=(\S+) median=(\S+) p95=(\S+))?")
+_SUMMARY = re.compile(r"Inference timings in us: Init: (\S+), First inference: (\S+), "
+                      r"Warmup \(avg\): (\S+), Inference \(avg\): (\S+)")
+
+
+def parse_benchmark_model(text: str) -> dict:
+    """Read TFLite benchmark_model's output: the last `count=... min=... avg=... std=...
+    [p5= median= p95=]` line (the timed runs; the first is warm-up) and the `Inference
+    timings in us` summary. Times in ms. Older builds print no percentiles: then median
+    falls back to the average and p95 is None; benchmark_model never prints p90."""
+    details = _DETAIL.findall(text)
+    summary = _SUMMARY.search(text)
+    if not details or not summary:
+        raise CompressError("benchmark_model's output has no timing lines ('count=... avg=...' and "
+                            "'Inference timings in us: ...'); it printed:\n" + text.strip()[-800:])
+    count, lo, hi, avg, std, _p5, median, p95 = details[-1]
+    us = lambda s: float(s) / 1e3  # noqa: E731 (microseconds -> ms)
+    return {"median_ms": us(median) if median else us(summary.group(4)), "p90_ms": None,
+            "p95_ms": us(p95) if p95 else None, "min_ms": us(lo), "max_ms": us(hi), "mean_ms": us(summary.group(4)),
+            "std_ms": us(std), "runs": int(count), "init_ms": us(summary.group(1)),
+            "first_ms": us(summary.group(2)), "median_is_average": not median}
+
+
+def adb_commands(path: str | Path, serial: str | None = None, threads: int = 1, warmup: int = 10,
+                 runs: int = 100, binary: str = f"{DEVICE_DIR}/benchmark_model", use_xnnpack: bool = True,
+                 taskset: str | None = None) -> list[list[str]]:
+    """The adb calls: push the model, then run benchmark_model on it (optionally pinned
+    to the CPUs of a `taskset` mask, e.g. f0 for the big cores)."""
+    adb = ["adb"] + (["-s", serial] if serial else [])
+    remote = f"{DEVICE_DIR}/{Path(path).name}"
+    run = ([] if not taskset else ["taskset", taskset]) + [
+        binary, f"--graph={remote}", f"--num_threads={threads}", f"--use_xnnpack={str(use_xnnpack).lower()}",
+        f"--warmup_runs={warmup}", f"--num_runs={runs}"]
+    return [adb + ["push", str(path), remote], adb + ["shell", " ".join(run)]]
+
+
+def measure_adb(path: str | Path, serial: str | None = None, **options) -> dict:
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".tflite":
+        raise CompressError(f"'{path}' is not a .tflite file; on a device, benchmark_model runs TFLite models.")
+    if shutil.which("adb") is None:
+        raise CompressError("adb is not on PATH: install Android platform-tools and connect the phone "
+                            "(USB debugging on), or use --device local.")
+    devices = subprocess.run(["adb", "devices"], capture_output=True, text=True, timeout=60).stdout
+    attached = [line.split()[0] for line in devices.splitlines()[1:] if line.strip().endswith("device")]
+    if not attached or (serial and serial not in attached):
+        raise CompressError(f"no Android device {'with serial ' + serial + ' ' if serial else ''}is connected "
+                            f"(adb devices lists: {', '.join(attached) or 'none'}).")
+    output = ""
+    for command in adb_commands(path, serial, **options):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        output = done.stdout + done.stderr
+        if done.returncode != 0:
+            raise CompressError(f"`{' '.join(command)}` failed ({done.returncode}): {output.strip()[-600:]}")
+    result = parse_benchmark_model(output)
+    return {"model": str(path), "backend": "tflite", "threads": options.get("threads", 1), **result,
+            "runtime": "benchmark_model", "device": f"adb:{serial or attached[0]}"}
+
+
+def check_budget(result: dict, budget_ms: float) -> None:
+    """Raise CheckFailed (exit code 3) with one line when the median is over budget."""
+    if result["median_ms"] > budget_ms:
+        raise CheckFailed(f"latency over budget: {result['model']} on {result['backend']} with "
+                          f"{result['threads']} thread(s): median {result['median_ms']:.3f} ms > budget "
+                          f"{budget_ms:g} ms (+{result['median_ms'] - budget_ms:.3f} ms).")

@@ -1,0 +1,99 @@
+"""ONNX export with torch.onnx's torch.export-based (dynamo) exporter, checked by onnx.checker
+and by ONNX Runtime against PyTorch.
+
+Why this exporter: on torch 2.14 it is torch.onnx's default and maintained path, and it
+captures the graph with torch.export, the same capture litert-torch uses for TFLite, so
+one tracing path serves both formats. The TorchScript exporter also handles these CNNs
+but is deprecated.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from export.parity import compare, reference_inputs, torch_logits
+
+DEFAULT_OPSET = 18
+
+
+def check_input_size(model: nn.Module, size: int) -> torch.Tensor:
+    """One example image of `size`, after checking the model runs on it."""
+    x = torch.zeros(1, 3, size, size)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as exc:
+        raise CompressError(f"the model cannot take a {size}x{size} input ({str(exc).splitlines()[0][:200]}); "
+                            "choose another --input-size.") from None
+    return x
+
+
+def metadata(model: nn.Module) -> dict[str, str]:
+    """What a deployed file should say about itself: channel config, cost, preprocessing."""
+    from compress.profile import count
+    cfg = model.compress_cfg
+    macs, params = count(model, cfg["input_size"])
+    return {"compress.arch": json.dumps(cfg["arch"]), "compress.config": json.dumps(cfg.get("config")),
+            "compress.macs": str(macs), "compress.params": str(params),
+            "compress.input_size": str(cfg["input_size"]), "compress.num_classes": str(cfg["num_classes"]),
+            "compress.mean": json.dumps(list(cfg["mean"])), "compress.std": json.dumps(list(cfg["std"]))}
+
+
+def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = None, dynamic_batch: bool = True,
+                opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
+                tolerance: float | None = 1e-4) -> dict:
+    """Write `model` (carrying compress_cfg) as ONNX, check it and compare it with PyTorch.
+
+    Returns a report with the parity on `images` (or a fixed random batch); raises
+    CheckFailed when the largest logit difference exceeds `tolerance`.
+    """
+    path = Path(path)
+    model = copy.deepcopy(model).cpu().eval()
+    size = input_size or model.compress_cfg["input_size"]
+    model.compress_cfg = {**model.compress_cfg, "input_size": size}
+    x = check_input_size(model, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opset, verbose=False,
+                              input_names=["input"], output_names=["logits"], external_data=False,
+                              dynamic_shapes=({0: batch},) if dynamic_batch else None)
+    except Exception as exc:
+        raise CompressError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:600]}") from None
+    proto = onnx.load(str(path))
+    for key, value in metadata(model).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise CompressError(f"{path}: onnx.checker rejected the exported model: {str(exc)[:400]}") from None
+    images = reference_inputs(model, images)
+    sess = session(path)
+    if dynamic_batch:
+        got = sess.run(None, {"input": images.numpy()})[0]
+    else:
+        got = np.concatenate([sess.run(None, {"input": images[i:i + 1].numpy()})[0] for i in range(len(images))])
+    report = {"format": "onnx", "path": str(path), "bytes": path.stat().st_size, "opset": opset,
+              "input_size": size, "onnxruntime": ort.__version__}
+    report["parity"] = compare(str(path), torch_logits(model, images), got, tolerance)
+    return report

@@ -1,0 +1,33 @@
+"""Comparing an exported model's outputs with PyTorch's on the same inputs."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import CheckFailed
+
+
+def reference_inputs(model: nn.Module, images: torch.Tensor | None, count: int = 8, seed: int = 0) -> torch.Tensor:
+    """The images to compare on: real ones when given, else a fixed random batch."""
+    if images is not None:
+        return images.float()
+    size = model.compress_cfg["input_size"]
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: float | None) -> dict:
+    """Max absolute logit difference and top-1 agreement; raises CheckFailed past `tolerance`."""
+    diff = float(np.abs(reference - exported).max())
+    agree = float((reference.argmax(1) == exported.argmax(1)).mean())
+    report = {"max_abs_diff": diff, "top1_agreement": agree, "images": int(len(reference))}
+    if tolerance is not None and not diff <= tolerance:
+        raise CheckFailed(f"{name}: outputs differ from PyTorch by up to {diff:.3g} (tolerance {tolerance:g}; "
+                          f"top-1 agreement {agree:.1%} on {len(reference)} images). The file was written; "
+                          "inspect it, or raise the tolerance if this precision is acceptable.")
+    return report
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    return model.eval()(images).float().numpy()
