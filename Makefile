@@ -17,6 +17,10 @@ demo: env
 	$(BIN)/chansearch profile mobilenet_v2
 	$(BIN)/chansearch prune mobilenet_v2 --macs 50% --strategy global -o runs/demo/mobilenet_v2_50.pt
 	$(BIN)/chansearch profile runs/demo/mobilenet_v2_50.pt
+	$(BIN)/chansearch export runs/demo/mobilenet_v2_50.pt --format onnx -o runs/demo/mobilenet_v2_50.onnx
+	$(BIN)/chansearch export runs/demo/mobilenet_v2_50.pt --format tflite -o runs/demo/mobilenet_v2_50.tflite
+	$(BIN)/chansearch latency runs/demo/mobilenet_v2_50.onnx --threads 1 --runs 50
+	$(BIN)/chansearch latency runs/demo/mobilenet_v2_50.tflite --threads 1 --runs 50
 
 test: env
 	$(BIN)/python -m pytest -q tests

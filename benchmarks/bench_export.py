@@ -1,0 +1,116 @@
+"""Export and latency benchmarks.
+
+1. Latency follows MACs when widths are hardware-friendly: mobilenet_v2 at 224, full and
+   pruned (uniform, L1) to 75/50/30% of its MACs with divisor 8 and divisor 1, exported to
+   ONNX and TFLite and timed with ONNX Runtime and LiteRT at 1 and 2 threads.
+   Target: with divisor 8, latency ratio <= 1.15x the MAC ratio.
+2. Parity of every zoo model exported to float ONNX and TFLite, and int8 TFLite for
+   mobilenet_v2_cifar (trained weights from --trained, else random init), with export wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import CIFAR, write_section
+from compress import ChannelSpace, build, config_for_macs, load, prune
+from compress.data import sample_images
+from compress.models import ZOO
+from export import export_onnx, export_tflite, measure
+
+
+def latency_table(args, tmp: Path) -> str:
+    base = build("mobilenet_v2").eval()
+    x = torch.randn(1, 3, 224, 224)
+    variants = [("full", 1.0, None, base)]
+    for divisor in (8, 1):
+        space = ChannelSpace.from_model(base, x, divisor=divisor)
+        for frac in (0.75, 0.5, 0.3):
+            config = config_for_macs(space, int(space.macs(space.max()) * frac))
+            model = prune(base, config, space)
+            model.compress_cfg = base.compress_cfg
+            variants.append((f"{int(frac * 100)}% MACs, divisor {divisor}", space.macs(config) / space.macs(space.max()),
+                             divisor, model))
+    rows, full = [], {}
+    for label, mac_ratio, divisor, model in variants:
+        files = {"onnxruntime": tmp / "m.onnx", "tflite": tmp / "m.tflite"}
+        export_onnx(model, files["onnxruntime"])
+        export_tflite(model, files["tflite"])
+        cells = []
+        for backend, path in files.items():
+            for threads in (1, 2):
+                ms = measure(path, backend, threads=threads, warmup=args.warmup, runs=args.runs)["median_ms"]
+                key = (backend, threads)
+                full.setdefault(key, ms)
+                ratio = ms / full[key]
+                flag = "" if divisor is None else (" ok" if divisor != 8 or ratio <= 1.15 * mac_ratio else " OVER")
+                cells.append(f"{ms:.2f} ({ratio:.2f}x){flag if divisor == 8 else ''}")
+        rows.append(f"| {label} | {mac_ratio:.3f} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return "\n".join([
+        f"mobilenet_v2, 224x224, batch 1; median of {args.runs} runs after {args.warmup} warm-up, in ms, and "
+        "the ratio to the full model on the same runtime and threads. 'ok' marks divisor-8 cells within "
+        "1.15x the MAC ratio (the target), 'OVER' those beyond it.", "",
+        "| model | MAC ratio | ORT 1 thread | ORT 2 threads | LiteRT 1 thread | LiteRT 2 threads |",
+        "|---|---|---|---|---|---|", *rows])
+
+
+def parity_table(args, tmp: Path) -> str:
+    rows = []
+    for name, entry in ZOO.items():
+        model = build(name).eval()
+        began = time.perf_counter()
+        onnx = export_onnx(model, tmp / "p.onnx")
+        t_onnx = time.perf_counter() - began
+        began = time.perf_counter()
+        tfl = export_tflite(model, tmp / "p.tflite")
+        t_tfl = time.perf_counter() - began
+        rows.append(f"| {name} | {entry.input_size} | float | {onnx['parity']['max_abs_diff']:.2e} | "
+                    f"{tfl['parity']['max_abs_diff']:.2e} | {tfl['parity']['top1_agreement']:.0%} | "
+                    f"{t_onnx:.1f} / {t_tfl:.1f} |")
+        print(rows[-1], flush=True)
+    trained = Path(args.trained) if args.trained else None
+    model = load(trained) if trained and trained.is_file() else build("mobilenet_v2_cifar")
+    source = f"trained ({trained})" if trained and trained.is_file() else "random init"
+    cfg = model.compress_cfg
+    data = f"cifar10:{CIFAR}"
+    calib = sample_images(data, True, args.calib_images, 32, cfg["mean"], cfg["std"])
+    images = sample_images(data, False, args.eval_images, 32, cfg["mean"], cfg["std"], seed=1)
+    began = time.perf_counter()
+    flt = export_tflite(model, tmp / "f.tflite", images=images)
+    q = export_tflite(model, tmp / "q.tflite", int8=True, calib_images=calib, images=images)
+    took = time.perf_counter() - began
+    rows.append(f"| mobilenet_v2_cifar, {source} | 32 | int8 TFLite vs float | - | "
+                f"{q['parity']['max_abs_diff']:.2e} | {q['parity']['top1_agreement']:.1%} | {took:.1f} (both) |")
+    return "\n".join([
+        "Float: max |logit difference| against PyTorch on 8 random images. int8: per-channel PT2E "
+        f"quantization calibrated on {args.calib_images} CIFAR-10 training images, top-1 agreement with the "
+        f"float PyTorch model on {args.eval_images} CIFAR-10 test images (target >= 98%); int8 file "
+        f"{q['bytes'] / 1e6:.2f} MB vs float {flt['bytes'] / 1e6:.2f} MB (ratio {q['bytes'] / flt['bytes']:.2f}). "
+        "Export time is wall-clock seconds (ONNX / TFLite).", "",
+        "| model | input | kind | ONNX max diff | TFLite max diff | TFLite top-1 agreement | export s |",
+        "|---|---|---|---|---|---|---|", *rows])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--calib-images", type=int, default=200)
+    ap.add_argument("--eval-images", type=int, default=1000)
+    ap.add_argument("--trained", default=None, help="a trained mobilenet_v2_cifar checkpoint for the int8 row")
+    ap.add_argument("--skip", default="", help="comma list of tables to skip: latency,parity")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "latency" not in args.skip:
+            write_section("Latency follows MACs (divisor 8 vs 1)", latency_table(args, Path(tmp)))
+        if "parity" not in args.skip:
+            write_section("Export parity", parity_table(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
