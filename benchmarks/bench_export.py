@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,24 +36,32 @@ def latency_table(args, tmp: Path) -> str:
             model.compress_cfg = base.compress_cfg
             variants.append((f"{int(frac * 100)}% MACs, divisor {divisor}", space.macs(config) / space.macs(space.max()),
                              divisor, model))
-    rows, full = [], {}
-    for label, mac_ratio, divisor, model in variants:
-        files = {"onnxruntime": tmp / "m.onnx", "tflite": tmp / "m.tflite"}
-        export_onnx(model, files["onnxruntime"])
-        export_tflite(model, files["tflite"])
+    files = {}
+    for label, _, _, model in variants:  # export everything first, then time in interleaved rounds
+        stem = tmp / label.replace("%", "").replace(",", "").replace(" ", "_")
+        files[label] = {"onnxruntime": stem.with_suffix(".onnx"), "tflite": stem.with_suffix(".tflite")}
+        export_onnx(model, files[label]["onnxruntime"])
+        export_tflite(model, files[label]["tflite"])
+    keys = [(backend, threads) for backend in ("onnxruntime", "tflite") for threads in (1, 2)]
+    medians = {(label, key): [] for label in files for key in keys}
+    for _ in range(args.rounds):  # the machine drifts; every round times every cell once
+        for label in files:
+            for backend, threads in keys:
+                medians[(label, (backend, threads))].append(measure(
+                    files[label][backend], backend, threads=threads, warmup=args.warmup, runs=args.runs)["median_ms"])
+    rows = []
+    for label, mac_ratio, divisor, _ in variants:
         cells = []
-        for backend, path in files.items():
-            for threads in (1, 2):
-                ms = measure(path, backend, threads=threads, warmup=args.warmup, runs=args.runs)["median_ms"]
-                key = (backend, threads)
-                full.setdefault(key, ms)
-                ratio = ms / full[key]
-                flag = "" if divisor is None else (" ok" if divisor != 8 or ratio <= 1.15 * mac_ratio else " OVER")
-                cells.append(f"{ms:.2f} ({ratio:.2f}x){flag if divisor == 8 else ''}")
+        for key in keys:
+            ms = statistics.median(medians[(label, key)])
+            ratio = ms / statistics.median(medians[("full", key)])
+            flag = ("" if divisor != 8 else " ok" if ratio <= 1.15 * mac_ratio else " OVER")
+            cells.append(f"{ms:.2f} ({ratio:.2f}x){flag}")
         rows.append(f"| {label} | {mac_ratio:.3f} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     return "\n".join([
-        f"mobilenet_v2, 224x224, batch 1; median of {args.runs} runs after {args.warmup} warm-up, in ms, and "
+        f"mobilenet_v2, 224x224, batch 1; in ms, the median over {args.rounds} interleaved rounds of each "
+        f"round's median of {args.runs} runs (after {args.warmup} warm-up), and "
         "the ratio to the full model on the same runtime and threads. 'ok' marks divisor-8 cells within "
         "1.15x the MAC ratio (the target), 'OVER' those beyond it.", "",
         "| model | MAC ratio | ORT 1 thread | ORT 2 threads | LiteRT 1 thread | LiteRT 2 threads |",
@@ -98,7 +107,8 @@ def parity_table(args, tmp: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per measurement")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all models")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--calib-images", type=int, default=200)
     ap.add_argument("--eval-images", type=int, default=1000)
