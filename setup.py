@@ -11,6 +11,6 @@ setup(
         "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert", "litert-torch",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "tensorboard"]},
     entry_points={"console_scripts": ["chansearch=compress.cli:main"]},
 )

@@ -231,7 +231,6 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
         (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         (run_dir / "holdout.json").write_text(json.dumps({"data": data, "seed": cfg.seed, "indices": held.tolist()}))
         _write_metrics(run_dir, history)
-    writer = _tensorboard(run_dir) if main else None
 
     def backward(loss: torch.Tensor) -> None:
         scaler.scale(loss).backward()
@@ -291,15 +290,10 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
                          "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
                          "history": history, "train_config": asdict(cfg), "model_cfg": mcfg}, state_path)
             _write_metrics(run_dir, history)
-            if writer is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "epoch":
-                        writer.add_scalar(key, value, epoch + 1)
+            _tensorboard(run_dir, record)
             if not cfg.quiet:
                 print(_summary(record), flush=True)
         distributed.barrier()
-    if writer is not None:
-        writer.close()
     final = ema.module if ema is not None else model
     final.compress_cfg = mcfg
     return final
@@ -335,9 +329,15 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, record: dict) -> None:
+    """Append one epoch's scalars to TensorBoard logs, when tensorboard is installed. The
+    writer is opened per epoch, not kept: its background thread, alive during training,
+    slowed training steps by 15-30% on a 2-core machine (benchmarks/bench_train_overhead.py)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+        return
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                writer.add_scalar(key, value, record["epoch"])

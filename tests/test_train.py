@@ -31,6 +31,7 @@ def test_train_writes_run_folder_and_checkpoint(tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["train_loss"]) and 0 <= m["val_top1"] <= 1 for m in metrics)
     assert metrics[1]["lr"] == pytest.approx(0.0)  # cosine ends at zero
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # one file per epoch's scalars
     held = json.loads((run / "holdout.json").read_text())
     assert len(held["indices"]) == 16 and held["seed"] == 3
     model = compress.load(run / "model.pt")
