@@ -166,8 +166,7 @@ def _val_loader(cfg: TrainConfig, spec: str, mcfg: dict, per_rank_batch: int) ->
 
 
 def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teacher: nn.Module | None = None,
-        step: Step | None = None, resume: bool = False, validate: bool = True,
-        on_epoch_end: Callable[[nn.Module, int], dict] | None = None) -> nn.Module:
+        step: Step | None = None, resume: bool = False, validate: bool = True) -> nn.Module:
     """Train `model` (carrying `compress_cfg`) on data spec `data`; returns the trained module
     (the EMA weights when EMA is on). `run_dir` receives last.pt every epoch and
     metrics.jsonl; `resume=True` continues from run_dir/last.pt exactly."""
@@ -281,8 +280,6 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
                   "images_per_s": round(sums[1].item() / seconds, 1)}
         if val_loader is not None:
             record.update({f"val_{k}": v for k, v in evaluate(final, val_loader, device).items()})
-        if on_epoch_end is not None:
-            record.update(on_epoch_end(final, epoch))
         history.append(record)
         if main:
             atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
