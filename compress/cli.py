@@ -13,8 +13,19 @@ from compress.errors import CompressError
 EPILOG = "TARGET is a zoo name (`chansearch models`) or a compress checkpoint (.pt)."
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each flag's default, unless there is none to show or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _formatter(prog):
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+    return _Help(prog, max_help_position=32)
 
 
 def _model_args(p: argparse.ArgumentParser, pretrained: bool = True, resumable: bool = False) -> None:
