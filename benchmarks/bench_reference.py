@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from common import CIFAR, write_section
-from compress import build, count
+from compress import build, count, save_checkpoint
 from compress.data import eval_set, loader
 from compress.evaluate import evaluate
 from compress.train import STATE_FILE, TrainConfig, fit
@@ -48,6 +48,8 @@ def main() -> None:
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         minutes = sum(h["seconds"] for h in history) / 60  # resumed runs included
         mc = trained.compress_cfg
+        save_checkpoint(run / "model.pt", trained, provenance={"created_by": "benchmarks/bench_reference.py",
+                                                                "data": args.data, **preset})
         test = evaluate(trained, loader(eval_set(args.data, 32, mc["mean"], mc["std"], 10), 256, args.workers), device)
         macs, params = count(trained, 32)
         rows.append(f"| {width} | {macs / 1e6:.2f}M | {params / 1e6:.3f}M | {test['top1']:.2%} | {test['top5']:.2%} | {minutes:.1f} |")
