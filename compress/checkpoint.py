@@ -106,7 +106,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a checkpoint's model: build the base architecture, prune it to the stored
     config, load the weights. A checkpoint of a user's own model needs that (unpruned)
     model passed as `model`."""
-    from compress.models.zoo import build_model
+    from compress.models.zoo import build_model, example_input
     from compress.prune import prune
     from compress.space import ChannelSpace
 
@@ -121,11 +121,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         base = model
     base.eval()
     if record.get("config") is not None:
-        space_kw = record.get("space") or {}
-        example = torch.randn(1, 3, record["input_size"], record["input_size"])
-        space = ChannelSpace.from_model(base, example, divisor=space_kw.get("divisor", 8),
-                                        min_ratio=space_kw.get("min_ratio", 0.25),
-                                        ratios=space_kw.get("ratios"))
+        space = ChannelSpace.from_model(base, example_input(record["input_size"]), **(record.get("space") or {}))
         try:
             base = prune(base, record["config"], space, importance="first")
         except CompressError as exc:

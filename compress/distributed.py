@@ -50,11 +50,3 @@ def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-
-def broadcast_object(obj):
-    """Rank 0's value of `obj` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

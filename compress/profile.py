@@ -46,11 +46,10 @@ def model_space(model: nn.Module, divisor: int = 8):
     """The channel space a model's widths are read against: its unpruned base architecture's
     when it is a pruned zoo checkpoint, else its own."""
     from compress.checkpoint import model_cfg
-    from compress.models import build_model
+    from compress.models.zoo import build_model, example_input
     from compress.space import ChannelSpace
     cfg = model_cfg(model)
-    size = cfg["input_size"]
-    example = torch.randn(1, 3, size, size)
+    example = example_input(cfg["input_size"])
     if cfg.get("config") is not None and "zoo" in cfg["arch"]:
         base = build_model(cfg["arch"]["zoo"], **cfg["arch"].get("kwargs", {}))
         settings = cfg.get("space") or {"divisor": divisor}

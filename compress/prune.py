@@ -11,6 +11,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.errors import CompressError
+from compress.models.zoo import example_input
 from compress.profile import human
 from compress.space import ChannelConfig, ChannelSpace, dependency_graph
 
@@ -48,7 +49,7 @@ def group_scores(model: nn.Module, space: ChannelSpace, importance: str = "l1",
     """Per-channel importance of every group (torch-pruning's group importance)."""
     imp = _importance(importance)
     model = copy.deepcopy(model).eval()
-    graph = dependency_graph(model, _example(space, model))
+    graph = dependency_graph(model, example_input(space.input_size[-1], model))
     if importance == "taylor":
         _taylor_gradients(model, batch)
     scores = {}
@@ -68,13 +69,15 @@ def prune(model: nn.Module, config: Mapping[str, int], space: ChannelSpace | Non
     (`first` keeps the first k, as slimmable-trained weights need).
     """
     if space is None:
-        space = ChannelSpace.from_model(model, _example_of_size(model, input_size))
+        if input_size is None:
+            raise CompressError("prune() needs a space or an input size to trace the model.")
+        space = ChannelSpace.from_model(model, example_input(input_size, model))
     config = space.validate(config)
     imp = _importance(importance)
     pruned = copy.deepcopy(model)
     was_training = pruned.training
     pruned.eval()
-    graph = dependency_graph(pruned, _example(space, pruned))
+    graph = dependency_graph(pruned, example_input(space.input_size[-1], pruned))
     if importance == "taylor":
         _taylor_gradients(pruned, batch)
     for g in space.groups:
@@ -170,18 +173,6 @@ def widths_of(model: nn.Module, space: ChannelSpace) -> ChannelConfig:
     return ChannelConfig(out)
 
 
-def _example(space: ChannelSpace, model: nn.Module) -> torch.Tensor:
-    param = next(model.parameters())
-    return torch.randn(1, *space.input_size, device=param.device, dtype=param.dtype)
-
-
-def _example_of_size(model: nn.Module, input_size: int | None) -> torch.Tensor:
-    if input_size is None:
-        raise CompressError("prune() needs a space or an input size to trace the model.")
-    param = next(model.parameters())
-    return torch.randn(1, 3, input_size, input_size, device=param.device, dtype=param.dtype)
-
-
 def prune_target(model: nn.Module, config: str | Mapping | None = None, macs: str | int | None = None,
                  width: float | None = None, importance: str = "l1", strategy: str = "uniform",
                  divisor: int = 8, batch=None) -> tuple[nn.Module, dict]:
@@ -194,7 +185,7 @@ def prune_target(model: nn.Module, config: str | Mapping | None = None, macs: st
         raise CompressError(f"'{cfg.get('source')}' is already pruned; prune its unpruned parent "
                             f"({cfg.get('provenance', {}).get('parent', 'the original model')}) instead.")
     size = cfg["input_size"]
-    space = ChannelSpace.from_model(model, _example_of_size(model, size), divisor=divisor)
+    space = ChannelSpace.from_model(model, example_input(size, model), divisor=divisor)
     full = space.macs(space.max())
     info = {"macs_before": full, "params_before": space.params(space.max()), "strategy": None}
     if config is not None:

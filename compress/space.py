@@ -47,12 +47,6 @@ class ChannelConfig(Mapping):
     def __repr__(self) -> str:
         return f"ChannelConfig({self._w})"
 
-    def replace(self, **changes: int) -> "ChannelConfig":
-        return ChannelConfig({**self._w, **changes})
-
-    def with_width(self, name: str, width: int) -> "ChannelConfig":
-        return ChannelConfig({**self._w, name: width})
-
     def to_dict(self) -> dict[str, int]:
         return dict(self._w)
 
@@ -217,9 +211,6 @@ class ChannelSpace:
         return cls(groups, macs_fn, params_fn, tuple(example_input.shape[1:]), divisor, min_ratio, ratios)
 
     # ---- configs --------------------------------------------------------------------------
-    def names(self) -> list[str]:
-        return [g.name for g in self.groups]
-
     def max(self) -> ChannelConfig:
         return ChannelConfig({g.name: g.max for g in self.groups})
 
@@ -260,9 +251,6 @@ class ChannelSpace:
 
     def vector(self, config: Mapping[str, int]) -> np.ndarray:
         return np.array([config[g.name] for g in self.groups], dtype=np.float64)
-
-    def config(self, vector) -> ChannelConfig:
-        return ChannelConfig({g.name: int(w) for g, w in zip(self.groups, vector)})
 
     # ---- cost -----------------------------------------------------------------------------
     def macs(self, config: Mapping[str, int]) -> int:

@@ -99,5 +99,8 @@ def build_model(name: str, num_classes: int | None = None, width_mult: float = 1
     return model
 
 
-def example_input(input_size: int, batch: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, input_size, input_size)
+def example_input(input_size: int, like: nn.Module | None = None) -> torch.Tensor:
+    """One random RGB image of `input_size`, on the device and dtype of `like`'s weights:
+    what tracing a model (dependency graph, counting) runs on."""
+    x = torch.randn(1, 3, input_size, input_size)
+    return x if like is None else x.to(next(like.parameters()))
