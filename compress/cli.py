@@ -242,6 +242,204 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+# ---- supernet / search / extract -----------------------------------------------------------------
+def cmd_supernet(args) -> int:
+    import torch
+    from compress import distributed
+    from compress.supernet import build_supernet, save_supernet
+    from compress.supernet.pruningnet import pruningnet_step
+    from compress.supernet.slimmable import reorder_channels, sandwich_step
+    from compress.train import fit
+    args = _resumed_args(args, "supernet")
+    cfg = _train_config(args)
+    if cfg.holdout <= 0:
+        raise CompressError("--holdout must be positive: the search scores configs on held-out training images.")
+    run_dir = Path(args.out)
+    resuming = _start_run(args, run_dir)
+    torch.manual_seed(args.seed)
+    model = _load(args)
+    pretrained = args.pretrained is not None
+    supernet = build_supernet(model, args.method, divisor=args.divisor, min_width=args.min_width,
+                              hidden=args.hidden, affine_bn=pretrained)
+    if args.method == "slimmable":
+        if pretrained and not args.no_reorder:
+            reorder_channels(supernet)
+        step = sandwich_step(supernet, num_random=args.num_random, uniform=args.uniform,
+                             distill=not args.no_distill, label_smoothing=cfg.label_smoothing)
+    else:
+        if pretrained:
+            supernet.fit_pretrained()
+        step = pruningnet_step(supernet, label_smoothing=cfg.label_smoothing)
+    # A PruningNet keeps no BN statistics while training; it is scored after recalibration below.
+    trained = fit(supernet, args.data, cfg, run_dir, step=step, resume=resuming, validate=args.method == "slimmable")
+    holdout = {"data": args.data, "count": cfg.holdout, "seed": cfg.seed}
+    if distributed.is_main():
+        save_supernet(run_dir / "supernet.pt", trained, holdout, provenance={
+            "created_by": "chansearch supernet", "parent": args.target, "epochs": cfg.epochs,
+            "pretrained": args.pretrained})
+        print(f"saved {run_dir / 'supernet.pt'}")
+    summary = _supernet_summary(trained, holdout, args)
+    if distributed.is_main():
+        (run_dir / "supernet_eval.json").write_text(json.dumps(summary, indent=1))
+        for name, e in summary.items():
+            print(f"{name} config: {e['macs'] / 1e6:.2f}M MACs, held-out top-1 {e['top1']:.2%} "
+                  f"(BN recalibrated on {args.recal_images} images)")
+    return 0
+
+
+def _supernet_summary(supernet, holdout: dict, args) -> dict:
+    """Held-out accuracy of the max and min configs, BN recalibrated."""
+    from compress.search import Evaluator
+    evaluator = Evaluator(supernet, _held_out(supernet, holdout, args.recal_images, args.eval_images), _device())
+    space = supernet.space
+    return {name: {k: v for k, v in e.items() if k != "config"}
+            for name, e in zip(("max", "min"), evaluator.score_many([space.max(), space.min()]))}
+
+
+def _device():
+    import torch
+    from compress import distributed
+    return distributed.init()[2] if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _held_out(supernet, holdout: dict, recal_images: int, eval_images: int, data: str | None = None):
+    from compress.data import train_holdout
+    from compress.search import HeldOut
+    if not holdout.get("count"):
+        raise CompressError("this supernet was trained without held-out images (--holdout 0); the search "
+                            "scores configs on held-out training images. Retrain with --holdout N.")
+    cfg = supernet.compress_cfg
+    _, held, _ = train_holdout(data or holdout["data"], cfg["input_size"], cfg["mean"], cfg["std"],
+                               cfg["num_classes"], holdout["count"], holdout["seed"])
+    return HeldOut(held, recal_images, eval_images)
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _search_setup(args, run_dir: Path, out: Path, fresh_state: bool = False):
+    """The loaded supernet, its record and an Evaluator whose cache lives in `out`."""
+    from compress.search import Evaluator
+    from compress.supernet import load_supernet
+    supernet_path = run_dir / "supernet.pt" if run_dir.is_dir() else run_dir
+    if not supernet_path.is_file():
+        raise CompressError(f"'{run_dir}' holds no supernet.pt; pass the run folder of `chansearch supernet`.")
+    supernet, record = load_supernet(supernet_path)
+    held = _held_out(supernet, record["holdout"], args.recal_images, args.eval_images, args.data)
+    fingerprint = {"supernet": _file_digest(supernet_path), "data": args.data or record["holdout"]["data"],
+                   "holdout": record["holdout"]["count"], "holdout_seed": record["holdout"]["seed"],
+                   "recal_images": args.recal_images, "eval_images": args.eval_images}
+    latency = None
+    if getattr(args, "lut", None):
+        from export.lut import LatencyTable
+        table = LatencyTable.load(args.lut, supernet.space)
+        latency = table.predict
+        fingerprint["lut"] = _file_digest(Path(args.lut))
+    evaluator = Evaluator(supernet, held, _device(), latency=latency, state_path=out / "state.json",
+                          fingerprint=fingerprint)
+    return supernet, record, evaluator
+
+
+def cmd_search(args) -> int:
+    from compress import distributed
+    from compress.search import parse_budgets, run_search, write_results
+    distributed.init()
+    run_dir = Path(args.run_dir)
+    out = Path(args.out or (run_dir if run_dir.is_dir() else run_dir.parent) / f"search-{args.method}")
+    supernet, record, evaluator = _search_setup(args, run_dir, out)
+    if args.latency_ms and not args.lut:
+        raise CompressError("--latency-ms needs --lut FILE, a latency table of this space "
+                            "(make one with `chansearch lut`).")
+    budgets = parse_budgets(supernet.space, args.macs, args.params, args.latency_ms)
+    options = ({"step": args.greedy_step} if args.method == "greedy" else
+               {"samples": args.samples} if args.method == "random" else
+               {"population": args.population, "parents": args.parents, "mutations": args.mutations,
+                "crossovers": args.crossovers, "iterations": args.iterations, "mutation_prob": args.mutation_prob})
+    log = None if args.quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))
+    if log and evaluator.cache:
+        log(f"resuming: {len(evaluator.cache)} configs already scored in {out / 'state.json'}")
+    result = run_search(evaluator, args.method, budgets, seed=args.seed, options=options, progress=log)
+    result["supernet"] = str(run_dir)
+    result["evaluation"] = evaluator.fingerprint
+    if args.latency_ms:
+        result = _measure_finalists(result, supernet, args, out)
+    write_results(out, result, evaluator)
+    if args.json:
+        _print_json(result)
+    elif distributed.is_main():
+        full = result["full"]
+        print(f"full config: {full['macs'] / 1e6:.2f}M MACs, held-out top-1 {full['top1']:.2%}")
+        for t in result["targets"]:
+            lat = f", {t['latency_ms']:.3f} ms predicted" if t.get("latency_ms") is not None else ""
+            meas = f", {t['measured_ms']:.3f} ms measured" if t.get("measured_ms") is not None else ""
+            print(f"{t['label']:<24} {t['macs'] / 1e6:8.2f}M MACs {t['params'] / 1e6:6.2f}M params{lat}{meas}, "
+                  f"held-out top-1 {t['top1']:.2%}")
+        print(f"{result['evaluated']} configs scored ({result['evaluated_now']} now); wrote {out / 'search.json'}, "
+              f"search.csv, search.png")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from compress.checkpoint import save_checkpoint
+    from compress.search import RESULT_FILE
+    from compress.supernet import recalibrate_bn
+    from compress.units import parse_count
+    run_dir = Path(args.run_dir)
+    search_dir = _find_search(run_dir, args.search)
+    result = json.loads((search_dir / RESULT_FILE).read_text())
+    targets = result["targets"]
+    if args.target is None:
+        if len(targets) != 1:
+            raise CompressError(f"{search_dir / RESULT_FILE} has {len(targets)} targets "
+                                f"({', '.join(t['label'] for t in targets)}); pick one with --target.")
+        entry = targets[0]
+    else:
+        wanted = [t for t in targets if args.target in (t["label"], t["label"].split("<=")[-1])]
+        if not wanted and all(t["budget"]["macs"] for t in targets):
+            full = result["full"]["macs"]
+            macs = parse_count(args.target, "MAC target", full=full)
+            wanted = [t for t in targets if abs(t["budget"]["macs"] - macs) <= 0.001 * full]
+        if not wanted:
+            raise CompressError(f"no target '{args.target}' in {search_dir / RESULT_FILE}; it has "
+                                f"{', '.join(t['label'] for t in targets)}.")
+        entry = wanted[0]
+    args.data = None
+    args.recal_images = result["evaluation"]["recal_images"]
+    args.eval_images = result["evaluation"]["eval_images"]
+    supernet, record, evaluator = _search_setup(args, run_dir, search_dir)
+    recalibrate_bn(supernet, entry["config"], evaluator.held_out.batches("recal"))
+    model = supernet.extract(entry["config"])
+    saved = save_checkpoint(args.output, model, provenance={
+        "created_by": "chansearch extract", "supernet": str(run_dir), "method": record["method"],
+        "search": str(search_dir), "target": entry["label"], "heldout_top1": entry["top1"]})
+    print(f"{entry['label']}: {saved['macs'] / 1e6:.2f}M MACs, {saved['params'] / 1e6:.2f}M params, held-out "
+          f"top-1 {entry['top1']:.2%} in the supernet; saved {args.output}")
+    return 0
+
+
+def _find_search(run_dir: Path, search: str | None) -> Path:
+    from compress.search import RESULT_FILE
+    if search:
+        path = Path(search)
+        if not (path / RESULT_FILE).is_file():
+            raise CompressError(f"'{path}' holds no {RESULT_FILE}; run `chansearch search` first.")
+        return path
+    found = sorted(p.parent for p in run_dir.glob(f"search-*/{RESULT_FILE}"))
+    if not found:
+        raise CompressError(f"'{run_dir}' holds no search results (search-*/{RESULT_FILE}); run "
+                            f"`chansearch search {run_dir} --macs ...` first.")
+    if len(found) > 1:
+        raise CompressError(f"'{run_dir}' holds several searches ({', '.join(p.name for p in found)}); "
+                            "choose one with --search DIR.")
+    return found[0]
+
+
 # ---- export / latency ----------------------------------------------------------------------
 def cmd_export(args) -> int:
     from compress.data import sample_images
@@ -396,6 +594,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run folder (default: OUTPUT's name + _run)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run folder with its own settings")
     p.set_defaults(func=cmd_finetune, num_classes=None, width_mult=1.0, pretrained=None)
+
+    p = sub.add_parser("supernet", help="train a weight-sharing supernet (slimmable or PruningNet); torchrun-ready",
+                       formatter_class=_formatter, epilog=EPILOG + " Resume an interrupted run with --resume RUN_DIR.")
+    _model_args(p, resumable=True)
+    p.add_argument("--method", default="slimmable", choices=["slimmable", "pruningnet"],
+                   help="US-Nets/AutoSlim slimmable network, or MetaPruning's PruningNet")
+    p.add_argument("--min-width", type=float, default=0.25, help="smallest width ratio of each group")
+    p.add_argument("--divisor", type=int, default=8, help="widths are multiples of this")
+    s_ = p.add_argument_group("slimmable")
+    s_.add_argument("--num-random", type=int, default=2, help="random configs per step besides max and min")
+    s_.add_argument("--uniform", action="store_true", help="random configs as one width multiplier, not per group")
+    s_.add_argument("--no-distill", action="store_true", help="no in-place distillation from the max config")
+    s_.add_argument("--no-reorder", action="store_true", help="keep a pretrained model's channel order "
+                    "(default: most important channels first)")
+    s_ = p.add_argument_group("pruningnet")
+    s_.add_argument("--hidden", type=int, default=32, help="hidden units of each layer's hypernetwork")
+    s_ = p.add_argument_group("held-out scoring after training")
+    s_.add_argument("--recal-images", type=int, default=2000, help="images to recalibrate BN")
+    s_.add_argument("--eval-images", type=int, default=5000, help="images to score")
+    _train_args(p)
+    p.add_argument("--out", default="runs/supernet", help="run folder: last.pt, metrics.jsonl, supernet.pt")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run folder with its own settings")
+    p.set_defaults(func=cmd_supernet, holdout=5000)
+
+    p = sub.add_parser("search", help="search a trained supernet's configs under MAC/param/latency budgets",
+                       formatter_class=_formatter,
+                       epilog="Results go to RUN_DIR/search-METHOD (search.json, search.csv, search.png). "
+                              "Running the same command again resumes; nothing is scored twice.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of `chansearch supernet` (or its supernet.pt)")
+    p.add_argument("--method", default="evolution", choices=["evolution", "random", "greedy"], help="strategy")
+    p.add_argument("--macs", help="MAC budgets, comma-separated (150M,100M or 50%%,30%%)")
+    p.add_argument("--params", help="parameter budget(s)")
+    p.add_argument("--latency-ms", help="latency budget(s) in ms, predicted with --lut")
+    p.add_argument("--lut", help="latency table of this space (`chansearch lut`)")
+    p.add_argument("--recal-images", type=int, default=2000, help="held-out images to recalibrate BN per candidate")
+    p.add_argument("--eval-images", type=int, default=5000, help="held-out images to score each candidate")
+    p.add_argument("--data", metavar="SPEC", help="the supernet's data at another path (default: as trained)")
+    g = p.add_argument_group("evolution")
+    g.add_argument("--population", type=int, default=50, help="population size")
+    g.add_argument("--parents", type=int, default=10, help="top-k parents")
+    g.add_argument("--mutations", type=int, default=25, help="mutants per iteration")
+    g.add_argument("--crossovers", type=int, default=25, help="crossovers per iteration")
+    g.add_argument("--iterations", type=int, default=20, help="iterations")
+    g.add_argument("--mutation-prob", type=float, default=0.1, help="mutation probability per group")
+    p.add_argument("--samples", type=int, default=1000, help="configs per budget (random)")
+    p.add_argument("--greedy-step", type=float, default=0.1, help="share of a group's width removed per greedy trial")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default=None, help="results folder (default: RUN_DIR/search-METHOD)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("extract", help="materialize a searched config as a standalone pruned checkpoint",
+                       formatter_class=_formatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of `chansearch supernet`")
+    p.add_argument("--target", help="which budget of the search: its label or MAC target (e.g. 150M)")
+    p.add_argument("--search", default=None, help="search folder (default: the one RUN_DIR/search-* folder)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output checkpoint (.pt)")
+    p.set_defaults(func=cmd_extract)
     return parser
 
 

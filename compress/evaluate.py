@@ -9,7 +9,9 @@ from tqdm import tqdm
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progress: bool = False,
-             max_batches: int | None = None) -> dict:
+             max_batches: int | None = None, distributed_sum: bool = True) -> dict:
+    """With `distributed_sum`, under torchrun, each rank passes its share of the data and
+    all get the totals; without, each rank's result is its own."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     batches = tqdm(loader, desc="eval", leave=False, disable=not progress, unit="batch")
@@ -25,7 +27,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progr
             nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
             hit[:, :1].sum().double(), hit.sum().double(),
             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
-    if dist.is_available() and dist.is_initialized():
+    if distributed_sum and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     loss, top1, top5, n = sums.tolist()
     n = max(n, 1.0)

@@ -1,0 +1,129 @@
+"""Budgets a candidate must meet: MACs, parameters, predicted latency."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from compress.errors import CompressError
+from compress.profile import human
+from compress.space import ChannelConfig, ChannelSpace
+from compress.units import parse_count
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper limits; None means no limit on that quantity."""
+
+    macs: int | None = None
+    params: int | None = None
+    latency_ms: float | None = None
+
+    def label(self) -> str:
+        parts = [f"macs<={human(self.macs)}" if self.macs else "",
+                 f"params<={human(self.params)}" if self.params else "",
+                 f"latency<={self.latency_ms:g}ms" if self.latency_ms else ""]
+        return ",".join(p for p in parts if p) or "none"
+
+    def to_dict(self) -> dict:
+        return {"macs": self.macs, "params": self.params, "latency_ms": self.latency_ms}
+
+    def violations(self, cost: Mapping) -> list[str]:
+        out = []
+        for key, limit in (("macs", self.macs), ("params", self.params), ("latency_ms", self.latency_ms)):
+            if limit is not None and cost.get(key) is not None and cost[key] > limit:
+                out.append(f"{key} {cost[key]:,.4g} > {limit:,.4g}")
+        return out
+
+
+def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | None = None,
+                  latency_ms: str | None = None) -> list[Budget]:
+    """Budgets from comma lists (`--macs 150M,100M --params 2M`): one budget per MAC target,
+    each also holding the params/latency limits (a single value applies to every target;
+    lists must have equal lengths)."""
+    full = space.max()
+    lists = {
+        "macs": [parse_count(v, "MAC count", space.macs(full)) for v in _split(macs)],
+        "params": [parse_count(v, "parameter count", space.params(full)) for v in _split(params)],
+        "latency_ms": [_positive_float(v) for v in _split(latency_ms)],
+    }
+    n = max(len(v) for v in lists.values())
+    if n == 0:
+        raise CompressError("give at least one budget: --macs (e.g. 150M,100M or 50%), --params or --latency-ms.")
+    for key, values in lists.items():
+        if len(values) not in (0, 1, n):
+            raise CompressError(f"--{key.replace('_', '-')} has {len(values)} values but another budget list has "
+                                f"{n}; give one value (for all targets) or {n}.")
+    budgets = [Budget(**{k: (v[i] if len(v) == n else v[0]) if v else None for k, v in lists.items()})
+               for i in range(n)]
+    check_reachable(space, budgets)
+    return budgets
+
+
+def _split(text: str | None) -> list[str]:
+    return [] if text is None else [t for t in str(text).split(",") if t.strip()]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CompressError(f"'{text}' is not a latency in milliseconds like 2.5.") from None
+    if value <= 0:
+        raise CompressError(f"a latency budget must be positive, got {text}.")
+    return value
+
+
+def check_reachable(space: ChannelSpace, budgets: list[Budget]) -> None:
+    smallest = space.min()
+    for b in budgets:
+        for key, limit, floor in (("macs", b.macs, space.macs(smallest)), ("params", b.params, space.params(smallest))):
+            if limit is not None and limit < floor:
+                raise CompressError(
+                    f"no config can meet {key} <= {human(limit)}: the smallest config of this space has "
+                    f"{human(floor)} {key} ({human(floor - limit)} over). Raise the budget to at least "
+                    f"{human(floor)}, or build the space with a lower --min-width.")
+
+
+class CandidateSampler:
+    """Random configs under a budget. A per-candidate scale s ~ U(min ratio, 1) sets each
+    group near s of its width (with per-group noise), so tight budgets are reached as
+    often as loose ones; MACs and params are screened in batches, analytically."""
+
+    def __init__(self, space: ChannelSpace, budget: Budget, latency: Callable[[ChannelConfig], float] | None = None):
+        self.space, self.budget, self.latency = space, budget, latency
+        self.widths = [np.array(g.widths) for g in space.groups]
+        self.max = np.array([g.max for g in space.groups], dtype=np.float64)
+
+    def feasible(self, config: ChannelConfig) -> bool:
+        cost = {"macs": self.space.macs(config), "params": self.space.params(config)}
+        if self.budget.latency_ms is not None and self.latency is not None:
+            cost["latency_ms"] = self.latency(config)
+        return not self.budget.violations(cost)
+
+    def _snap(self, targets: np.ndarray) -> np.ndarray:
+        out = np.empty_like(targets)
+        for j, w in enumerate(self.widths):
+            out[:, j] = w[np.abs(w[None, :] - targets[:, j:j + 1]).argmin(1)]
+        return out
+
+    def draw(self, rng: np.random.Generator, count: int, max_tries: int = 200) -> list[ChannelConfig]:
+        found: list[ChannelConfig] = []
+        for _ in range(max_tries):
+            scale = rng.uniform(self.space.min_ratio, 1.0, size=(256, 1))
+            ratios = np.clip(scale + rng.normal(0, 0.15, size=(256, len(self.max))), 0, 1)
+            vectors = self._snap(ratios * self.max)
+            ok = np.ones(len(vectors), dtype=bool)
+            if self.budget.macs is not None:
+                ok &= self.space.macs_many(vectors) <= self.budget.macs
+            if self.budget.params is not None:
+                ok &= self.space.params_many(vectors) <= self.budget.params
+            for v in vectors[ok]:
+                config = ChannelConfig({g.name: int(w) for g, w in zip(self.space.groups, v)})
+                if self.budget.latency_ms is None or self.feasible(config):
+                    found.append(config)
+                    if len(found) == count:
+                        return found
+        raise CompressError(f"found only {len(found)} of {count} random configs within {self.budget.label()} "
+                            f"after {max_tries * 256:,} draws; the budget is too tight for this space. Raise it.")

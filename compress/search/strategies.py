@@ -1,0 +1,121 @@
+"""Search strategies over a channel space, sharing one interface: each takes the
+Evaluator, a budget and a seeded generator, and returns the scored candidates it looked at
+(best first). Evolution and random follow MetaPruning; greedy follows AutoSlim."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from compress.errors import CompressError
+from compress.search.constraints import Budget, CandidateSampler
+from compress.search.evaluator import Evaluator
+from compress.space import ChannelConfig
+
+Progress = Callable[[str], None]
+
+
+def _rank(entries: list[dict]) -> list[dict]:
+    """Best accuracy first; ties go to fewer MACs, then to the earlier candidate."""
+    unique = list({e["config"]: e for e in reversed(entries)}.values())[::-1]
+    return sorted(unique, key=lambda e: (-e["top1"], e["macs"]))
+
+
+def random_search(evaluator: Evaluator, budget: Budget, rng: np.random.Generator, samples: int = 1000,
+                  progress: Progress | None = None) -> list[dict]:
+    """`samples` random configs within budget, all scored (the baseline every paper uses)."""
+    configs = CandidateSampler(evaluator.space, budget, evaluator.latency).draw(rng, samples)
+    scored = []
+    for start in range(0, len(configs), 50):  # in chunks, so the state file follows progress
+        scored += evaluator.score_many(configs[start:start + 50], progress=True)
+        if progress:
+            progress(f"random {budget.label()}: {len(scored)}/{samples} scored, best top-1 "
+                     f"{_rank(scored)[0]['top1']:.2%}")
+    return _rank(scored)
+
+
+def evolution(evaluator: Evaluator, budget: Budget, rng: np.random.Generator, population: int = 50,
+              parents: int = 10, mutations: int = 25, crossovers: int = 25, iterations: int = 20,
+              mutation_prob: float = 0.1, progress: Progress | None = None) -> list[dict]:
+    """MetaPruning's evolutionary search: a random population, then each iteration
+    `mutations` mutants and `crossovers` crossovers of the top `parents` so far. Children
+    that break the budget (or repeat a config) are redrawn."""
+    if parents > population:
+        raise CompressError(f"the parent count ({parents}) is larger than the population ({population}); "
+                            "use --parents <= --population.")
+    if min(population, parents, iterations) < 1 or mutations < 0 or crossovers < 0 or not 0 <= mutation_prob <= 1:
+        raise CompressError("evolution needs population, parents and iterations >= 1, mutation and crossover "
+                            "counts >= 0 and a mutation probability in [0, 1].")
+    space = evaluator.space
+    sampler = CandidateSampler(space, budget, evaluator.latency)
+    seen = evaluator.score_many(sampler.draw(rng, population), progress=True)
+    top = _rank(seen)[:parents]
+    widths = [np.array(g.widths) for g in space.groups]
+    for it in range(iterations):
+        known = {e["config"] for e in seen}
+
+        def child(make) -> ChannelConfig | None:
+            for _ in range(100):
+                config = make()
+                if config not in known and sampler.feasible(config):
+                    known.add(config)
+                    return config
+            return None
+
+        def mutate() -> ChannelConfig:
+            parent = top[rng.integers(len(top))]["config"]
+            genes = [int(w[rng.integers(len(w))]) if rng.random() < mutation_prob else parent[g.name]
+                     for g, w in zip(space.groups, widths)]
+            return ChannelConfig(dict(zip(space.by_name, genes)))
+
+        def cross() -> ChannelConfig:
+            a, b = (top[i]["config"] for i in rng.integers(len(top), size=2))
+            return ChannelConfig({g.name: (a if rng.random() < 0.5 else b)[g.name] for g in space.groups})
+
+        children = [c for c in [child(mutate) for _ in range(mutations)] + [child(cross) for _ in range(crossovers)]
+                    if c is not None]
+        seen += evaluator.score_many(children, progress=True)
+        top = _rank(seen)[:parents]
+        if progress:
+            progress(f"evolution {budget.label()}: iteration {it + 1}/{iterations}, {len(children)} children, "
+                     f"best top-1 {top[0]['top1']:.2%} at {top[0]['macs'] / 1e6:.2f}M MACs")
+    return _rank(seen)
+
+
+def greedy(evaluator: Evaluator, budgets: list[Budget], step: float = 0.1,
+           progress: Progress | None = None) -> tuple[dict[Budget, dict], list[dict]]:
+    """AutoSlim's greedy slimming: from the full config, each step tries narrowing every
+    group by `step` of its width (at least one allowed width), scores each trial, keeps
+    the most accurate. Records the first config within each budget; stops after the last.
+    Returns (budget -> entry, every step's chosen entry)."""
+    if not 0 < step < 1:
+        raise CompressError(f"the greedy step is a fraction of a group's width in (0, 1), got {step}.")
+    space = evaluator.space
+    config = space.max()
+    current = evaluator.score(config)
+    found: dict[Budget, dict] = {}
+    path = [current]
+    remaining = sorted(budgets, key=lambda b: -(b.macs or 0))
+    n = 0
+    while True:
+        for b in [b for b in remaining if not b.violations(current)]:
+            found[b] = current
+            remaining.remove(b)
+        if not remaining:
+            return found, path
+        trials = []
+        for g in space.groups:
+            w = config[g.name]
+            lower = [x for x in g.widths if x <= w - max(1, step * g.max)] or [x for x in g.widths if x < w]
+            if lower:
+                trials.append(ChannelConfig({**config, g.name: lower[-1]}))
+        if not trials:
+            raise CompressError(f"greedy slimming reached the smallest config without meeting "
+                                f"{', '.join(b.label() for b in remaining)}.")
+        current = _rank(evaluator.score_many(trials, progress=True))[0]
+        config = current["config"]
+        path.append(current)
+        n += 1
+        if progress:
+            progress(f"greedy step {n}: {len(trials)} trials, kept {current['macs'] / 1e6:.2f}M MACs, "
+                     f"top-1 {current['top1']:.2%}")

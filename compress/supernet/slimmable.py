@@ -1,0 +1,94 @@
+"""Slimmable supernet (US-Nets / AutoSlim): one set of weights, sliced to any config.
+
+Training uses the sandwich rule (max, min and random configs each step, one optimizer
+step) with in-place distillation (the max config teaches the others).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from compress.prune import group_scores
+from compress.space import ChannelConfig, ChannelSpace
+from compress.supernet.dynamic import Supernet
+from compress.train import Step
+
+
+class Slimmable(Supernet):
+    method = "slimmable"
+
+
+def random_config(space: ChannelSpace, uniform: bool = False) -> ChannelConfig:
+    """A random config drawn with torch's generator (so a resumed run draws the same ones):
+    one width per group, or one width multiplier for all groups."""
+    if uniform:
+        ratio = space.min_ratio + (1 - space.min_ratio) * float(torch.rand(()))
+        return space.uniform(ratio)
+    return ChannelConfig({g.name: g.widths[int(torch.randint(len(g.widths), ()))] for g in space.groups})
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    return -(target_probs * nn.functional.log_softmax(logits, 1)).sum(1).mean()
+
+
+def sandwich_step(supernet: Slimmable, num_random: int = 2, uniform: bool = False, distill: bool = True,
+                  label_smoothing: float = 0.1) -> Step:
+    """Max, min and `num_random` random configs per batch, gradients accumulated. The max
+    config learns from the labels; with `distill`, the others from its detached outputs."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    space = supernet.space
+
+    def step(net, images, labels, backward):
+        configs = [space.max(), space.min()] + [random_config(space, uniform) for _ in range(num_random)]
+        teacher = main_loss = None
+        for i, config in enumerate(configs):
+            supernet.set_config(config, track=i == 0)  # BN statistics of the full config only
+            last = i == len(configs) - 1
+            sync = net.no_sync() if isinstance(net, DistributedDataParallel) and not last else contextlib.nullcontext()
+            with sync:
+                logits = net(images)
+                if i == 0:
+                    loss = criterion(logits, labels)
+                    teacher, main_loss = logits.detach().softmax(1), loss.detach()
+                else:
+                    loss = soft_cross_entropy(logits, teacher) if distill else criterion(logits, labels)
+                backward(loss)
+        supernet.set_config(space.max())
+        return main_loss
+    return step
+
+
+@torch.no_grad()
+def reorder_channels(supernet: Supernet, importance: str = "l1") -> None:
+    """Permute each group's channels by importance, most important first, so that the
+    first-k slices of a pretrained model keep what matters. The full model's function is
+    unchanged (every coupled layer is permuted alike)."""
+    plain = supernet.plain_copy()
+    plain.compress_cfg = supernet.compress_cfg
+    scores = group_scores(plain, supernet.space, importance)
+    perms = [np.argsort(-scores[g.name], kind="stable") for g in supernet.space.groups]
+    for (name, kind), dim in supernet._dims.items():
+        module = supernet.model.get_submodule(name)
+        for gi, idxs, _ in dim.parts:
+            rows = idxs.reshape(len(perms[gi]), -1)  # a channel may span several indices (flatten)
+            src, dst = torch.from_numpy(rows[perms[gi]].ravel()), torch.from_numpy(rows.ravel())
+            for tensor, axis in _channel_tensors(module, kind):
+                index = [slice(None)] * tensor.dim()
+                index[axis] = src
+                moved = tensor[tuple(index)].clone()
+                index[axis] = dst
+                tensor[tuple(index)] = moved
+
+
+def _channel_tensors(module: nn.Module, kind: str):
+    if isinstance(module, nn.BatchNorm2d):
+        return [(t, 0) for t in (module.weight, module.bias, module.running_mean, module.running_var) if t is not None]
+    if kind == "out":
+        return [(t, 0) for t in (module.weight, module.bias) if t is not None]
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        return []  # depthwise: its input channels are its output channels, moved with those
+    return [(module.weight, 1)]

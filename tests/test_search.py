@@ -1,0 +1,167 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import compress
+from compress import CompressError
+from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
+from compress.search.strategies import evolution
+from compress.supernet import load_supernet
+from compress.data import build_dataset, transforms
+from conftest import ROOT, run_cli
+
+IMAGES = ["--recal-images", "16", "--eval-images", "24"]
+EVO = ["--method", "evolution", "--population", "6", "--parents", "3", "--mutations", "3", "--crossovers", "3",
+       "--iterations", "2", *IMAGES, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("supernet") / "run"
+    done = run_cli("supernet", "mobilenet_v3_small_cifar", "--input-size", "16", "--data", "synthetic:128",
+                   "--holdout", "48", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "3", "--workers", "0",
+                   "--val-images", "16", *IMAGES, "--quiet", "--out", out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _result(folder):
+    return json.loads((folder / "search.json").read_text())
+
+
+def _targets(result):
+    return [(t["label"], t["config"], t["top1"]) for t in result["targets"]]
+
+
+def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
+    out = run_cli("search", run, "--method", "greedy", "--macs", "70%,45%", "--greedy-step", "0.7", *IMAGES,
+                  "--out", tmp_path / "g")
+    assert out.returncode == 0, out.stderr
+    result = _result(tmp_path / "g")
+    full = result["full"]["macs"]
+    assert [t["label"] for t in result["targets"]] == [f"macs<={compress.profile.human(int(full * p))}" for p in (0.7, 0.45)]
+    for t, share in zip(result["targets"], (0.7, 0.45)):
+        assert t["macs"] <= int(full * share) == t["budget"]["macs"]
+    assert (tmp_path / "g" / "search.png").stat().st_size > 10_000
+    rows = (tmp_path / "g" / "search.csv").read_text().splitlines()
+    assert len(rows) == result["evaluated"] + 1 and rows[0].startswith("macs,params")
+
+    ext = run_cli("extract", run, "--search", tmp_path / "g", "--target", "45%", "-o", tmp_path / "net.pt")
+    assert ext.returncode == 0, ext.stderr
+    net = compress.load(tmp_path / "net.pt")
+    assert net.compress_cfg["config"] == result["targets"][1]["config"]
+    assert compress.count(net, 16)[0] == result["targets"][1]["macs"]
+    record = torch.load(tmp_path / "net.pt", weights_only=True)
+    assert record["provenance"]["created_by"] == "chansearch extract"
+
+
+def test_extracted_net_scores_what_the_search_scored(run, tmp_path):
+    """The standalone net, BN recalibrated as the search did, has the search's held-out accuracy."""
+    assert run_cli("search", run, *EVO, "--macs", "60%", "--out", tmp_path / "e").returncode == 0
+    entry = _result(tmp_path / "e")["targets"][0]
+    assert run_cli("extract", run, "--search", tmp_path / "e", "-o", tmp_path / "n.pt").returncode == 0
+    net = compress.load(tmp_path / "n.pt").eval()
+    supernet, record = load_supernet(run / "supernet.pt")
+    from compress.cli import _held_out
+    held = _held_out(supernet, record["holdout"], 16, 24)
+    hits = sum((net(x).argmax(1) == y).sum().item() for x, y in held.batches("eval"))
+    assert hits / len(held.eval) == pytest.approx(entry["top1"])
+
+
+def test_evolution_is_seeded_and_resumes_without_reevaluating(run, tmp_path):
+    a = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "5", "--out", tmp_path / "a", "--json")
+    b = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "5", "--out", tmp_path / "b")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ra, rb = _result(tmp_path / "a"), _result(tmp_path / "b")
+    assert _targets(ra) == _targets(rb)
+    assert json.loads(a.stdout)["targets"] == ra["targets"]
+    for t in ra["targets"]:
+        assert t["macs"] <= t["budget"]["macs"]
+    again = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "5", "--out", tmp_path / "a")
+    assert again.returncode == 0, again.stderr
+    assert _result(tmp_path / "a")["evaluated_now"] == 0
+    assert _targets(_result(tmp_path / "a")) == _targets(ra)
+    c = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "6", "--out", tmp_path / "c")
+    assert c.returncode == 0 and _targets(_result(tmp_path / "c")) != _targets(ra)
+
+
+def test_killed_search_resumes_to_the_uninterrupted_result(run, tmp_path):
+    args = ["search", str(run), *EVO[:-1], "--iterations", "4", "--macs", "55%", "--seed", "1"]
+    full = run_cli(*args, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    total = _result(tmp_path / "full")["evaluated"]
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *args, "--out", str(tmp_path / "k")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "k" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.exists() and len(json.loads(state.read_text())["evaluated"]) >= 8):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    scored = len(json.loads(state.read_text())["evaluated"])
+    assert 8 <= scored < total
+    resumed = run_cli(*args, "--out", tmp_path / "k")
+    assert resumed.returncode == 0, resumed.stderr
+    result = _result(tmp_path / "k")
+    assert _targets(result) == _targets(_result(tmp_path / "full"))
+    assert result["evaluated_now"] == total - scored
+
+
+def test_torchrun_two_processes_find_the_same_configs(run, tmp_path):
+    one = run_cli("search", run, *EVO, "--macs", "50%", "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "compress", "search", str(run), *EVO, "--macs", "50%", "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = _result(tmp_path / "one"), _result(tmp_path / "two")
+    assert _targets(r1) == _targets(r2)
+    assert r1["evaluated"] == r2["evaluated"]
+
+
+def test_bad_search_input_is_named(run, tmp_path):
+    out = run_cli("search", run, "--macs", "1K", *IMAGES)
+    assert out.returncode == 2 and "smallest config of this space has" in out.stderr
+    out = run_cli("search", run, *EVO, "--macs", "50%", "--population", "2", "--parents", "3", "--out", tmp_path / "p")
+    assert out.returncode == 2 and "larger than the population" in out.stderr
+    assert run_cli("search", run, *EVO, "--macs", "50%", "--out", tmp_path / "s").returncode == 0
+    out = run_cli("search", run, *EVO[:-5], "--eval-images", "20", "--quiet", "--macs", "50%", "--out", tmp_path / "s")
+    assert out.returncode == 2 and "eval_images: 24 -> 20" in out.stderr
+    (tmp_path / "s" / "state.json").write_text("{not json")
+    out = run_cli("search", run, *EVO, "--macs", "50%", "--out", tmp_path / "s")
+    assert out.returncode == 2 and "is corrupt" in out.stderr
+    out = run_cli("search", tmp_path, "--macs", "50%")
+    assert out.returncode == 2 and "holds no supernet.pt" in out.stderr
+    out = run_cli("extract", run, "--search", tmp_path / "s", "--target", "10M", "-o", tmp_path / "x.pt")
+    assert out.returncode == 2 and "no target '10M'" in out.stderr
+
+
+def test_evaluator_caches_and_budgets_screen_before_scoring(run):
+    supernet, record = load_supernet(run / "supernet.pt")
+    ds = build_dataset("synthetic:40", True, transforms(False, 16, [0.5] * 3, [0.5] * 3), 10, 16)
+    evaluator = Evaluator(supernet, HeldOut(ds, 16, 16))
+    space = supernet.space
+    config = space.uniform(0.5)
+    first = evaluator.score(config)
+    assert evaluator.score(config) == first and evaluator.fresh == 1
+    assert first["macs"] == space.macs(config) and 0 <= first["top1"] <= 1
+    budget = Budget(macs=space.macs(space.uniform(0.5)))
+    top = evolution(evaluator, budget, np.random.default_rng(0), population=4, parents=2, mutations=2,
+                    crossovers=2, iterations=1)
+    assert all(e["macs"] <= budget.macs for e in top)
+    assert evaluator.fresh == len(evaluator.cache)  # never the same config twice
+    with pytest.raises(CompressError, match="give one value"):
+        parse_budgets(space, macs="60%,50%", params="1M,2M,3M")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [{"macs": m, "top1": a, "config": i} for i, (m, a) in enumerate([(10, .5), (20, .4), (30, .7), (25, .7), (5, .1)])]
+    assert [p["config"] for p in pareto_front(pts)] == [4, 0, 3]
