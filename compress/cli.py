@@ -337,9 +337,8 @@ def _search_setup(args, run_dir: Path, out: Path, fresh_state: bool = False):
                    "recal_images": args.recal_images, "eval_images": args.eval_images}
     latency = None
     if getattr(args, "lut", None):
-        from export.lut import LatencyTable
-        table = LatencyTable.load(args.lut, supernet.space)
-        latency = table.predict
+        from export.lut import latency_predictor
+        latency = latency_predictor(args.lut, supernet.space)
         fingerprint["lut"] = _file_digest(Path(args.lut))
     evaluator = Evaluator(supernet, held, _device(), latency=latency, state_path=out / "state.json",
                           fingerprint=fingerprint)
@@ -383,6 +382,61 @@ def cmd_search(args) -> int:
         print(f"{result['evaluated']} configs scored ({result['evaluated_now']} now); wrote {out / 'search.json'}, "
               f"search.csv, search.png")
     return 0
+
+
+def _measure_finalists(result: dict, supernet, args, out: Path) -> dict:
+    """The latency table screened the candidates; time each chosen config for real."""
+    from export.lut import LatencyTable, measure_configs
+    table = LatencyTable.load(args.lut, supernet.space).record
+    measured = measure_configs(supernet.plain_copy(), supernet.space, [t["config"] for t in result["targets"]],
+                               table["backend"], table["threads"])
+    for t, ms in zip(result["targets"], measured):
+        limit = t["budget"]["latency_ms"]
+        t.update(measured_ms=ms, measured_backend=table["backend"], measured_within_budget=limit is None or ms <= limit)
+        if not t["measured_within_budget"]:
+            print(f"warning: {t['label']}: measured {ms:.3f} ms on {table['backend']} is over the {limit} ms budget "
+                  f"(predicted {t['latency_ms']:.3f} ms); tighten --latency-ms or rebuild the table on a quiet machine.",
+                  file=sys.stderr)
+    return result
+
+
+def cmd_lut(args) -> int:
+    from export.lut import build_table, check_table
+    model, space = _lut_model_space(args)
+    record = build_table(model, space, backend=args.backend, threads=args.threads, grid=args.grid,
+                         anchors=args.anchors, runs=args.runs, warmup=args.warmup, progress=not args.quiet)
+    if args.check:
+        record["check"] = check_table(model, space, record, configs=args.check, runs=args.runs, warmup=args.warmup,
+                                      progress=not args.quiet)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, output)
+    print(f"wrote {output}: {len(record['layers'])} layers ({record['unique_layers']} distinct timings) on "
+          f"{args.backend}, {args.threads} thread(s); fit: {record['fit']['a']:.3f} x layer sum + {record['fit']['b']:.3f} ms")
+    if args.check:
+        c = record["check"]
+        print(f"check on {c['configs']} random configs: {c['within_10pct']:.0%} within +-10% of the measured latency "
+              f"(mean |error| {c['mean_abs_error_pct']:.1f}%, max {c['max_abs_error_pct']:.1f}%)")
+    return 0
+
+
+def _lut_model_space(args):
+    """The model and channel space a table is for: a supernet run folder's, or TARGET's."""
+    from compress.models.zoo import example_input
+    from compress.space import ChannelSpace
+    target = Path(args.target)
+    if target.is_dir() or target.name == "supernet.pt":
+        from compress.supernet import load_supernet
+        supernet, _ = load_supernet(target)
+        return supernet.plain_copy().eval(), supernet.space
+    model = _load(args).eval()
+    if model.compress_cfg.get("config") is not None:
+        raise CompressError(f"'{args.target}' is pruned; build the table for the unpruned model or its supernet.")
+    size = model.compress_cfg["input_size"]
+    return model, ChannelSpace.from_model(model, example_input(size, model), divisor=args.divisor,
+                                          min_ratio=args.min_width)
 
 
 def cmd_extract(args) -> int:
@@ -645,6 +699,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("lut", help="per-layer latency table of a channel space on a runtime (for --latency-ms search)",
+                       formatter_class=_formatter,
+                       epilog="TARGET is a zoo name, an unpruned checkpoint, or a `chansearch supernet` run folder "
+                              "(its space is used). Build the table on the machine the model will run on.")
+    _model_args(p, pretrained=False)
+    p.add_argument("--backend", default="tflite", choices=["tflite", "onnxruntime"], help="runtime to time")
+    p.add_argument("--threads", type=int, default=1, help="inference threads")
+    p.add_argument("--grid", type=int, default=4, help="widths timed per layer dimension")
+    p.add_argument("--anchors", type=int, default=6, help="whole models timed to fit the table to real latency")
+    p.add_argument("--check", type=int, default=0, help="random configs timed to report the table's accuracy")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up runs per measurement")
+    p.add_argument("--divisor", type=int, default=8, help="width divisor of the space (zoo/checkpoint TARGET)")
+    p.add_argument("--min-width", type=float, default=0.25, help="smallest width ratio (zoo/checkpoint TARGET)")
+    p.add_argument("-o", "--output", required=True, help="table file (.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_lut)
 
     p = sub.add_parser("extract", help="materialize a searched config as a standalone pruned checkpoint",
                        formatter_class=_formatter)

@@ -165,3 +165,20 @@ def test_evaluator_caches_and_budgets_screen_before_scoring(run):
 def test_pareto_front_keeps_only_undominated_points():
     pts = [{"macs": m, "top1": a, "config": i} for i, (m, a) in enumerate([(10, .5), (20, .4), (30, .7), (25, .7), (5, .1)])]
     assert [p["config"] for p in pareto_front(pts)] == [4, 0, 3]
+
+
+def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_path):
+    lut = tmp_path / "lut.json"
+    assert run_cli("lut", run, "--backend", "onnxruntime", "--grid", "2", "--anchors", "3", "--runs", "5", "--quiet",
+                   "-o", lut).returncode == 0
+    record = json.loads(lut.read_text())
+    fit_full = record["fit"]["anchors"][0]["measured_ms"]
+    budget = f"{0.8 * fit_full:.4f}"
+    out = run_cli("search", run, *EVO, "--latency-ms", budget, "--lut", lut, "--out", tmp_path / "s")
+    assert out.returncode == 0, out.stderr
+    t = _result(tmp_path / "s")["targets"][0]
+    assert t["latency_ms"] <= float(budget) and t["measured_ms"] > 0 and t["measured_backend"] == "onnxruntime"
+    rows = (tmp_path / "s" / "search.csv").read_text().splitlines()[1:]
+    assert all(r.split(",")[2] for r in rows)  # every candidate has a predicted latency
+    out = run_cli("search", run, *EVO, "--latency-ms", "1.0", "--out", tmp_path / "n")
+    assert out.returncode == 2 and "--latency-ms needs --lut" in out.stderr
