@@ -29,26 +29,40 @@ def _take(t: torch.Tensor | None, sel, dim: int) -> torch.Tensor | None:
 class _Dynamic:
     out_sel = None
     in_sel = None
-    generated: dict | None = None  # weights a hypernetwork made for this forward pass
+    generated: dict | None = None  # tensors a hypernetwork made for this pass, already at the selected widths
 
-    def param(self, name: str) -> torch.Tensor | None:
+    def sliced(self, name: str, *sels) -> torch.Tensor | None:
+        """Parameter `name` at the selected channels (`sels` per leading dimension)."""
         if self.generated is not None and name in self.generated:
             return self.generated[name]
-        return getattr(self, name)
+        t = getattr(self, name)
+        for axis, sel in enumerate(sels):
+            t = _take(t, sel, axis)
+        return t
+
+    def selections(self) -> dict[str, tuple]:
+        """Per parameter, the selection of each leading dimension."""
+        return {"weight": (self.out_sel,), "bias": (self.out_sel,)}
 
 
 class DynamicConv2d(_Dynamic, nn.Conv2d):
+    def selections(self) -> dict[str, tuple]:
+        return {"weight": (self.out_sel, self.in_sel if self.groups == 1 else None), "bias": (self.out_sel,)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _take(_take(self.param("weight"), self.out_sel, 0), self.in_sel if self.groups == 1 else None, 1)
+        sels = self.selections()
+        w = self.sliced("weight", *sels["weight"])
         groups = w.shape[0] if self.groups > 1 and self.groups == self.in_channels else self.groups
-        return F.conv2d(x, w, _take(self.param("bias"), self.out_sel, 0), self.stride, self.padding,
-                        self.dilation, groups)
+        return F.conv2d(x, w, self.sliced("bias", *sels["bias"]), self.stride, self.padding, self.dilation, groups)
 
 
 class DynamicLinear(_Dynamic, nn.Linear):
+    def selections(self) -> dict[str, tuple]:
+        return {"weight": (self.out_sel, self.in_sel), "bias": (self.out_sel,)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _take(_take(self.param("weight"), self.out_sel, 0), self.in_sel, 1)
-        return F.linear(x, w, _take(self.param("bias"), self.out_sel, 0))
+        sels = self.selections()
+        return F.linear(x, self.sliced("weight", *sels["weight"]), self.sliced("bias", *sels["bias"]))
 
 
 class DynamicBatchNorm2d(_Dynamic, nn.BatchNorm2d):
@@ -59,7 +73,7 @@ class DynamicBatchNorm2d(_Dynamic, nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sel = self.out_sel
-        w, b = _take(self.param("weight"), sel, 0), _take(self.param("bias"), sel, 0)
+        w, b = self.sliced("weight", sel), self.sliced("bias", sel)
         if not self.training:
             return F.batch_norm(x, _take(self.running_mean, sel, 0), _take(self.running_var, sel, 0),
                                 w, b, False, 0.0, self.eps)

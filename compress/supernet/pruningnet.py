@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compress.space import ChannelSpace
-from compress.supernet.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, Supernet
+from compress.supernet.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, Supernet, _take
 from compress.supernet.slimmable import random_config
 from compress.train import Step
 
@@ -38,12 +38,20 @@ class LayerHypernet(nn.Module):
             self.fc2.weight.mul_(0.5 * scale[:, None] / h.norm().clamp_min(1e-6))
             self.fc2.bias.copy_(torch.cat([init[n].reshape(-1) for n in shapes]))
 
-    def forward(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = self.fc2(torch.relu(self.fc1(encoding)))
+    def forward(self, encoding: torch.Tensor, sels: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
+        """The layer's tensors for `encoding`, only at the channels `sels` selects (per tensor,
+        one selection per leading dimension): the rows of fc2 for cropped channels are
+        never computed, so generation costs what the sampled layer has, not the full one."""
+        h = torch.relu(self.fc1(encoding))
         out, start = {}, 0
         for name, shape in self.shapes.items():
-            out[name] = flat[start:start + shape.numel()].view(shape)
-            start += shape.numel()
+            n = shape.numel()
+            w = self.fc2.weight[start:start + n].view(*shape, -1)
+            b = self.fc2.bias[start:start + n].view(shape)
+            for axis, sel in enumerate((sels or {}).get(name, ())):
+                w, b = _take(w, sel, axis), _take(b, sel, axis)
+            out[name] = torch.matmul(w, h) + b
+            start += n
         return out
 
     @torch.no_grad()
@@ -96,7 +104,7 @@ class PruningNet(Supernet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = [self.model.get_submodule(self._layers[key]) for key in self.hypers]
         for module, hyper in zip(modules, self.hypers.values()):
-            module.generated = {**(module.generated or {}), **hyper(self._encoding(hyper))}
+            module.generated = {**(module.generated or {}), **hyper(self._encoding(hyper), module.selections())}
         try:
             return self.model(x)
         finally:  # autograd keeps what backward needs; the modules must not hold graph tensors
