@@ -1,7 +1,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DATA ?= $(if $(COMPRESS_DATA),$(COMPRESS_DATA),../shared/data/cifar10)
 
 .PHONY: env demo test bench clean
 
@@ -14,13 +13,7 @@ $(BIN)/chansearch: setup.py requirements-ci.txt
 env: $(BIN)/chansearch
 
 demo: env
-	$(BIN)/chansearch profile mobilenet_v2
-	$(BIN)/chansearch prune mobilenet_v2 --macs 50% --strategy global -o runs/demo/mobilenet_v2_50.pt
-	$(BIN)/chansearch profile runs/demo/mobilenet_v2_50.pt
-	$(BIN)/chansearch export runs/demo/mobilenet_v2_50.pt --format onnx -o runs/demo/mobilenet_v2_50.onnx
-	$(BIN)/chansearch export runs/demo/mobilenet_v2_50.pt --format tflite -o runs/demo/mobilenet_v2_50.tflite
-	$(BIN)/chansearch latency runs/demo/mobilenet_v2_50.onnx --threads 1 --runs 50
-	$(BIN)/chansearch latency runs/demo/mobilenet_v2_50.tflite --threads 1 --runs 50
+	$(BIN)/chansearch run recipes/quickstart.yaml data.spec=$$($(BIN)/python -m compress.data)
 
 test: env
 	$(BIN)/python -m pytest -q tests

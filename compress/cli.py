@@ -551,12 +551,33 @@ def cmd_latency(args) -> int:
     return 0
 
 
+# ---- run ------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from compress.recipe import dump, load_recipe
+    if args.print_config:
+        print(dump(load_recipe(args.recipe, args.overrides)), end="")
+        return 0
+    from compress.pipeline import run_recipe
+    return run_recipe(args.recipe, args.overrides, quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chansearch", formatter_class=_formatter,
         description="Compress CNNs for edge devices: channel spaces, pruning, supernets, search, export.",
         epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a YAML recipe end to end (resumable; torchrun-ready)",
+                       formatter_class=_formatter,
+                       epilog="Re-running the same command resumes: finished stages are skipped, an interrupted one "
+                              "continues, a stage whose settings changed runs again with those after it. Exit status "
+                              "3 when a parity or latency check fails (after writing report.md).")
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="recipe file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. finetune.epochs=2")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe with every default, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("models", help="list the zoo models with MACs and params", formatter_class=_formatter)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -678,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "Running the same command again resumes; nothing is scored twice.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of `chansearch supernet` (or its supernet.pt)")
     p.add_argument("--method", default="evolution", choices=["evolution", "random", "greedy"], help="strategy")
-    p.add_argument("--macs", help="MAC budgets, comma-separated (150M,100M or 50%%,30%%)")
+    p.add_argument("--macs", help="MAC budgets, comma-separated (150M,100M or 50%%,30%%); - = no limit for that target")
     p.add_argument("--params", help="parameter budget(s)")
     p.add_argument("--latency-ms", help="latency budget(s) in ms, predicted with --lut")
     p.add_argument("--lut", help="latency table of this space (`chansearch lut`)")
@@ -730,7 +751,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "run" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # KEY=VALUE overrides given after the flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = bool(os.environ.get("COMPRESS_DEBUG"))
     try:
         with warnings.catch_warnings():

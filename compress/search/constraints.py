@@ -43,10 +43,10 @@ def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | No
     each also holding the params/latency limits (a single value applies to every target;
     lists must have equal lengths)."""
     full = space.max()
-    lists = {
-        "macs": [parse_count(v, "MAC count", space.macs(full)) for v in _split(macs)],
-        "params": [parse_count(v, "parameter count", space.params(full)) for v in _split(params)],
-        "latency_ms": [_positive_float(v) for v in _split(latency_ms)],
+    lists = {  # "-" leaves that quantity unlimited for that target
+        "macs": [None if v == "-" else parse_count(v, "MAC count", space.macs(full)) for v in _split(macs)],
+        "params": [None if v == "-" else parse_count(v, "parameter count", space.params(full)) for v in _split(params)],
+        "latency_ms": [None if v == "-" else _positive_float(v) for v in _split(latency_ms)],
     }
     n = max(len(v) for v in lists.values())
     if n == 0:
@@ -57,12 +57,14 @@ def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | No
                                 f"{n}; give one value (for all targets) or {n}.")
     budgets = [Budget(**{k: (v[i] if len(v) == n else v[0]) if v else None for k, v in lists.items()})
                for i in range(n)]
+    if any(b == Budget() for b in budgets):
+        raise CompressError("every target needs at least one limit; '-' in every list leaves one unlimited.")
     check_reachable(space, budgets)
     return budgets
 
 
 def _split(text: str | None) -> list[str]:
-    return [] if text is None else [t for t in str(text).split(",") if t.strip()]
+    return [] if text is None else [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def _positive_float(text: str) -> float:

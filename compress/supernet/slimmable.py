@@ -37,8 +37,9 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
 
 def sandwich_step(supernet: Slimmable, num_random: int = 2, uniform: bool = False, distill: bool = True,
                   label_smoothing: float = 0.1) -> Step:
-    """Max, min and `num_random` random configs per batch, gradients accumulated. The max
-    config learns from the labels; with `distill`, the others from its detached outputs."""
+    """Max, min and `num_random` random configs per batch, their gradients averaged into one
+    step. The max config learns from the labels; with `distill`, the others from its
+    detached outputs."""
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     space = supernet.space
 
@@ -56,7 +57,8 @@ def sandwich_step(supernet: Slimmable, num_random: int = 2, uniform: bool = Fals
                     teacher, main_loss = logits.detach().softmax(1), loss.detach()
                 else:
                     loss = soft_cross_entropy(logits, teacher) if distill else criterion(logits, labels)
-                backward(loss)
+                # averaged over the configs, so the learning rate means what it does for one network
+                backward(loss / len(configs))
         supernet.set_config(space.max())
         return main_loss
     return step

@@ -1,0 +1,147 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compress import CompressError
+from compress.recipe import load_recipe
+from conftest import ROOT, run_cli
+
+TINY = """\
+name: tiny
+out: {out}
+model:
+  name: mobilenet_v3_small_cifar
+  input_size: 16
+data:
+  spec: synthetic:128
+  batch_size: 16
+  workers: 0
+  holdout: 32
+supernet:
+  method: slimmable
+  epochs: 1
+  steps_per_epoch: 2
+  val_images: 16
+search:
+  method: evolution
+  population: 4
+  parents: 2
+  mutations: 2
+  crossovers: 2
+  iterations: {iterations}
+  recal_images: 16
+  eval_images: 16
+  targets:
+    - macs: 70%
+    - macs: 45%
+finetune:
+  epochs: 1
+  steps_per_epoch: 2
+  val_images: 16
+export:
+  formats: [onnx]
+  parity_images: 4
+latency:
+  runs: 5
+  warmup: 1
+"""
+
+
+def _recipe(tmp_path, iterations=1, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(TINY.format(out=tmp_path / "runs", iterations=iterations))
+    return path
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.targets() and recipe.name == path.stem
+
+
+def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
+    recipe = _recipe(tmp_path)
+    out = run_cli("run", recipe, "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    report = (run / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| macs<=")]
+    assert len(rows) == 2 and all(row.endswith("| pass |") for row in rows)
+    assert (run / "report.png").is_file() and (run / "search.png").is_file()
+    assert "chansearch supernet mobilenet_v3_small_cifar" in report  # the equivalent commands
+    for stage in ("supernet", "search", "extract", "finetune", "export", "latency"):
+        assert json.loads((run / stage / "stage.json").read_text())["outputs"] is not None, stage
+    assert len(list((run / "export").glob("*.onnx"))) == 2
+
+    again = run_cli("run", recipe, "--quiet")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("done earlier, skipped") == 6
+
+    changed = run_cli("run", recipe, "--quiet", "finetune.lr=0.02")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    for stage in ("supernet", "search", "extract"):
+        assert f"{stage}: done earlier, skipped" in changed.stdout
+    for stage in ("finetune", "export", "latency"):
+        assert f"{stage}: inputs changed, re-running" in changed.stdout
+        assert (run / f"{stage}.previous" / "stage.json").is_file()
+
+    over = run_cli("run", recipe, "--quiet", "finetune.lr=0.02", "latency.budget_ms=0.000001")
+    assert over.returncode == 3, over.stderr[-2000:]
+    assert "latency" in over.stderr and "over the 1e-06 ms budget" in over.stderr
+    assert "| FAIL |" in (run / "report.md").read_text()  # written before exiting
+
+
+def test_killed_recipe_resumes_the_interrupted_stage(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_cli("run", _recipe(tmp_path / "a", iterations=3), "--quiet").returncode == 0
+    recipe = _recipe(tmp_path / "b", iterations=3)
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--quiet"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "b" / "runs" / "tiny" / "search" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (state.exists() and len(json.loads(state.read_text())["evaluated"]) >= 6):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (state.parent / "stage.json").exists()
+    resumed = run_cli("run", recipe, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "supernet: done earlier, skipped" in resumed.stdout and "search: resuming" in resumed.stdout
+    a = json.loads((tmp_path / "a" / "runs" / "tiny" / "search" / "search.json").read_text())
+    b = json.loads(state.with_name("search.json").read_text())
+    assert [t["config"] for t in a["targets"]] == [t["config"] for t in b["targets"]]
+    assert b["evaluated_now"] < b["evaluated"]
+
+
+def test_recipe_errors_name_file_line_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.format(out=tmp_path, iterations=1).replace("    - macs: 45%", "    - macs: 150Q")
+                   .replace("  eval_images: 16", "  eval_imgs: 16"))
+    with pytest.raises(CompressError) as err:
+        load_recipe(bad)
+    text = str(err.value)
+    assert f"{bad}:30 search.targets[1].macs: '150Q' is not a MAC count" in text
+    assert f"{bad}:26 search.eval_imgs: unknown key 'eval_imgs' (did you mean 'eval_images'?)" in text
+    with pytest.raises(CompressError, match=r"finetune.epochs: 'two'"):
+        load_recipe(_recipe(tmp_path), ["finetune.epochs=two"])
+    (tmp_path / "broken.yaml").write_text("name: x\nmodel: [\n")
+    out = run_cli("run", tmp_path / "broken.yaml")
+    assert out.returncode == 2 and "broken.yaml:3: malformed YAML" in out.stderr
+    out = run_cli("run", _recipe(tmp_path), "data.spec=cifar10:/nowhere")
+    assert out.returncode == 2 and "data.spec: '/nowhere' does not exist" in out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+    out = run_cli("run", _recipe(tmp_path), "supernet.method=none")
+    assert out.returncode == 2 and "give prune.targets" in out.stderr
+
+
+def test_print_config_shows_defaults_and_overrides(tmp_path):
+    out = run_cli("run", _recipe(tmp_path), "--print-config", "finetune.epochs=7", "search.targets[0].macs=60%")
+    assert out.returncode == 0, out.stderr
+    assert "epochs: 7" in out.stdout and "macs: 60%" in out.stdout and "kd_temperature: 4.0" in out.stdout
+    assert not Path(tmp_path / "runs").exists()
