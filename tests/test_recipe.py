@@ -126,8 +126,8 @@ def test_recipe_errors_name_file_line_and_key(tmp_path):
     with pytest.raises(CompressError) as err:
         load_recipe(bad)
     text = str(err.value)
-    assert f"{bad}:30 search.targets[1].macs: '150Q' is not a MAC count" in text
-    assert f"{bad}:26 search.eval_imgs: unknown key 'eval_imgs' (did you mean 'eval_images'?)" in text
+    assert f"{bad}:27 search.targets[1].macs: '150Q' is not a MAC count" in text
+    assert f"{bad}:24 search.eval_imgs: unknown key 'eval_imgs' (did you mean 'eval_images'?)" in text
     with pytest.raises(CompressError, match=r"finetune.epochs: 'two'"):
         load_recipe(_recipe(tmp_path), ["finetune.epochs=two"])
     (tmp_path / "broken.yaml").write_text("name: x\nmodel: [\n")
