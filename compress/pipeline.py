@@ -154,6 +154,9 @@ class Pipeline:
                              *([] if s.reorder else ["--no-reorder"]), "--hidden", s.hidden,
                              "--holdout", r.data.holdout, "--recal-images", r.search.recal_images,
                              "--eval-images", r.search.eval_images, *self._training_flags(s), "--out", folder])
+        distributed.barrier()  # rank 0 writes the files read below
+        if not distributed.is_main():
+            return {}
         return {"supernet": str(folder / "supernet.pt"),
                 "summary": json.loads((folder / "supernet_eval.json").read_text())}
 
@@ -181,6 +184,9 @@ class Pipeline:
         self.chansearch(["search", self.dir / "supernet", "--method", s.method, *budget_flags,
                          "--recal-images", s.recal_images, "--eval-images", s.eval_images, *strategy,
                          "--seed", self.recipe.seed, "--out", folder, *(["--quiet"] if self.quiet else [])])
+        distributed.barrier()
+        if not distributed.is_main():
+            return {}
         result = json.loads((folder / "search.json").read_text())
         return {"result": str(folder / "search.json"), "plot": str(folder / "search.png"),
                 "targets": result["targets"], "full": result["full"]}
@@ -241,6 +247,7 @@ class Pipeline:
                     self.chansearch(["finetune", net["path"], *self._training_flags(f), *teacher, "-o", path,
                                      "--run-dir", run_dir])
             out[tag] = {"path": str(path)}
+        distributed.barrier()
         if distributed.is_main():
             for tag, net in upstream["nets"].items():
                 out[tag]["test_before"] = _test(net["path"], self.recipe)
