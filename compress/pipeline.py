@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -86,7 +87,7 @@ class Pipeline:
         """Run one `chansearch` command in this process (errors propagate as they are)."""
         from compress.cli import build_parser
         argv = [str(a) for a in argv]
-        self.commands.append("chansearch " + " ".join(_quote(a) for a in argv))
+        self.commands.append("chansearch " + shlex.join(argv))
         args = build_parser().parse_args(argv)
         args.func(args)
 
@@ -320,11 +321,6 @@ def _test(path: str, recipe: Recipe) -> dict:
         ds = Subset(ds, np.sort(np.random.default_rng(recipe.seed).permutation(len(ds))[:cap]).tolist())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluate(model.to(device), loader(ds, 256, recipe.data.workers), device, distributed_sum=False)
-
-
-def _quote(arg: str) -> str:
-    import shlex
-    return shlex.quote(arg)
 
 
 def run_recipe(path: str, overrides: list[str], quiet: bool = False) -> int:

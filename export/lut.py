@@ -97,7 +97,7 @@ def _layers(model: nn.Module, space: ChannelSpace) -> list[dict]:
     input/output widths follow the group widths."""
     from compress.supernet.dynamic import Supernet
     supernet = Supernet(copy.deepcopy(model), space)
-    dims = {key: dim for key, dim in supernet._dims.items()}
+    dims = supernet._dims
     plain = supernet.plain_copy().eval()
     seen = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, tuple(i[0].shape[1:])))
