@@ -113,14 +113,15 @@ def cmd_prune(args) -> int:
 # ---- eval ---------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
     import torch
-    from compress.data import eval_set, loader
+    from compress.data import eval_set, loader, random_subset
     from compress.evaluate import evaluate
     model = _load(args)
     cfg = model.compress_cfg
     ds = eval_set(args.data, cfg["input_size"], cfg["mean"], cfg["std"], cfg["num_classes"])
+    ds = random_subset(ds, args.images, args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), loader(ds, args.batch_size, workers=args.workers), device,
-                       progress=not args.json and sys.stderr.isatty(), max_batches=args.max_batches)
+                       progress=not args.json and sys.stderr.isatty())
     if args.json:
         _print_json(metrics)
     else:
@@ -311,7 +312,7 @@ def _held_out(supernet, holdout: dict, recal_images: int, eval_images: int, data
     cfg = supernet.compress_cfg
     _, held, _ = train_holdout(data or holdout["data"], cfg["input_size"], cfg["mean"], cfg["std"],
                                cfg["num_classes"], holdout["count"], holdout["seed"])
-    return HeldOut(held, recal_images, eval_images)
+    return HeldOut(held, recal_images, eval_images, seed=holdout["seed"])
 
 
 def _file_digest(path: Path) -> str:
@@ -334,7 +335,8 @@ def _search_setup(args, run_dir: Path, out: Path, fresh_state: bool = False):
     held = _held_out(supernet, record["holdout"], args.recal_images, args.eval_images, args.data)
     fingerprint = {"supernet": _file_digest(supernet_path), "data": args.data or record["holdout"]["data"],
                    "holdout": record["holdout"]["count"], "holdout_seed": record["holdout"]["seed"],
-                   "recal_images": args.recal_images, "eval_images": args.eval_images}
+                   "recal_images": args.recal_images, "eval_images": args.eval_images,
+                   "pick": "random"}  # states from before the random pick scored one class; refuse them
     latency = None
     if getattr(args, "lut", None):
         from export.lut import latency_predictor
@@ -613,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--images", type=int, default=0,
+                   help="evaluate this many images picked at random with --seed (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --images pick")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print JSON with top1, top5, loss")
     p.set_defaults(func=cmd_eval)

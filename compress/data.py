@@ -190,6 +190,14 @@ def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdo
     return Subset(train, kept.tolist()), Subset(plain, held.tolist()), held
 
 
+def random_subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:
+    """`count` images picked at random with `seed` (all when `count` is 0 or too large), in
+    dataset order. Not the first `count`: evaluation splits are often sorted by class."""
+    if not 0 < count < len(dataset):
+        return dataset
+    return Subset(dataset, np.sort(np.random.default_rng(seed).permutation(len(dataset))[:count]).tolist())
+
+
 def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
     """An in-order loader for evaluation."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,

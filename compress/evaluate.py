@@ -9,15 +9,13 @@ from tqdm import tqdm
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progress: bool = False,
-             max_batches: int | None = None, distributed_sum: bool = True) -> dict:
+             distributed_sum: bool = True) -> dict:
     """With `distributed_sum`, under torchrun, each rank passes its share of the data and
     all get the totals; without, each rank's result is its own."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     batches = tqdm(loader, desc="eval", leave=False, disable=not progress, unit="batch")
-    for i, (images, labels) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images).float()
         k = min(5, logits.shape[1])

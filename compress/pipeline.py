@@ -307,18 +307,14 @@ class Pipeline:
 
 def _test(path: str, recipe: Recipe) -> dict:
     """Top-1 on the data's evaluation split (capped by finetune.val_images when set)."""
-    import numpy as np
     import torch
-    from torch.utils.data import Subset
-    from compress.data import eval_set, loader
+    from compress.data import eval_set, loader, random_subset
     from compress.evaluate import evaluate
     from compress.models import load_target
     model = load_target(path)
     cfg = model.compress_cfg
     ds = eval_set(recipe.data.spec, cfg["input_size"], cfg["mean"], cfg["std"], cfg["num_classes"])
-    cap = recipe.finetune.val_images
-    if 0 < cap < len(ds):
-        ds = Subset(ds, np.sort(np.random.default_rng(recipe.seed).permutation(len(ds))[:cap]).tolist())
+    ds = random_subset(ds, recipe.finetune.val_images, recipe.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluate(model.to(device), loader(ds, 256, recipe.data.workers), device, distributed_sum=False)
 

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from compress import distributed
 from compress.checkpoint import atomic_save, model_cfg, read_checkpoint_dict
-from compress.data import eval_set, train_holdout
+from compress.data import eval_set, random_subset, train_holdout
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 
@@ -158,8 +158,7 @@ def _seed(seed: int, deterministic: bool) -> None:
 
 def _val_loader(cfg: TrainConfig, spec: str, mcfg: dict, per_rank_batch: int) -> DataLoader:
     ds = eval_set(spec, mcfg["input_size"], mcfg["mean"], mcfg["std"], mcfg["num_classes"])
-    if 0 < cfg.val_images < len(ds):  # a fixed random subset: evaluation splits are often class-sorted
-        ds = Subset(ds, np.sort(np.random.default_rng(cfg.seed).permutation(len(ds))[: cfg.val_images]).tolist())
+    ds = random_subset(ds, cfg.val_images, cfg.seed)
     sampler = DistributedSampler(ds, distributed.world_size(), distributed.rank(), shuffle=False) \
         if distributed.world_size() > 1 else None
     return DataLoader(ds, per_rank_batch, sampler=sampler, num_workers=cfg.workers)

@@ -34,7 +34,7 @@ def test_prune_profile_eval_pipeline(tmp_path, cifar_dir):
     profile = json.loads(run_cli("profile", out_pt, "--json").stdout)
     assert profile["macs"] == result["macs"]
     assert {g["name"]: g["width"] for g in profile["groups"]} == result["config"]
-    evaluated = run_cli("eval", out_pt, "--data", f"cifar10:{cifar_dir}", "--max-batches", "2",
+    evaluated = run_cli("eval", out_pt, "--data", f"cifar10:{cifar_dir}", "--images", "128",
                         "--batch-size", "64", "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout)

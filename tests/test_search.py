@@ -182,3 +182,15 @@ def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_
     assert all(r.split(",")[2] for r in rows)  # every candidate has a predicted latency
     out = run_cli("search", run, *EVO, "--latency-ms", "1.0", "--out", tmp_path / "n")
     assert out.returncode == 2 and "--latency-ms needs --lut" in out.stderr
+
+
+def test_held_out_images_are_a_random_pick_of_a_class_sorted_split():
+    # ImageFolder trees and the shared CIFAR-10 arrays are sorted by class: the first images
+    # would recalibrate BN on one class and score only that class
+    labels = torch.arange(10).repeat_interleave(30)
+    ds = torch.utils.data.TensorDataset(torch.randn(300, 3, 8, 8), labels)
+    held = HeldOut(ds, 40, 100, seed=3)
+    recal, scored = list(held.recal.indices), list(held.eval.indices)
+    assert len(recal) == 40 and len(scored) == 100 and not set(recal) & set(scored)
+    assert len(set(labels[recal].tolist())) >= 8 and len(set(labels[scored].tolist())) == 10
+    assert list(HeldOut(ds, 40, 100, seed=3).recal.indices) == recal  # seeded

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -28,20 +29,25 @@ PRELOAD_BYTES = 2 << 30  # held-out images kept in memory up to this size
 
 
 class HeldOut:
-    """Recalibration and evaluation images from the held-out split: disjoint when the split
-    is large enough for both, else the recalibration images are reused for evaluation."""
+    """Recalibration and evaluation images picked at random (with `seed`) from the held-out
+    split: disjoint when the split is large enough for both, else the recalibration images
+    are reused for evaluation. Random, because datasets are often stored sorted by class
+    (ImageFolder trees, many array dumps): the first N images would recalibrate BN on one
+    class and score on it."""
 
-    def __init__(self, dataset: Dataset, recal_images: int, eval_images: int, batch_size: int = 200):
+    def __init__(self, dataset: Dataset, recal_images: int, eval_images: int, batch_size: int = 200,
+                 seed: int = 0):
         n = len(dataset)
         if n == 0:
             raise CompressError("the held-out split is empty; train the supernet with --holdout N.")
-        recal = list(range(min(recal_images, n)))
-        rest = list(range(len(recal), n)) if n - len(recal) >= min(eval_images, n) else list(range(n))
-        self.recal = Subset(dataset, recal)
-        self.eval = Subset(dataset, rest[:eval_images])
+        order = np.random.default_rng(seed).permutation(n)
+        recal = order[:min(recal_images, n)]
+        rest = order[len(recal):] if n - len(recal) >= min(eval_images, n) else order
+        self.recal = Subset(dataset, recal.tolist())
+        self.eval = Subset(dataset, rest[:eval_images].tolist())
         self.batch_size = batch_size
         sample = dataset[0][0]
-        self._preload = (len(recal) + len(self.eval)) * sample.numel() * sample.element_size() <= PRELOAD_BYTES
+        self._preload = (len(self.recal) + len(self.eval)) * sample.numel() * sample.element_size() <= PRELOAD_BYTES
         self._cache: dict[str, list] = {}
 
     def batches(self, which: str) -> Iterable:
