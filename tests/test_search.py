@@ -12,7 +12,7 @@ import torch
 import compress
 from compress import CompressError
 from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
-from compress.search.strategies import evolution
+from compress.search.strategies import evolution, greedy
 from compress.supernet import load_supernet
 from compress.data import build_dataset, transforms
 from conftest import ROOT, run_cli
@@ -194,3 +194,22 @@ def test_held_out_images_are_a_random_pick_of_a_class_sorted_split():
     assert len(recal) == 40 and len(scored) == 100 and not set(recal) & set(scored)
     assert len(set(labels[recal].tolist())) >= 8 and len(set(labels[scored].tolist())) == 10
     assert list(HeldOut(ds, 40, 100, seed=3).recal.indices) == recal  # seeded
+
+
+def test_greedy_steps_are_full_steps_clamped_at_the_smallest_width(run):
+    # one-channel-notch steps after a group's last full step would be chosen on noise and
+    # crawl towards the budget
+    supernet, _ = load_supernet(run / "supernet.pt")
+    ds = build_dataset("synthetic:40", True, transforms(False, 16, [0.5] * 3, [0.5] * 3), 10, 16)
+    evaluator = Evaluator(supernet, HeldOut(ds, 16, 16))
+    space = supernet.space
+    budget = Budget(macs=space.macs(space.uniform(0.3)))
+    found, path = greedy(evaluator, [budget], step=0.4)
+    assert found[budget]["macs"] <= budget.macs
+    for g in space.groups:
+        ladder = [g.max]  # each step takes 40% of the full width off, or goes to the smallest width
+        while ladder[-1] > g.min:
+            ladder.append(max((x for x in g.widths if x <= ladder[-1] - 0.4 * g.max), default=g.min))
+        assert {e["config"][g.name] for e in path} <= set(ladder), g.name
+    for a, b in zip(path, path[1:]):
+        assert sum(a["config"][k] != b["config"][k] for k in a["config"]) == 1

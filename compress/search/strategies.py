@@ -106,9 +106,10 @@ def greedy(evaluator: Evaluator, budgets: list[Budget], step: float = 0.1,
         trials = []
         for g in space.groups:
             w = config[g.name]
-            lower = [x for x in g.widths if x <= w - max(1, step * g.max)] or [x for x in g.widths if x < w]
-            if lower:
-                trials.append(ChannelConfig({**config, g.name: lower[-1]}))
+            lower = [x for x in g.widths if x < w]
+            if lower:  # a full step, clamped at the smallest width: one-notch steps would win on noise
+                narrower = max((x for x in lower if x <= w - step * g.max), default=lower[0])
+                trials.append(ChannelConfig({**config, g.name: narrower}))
         if not trials:
             raise CompressError(f"greedy slimming reached the smallest config without meeting "
                                 f"{', '.join(b.label() for b in remaining)}.")
