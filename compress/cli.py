@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=20, help="iterations")
     g.add_argument("--mutation-prob", type=float, default=0.1, help="mutation probability per group")
     p.add_argument("--samples", type=int, default=1000, help="configs per budget (random)")
-    p.add_argument("--greedy-step", type=float, default=0.1, help="share of a group's width removed per greedy trial")
+    p.add_argument("--greedy-step", type=float, default=0.1, help="share of a group's full width removed per greedy trial (down to its smallest width)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="results folder (default: RUN_DIR/search-METHOD)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
