@@ -335,8 +335,7 @@ def _search_setup(args, run_dir: Path, out: Path, fresh_state: bool = False):
     held = _held_out(supernet, record["holdout"], args.recal_images, args.eval_images, args.data)
     fingerprint = {"supernet": _file_digest(supernet_path), "data": args.data or record["holdout"]["data"],
                    "holdout": record["holdout"]["count"], "holdout_seed": record["holdout"]["seed"],
-                   "recal_images": args.recal_images, "eval_images": args.eval_images,
-                   "pick": "random"}  # states from before the random pick scored one class; refuse them
+                   "recal_images": args.recal_images, "eval_images": args.eval_images}
     latency = None
     if getattr(args, "lut", None):
         from export.lut import latency_predictor
@@ -718,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=20, help="iterations")
     g.add_argument("--mutation-prob", type=float, default=0.1, help="mutation probability per group")
     p.add_argument("--samples", type=int, default=1000, help="configs per budget (random)")
-    p.add_argument("--greedy-step", type=float, default=0.1, help="share of a group's full width removed per greedy trial (down to its smallest width)")
+    p.add_argument("--greedy-step", type=float, default=0.1,
+                   help="share of a group's full width removed per greedy trial (down to its smallest width)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="results folder (default: RUN_DIR/search-METHOD)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

@@ -26,6 +26,9 @@ from compress.space import ChannelConfig
 from compress.supernet.dynamic import Supernet, recalibrate_bn
 
 PRELOAD_BYTES = 2 << 30  # held-out images kept in memory up to this size
+# Part of every state's fingerprint; raised when scores stop meaning what saved ones mean
+# (2: held-out images picked at random; before, the first images of a class-sorted split).
+SCORING_VERSION = 2
 
 
 class HeldOut:
@@ -71,7 +74,7 @@ class Evaluator:
         self.cache: dict[ChannelConfig, dict] = {}
         self.fresh = 0  # configs scored by this process (not from the cache)
         self.state_path = Path(state_path) if state_path else None
-        self.fingerprint = fingerprint or {}
+        self.fingerprint = {**(fingerprint or {}), "scoring": SCORING_VERSION}
         if self.state_path and self.state_path.exists():
             self._load_state()
 
