@@ -115,6 +115,8 @@ def cmd_eval(args) -> int:
     import torch
     from compress.data import eval_set, loader, random_subset
     from compress.evaluate import evaluate
+    if args.images < 0:
+        raise CompressError(f"--images {args.images}: give a number of images to evaluate, or 0 for all.")
     model = _load(args)
     cfg = model.compress_cfg
     ds = eval_set(args.data, cfg["input_size"], cfg["mean"], cfg["std"], cfg["num_classes"])

@@ -39,6 +39,8 @@ def test_prune_profile_eval_pipeline(tmp_path, cifar_dir):
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout)
     assert 0 <= metrics["top1"] <= 1 and metrics["images"] == 128
+    bad = run_cli("eval", out_pt, "--data", f"cifar10:{cifar_dir}", "--images", "-1")
+    assert bad.returncode == 2 and "--images -1" in bad.stderr
 
 
 def test_prune_with_config_file_and_width(tmp_path):
