@@ -16,7 +16,7 @@ from compress.models.zoo import example_input
 from compress.profile import count
 from compress.prune import group_scores
 from compress.space import ChannelSpace
-from compress.supernet import PruningNet, Slimmable, build_supernet, load_supernet, recalibrate_bn
+from compress.supernet import PruningNet, Slimmable, Supernet, build_supernet, load_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import reorder_channels, sandwich_step
 from conftest import ROOT, ResidualNet, run_cli
@@ -134,6 +134,32 @@ def test_pruningnet_hypernetworks_generate_each_layer_and_extract_matches(name):
     loss = pruningnet_step(supernet)(supernet, x, torch.arange(3), lambda l: l.backward())
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in supernet.hypers.parameters())
+
+
+def test_pruningnet_extract_brings_blown_up_convs_back_to_init_scale():
+    """Training grows generated weights far past their initial scale, which stalls
+    fine-tuning (SGD's effective step is lr / |w|^2); extract rescales each conv feeding a
+    BN to He-init scale, BN statistics with it, and leaves the function as it was."""
+    model = _model("user")
+    supernet = build_supernet(model, "pruningnet", hidden=8)
+    with torch.no_grad():
+        for hyper in supernet.hypers.values():
+            hyper.fc2.weight.mul_(30)
+            hyper.fc2.bias.mul_(30)
+    config = supernet.space.sample(np.random.default_rng(2))
+    recalibrate_bn(supernet, config, _batches(size=16))
+    x = torch.randn(3, 3, 16, 16)
+    want = supernet(x)
+    net = supernet.extract(config)
+    assert torch.allclose(net(x), want, atol=1e-6 * want.abs().max().item(), rtol=0)
+    unscaled = Supernet.extract(supernet, config)
+    for name in ("stem.0", "body.0", "body.3"):  # each feeds only a BN
+        w = net.get_submodule(name).weight
+        he = (2 / (w.shape[0] * w[0, 0].numel())) ** 0.5
+        assert he <= w.pow(2).mean().sqrt() < 2 * he, name  # factors are powers of two
+        assert unscaled.get_submodule(name).weight.pow(2).mean().sqrt() > 5 * he, name
+    for name in ("down.0", "head"):  # no BN after them: their scale is part of the function
+        assert torch.equal(net.get_submodule(name).weight, unscaled.get_submodule(name).weight), name
 
 
 def test_pruningnet_fitted_to_pretrained_weights_reproduces_the_model():

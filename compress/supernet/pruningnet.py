@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.space import ChannelSpace
+from compress.models.zoo import example_input
+from compress.space import ChannelSpace, dependency_graph
 from compress.supernet.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, Supernet, _take
 from compress.supernet.slimmable import random_config
 from compress.train import Step
@@ -130,6 +131,54 @@ class PruningNet(Supernet):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
         return model
+
+    @torch.no_grad()
+    def extract(self, config) -> nn.Module:
+        """The standalone pruned model of `config`, its BN-followed convs brought back to the
+        usual initialisation scale (`rescale_convs`) so that fine-tuning moves them."""
+        net = super().extract(config)
+        rescale_convs(net, example_input(self.space.input_size[-1], net))
+        return net
+
+
+@torch.no_grad()
+def rescale_convs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Scale each conv whose output feeds only a BatchNorm so its weights have the RMS of
+    He initialisation (fan-out, as torchvision initialises CNNs) to within 2x, and that BN's
+    running statistics with it; returns the median factor per conv. Factors are powers of
+    two, so scaling adds no rounding error.
+
+    BN makes such a conv's output scale-free, so the function is unchanged (exactly in eval
+    mode: the running variance absorbs BN's eps too), but SGD's effective step on it is
+    lr / |w|^2: a hypernetwork's generated weights are typically 10x (up to 100x) that
+    scale, and fine-tuning them at a normal learning rate then barely moves them. The factor
+    is per output channel; a channel's variance stays above 100x eps, so batch statistics in
+    training see eps as before to 0.5%, and a channel already below that keeps its scale.
+    """
+    graph = dependency_graph(model.eval(), example)
+    names = {m: n for n, m in model.named_modules()}
+    factors = {}
+    for module, node in graph.module2node.items():
+        if not isinstance(module, nn.Conv2d) or len(node.outputs) != 1:
+            continue
+        bn = node.outputs[0].module
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None:
+            continue
+        w = module.weight
+        rms = w.pow(2).mean().sqrt()
+        if rms == 0:
+            continue
+        target = (2.0 / (w.shape[0] * w[0, 0].numel())) ** 0.5 / rms
+        floor = (100 * bn.eps / bn.running_var.clamp_min(1e-30)).sqrt()
+        factor = torch.where(floor > 1, 1.0, floor.clamp(min=float(target)))
+        factor = 2.0 ** factor.log2().trunc()  # exact in floating point; rounded towards 1
+        w.mul_(factor.view(-1, *[1] * (w.dim() - 1)))
+        if module.bias is not None:
+            module.bias.mul_(factor)
+        bn.running_mean.mul_(factor)
+        bn.running_var.copy_(factor ** 2 * (bn.running_var + bn.eps) - bn.eps)
+        factors[names[module]] = float(factor.median())
+    return factors
 
 
 class _NoDim:
