@@ -2,8 +2,9 @@
 
 mobilenet_v2_cifar: train a supernet (slimmable or PruningNet), search configs at MAC
 targets (greedy for slimmable; evolution and random with the same number of evaluations for
-PruningNet), extract each, fine-tune, and report test top-1 next to the uniform-width
-models trained from scratch. Every stage is a real `chansearch` command, printed and run
+PruningNet), extract each, fine-tune it, and also retrain its architecture from scratch (as
+MetaPruning and AutoSlim do) with the uniform-width baselines' schedule; report test top-1
+next to those baselines. Every stage is a real `chansearch` command, printed and run
 as a subprocess; a stage whose output exists is skipped, so an interrupted run resumes.
 
 `--size cpu` fits a few hours on 2 CPU cores (the training budget matches bench_reference's
@@ -56,6 +57,7 @@ def main() -> None:
         common += ["--amp", "bf16"]
     if "steps" in p:
         common += ["--steps-per-epoch", p["steps"]]
+    epochs = p["supernet_epochs"] + p["finetune_epochs"]
     run = Path(args.out) / args.size / args.method
     if not (run / "supernet.pt").exists():
         resume = ["--resume", run] if (run / "last.pt").exists() else []
@@ -83,33 +85,42 @@ def main() -> None:
             tag = t["label"].split("<=")[-1]
             net = folder / f"net_{tag}.pt"
             tuned = folder / f"tuned_{tag}.pt"
+            retrained = folder / f"retrain_{tag}"
             if not net.exists():
                 chansearch("extract", run, "--search", folder, "--target", t["label"], "-o", net)
             if not tuned.exists():
                 chansearch("finetune", net, "--data", args.data, "--epochs", p["finetune_epochs"], "--lr", p["lr"] / 5,
                            *common, "-o", tuned)
+            if not (retrained / "model.pt").exists():
+                resume = ["--resume", retrained] if (retrained / "last.pt").exists() else []
+                chansearch("train", *(resume or [net, "--from-scratch", "--data", args.data, "--epochs", epochs,
+                                                 "--lr", p["lr"], "--val-images", 1000, "--seed", 0, *common,
+                                                 "--out", retrained]))
             before = json.loads(chansearch("eval", net, "--data", args.data, "--json"))
             after = json.loads(chansearch("eval", tuned, "--data", args.data, "--json"))
+            scratch = json.loads(chansearch("eval", retrained / "model.pt", "--data", args.data, "--json"))
             rows.append(f"| {args.method} | {method} | {t['label']} | {t['macs'] / 1e6:.2f}M | {t['params'] / 1e6:.3f}M "
-                        f"| {t['top1']:.2%} | {before['top1']:.2%} | {after['top1']:.2%} |")
+                        f"| {t['top1']:.2%} | {before['top1']:.2%} | {after['top1']:.2%} | {scratch['top1']:.2%} |")
     baselines = []
     for folder in sorted(Path(args.baselines, args.size).glob("w*")):
         if (folder / "model.pt").exists():
             test = json.loads(chansearch("eval", folder / "model.pt", "--data", args.data, "--json"))
             prof = json.loads(chansearch("profile", folder / "model.pt", "--json"))
-            baselines.append(f"| uniform {folder.name[1:]}x (from scratch, {p['supernet_epochs'] + p['finetune_epochs']} "
-                             f"epochs) | - | - | {prof['macs'] / 1e6:.2f}M | {prof['params'] / 1e6:.3f}M | - | - "
-                             f"| {test['top1']:.2%} |")
+            baselines.append(f"| uniform {folder.name[1:]}x | - | - | {prof['macs'] / 1e6:.2f}M "
+                             f"| {prof['params'] / 1e6:.3f}M | - | - | - | {test['top1']:.2%} |")
     settings = ", ".join(f"{k}={v}" for k, v in p.items())
     write_section(f"Channel search vs uniform widths: {args.method} ({args.size})", "\n".join([
         f"mobilenet_v2_cifar on `{args.data}`: {args.method} supernet trained {p['supernet_epochs']} epochs on "
         f"25,000 - {p['holdout']} training images (the rest held out for the search), searched at {TARGETS} of "
-        f"the full MACs, extracted, fine-tuned {p['finetune_epochs']} epochs on all training images; test top-1 on "
-        f"the 10,000 test images. Uniform baselines: bench_reference.py, same epoch count from scratch. "
+        f"the full MACs, extracted, fine-tuned {p['finetune_epochs']} epochs on all training images (so "
+        f"{epochs} epochs in all), and separately retrained from scratch (`chansearch train NET --from-scratch`) "
+        f"for {epochs} epochs at lr {p['lr']}, the schedule of the uniform baselines (bench_reference.py, "
+        f"trained from scratch); test top-1 on the 10,000 test images. "
         f"Settings: {settings}. 'held-out' is the supernet's accuracy at the config (BN recalibrated) on "
         "the held-out images; 'extracted' the standalone net before fine-tuning.", "",
-        "| supernet | search | target | MACs | params | held-out top-1 | extracted test top-1 | fine-tuned test top-1 |",
-        "|---|---|---|---|---|---|---|---|", *rows, *baselines]))
+        "| supernet | search | target | MACs | params | held-out top-1 | extracted test top-1 | fine-tuned test top-1 "
+        "| from-scratch test top-1 |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, *baselines]))
 
 
 if __name__ == "__main__":

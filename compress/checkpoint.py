@@ -102,10 +102,11 @@ def read_checkpoint(path: str | Path) -> dict:
     return obj
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, weights: bool = True) -> nn.Module:
     """Rebuild a checkpoint's model: build the base architecture, prune it to the stored
     config, load the weights. A checkpoint of a user's own model needs that (unpruned)
-    model passed as `model`."""
+    model passed as `model`. `weights=False` keeps the base architecture's own fresh
+    initialisation, cut to the config: the searched architecture, to retrain from scratch."""
     from compress.models.zoo import build_model, example_input
     from compress.prune import prune
     from compress.space import ChannelSpace
@@ -127,7 +128,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         except CompressError as exc:
             raise CompressError(f"'{path}': its channel config does not fit its architecture: {exc}") from None
     try:
-        base.load_state_dict(record["state_dict"])
+        if weights:
+            base.load_state_dict(record["state_dict"])
     except RuntimeError as exc:
         raise CompressError(f"'{path}': weights do not fit the rebuilt model: {str(exc)[:500]}") from None
     base.compress_cfg = {k: record.get(k) for k in (

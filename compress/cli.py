@@ -43,7 +43,8 @@ def _model_args(p: argparse.ArgumentParser, pretrained: bool = True, resumable: 
 def _load(args) -> "torch.nn.Module":  # noqa: F821
     from compress.models import load_target
     return load_target(args.target, num_classes=args.num_classes, width_mult=args.width_mult,
-                       pretrained=getattr(args, "pretrained", None), input_size=args.input_size)
+                       pretrained=getattr(args, "pretrained", None), input_size=args.input_size,
+                       from_scratch=getattr(args, "from_scratch", False))
 
 
 def _print_json(obj) -> None:
@@ -217,7 +218,8 @@ def cmd_train(args) -> int:
     trained = fit(model, args.data, _train_config(args), run_dir, teacher=teacher, resume=resuming)
     if distributed.is_main():
         save_checkpoint(run_dir / "model.pt", trained, provenance={
-            "created_by": "chansearch train", "parent": args.target, "data": args.data, "epochs": args.epochs})
+            "created_by": "chansearch train", "parent": args.target, "data": args.data, "epochs": args.epochs,
+            "from_scratch": getattr(args, "from_scratch", False)})
         print(f"saved {run_dir / 'model.pt'}")
     return 0
 
@@ -661,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_formatter, epilog=EPILOG + " Resume an interrupted run with --resume RUN_DIR.")
     _model_args(p, resumable=True)
     _train_args(p)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="TARGET is a (pruned) checkpoint: train its architecture from a fresh initialisation "
+                        "instead of its weights, as MetaPruning retrains a searched net")
     p.add_argument("--out", default="runs/train", help="run folder: last.pt, metrics.jsonl, model.pt")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run folder with its own settings")
     p.set_defaults(func=cmd_train)

@@ -108,6 +108,29 @@ def test_finetune_with_distillation_records_parent(tmp_path):
     assert (tmp_path / "ft_run" / "metrics.jsonl").is_file()
 
 
+def test_from_scratch_retrains_the_architecture_not_the_weights(tmp_path):
+    pruned, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), width=0.5)
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.fill_(0.5)  # trained weights no initialisation produces
+    compress.save_checkpoint(tmp_path / "p.pt", pruned)
+    torch.manual_seed(7)
+    fresh = compress.load(tmp_path / "p.pt", weights=False)
+    torch.manual_seed(7)
+    want, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), config=pruned.compress_cfg["config"],
+                           importance="first")
+    assert fresh.compress_cfg["config"] == pruned.compress_cfg["config"]
+    for (name, a), b in zip(fresh.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(a, b), name  # the architecture's own initialisation, cut to the config
+    out = run_cli("train", tmp_path / "p.pt", "--from-scratch", *TINY, "--epochs", "1", "--out", tmp_path / "r")
+    assert out.returncode == 0, out.stderr
+    record = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
+    assert record["config"] == pruned.compress_cfg["config"] and record["provenance"]["from_scratch"]
+    assert not (record["state_dict"]["classifier.3.weight"] - 0.5).abs().lt(0.1).all()
+    zoo = run_cli("train", "mobilenet_v3_small_cifar", "--from-scratch", *TINY, "--out", tmp_path / "z")
+    assert zoo.returncode == 2 and "--from-scratch" in zoo.stderr and "Traceback" not in zoo.stderr
+
+
 def test_divergence_names_step_and_checkpoint(tmp_path):
     model = compress.build("mobilenet_v3_small_cifar")
     calls = {"n": 0}

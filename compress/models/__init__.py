@@ -32,17 +32,22 @@ def is_checkpoint_path(target: str) -> bool:
 
 
 def load_target(target: str, num_classes: int | None = None, width_mult: float = 1.0,
-                pretrained: str | None = None, input_size: int | None = None) -> nn.Module:
-    """TARGET as the CLI takes it: a zoo name, or the path of a compress checkpoint."""
+                pretrained: str | None = None, input_size: int | None = None,
+                from_scratch: bool = False) -> nn.Module:
+    """TARGET as the CLI takes it: a zoo name, or the path of a compress checkpoint
+    (`from_scratch`: its architecture with a fresh initialisation, not its weights)."""
     if is_checkpoint_path(target):
         from compress.checkpoint import load
         for flag, value in (("--num-classes", num_classes), ("--pretrained", pretrained)):
             if value is not None:
                 raise CompressError(f"{flag} applies to zoo models, not to the checkpoint '{target}' "
                                     "(a checkpoint records its own).")
-        model = load(target)
+        model = load(target, weights=not from_scratch)
         if input_size is not None:
             model.compress_cfg["input_size"] = input_size
         return model
+    if from_scratch:
+        raise CompressError(f"--from-scratch retrains a checkpoint's architecture; '{target}' is a zoo "
+                            "name, which starts from scratch already unless --pretrained is given.")
     return build(target, num_classes=num_classes, width_mult=width_mult, pretrained=pretrained,
                  input_size=input_size)
