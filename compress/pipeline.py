@@ -235,18 +235,20 @@ class Pipeline:
         f = self.recipe.finetune
         upstream = self.records["prune" if self.recipe.supernet.method == "none" else "extract"]["outputs"]
         out = {}
+        command = "train" if f.from_scratch else "finetune"
         for tag, net in upstream["nets"].items():
-            path, run_dir = folder / f"{tag}.pt", folder / f"{tag}_run"
+            run_dir = folder / f"{tag}_run"
+            path = run_dir / "model.pt" if f.from_scratch else folder / f"{tag}.pt"
             if f.epochs == 0:
                 path = Path(net["path"])
             elif not path.exists():
                 if (run_dir / "last.pt").exists():
-                    self.chansearch(["finetune", "--resume", run_dir] + (["--quiet"] if self.quiet else []))
+                    self.chansearch([command, "--resume", run_dir] + (["--quiet"] if self.quiet else []))
                 else:
                     teacher = (["--teacher", upstream["teacher"], "--kd-weight", f.kd_weight, "--kd-temperature",
                                 f.kd_temperature] if f.distill else [])
-                    self.chansearch(["finetune", net["path"], *self._training_flags(f), *teacher, "-o", path,
-                                     "--run-dir", run_dir])
+                    where = ["--from-scratch", "--out", run_dir] if f.from_scratch else ["-o", path, "--run-dir", run_dir]
+                    self.chansearch([command, net["path"], *self._training_flags(f), *teacher, *where])
             out[tag] = {"path": str(path)}
         distributed.barrier()
         if distributed.is_main():

@@ -126,9 +126,16 @@ class PruneSection(_Section):
 class FinetuneSection(Training):
     epochs: int = 5
     lr: float = 0.01
+    from_scratch: bool = False  # retrain the architecture from a fresh initialisation (MetaPruning, AutoSlim)
     distill: bool = True  # from the unpruned model (or the supernet's full config)
     kd_weight: float = 0.5
     kd_temperature: float = 4.0
+
+    @model_validator(mode="after")
+    def _scratch(self):
+        if self.from_scratch and self.epochs == 0:
+            raise ValueError("from_scratch needs epochs > 0: a freshly initialised net must be trained")
+        return self
 
 
 class ExportSection(_Section):

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from compress import CompressError
 from compress.recipe import load_recipe
@@ -89,6 +90,13 @@ def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
     for stage in ("finetune", "export", "latency"):
         assert f"{stage}: inputs changed, re-running" in changed.stdout
         assert (run / f"{stage}.previous" / "stage.json").is_file()
+
+    scratch = run_cli("run", recipe, "--quiet", "finetune.from_scratch=true")
+    assert scratch.returncode == 0, scratch.stderr[-2000:]
+    assert "finetune: inputs changed, re-running" in scratch.stdout
+    for tag, net in json.loads((run / "finetune" / "stage.json").read_text())["outputs"].items():
+        record = torch.load(net["path"], weights_only=True)
+        assert record["provenance"]["from_scratch"] and record["provenance"]["epochs"] == 1, tag
 
     over = run_cli("run", recipe, "--quiet", "finetune.lr=0.02", "latency.budget_ms=0.000001")
     assert over.returncode == 3, over.stderr[-2000:]
