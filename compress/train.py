@@ -204,7 +204,7 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
         teacher.to(device).eval().requires_grad_(False)
     net = DistributedDataParallel(model) if world > 1 else model
     # Fused kernels update every parameter in one pass; on CPU the default per-tensor loop is
-    # ~10x slower, which dominates a PruningNet step (its hypernetworks hold ~30x the model's weights).
+    # several times slower, which shows on a PruningNet (its hypernetworks hold ~30x the model's weights).
     fused = device.type in ("cpu", "cuda")
     opt = (torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                            fused=fused)
