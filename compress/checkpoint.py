@@ -127,11 +127,11 @@ def load(path: str | Path, model: nn.Module | None = None, weights: bool = True)
             base = prune(base, record["config"], space, importance="first")
         except CompressError as exc:
             raise CompressError(f"'{path}': its channel config does not fit its architecture: {exc}") from None
-    try:
-        if weights:
+    if weights:
+        try:
             base.load_state_dict(record["state_dict"])
-    except RuntimeError as exc:
-        raise CompressError(f"'{path}': weights do not fit the rebuilt model: {str(exc)[:500]}") from None
+        except RuntimeError as exc:
+            raise CompressError(f"'{path}': weights do not fit the rebuilt model: {str(exc)[:500]}") from None
     base.compress_cfg = {k: record.get(k) for k in (
         "arch", "config", "space", "input_size", "mean", "std", "num_classes", "provenance")}
     base.compress_cfg["source"] = str(path)

@@ -204,7 +204,7 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
         teacher.to(device).eval().requires_grad_(False)
     net = DistributedDataParallel(model) if world > 1 else model
     # Fused kernels update every parameter in one pass; on CPU the default per-tensor loop is
-    # several times slower, which shows on a PruningNet (its hypernetworks hold ~30x the model's weights).
+    # several times slower on a PruningNet's hypernetworks (bench_supernet_speed.py measures it).
     fused = device.type in ("cpu", "cuda")
     opt = (torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                            fused=fused)

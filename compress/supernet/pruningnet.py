@@ -142,11 +142,10 @@ class PruningNet(Supernet):
 
 
 @torch.no_grad()
-def rescale_convs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+def rescale_convs(model: nn.Module, example: torch.Tensor) -> None:
     """Scale each conv whose output feeds only a BatchNorm so its weights have the RMS of
     He initialisation (fan-out, as torchvision initialises CNNs) to within 2x, and that BN's
-    running statistics with it; returns the median factor per conv. Factors are powers of
-    two, so scaling adds no rounding error.
+    running statistics with it. Factors are powers of two, so scaling adds no rounding error.
 
     BN makes such a conv's output scale-free, so the function is unchanged (exactly in eval
     mode: the running variance absorbs BN's eps too), but SGD's effective step on it is
@@ -156,8 +155,6 @@ def rescale_convs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
     training see eps as before to 0.5%, and a channel already below that keeps its scale.
     """
     graph = dependency_graph(model.eval(), example)
-    names = {m: n for n, m in model.named_modules()}
-    factors = {}
     for module, node in graph.module2node.items():
         if not isinstance(module, nn.Conv2d) or len(node.outputs) != 1:
             continue
@@ -177,8 +174,6 @@ def rescale_convs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
             module.bias.mul_(factor)
         bn.running_mean.mul_(factor)
         bn.running_var.copy_(factor ** 2 * (bn.running_var + bn.eps) - bn.eps)
-        factors[names[module]] = float(factor.median())
-    return factors
 
 
 class _NoDim:
