@@ -4,7 +4,10 @@ setup(
     name="compress",
     version="0.1.0",
     description="Make CNNs small and fast for edge devices: channel search, pruning, export, latency checks.",
-    packages=find_packages(include=["compress", "compress.*", "export", "export.*"]),
+    # export/ keeps its top-level folder but installs as compress.export: a top-level
+    # package named `export` would collide with any other project's.
+    packages=find_packages(include=["compress", "compress.*"]) + ["compress.export"],
+    package_dir={"compress.export": "export"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "torchvision>=0.19", "torch-pruning>=1.5", "thop", "numpy", "PyYAML",

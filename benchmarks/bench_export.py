@@ -21,7 +21,7 @@ from common import CIFAR, write_section
 from compress import ChannelSpace, build, config_for_macs, load, prune
 from compress.data import sample_images
 from compress.models import ZOO
-from export import export_onnx, export_tflite, measure
+from compress.export import export_onnx, export_tflite, measure
 
 
 def latency_table(args, tmp: Path) -> str:
@@ -33,7 +33,7 @@ def latency_table(args, tmp: Path) -> str:
         for frac in (0.75, 0.5, 0.3):
             config = config_for_macs(space, int(space.macs(space.max()) * frac))
             model = prune(base, config, space)
-            model.compress_cfg = base.compress_cfg
+            model.card = base.card
             variants.append((f"{int(frac * 100)}% MACs, divisor {divisor}", space.macs(config) / space.macs(space.max()),
                              divisor, model))
     files = {}
@@ -103,10 +103,10 @@ def parity_table(args, tmp: Path) -> str:
     trained = Path(args.trained) if args.trained else None
     model = load(trained) if trained and trained.is_file() else build("mobilenet_v2_cifar")
     source = f"trained ({trained})" if trained and trained.is_file() else "random init"
-    cfg = model.compress_cfg
+    card = model.card
     data = f"cifar10:{CIFAR}"
-    calib = sample_images(data, True, args.calib_images, 32, cfg["mean"], cfg["std"])
-    images = sample_images(data, False, args.eval_images, 32, cfg["mean"], cfg["std"], seed=1)
+    calib = sample_images(data, True, args.calib_images, 32, card.mean, card.std)
+    images = sample_images(data, False, args.eval_images, 32, card.mean, card.std, seed=1)
     began = time.perf_counter()
     flt = export_tflite(model, tmp / "f.tflite", images=images)
     q = export_tflite(model, tmp / "q.tflite", int8=True, calib_images=calib, images=images)

@@ -18,7 +18,8 @@ from common import CIFAR, write_section
 from compress import build, count, save_checkpoint
 from compress.data import eval_set, loader
 from compress.evaluate import evaluate
-from compress.train import STATE_FILE, TrainConfig, fit
+from compress.settings import DataSettings, TrainSettings
+from compress.train import STATE_FILE, fit
 
 SIZES = {  # epochs, batch, lr
     "cpu": dict(epochs=5, batch_size=128, lr=0.1),
@@ -39,18 +40,21 @@ def main() -> None:
     preset = SIZES[args.size]
     rows = []
     for width in [float(w) for w in args.widths.split(",")]:
-        cfg = TrainConfig(**preset, weight_decay=5e-4, label_smoothing=0.1, workers=args.workers, quiet=True,
-                          channels_last=True, amp="bf16" if device == "cuda" else "none", val_images=1000)
+        batch = preset.get("batch_size", 128)
+        cfg = TrainSettings(**{k: v for k, v in preset.items() if k != "batch_size"}, weight_decay=5e-4,
+                            label_smoothing=0.1, channels_last=True, amp="bf16" if device == "cuda" else "none",
+                            val_images=1000)
+        data = DataSettings(spec=args.data, batch_size=batch, workers=args.workers)
         run = Path(args.out) / args.size / f"w{width}"
         torch.manual_seed(0)
         model = build("mobilenet_v2_cifar", width_mult=width)
-        trained = fit(model, args.data, cfg, run, resume=(run / STATE_FILE).exists())
+        trained = fit(model, data, cfg, run, resume=(run / STATE_FILE).exists(), quiet=True)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         minutes = sum(h["seconds"] for h in history) / 60  # resumed runs included
-        mc = trained.compress_cfg
+        card = trained.card
         save_checkpoint(run / "model.pt", trained, provenance={"created_by": "benchmarks/bench_reference.py",
                                                                 "data": args.data, **preset})
-        test = evaluate(trained, loader(eval_set(args.data, 32, mc["mean"], mc["std"], 10), 256, args.workers), device)
+        test = evaluate(trained, loader(eval_set(args.data, 32, card.mean, card.std, 10), 256, args.workers), device)
         macs, params = count(trained, 32)
         rows.append(f"| {width} | {macs / 1e6:.2f}M | {params / 1e6:.3f}M | {test['top1']:.2%} | {test['top5']:.2%} | {minutes:.1f} |")
         print(rows[-1], flush=True)

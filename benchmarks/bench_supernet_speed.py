@@ -32,7 +32,8 @@ from compress import build
 from compress.search import Evaluator, HeldOut
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.slimmable import random_config, sandwich_step
-from compress.train import standard_step, TrainConfig
+from compress.settings import TrainSettings
+from compress.train import standard_step
 
 SIZES = {"cpu": dict(batch=64, rounds=5, steps=3), "gpu": dict(batch=256, rounds=7, steps=10),
          "quick": dict(batch=16, rounds=2, steps=1)}
@@ -111,7 +112,7 @@ def _peak_child(which: str, batch: int) -> float:
         model = build_supernet(model, "slimmable")
         step = sandwich_step(model)
     else:
-        step = standard_step(TrainConfig())
+        step = standard_step(TrainSettings())
     run = _train_step(model, step, images, labels)
     run()  # the optimizer state exists from here on, as in training
     with open("/proc/self/clear_refs", "w") as f:
@@ -130,7 +131,7 @@ def main() -> None:
     torch.manual_seed(0)
     images = torch.randn(p["batch"], 3, 32, 32, device=device)
     labels = torch.randint(0, 10, (p["batch"],), device=device)
-    plain_step = standard_step(TrainConfig())
+    plain_step = standard_step(TrainSettings())
     rows = []
 
     # ---- slimmable -----------------------------------------------------------------------

@@ -23,7 +23,8 @@ from torch.utils.data.distributed import DistributedSampler
 from common import CIFAR, write_section
 from compress import build
 from compress.data import train_holdout
-from compress.train import TrainConfig, fit, lr_lambda, param_groups
+from compress.settings import DataSettings, TrainSettings
+from compress.train import fit, lr_lambda, param_groups
 
 
 def bare_loop(model, loader, cfg, steps, device):
@@ -61,15 +62,15 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = TrainConfig(epochs=2, batch_size=args.batch_size, steps_per_epoch=args.steps, workers=args.workers,
-                      quiet=True, channels_last=args.channels_last)
+    cfg = TrainSettings(epochs=2, steps_per_epoch=args.steps, channels_last=args.channels_last)
+    data = DataSettings(spec=args.data, batch_size=args.batch_size, workers=args.workers)
     ours, bare = [], []
 
     def run_bare(r):
         torch.manual_seed(r)
         model = build(args.model)
-        mc = model.compress_cfg
-        train, _, _ = train_holdout(args.data, mc["input_size"], mc["mean"], mc["std"], mc["num_classes"])
+        card = model.card
+        train, _, _ = train_holdout(args.data, card.input_size, card.mean, card.std, card.num_classes)
         sampler = DistributedSampler(train, 1, 0, shuffle=True, seed=r, drop_last=True)
         loader = DataLoader(train, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True)
         if args.channels_last:
@@ -79,7 +80,7 @@ def main() -> None:
     def run_ours(r):
         torch.manual_seed(r)
         with tempfile.TemporaryDirectory() as run:
-            fit(build(args.model), args.data, cfg, run, validate=False)
+            fit(build(args.model), data, cfg, run, validate=False, quiet=True)
             ours.append(json.loads(open(f"{run}/metrics.jsonl").readlines()[1])["images_per_s"])
 
     for r in range(args.repeats):  # alternate which goes first: the machine drifts

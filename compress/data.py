@@ -112,7 +112,7 @@ def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes
     if spec.kind == "npz":
         return ArrayDataset(*_read_npz(loc), transform)
     if not loc.is_dir():
-        raise CompressError(f"data folder '{loc}' (from --data {spec}) does not exist.")
+        raise CompressError(f"data folder '{loc}' (from data {spec}) does not exist.")
     if spec.kind == "cifar10":
         npz = loc / ("train.npz" if train else "test.npz")
         if npz.is_file():
@@ -149,7 +149,7 @@ def check_labels(dataset: Dataset, num_classes: int, source: str) -> None:
         raise CompressError(f"{source} holds no images.")
     if labels.max() >= num_classes:
         raise CompressError(f"{source} has label {labels.max()} but the model has {num_classes} "
-                            "classes; pass --num-classes or use a matching model.")
+                            "classes; set `num_classes` or use a matching model.")
 
 
 def transforms(train: bool, input_size: int, mean, std):
@@ -170,7 +170,7 @@ def transforms(train: bool, input_size: int, mean, std):
 def eval_set(spec: str, input_size: int, mean, std, num_classes: int) -> Dataset:
     ds = build_dataset(spec, train=False, transform=transforms(False, input_size, mean, std),
                        num_classes=num_classes, image_size=input_size)
-    check_labels(ds, num_classes, f"--data {spec}")
+    check_labels(ds, num_classes, f"data {spec}")
     return ds
 
 
@@ -179,11 +179,11 @@ def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdo
     """The training set minus `holdout` images picked with `seed`, those images (with eval
     transforms, for search), and the holdout indices (to record in the run folder)."""
     train = build_dataset(spec, True, transforms(True, input_size, mean, std), num_classes, input_size)
-    check_labels(train, num_classes, f"--data {spec}")
+    check_labels(train, num_classes, f"data {spec}")
     if holdout <= 0:
         return train, None, np.array([], dtype=np.int64)
     if holdout >= len(train):
-        raise CompressError(f"--holdout {holdout} leaves no training images ({spec} has {len(train)}).")
+        raise CompressError(f"`holdout` {holdout} leaves no training images ({spec} has {len(train)}).")
     plain = build_dataset(spec, True, transforms(False, input_size, mean, std), num_classes, input_size)
     perm = np.random.default_rng(seed).permutation(len(train))
     held, kept = np.sort(perm[:holdout]), np.sort(perm[holdout:])
@@ -209,7 +209,7 @@ def sample_images(spec: str, train: bool, count: int, input_size: int, mean, std
     calibration and parity inputs for export."""
     ds = build_dataset(spec, train, transforms(False, input_size, mean, std), image_size=input_size)
     if len(ds) == 0:
-        raise CompressError(f"--data {spec} holds no images.")
+        raise CompressError(f"data {spec} holds no images.")
     picks = np.sort(np.random.default_rng(seed).permutation(len(ds))[:count])
     return torch.stack([ds[int(i)][0] for i in picks])
 

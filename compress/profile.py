@@ -9,6 +9,10 @@ import torch
 from thop.vision.basic_hooks import zero_ops
 from torch import nn
 
+from compress.card import card_of
+from compress.models.zoo import build_model
+from compress.space import ChannelSpace, example_input, widths_of
+
 # The papers' convention counts conv and linear MACs only: thop's rules for
 # normalization, activation and pooling layers are replaced by zero.
 _ZERO = {t: zero_ops for t in (
@@ -35,37 +39,24 @@ def count(model: nn.Module, input_size: int | tuple, channels: int = 3) -> tuple
     return int(macs), int(params)
 
 
-def human(n: float, unit: str = "") -> str:
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
-
-
-def model_space(model: nn.Module, divisor: int = 8):
+def model_space(model: nn.Module, divisor: int = 8) -> ChannelSpace:
     """The channel space a model's widths are read against: its unpruned base architecture's
     when it is a pruned zoo checkpoint, else its own."""
-    from compress.checkpoint import model_cfg
-    from compress.models.zoo import build_model, example_input
-    from compress.space import ChannelSpace
-    cfg = model_cfg(model)
-    example = example_input(cfg["input_size"])
-    if cfg.get("config") is not None and "zoo" in cfg["arch"]:
-        base = build_model(cfg["arch"]["zoo"], **cfg["arch"].get("kwargs", {}))
-        settings = cfg.get("space") or {"divisor": divisor}
-        return ChannelSpace.from_model(base, example, **settings)
+    card = card_of(model)
+    example = example_input(card.input_size)
+    if card.pruned and "zoo" in card.arch:
+        base = build_model(card.arch["zoo"], **card.arch.get("kwargs", {}))
+        return ChannelSpace.from_model(base, example, **(card.space or {"divisor": divisor}))
     return ChannelSpace.from_model(model, example, divisor=divisor)
 
 
 def profile_model(model: nn.Module, divisor: int = 8) -> dict:
     """MACs and params (thop) and each channel group's width against its maximum."""
-    from compress.checkpoint import model_cfg
-    from compress.prune import widths_of
-    cfg = model_cfg(model)
-    macs, params = count(model, cfg["input_size"])
+    card = card_of(model)
+    macs, params = count(model, card.input_size)
     space = model_space(model, divisor)
     widths = widths_of(model, space)
-    return {"macs": macs, "params": params, "input_size": cfg["input_size"],
-            "num_classes": cfg["num_classes"], "arch": cfg["arch"],
+    return {"macs": macs, "params": params, "input_size": card.input_size,
+            "num_classes": card.num_classes, "arch": card.arch,
             "groups": [{"name": g.name, "width": widths[g.name], "max": g.max, "min": g.min}
                        for g in space.groups]}

@@ -10,10 +10,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compress.card import card_of
 from compress.errors import CompressError
-from compress.models.zoo import example_input
-from compress.profile import human
-from compress.space import ChannelConfig, ChannelSpace, dependency_graph
+from compress.space import ChannelConfig, ChannelSpace, dependency_graph, example_input, pruning_group
+from compress.units import human, parse_count
 
 IMPORTANCES = ("l1", "l2", "first", "taylor", "bn")
 STRATEGIES = ("uniform", "global")
@@ -39,11 +39,6 @@ def _taylor_gradients(model: nn.Module, batch) -> None:
         nn.functional.cross_entropy(model(images), labels).backward()
 
 
-def _group_of(graph: tp.DependencyGraph, model: nn.Module, name: str, idxs: list[int]):
-    module = model.get_submodule(name)
-    return graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs)
-
-
 def group_scores(model: nn.Module, space: ChannelSpace, importance: str = "l1",
                  batch=None) -> dict[str, np.ndarray]:
     """Per-channel importance of every group (torch-pruning's group importance)."""
@@ -57,7 +52,7 @@ def group_scores(model: nn.Module, space: ChannelSpace, importance: str = "l1",
         if imp is None:  # "first": earlier channels matter more
             scores[g.name] = np.arange(g.max, 0, -1, dtype=np.float64)
         else:
-            scores[g.name] = imp(_group_of(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
+            scores[g.name] = imp(pruning_group(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
     return scores
 
 
@@ -87,9 +82,9 @@ def prune(model: nn.Module, config: Mapping[str, int], space: ChannelSpace | Non
         if imp is None:
             drop = list(range(width, g.max))
         else:
-            scores = imp(_group_of(graph, pruned, g.name, list(range(g.max))))
+            scores = imp(pruning_group(graph, pruned, g.name, list(range(g.max))))
             drop = sorted(torch.argsort(scores)[: g.max - width].tolist())
-        _group_of(graph, pruned, g.name, drop).prune()
+        pruning_group(graph, pruned, g.name, drop).prune()
     pruned.zero_grad(set_to_none=True)
     return pruned.train(was_training)
 
@@ -164,28 +159,16 @@ def _fill(space: ChannelSpace, config: ChannelConfig, target_macs: int,
             return ChannelConfig(widths)
 
 
-def widths_of(model: nn.Module, space: ChannelSpace) -> ChannelConfig:
-    """The widths a (pruned) model actually has, read off each group's defining layer."""
-    out = {}
-    for g in space.groups:
-        m = model.get_submodule(g.name)
-        out[g.name] = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-    return ChannelConfig(out)
-
-
-def prune_target(model: nn.Module, config: str | Mapping | None = None, macs: str | int | None = None,
+def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, macs: str | int | None = None,
                  width: float | None = None, importance: str = "l1", strategy: str = "uniform",
                  divisor: int = 8, batch=None) -> tuple[nn.Module, dict]:
-    """Prune a model that carries `compress_cfg` to a config (or JSON file), a MAC target or a
-    uniform width; the result carries the updated `compress_cfg`."""
-    from compress.checkpoint import model_cfg
-    from compress.units import parse_count
-    cfg = model_cfg(model)
-    if cfg.get("config") is not None:
-        raise CompressError(f"'{cfg.get('source')}' is already pruned; prune its unpruned parent "
-                            f"({cfg.get('provenance', {}).get('parent', 'the original model')}) instead.")
-    size = cfg["input_size"]
-    space = ChannelSpace.from_model(model, example_input(size, model), divisor=divisor)
+    """Prune a model that carries a card to a config (or JSON file), a MAC target or a
+    uniform width; the result carries the card with its channel config."""
+    card = card_of(model)
+    if card.pruned:
+        raise CompressError(f"'{card.source}' is already pruned; prune its unpruned parent "
+                            f"({card.provenance.get('parent', 'the original model')}) instead.")
+    space = ChannelSpace.from_model(model, example_input(card.input_size, model), divisor=divisor)
     full = space.macs(space.max())
     info = {"macs_before": full, "params_before": space.params(space.max()), "strategy": None}
     if config is not None:
@@ -201,5 +184,5 @@ def prune_target(model: nn.Module, config: str | Mapping | None = None, macs: st
     else:
         raise CompressError("give one of a channel config, a MAC target or a width multiplier.")
     pruned = prune(model, chosen, space, importance=importance, batch=batch)
-    pruned.compress_cfg = {**cfg, "config": chosen.to_dict(), "space": space.settings()}
+    pruned.card = card.replace(config=chosen.to_dict(), space=space.settings())
     return pruned, info

@@ -5,169 +5,52 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
 from compress.errors import CompressError
-from compress.units import parse_count
+from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, LatencySettings, LutSettings,
+                               ModelSettings, PruneSettings, SearchSettings, Settings, SupernetSettings, Target)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SearchSection(SearchSettings):
+    lut: LutSettings | None = None  # how to build the latency table latency_ms targets need
 
 
-class ModelSection(_Section):
-    name: str  # zoo name or checkpoint path
-    pretrained: str | None = None  # torchvision | PATH
-    num_classes: int | None = None
-    width_mult: float = 1.0
-    input_size: int | None = None
+class Recipe(Settings):
+    """A whole run: one section per stage, each the settings model that stage takes."""
 
-
-class DataSection(_Section):
-    spec: str
-    batch_size: int = 128
-    workers: int = 2
-    holdout: int = 5000  # training images held out for the search
-
-
-def _count(value, what: str):
-    if value is None:
-        return None
-    text = str(value).strip()
-    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGkmg]?|\d+(\.\d+)?\s*%", text):
-        raise ValueError(f"'{value}' is not a {what} like 150M, 1.2G, 300000 or 50%")
-    parse_count(text.replace(" ", ""), what, full=1)
-    return text.replace(" ", "")
-
-
-class Target(_Section):
-    macs: str | None = None
-    params: str | None = None
-    latency_ms: float | None = None
-
-    @field_validator("macs", mode="before")
-    @classmethod
-    def _macs(cls, v):
-        return _count(v, "MAC count")
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _params(cls, v):
-        return _count(v, "parameter count")
-
-    @model_validator(mode="after")
-    def _some(self):
-        if self.macs is None and self.params is None and self.latency_ms is None:
-            raise ValueError("a target needs at least one of macs, params, latency_ms")
-        return self
-
-    def tag(self) -> str:
-        parts = [f"macs{self.macs}" if self.macs else "", f"params{self.params}" if self.params else "",
-                 f"lat{self.latency_ms:g}ms" if self.latency_ms else ""]
-        return "_".join(p for p in parts if p).replace("%", "pct").replace(".", "p")
-
-
-class Training(_Section):
-    epochs: int = 10
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.1
-    steps_per_epoch: int = 0  # 0 = whole training set
-    val_images: int = 1000
-    channels_last: bool = True
-    amp: Literal["none", "bf16", "fp16"] = "none"
-
-
-class SupernetSection(Training):
-    method: Literal["slimmable", "pruningnet", "none"] = "slimmable"
-    min_width: float = 0.25
-    divisor: int = 8
-    num_random: int = 2
-    uniform: bool = False
-    distill: bool = True
-    reorder: bool = True
-    hidden: int = 32
-
-
-class LutSection(_Section):
-    backend: Literal["tflite", "onnxruntime"] = "tflite"
-    threads: int = 1
-    grid: int = 4
-    anchors: int = 6
-
-
-class SearchSection(_Section):
-    method: Literal["greedy", "evolution", "random"] = "greedy"
-    targets: list[Target] = []
-    recal_images: int = 2000
-    eval_images: int = 5000
-    greedy_step: float = 0.1
-    population: int = 50
-    parents: int = 10
-    mutations: int = 25
-    crossovers: int = 25
-    iterations: int = 20
-    mutation_prob: float = 0.1
-    samples: int = 1000
-    lut: LutSection | None = None  # needed for latency_ms targets
-
-
-class PruneSection(_Section):
-    importance: Literal["l1", "l2", "bn", "first"] = "l1"
-    strategy: Literal["uniform", "global"] = "global"
-    divisor: int = 8
-    targets: list[Target] = []
-
-
-class FinetuneSection(Training):
-    epochs: int = 5
-    lr: float = 0.01
-    from_scratch: bool = False  # retrain the architecture from a fresh initialisation (MetaPruning, AutoSlim)
-    distill: bool = True  # from the unpruned model (or the supernet's full config)
-    kd_weight: float = 0.5
-    kd_temperature: float = 4.0
-
-    @model_validator(mode="after")
-    def _scratch(self):
-        if self.from_scratch and self.epochs == 0:
-            raise ValueError("from_scratch needs epochs > 0: a freshly initialised net must be trained")
-        return self
-
-
-class ExportSection(_Section):
-    formats: list[Literal["onnx", "tflite"]] = ["onnx", "tflite"]
-    int8: bool = False
-    calib_images: int = 200
-    parity_images: int = 100
-    tolerance: float = 1e-4
-    min_agreement: float | None = None
-
-
-class LatencySection(_Section):
-    backend: Literal["auto", "onnxruntime", "tflite"] = "auto"
-    threads: int = 1
-    runs: int = 50
-    warmup: int = 10
-    device: str = "local"
-    budget_ms: float | None = None
-
-
-class Recipe(_Section):
     name: str
-    seed: int = 0
+    seed: int = 0  # every stage's seed unless its section sets its own
     out: str = "runs"
-    model: ModelSection
-    data: DataSection
-    supernet: SupernetSection = SupernetSection()
+    model: ModelSettings
+    data: DataSettings
+    supernet: SupernetSettings = SupernetSettings()
     search: SearchSection = SearchSection()
-    prune: PruneSection = PruneSection()
-    finetune: FinetuneSection = FinetuneSection()
-    export: ExportSection = ExportSection()
-    latency: LatencySection = LatencySection()
+    prune: PruneSettings = PruneSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    export: ExportSettings = ExportSettings()
+    latency: LatencySettings = LatencySettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared(cls, data):
+        """The run-wide seed reaches every stage that has one; `data.holdout` (the older
+        spelling) is the supernet's held-out count."""
+        if not isinstance(data, dict):
+            return data
+        data = {**data}
+        for section in ("supernet", "search", "finetune"):
+            if isinstance(data.get(section, {}), dict):
+                data[section] = {"seed": data.get("seed", 0), **data.get(section, {})}
+        if isinstance(data.get("data"), dict) and "holdout" in data["data"]:
+            values = {**data["data"]}
+            holdout = values.pop("holdout")
+            data["data"] = values
+            if isinstance(data.get("supernet", {}), dict):
+                data["supernet"] = {"holdout": holdout, **data.get("supernet", {})}
+        return data
 
     @model_validator(mode="after")
     def _paths(self):

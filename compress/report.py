@@ -3,13 +3,13 @@ fine-tuning, export parity, measured latency against the budget, pass/fail) and 
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
+import io
 from pathlib import Path
 
 import torch
 
-from compress.profile import human
+from compress.files import atomic_write_bytes, atomic_write_text
+from compress.units import human
 
 
 def _pct(value) -> str:
@@ -67,7 +67,7 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     if "search" in pipeline.records:
         plot = Path(pipeline.records["search"]["outputs"]["plot"])
         if plot.exists():
-            shutil.copyfile(plot, run_dir / "search.png")
+            atomic_write_bytes(run_dir / "search.png", plot.read_bytes())
             lines += ["![search: every evaluated config, the Pareto front and the chosen ones](search.png)", ""]
     _plot(run_dir / "report.png", points)
     lines += ["![test top-1 vs MACs before and after fine-tuning](report.png)", "",
@@ -75,9 +75,7 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
               *pipeline.commands, "```", ""]
     if failures:
         lines += ["## Failed checks", "", *[f"- {f}" for f in failures], ""]
-    tmp = run_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, run_dir / "report.md")
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))
     print("\n".join(table))
     print(f"report: {run_dir / 'report.md'}")
     return failures
@@ -99,5 +97,7 @@ def _plot(path: Path, points: list) -> None:
     ax.set_title("each target: before (gray) and after (blue) fine-tuning")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -278,6 +278,22 @@ def _show_widths(widths) -> str:
         f"{', '.join(map(str, widths[:4]))}, ..., {', '.join(map(str, widths[-3:]))}")
 
 
+def widths_of(model: nn.Module, space: ChannelSpace) -> ChannelConfig:
+    """The widths a (pruned) model actually has, read off each group's defining layer."""
+    out = {}
+    for g in space.groups:
+        m = model.get_submodule(g.name)
+        out[g.name] = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    return ChannelConfig(out)
+
+
+def example_input(input_size: int, like: nn.Module | None = None) -> torch.Tensor:
+    """One random RGB image of `input_size`, on the device and dtype of `like`'s weights:
+    what tracing a model (dependency graph, counting) runs on."""
+    x = torch.randn(1, 3, input_size, input_size)
+    return x if like is None else x.to(next(like.parameters()))
+
+
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     try:
         with torch.enable_grad():  # torch-pruning traces through autograd
@@ -285,7 +301,13 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     except Exception as exc:
         raise CompressError(f"torch-pruning could not trace the model on an input of shape "
                             f"{tuple(example_input.shape)}: {type(exc).__name__}: {exc}. Check "
-                            "the input size (--input-size) and that the model runs on it.") from None
+                            "the input size and that the model runs on it.") from None
+
+
+def pruning_group(graph: tp.DependencyGraph, model: nn.Module, name: str, idxs: list[int]):
+    """torch-pruning's group of layer `name`'s output channels `idxs` (with every coupled layer)."""
+    module = model.get_submodule(name)
+    return graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs)
 
 
 def fixed_layers(model: nn.Module, graph: tp.DependencyGraph) -> list[nn.Module]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,58 +25,26 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from compress import distributed
-from compress.checkpoint import atomic_save, model_cfg, read_checkpoint_dict
+from compress.card import ModelCard, card_of
 from compress.data import eval_set, random_subset, train_holdout
 from compress.errors import CompressError
 from compress.evaluate import evaluate
+from compress.files import atomic_save, atomic_write_json, atomic_write_text, safe_torch_load
+from compress.settings import DataSettings, TrainSettings
 
 STATE_FILE = "last.pt"
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128  # global: split across torchrun processes
-    lr: float = 0.05
-    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | linear, per step, after warm-up
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.1
-    clip_grad: float = 0.0  # max gradient norm; 0 = off
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    channels_last: bool = False
-    ema_decay: float = 0.0  # 0 = no EMA
-    kd_temperature: float = 4.0
-    kd_weight: float = 0.5  # share of the KD loss when a teacher is given
-    holdout: int = 0  # training images held out for search
-    val_images: int = 0  # evaluation images per epoch; 0 = the whole evaluation split
-    steps_per_epoch: int = 0  # 0 = the whole training set
-    workers: int = 2
-    seed: int = 0
-    deterministic: bool = False
-    quiet: bool = False
+# Settings that do not change the result; a resumed run may differ in these. (Not `workers`:
+# worker processes draw augmentation randomness differently.)
+COSMETIC = ()
 
-    # Settings that do not change the result; a resumed run may differ in these. (Not
-    # `workers`: worker processes draw augmentation randomness differently.)
-    COSMETIC = ("quiet",)
 
-    def check(self) -> None:
-        for name, ok, what in (
-                ("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
-                ("lr", self.lr > 0, "positive"), ("optimizer", self.optimizer in ("sgd", "adamw"), "sgd or adamw"),
-                ("schedule", self.schedule in ("cosine", "linear"), "cosine or linear"),
-                ("amp", self.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
-                ("kd_weight", 0 <= self.kd_weight <= 1, "in [0, 1]"),
-                ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)")):
-            if not ok:
-                raise CompressError(f"training setting {name}={getattr(self, name)!r} must be {what}.")
+class Loaders(NamedTuple):
+    """A user's own data: a training loader and, optionally, one to validate each epoch on."""
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    train: DataLoader
+    val: DataLoader | None = None
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,7 +58,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], torch.Tensor]
 
 
-def standard_step(cfg: TrainConfig, teacher: nn.Module | None = None) -> Step:
+def standard_step(cfg: TrainSettings, teacher: nn.Module | None = None) -> Step:
     """Cross-entropy with label smoothing, plus KD from `teacher` when given."""
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
@@ -118,7 +85,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainSettings, steps_per_epoch: int) -> Callable[[int], float]:
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     total = cfg.epochs * steps_per_epoch
 
@@ -156,46 +123,62 @@ def _seed(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _val_loader(cfg: TrainConfig, spec: str, mcfg: dict, per_rank_batch: int) -> DataLoader:
-    ds = eval_set(spec, mcfg["input_size"], mcfg["mean"], mcfg["std"], mcfg["num_classes"])
-    ds = random_subset(ds, cfg.val_images, cfg.seed)
-    sampler = DistributedSampler(ds, distributed.world_size(), distributed.rank(), shuffle=False) \
-        if distributed.world_size() > 1 else None
-    return DataLoader(ds, per_rank_batch, sampler=sampler, num_workers=cfg.workers)
+def spec_loaders(data: DataSettings, card: ModelCard, cfg: TrainSettings, validate: bool = True
+                 ) -> tuple[Loaders, np.ndarray]:
+    """Loaders for a data spec, split across torchrun ranks, and the indices of the
+    `cfg.holdout` training images held out (for the search)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    if data.batch_size % world:
+        raise CompressError(f"batch size {data.batch_size} does not split over {world} processes; "
+                            f"use a multiple of {world}.")
+    train_set, _, held = train_holdout(data.spec, card.input_size, card.mean, card.std, card.num_classes,
+                                       cfg.holdout, cfg.seed)
+    per_rank = data.batch_size // world
+    if len(train_set) < data.batch_size:
+        raise CompressError(f"data {data.spec} has {len(train_set)} training images, fewer than one batch "
+                            f"({data.batch_size}); lower `batch_size`.")
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    train = DataLoader(train_set, per_rank, sampler=sampler, num_workers=data.workers, drop_last=True,
+                       pin_memory=torch.cuda.is_available(), persistent_workers=data.workers > 0)
+    val = None
+    if validate:
+        ds = random_subset(eval_set(data.spec, card.input_size, card.mean, card.std, card.num_classes),
+                           cfg.val_images, cfg.seed)
+        val_sampler = DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        val = DataLoader(ds, per_rank, sampler=val_sampler, num_workers=data.workers)
+    return Loaders(train, val), held
 
 
-def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teacher: nn.Module | None = None,
-        step: Step | None = None, resume: bool = False, validate: bool = True) -> nn.Module:
-    """Train `model` (carrying `compress_cfg`) on data spec `data`; returns the trained module
-    (the EMA weights when EMA is on). `run_dir` receives last.pt every epoch and
-    metrics.jsonl; `resume=True` continues from run_dir/last.pt exactly."""
-    cfg.check()
+def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: TrainSettings, run_dir: str | Path,
+        teacher: nn.Module | None = None, step: Step | None = None, resume: bool = False, validate: bool = True,
+        quiet: bool = False) -> nn.Module:
+    """Train `model` (carrying a card) on `data`: a data spec (DataSettings, or its spec string)
+    or a user's own `Loaders(train, val)`. Returns the trained module (the EMA weights when
+    EMA is on). `run_dir` receives last.pt every epoch and metrics.jsonl; `resume=True`
+    continues from run_dir/last.pt exactly."""
+    if cfg.epochs < 1:
+        raise CompressError(f"training needs `epochs` >= 1, got {cfg.epochs}.")
     run_dir = Path(run_dir)
     rank, world, device = distributed.init()
     main = rank == 0
-    if cfg.batch_size % world:
-        raise CompressError(f"batch size {cfg.batch_size} does not split over {world} processes; "
-                            f"use a multiple of {world}.")
     if cfg.amp != "none" and device.type != "cuda":
-        raise CompressError(f"--amp {cfg.amp} needs a CUDA device; this run is on {device}. Use --amp none.")
-    mcfg = model_cfg(model)
+        raise CompressError(f"`amp` {cfg.amp} needs a CUDA device; this run is on {device}. Use amp none.")
+    card = card_of(model)
     state_path = run_dir / STATE_FILE
-    saved = read_checkpoint_dict(state_path) if resume else None
+    saved = safe_torch_load(state_path) if resume else None
+    data = DataSettings(spec=data) if isinstance(data, str) else data
+    recorded = {"settings": cfg.model_dump(), "data": data.model_dump() if isinstance(data, DataSettings) else None}
     if resume:
-        _check_same_config(saved, cfg, state_path)
+        _check_same_config(saved, recorded, state_path)
     _seed(cfg.seed + rank, cfg.deterministic)
 
-    train_set, _, held = train_holdout(data, mcfg["input_size"], mcfg["mean"], mcfg["std"],
-                                       mcfg["num_classes"], cfg.holdout, cfg.seed)
-    per_rank = cfg.batch_size // world
-    if len(train_set) < cfg.batch_size:
-        raise CompressError(f"--data {data} has {len(train_set)} training images, fewer than one batch "
-                            f"({cfg.batch_size}); lower --batch-size.")
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    if isinstance(data, DataSettings):
+        (loader, val_loader), held = spec_loaders(data, card, cfg, validate)
+    else:
+        (loader, val_loader), held = (Loaders(data) if isinstance(data, DataLoader) else data), None
+        val_loader = val_loader if validate else None
+    sampler = getattr(loader, "sampler", None)
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(cfg.steps_per_epoch, len(loader))
-    val_loader = _val_loader(cfg, data, mcfg, per_rank) if validate else None
 
     model.to(device)
     if cfg.channels_last:
@@ -231,20 +214,23 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
             _set_rng_state(saved["rng"])
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        (run_dir / "holdout.json").write_text(json.dumps({"data": data, "seed": cfg.seed, "indices": held.tolist()}))
+        atomic_write_json(run_dir / "train_config.json", recorded)
+        if held is not None:
+            atomic_write_json(run_dir / "holdout.json", {"data": data.spec, "seed": cfg.seed, "indices": held.tolist()},
+                              indent=None)
         _write_metrics(run_dir, history)
 
     def backward(loss: torch.Tensor) -> None:
         scaler.scale(loss).backward()
 
     for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         net.train()
         loss_sum, seen = 0.0, 0
         began = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                   disable=not main or cfg.quiet or not _tty())
+                   disable=not main or quiet or not _tty())
         for i, (images, labels) in enumerate(loader):
             if i >= steps:
                 break
@@ -260,7 +246,7 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
                     f"training diverged: loss is {value} at epoch {epoch + 1}, step {i + 1} "
                     f"(global step {epoch * steps + i + 1}). Last good checkpoint: "
                     + (f"{state_path} (after epoch {len(history)})" if history else "none yet")
-                    + ". Lower --lr, or add --clip-grad or --warmup-epochs.")
+                    + ". Lower `lr`, or set `clip_grad` or `warmup_epochs`.")
             if cfg.clip_grad > 0:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -289,21 +275,24 @@ def fit(model: nn.Module, data: str, cfg: TrainConfig, run_dir: str | Path, teac
             atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                          "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
-                         "history": history, "train_config": asdict(cfg), "model_cfg": mcfg}, state_path)
+                         "history": history, "train_config": recorded, "card": card.to_dict()}, state_path)
             _write_metrics(run_dir, history)
             _tensorboard(run_dir, record)
-            if not cfg.quiet:
+            if not quiet:
                 print(_summary(record), flush=True)
         distributed.barrier()
     final = ema.module if ema is not None else model
-    final.compress_cfg = mcfg
+    final.card = card
     return final
 
 
-def _check_same_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    before = TrainConfig.from_dict(saved.get("train_config", {}))
-    diff = [f"{f.name}: {getattr(before, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(cfg)
-            if f.name not in TrainConfig.COSMETIC and getattr(before, f.name) != getattr(cfg, f.name)]
+def _check_same_config(saved: dict, recorded: dict, path: Path) -> None:
+    before = saved.get("train_config", {})
+    diff = []
+    for part in ("settings", "data"):
+        old, new = before.get(part) or {}, recorded[part] or {}
+        diff += [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
+                 if k not in COSMETIC and old[k] != new.get(k)]
     if diff:
         raise CompressError(f"cannot resume {path}: the training settings changed ({'; '.join(diff)}). "
                             "Resume with the run's own settings, or start a new run folder.")
@@ -312,9 +301,7 @@ def _check_same_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl from the checkpoint's history, so that a resumed run neither
     loses nor repeats an epoch."""
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, run_dir / "metrics.jsonl")
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _summary(record: dict) -> str:

@@ -24,3 +24,11 @@ def parse_count(text: str | int | float, what: str = "MAC count", full: int | No
     if value <= 0:
         raise CompressError(f"a {what} must be positive, got '{text}'.")
     return int(value)
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M': counts as people read them."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import CheckFailed, CompressError
+from compress.export.onnx import session
+from compress.export.tflite import open_interpreter
 
 BACKENDS = ("auto", "onnxruntime", "tflite")
 DEVICE_DIR = "/data/local/tmp"
@@ -25,7 +27,7 @@ def _backend(path: Path, backend: str) -> str:
     by_suffix = {".onnx": "onnxruntime", ".tflite": "tflite"}
     if path.suffix not in by_suffix:
         raise CompressError(f"cannot tell the backend of '{path}' from its suffix; use .onnx or .tflite, "
-                            "or pass --backend.")
+                            "or name the `backend`.")
     return by_suffix[path.suffix]
 
 
@@ -57,7 +59,6 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
     backend = _backend(path, backend)
     if backend == "onnxruntime":
         import onnxruntime as ort
-        from export.onnx import session
         try:
             sess = session(path, threads)
         except Exception as exc:
@@ -71,9 +72,8 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
         version = f"onnxruntime {ort.__version__}"
     else:
         from ai_edge_litert import __version__ as litert_version
-        from export.tflite import _interpreter
         try:
-            interpreter = _interpreter(path, threads)
+            interpreter = open_interpreter(path, threads)
         except Exception as exc:
             raise CompressError(f"LiteRT cannot load '{path}': {str(exc)[:300]}") from None
         detail = interpreter.get_input_details()[0]

@@ -20,8 +20,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from compress.card import card_of
 from compress.errors import CompressError
-from export.parity import compare, reference_inputs, torch_logits
+from compress.export.parity import compare, reference_inputs, torch_logits
+from compress.profile import count
 
 DEFAULT_OPSET = 18
 
@@ -34,19 +36,19 @@ def check_input_size(model: nn.Module, size: int) -> torch.Tensor:
             model.eval()(x)
     except RuntimeError as exc:
         raise CompressError(f"the model cannot take a {size}x{size} input ({str(exc).splitlines()[0][:200]}); "
-                            "choose another --input-size.") from None
+                            "choose another `input_size`.") from None
     return x
 
 
 def metadata(model: nn.Module) -> dict[str, str]:
-    """What a deployed file should say about itself: channel config, cost, preprocessing."""
-    from compress.profile import count
-    cfg = model.compress_cfg
-    macs, params = count(model, cfg["input_size"])
-    return {"compress.arch": json.dumps(cfg["arch"]), "compress.config": json.dumps(cfg.get("config")),
-            "compress.macs": str(macs), "compress.params": str(params),
-            "compress.input_size": str(cfg["input_size"]), "compress.num_classes": str(cfg["num_classes"]),
-            "compress.mean": json.dumps(list(cfg["mean"])), "compress.std": json.dumps(list(cfg["std"]))}
+    """What a deployed file should say about itself: its model card (channel config,
+    preprocessing, classes), cost."""
+    card = card_of(model)
+    macs, params = count(model, card.input_size)
+    return {"compress.card": json.dumps(card.to_dict()), "compress.arch": json.dumps(card.arch),
+            "compress.config": json.dumps(card.config), "compress.macs": str(macs), "compress.params": str(params),
+            "compress.input_size": str(card.input_size), "compress.num_classes": str(card.num_classes),
+            "compress.mean": json.dumps(list(card.mean)), "compress.std": json.dumps(list(card.std))}
 
 
 def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -60,15 +62,15 @@ def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
 def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = None, dynamic_batch: bool = True,
                 opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
                 tolerance: float | None = 1e-4) -> dict:
-    """Write `model` (carrying compress_cfg) as ONNX, check it and compare it with PyTorch.
+    """Write `model` (carrying a card) as ONNX, check it and compare it with PyTorch.
 
     Returns a report with the parity on `images` (or a fixed random batch); raises
     CheckFailed when the largest logit difference exceeds `tolerance`.
     """
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
-    size = input_size or model.compress_cfg["input_size"]
-    model.compress_cfg = {**model.compress_cfg, "input_size": size}
+    size = input_size or card_of(model).input_size
+    model.card = card_of(model).replace(input_size=size)
     x = check_input_size(model, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)

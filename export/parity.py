@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.card import card_of
 from compress.errors import CheckFailed
 
 
@@ -12,7 +13,7 @@ def reference_inputs(model: nn.Module, images: torch.Tensor | None, count: int =
     """The images to compare on: real ones when given, else a fixed random batch."""
     if images is not None:
         return images.float()
-    size = model.compress_cfg["input_size"]
+    size = card_of(model).input_size
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -35,7 +36,7 @@ def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: f
             raise CheckFailed(f"{name}: outputs differ from PyTorch by up to {diff:.3g} (allowed {limit:.3g} = "
                               f"tolerance {tolerance:g} + {rtol:g} x largest |logit| {scale:.3g}; top-1 agreement "
                               f"{agree:.1%} on {len(reference)} images). The file was written; inspect it, or "
-                              "raise --tolerance if this precision is acceptable.")
+                              "raise `tolerance` if this precision is acceptable.")
     return report
 
 

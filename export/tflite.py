@@ -12,22 +12,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.card import card_of
 from compress.errors import CheckFailed, CompressError
-from export.onnx import check_input_size
-from export.parity import compare, reference_inputs, torch_logits
+from compress.export.onnx import check_input_size
+from compress.export.parity import compare, reference_inputs, torch_logits
 
 
-def _interpreter(path: str | Path, threads: int = 1):
+def open_interpreter(path: str | Path, threads: int = 1):
+    """LiteRT's interpreter for a .tflite file, tensors allocated."""
     from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
-    return interpreter
+    runner = Interpreter(model_path=str(path), num_threads=threads)
+    runner.allocate_tensors()
+    return runner
 
 
 def run_tflite(path: str | Path, images: torch.Tensor, nhwc: bool = False) -> np.ndarray:
     """Logits of a .tflite model for NCHW float `images`, one image at a time (the file
     has batch 1); int8 inputs/outputs are (de)quantized with the file's parameters."""
-    interpreter = _interpreter(path)
+    interpreter = open_interpreter(path)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     results = []
     for image in images:
@@ -44,7 +46,7 @@ def run_tflite(path: str | Path, images: torch.Tensor, nhwc: bool = False) -> np
     return np.concatenate(results)
 
 
-def _convert(module: nn.Module, args: tuple, **kwargs):
+def convert(module: nn.Module, args: tuple, **kwargs):
     import litert_torch
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # litert-torch prints per-pass progress
@@ -76,7 +78,7 @@ def _quantized(model: nn.Module, example: torch.Tensor, calib_images: torch.Tens
 def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = None, int8: bool = False,
                   calib_images: torch.Tensor | None = None, images: torch.Tensor | None = None,
                   nhwc: bool = False, tolerance: float | None = 1e-4, min_agreement: float | None = None) -> dict:
-    """Write `model` (carrying compress_cfg) as .tflite and compare it with PyTorch.
+    """Write `model` (carrying a card) as .tflite and compare it with PyTorch.
 
     Float: parity is the largest logit difference (CheckFailed past `tolerance`). int8:
     needs `calib_images`; parity is top-1 agreement with the float PyTorch model on
@@ -85,11 +87,11 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
     import litert_torch
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
-    size = input_size or model.compress_cfg["input_size"]
-    model.compress_cfg = {**model.compress_cfg, "input_size": size}
+    size = input_size or card_of(model).input_size
+    model.card = card_of(model).replace(input_size=size)
     x = check_input_size(model, size)
     if int8 and (calib_images is None or len(calib_images) == 0):
-        raise CompressError("--int8 needs calibration images: pass --calib-data SPEC (and --calib-images N).")
+        raise CompressError("`int8` needs calibration images: give `calib_data` (and `calib_images`).")
     module, example = model, x
     if nhwc:
         module, example = litert_torch.to_channel_last_io(model, args=[0]).eval(), x.permute(0, 2, 3, 1).contiguous()
@@ -97,7 +99,7 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
     if int8:
         module, quant = _quantized(module, example, calib_images.permute(0, 2, 3, 1) if nhwc else calib_images)
         kwargs["quant_config"] = quant
-    edge = _convert(module, (example,), **kwargs)
+    edge = convert(module, (example,), **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):
         edge.export(str(path))
@@ -113,5 +115,5 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
     if int8 and min_agreement is not None and report["parity"]["top1_agreement"] < min_agreement:
         raise CheckFailed(f"{path}: int8 top-1 agrees with the float model on "
                           f"{report['parity']['top1_agreement']:.1%} of {len(images)} images, under the "
-                          f"required {min_agreement:.1%}. Calibrate on more images (--calib-images).")
+                          f"required {min_agreement:.1%}. Calibrate on more images (`calib_images`).")
     return report

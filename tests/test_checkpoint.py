@@ -6,9 +6,11 @@ import torchvision
 
 import compress
 from compress import CompressError
-from compress.checkpoint import read_checkpoint_dict, save_checkpoint
-from compress.models import build, load_target
-from compress.prune import prune_target, widths_of
+from compress.checkpoint import load_target, save_checkpoint
+from compress.files import safe_torch_load
+from compress.models import build
+from compress.prune import prune_target
+from compress.space import widths_of
 from compress.space import ChannelSpace
 
 
@@ -20,12 +22,12 @@ def test_round_trip_gives_identical_outputs_and_loads_weights_only(tmp_path):
     path = tmp_path / "net.pt"
     record = save_checkpoint(path, pruned, provenance={"created_by": "test", "parent": "mobilenet_v3_small_cifar"})
     raw = torch.load(path, weights_only=True)  # plain data and tensors only
-    assert raw["config"] == pruned.compress_cfg["config"] and raw["num_classes"] == 10
+    assert raw["config"] == pruned.card.config and raw["num_classes"] == 10
     assert raw["macs"] == record["macs"] and raw["provenance"]["parent"] == "mobilenet_v3_small_cifar"
     loaded = compress.load(path).eval()
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
-    assert loaded.compress_cfg["input_size"] == 32
+    assert loaded.card.input_size == 32
     assert not [p for p in os.listdir(tmp_path) if p != "net.pt"]  # no temp files left behind
 
 
@@ -48,7 +50,7 @@ def test_truncated_corrupt_and_foreign_files_are_named(tmp_path):
     pickled = tmp_path / "pickled.pt"
     torch.save(model, pickled)  # a whole pickled module: code, refused
     with pytest.raises(CompressError, match="pickled Python objects"):
-        read_checkpoint_dict(pickled)
+        safe_torch_load(pickled)
     with pytest.raises(CompressError, match="does not exist"):
         compress.load(tmp_path / "missing.pt")
 
@@ -112,9 +114,8 @@ def test_user_cnn_through_space_prune_checkpoint_load(tmp_path, user_net):
     assert widths_of(pruned, space) == config
     assert pruned.head.in_features == 8 * 8 * 8  # flatten expands the group 64x
     assert (space.macs(config), space.params(config)) == compress.count(pruned, 16)
-    pruned.compress_cfg = {"arch": {"user": "ResidualNet"}, "config": config.to_dict(),
-                           "space": space.settings(), "input_size": 16, "mean": [0.5] * 3,
-                           "std": [0.5] * 3, "num_classes": 10}
+    pruned.card = compress.describe(user_net, input_size=16, mean=[0.5] * 3, std=[0.5] * 3).card.replace(
+        config=config.to_dict(), space=space.settings())
     save_checkpoint(tmp_path / "user.pt", pruned)
     with pytest.raises(CompressError, match="pass the unpruned model"):
         compress.load(tmp_path / "user.pt")

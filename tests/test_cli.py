@@ -50,7 +50,7 @@ def test_prune_with_config_file_and_width(tmp_path):
     (tmp_path / "c.json").write_text(config.to_json())
     out = run_cli("prune", "mobilenet_v3_small_cifar", "--config", tmp_path / "c.json", "-o", tmp_path / "c.pt")
     assert out.returncode == 0, out.stderr
-    assert compress.load(tmp_path / "c.pt").compress_cfg["config"] == dict(config)
+    assert compress.load(tmp_path / "c.pt").card.config == dict(config)
     out = run_cli("prune", "mobilenet_v1_cifar", "--width", "0.5", "--importance", "bn", "-o", tmp_path / "w.pt")
     assert out.returncode == 0, out.stderr
     assert compress.load(tmp_path / "w.pt").features[0][0].out_channels == 16

@@ -9,8 +9,8 @@ import compress
 from compress import CompressError
 from compress.errors import CheckFailed
 from conftest import run_cli
-from export import export_onnx, export_tflite, measure
-from export.latency import adb_commands, check_budget, measure_adb, parse_benchmark_model
+from compress.export import export_onnx, export_tflite, measure
+from compress.export.latency import adb_commands, check_budget, measure_adb, parse_benchmark_model
 
 SMALL = {"mobilenet_v1": 64, "mobilenet_v2": 64, "mobilenet_v3_large": 64, "mobilenet_v3_small": 64}
 
@@ -20,7 +20,7 @@ def _confident(model):
     on random images (else activations shrink layer by layer to ~1e-20) and a head whose
     logits differ clearly between classes. Parity and agreement then mean something."""
     torch.manual_seed(0)
-    size = model.compress_cfg["input_size"]
+    size = model.card.input_size
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
@@ -45,8 +45,8 @@ def test_onnx_export_parity_and_metadata(tmp_path, name):
         assert model(torch.randn(4, 3, report["input_size"], report["input_size"])).abs().max() > 1  # real logits
     meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
     assert int(meta["compress.macs"]) == compress.count(model, SMALL.get(name, 32))[0]
-    assert json.loads(meta["compress.mean"]) == list(model.compress_cfg["mean"])
-    from export.onnx import session
+    assert json.loads(meta["compress.mean"]) == list(model.card.mean)
+    from compress.export.onnx import session
     out = session(tmp_path / "m.onnx").run(None, {"input": np.zeros((3, 3, report["input_size"],
                                                                     report["input_size"]), np.float32)})[0]
     assert out.shape[0] == 3  # dynamic batch
@@ -58,7 +58,7 @@ def test_pruned_odd_widths_export_to_both_formats(tmp_path):
     config = space.sample(np.random.default_rng(7))
     assert any(w % 8 for w in config.values())  # odd widths, not multiples of 8
     pruned = compress.prune(model, config, space)
-    pruned.compress_cfg = {**model.compress_cfg, "config": config.to_dict(), "space": space.settings()}
+    pruned.card = model.card.replace(config=config.to_dict(), space=space.settings())
     meta_config = json.loads({p.key: p.value for p in onnx.load(
         export_onnx(pruned, tmp_path / "p.onnx")["path"]).metadata_props}["compress.config"])
     assert meta_config == dict(config)
@@ -68,7 +68,7 @@ def test_pruned_odd_widths_export_to_both_formats(tmp_path):
 
 def _cifar_images(cifar_dir, model):
     from compress.data import sample_images
-    mean, std = model.compress_cfg["mean"], model.compress_cfg["std"]
+    mean, std = model.card.mean, model.card.std
     return (sample_images(f"cifar10:{cifar_dir}", True, 40, 32, mean, std),
             sample_images(f"cifar10:{cifar_dir}", False, 40, 32, mean, std))
 
@@ -83,7 +83,7 @@ def test_tflite_float_nhwc_and_int8(tmp_path, cifar_dir):
     with pytest.raises(CheckFailed, match="int8 top-1 agrees .* under the required"):
         export_tflite(model, tmp_path / "q2.tflite", int8=True, calib_images=calib[:2], images=images,
                       min_agreement=1.01)
-    with pytest.raises(CompressError, match="--int8 needs calibration images"):
+    with pytest.raises(CompressError, match="`int8` needs calibration images"):
         export_tflite(model, tmp_path / "q3.tflite", int8=True)
 
 
@@ -100,7 +100,7 @@ def test_int8_tflite_agrees_with_float(tmp_path, cifar_dir):
 def test_parity_failure_is_reported(tmp_path):
     model = _confident(compress.build("mobilenet_v3_small_cifar"))
     with pytest.raises(CheckFailed, match=r"outputs differ from PyTorch by up to .*tolerance 1e-20"):
-        from export.parity import compare
+        from compress.export.parity import compare
         compare("m.onnx", np.ones((2, 3)), np.ones((2, 3)) + 1e-6, tolerance=1e-20, rtol=0)
     with pytest.raises(CheckFailed, match=r"outputs differ from PyTorch by up to"):
         export_onnx(model, tmp_path / "m.onnx", tolerance=-1.0)
@@ -108,8 +108,7 @@ def test_parity_failure_is_reported(tmp_path):
 
 
 def test_input_size_the_model_cannot_take(tmp_path, user_net):
-    user_net.compress_cfg = {"arch": {"user": "ResidualNet"}, "config": None, "input_size": 16,
-                             "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 10}
+    compress.describe(user_net, input_size=16, mean=[0.5] * 3, std=[0.5] * 3)
     export_onnx(user_net, tmp_path / "ok.onnx")
     with pytest.raises(CompressError, match="cannot take a 32x32 input"):  # its head expects 8x8 maps
         export_onnx(user_net, tmp_path / "m.onnx", input_size=32)

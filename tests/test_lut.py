@@ -6,9 +6,8 @@ from torch import nn
 
 import compress
 from compress import CompressError
-from compress.models.zoo import example_input
-from compress.space import ChannelSpace
-from export.lut import LatencyTable, _interpolate, _layers, _width
+from compress.space import ChannelSpace, example_input
+from compress.search.latency_table import LatencyTable, _interpolate, _layers, _width
 from conftest import run_cli
 
 

@@ -13,6 +13,8 @@ import compress
 from compress import CompressError
 from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
 from compress.search.strategies import evolution, greedy
+from compress.settings import HeldOutScoring
+from compress.stages import held_out
 from compress.supernet import load_supernet
 from compress.data import build_dataset, transforms
 from conftest import ROOT, run_cli
@@ -46,7 +48,7 @@ def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
     assert out.returncode == 0, out.stderr
     result = _result(tmp_path / "g")
     full = result["full"]["macs"]
-    assert [t["label"] for t in result["targets"]] == [f"macs<={compress.profile.human(int(full * p))}" for p in (0.7, 0.45)]
+    assert [t["label"] for t in result["targets"]] == [f"macs<={compress.units.human(int(full * p))}" for p in (0.7, 0.45)]
     for t, share in zip(result["targets"], (0.7, 0.45)):
         assert t["macs"] <= int(full * share) == t["budget"]["macs"]
     assert (tmp_path / "g" / "search.png").stat().st_size > 10_000
@@ -56,7 +58,7 @@ def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
     ext = run_cli("extract", run, "--search", tmp_path / "g", "--target", "45%", "-o", tmp_path / "net.pt")
     assert ext.returncode == 0, ext.stderr
     net = compress.load(tmp_path / "net.pt")
-    assert net.compress_cfg["config"] == result["targets"][1]["config"]
+    assert net.card.config == result["targets"][1]["config"]
     assert compress.count(net, 16)[0] == result["targets"][1]["macs"]
     record = torch.load(tmp_path / "net.pt", weights_only=True)
     assert record["provenance"]["created_by"] == "chansearch extract"
@@ -69,8 +71,7 @@ def test_extracted_net_scores_what_the_search_scored(run, tmp_path):
     assert run_cli("extract", run, "--search", tmp_path / "e", "-o", tmp_path / "n.pt").returncode == 0
     net = compress.load(tmp_path / "n.pt").eval()
     supernet, record = load_supernet(run / "supernet.pt")
-    from compress.cli import _held_out
-    held = _held_out(supernet, record["holdout"], 16, 24)
+    held = held_out(supernet, record["holdout"], HeldOutScoring(recal_images=16, eval_images=24))
     hits = sum((net(x).argmax(1) == y).sum().item() for x, y in held.batches("eval"))
     assert hits / len(held.eval) == pytest.approx(entry["top1"])
 

@@ -12,7 +12,7 @@ from torch import nn
 import compress
 from compress import CompressError
 from compress.models import ZOO
-from compress.models.zoo import example_input
+from compress.space import example_input
 from compress.profile import count
 from compress.prune import group_scores
 from compress.space import ChannelSpace
@@ -29,8 +29,7 @@ def _model(name):
     torch.manual_seed(0)
     if name == "user":  # made for 16x16 inputs: the head flattens an 8x8 map
         model = ResidualNet()
-        model.compress_cfg = {"arch": {"user": "ResidualNet"}, "config": None, "input_size": 16,
-                              "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 10}
+        compress.describe(model, input_size=16, mean=[0.5] * 3, std=[0.5] * 3)
     else:
         model = compress.build(name, num_classes=10, input_size=SIZE)
     model.train()
@@ -40,7 +39,7 @@ def _model(name):
 
 
 def _size(model):
-    return model.compress_cfg["input_size"]
+    return model.card.input_size
 
 
 def _batches(n=2, seed=1, size=SIZE):
@@ -70,9 +69,7 @@ def test_full_config_is_the_pretrained_model_and_reordering_keeps_its_function()
     assert torch.equal(supernet.eval()(x), want)
     reorder_channels(supernet)
     assert torch.allclose(supernet(x), want, atol=1e-5)
-    plain = supernet.plain_copy()
-    plain.compress_cfg = model.compress_cfg
-    for name, scores in group_scores(plain, supernet.space, "l1").items():
+    for name, scores in group_scores(supernet.plain_copy(), supernet.space, "l1").items():
         assert np.all(np.diff(scores) <= 1e-6), name  # most important channels first
 
 
@@ -188,7 +185,7 @@ def test_bad_supernet_input_is_named():
     pruned, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), width=0.5)
     with pytest.raises(CompressError, match="already pruned"):
         build_supernet(pruned, "slimmable")
-    with pytest.raises(CompressError, match="min-width must be in"):
+    with pytest.raises(CompressError, match="`min_width` must be in"):
         build_supernet(compress.build("mobilenet_v3_small_cifar"), "slimmable", min_width=1.5)
     supernet = build_supernet(compress.build("mobilenet_v3_small_cifar"), "slimmable")
     with pytest.raises(CompressError, match="not allowed for group"):

@@ -11,7 +11,8 @@ import torch
 
 import compress
 from compress import CompressError
-from compress.train import TrainConfig, fit, kd_loss, lr_lambda, param_groups
+from compress.settings import DataSettings, TrainSettings
+from compress.train import fit, kd_loss, lr_lambda, param_groups
 from conftest import ROOT, run_cli
 
 TINY = ["--input-size", "16", "--data", "synthetic:96", "--batch-size", "16", "--val-images", "32", "--workers", "0",
@@ -35,7 +36,7 @@ def test_train_writes_run_folder_and_checkpoint(tmp_path):
     held = json.loads((run / "holdout.json").read_text())
     assert len(held["indices"]) == 16 and held["seed"] == 3
     model = compress.load(run / "model.pt")
-    assert model.compress_cfg["provenance"]["created_by"] == "chansearch train"
+    assert model.card.provenance["created_by"] == "chansearch train"
     again = run_cli("train", "mobilenet_v3_small_cifar", *TINY, "--epochs", "2", "--out", run)
     assert again.returncode == 2 and "--resume" in again.stderr  # never overwrites a run
 
@@ -101,7 +102,7 @@ def test_finetune_with_distillation_records_parent(tmp_path):
                   "--kd-weight", "0.7", "-o", tmp_path / "ft.pt")
     assert out.returncode == 0, out.stderr
     tuned = compress.load(tmp_path / "ft.pt")
-    assert tuned.compress_cfg["config"] == pruned.compress_cfg["config"]  # architecture kept
+    assert tuned.card.config == pruned.card.config  # architecture kept
     record = torch.load(tmp_path / "ft.pt", weights_only=True)
     assert record["provenance"]["parent"] == str(tmp_path / "p.pt")
     assert record["provenance"]["teacher"] == "mobilenet_v3_small_cifar"
@@ -117,15 +118,15 @@ def test_from_scratch_retrains_the_architecture_not_the_weights(tmp_path):
     torch.manual_seed(7)
     fresh = compress.load(tmp_path / "p.pt", weights=False)
     torch.manual_seed(7)
-    want, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), config=pruned.compress_cfg["config"],
+    want, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), config=pruned.card.config,
                            importance="first")
-    assert fresh.compress_cfg["config"] == pruned.compress_cfg["config"]
+    assert fresh.card.config == pruned.card.config
     for (name, a), b in zip(fresh.state_dict().items(), want.state_dict().values()):
         assert torch.equal(a, b), name  # the architecture's own initialisation, cut to the config
     out = run_cli("train", tmp_path / "p.pt", "--from-scratch", *TINY, "--epochs", "1", "--out", tmp_path / "r")
     assert out.returncode == 0, out.stderr
     record = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
-    assert record["config"] == pruned.compress_cfg["config"] and record["provenance"]["from_scratch"]
+    assert record["config"] == pruned.card.config and record["provenance"]["from_scratch"]
     assert not (record["state_dict"]["classifier.3.weight"] - 0.5).abs().lt(0.1).all()
     zoo = run_cli("train", "mobilenet_v3_small_cifar", "--from-scratch", *TINY, "--out", tmp_path / "z")
     assert zoo.returncode == 2 and "--from-scratch" in zoo.stderr and "Traceback" not in zoo.stderr
@@ -143,9 +144,10 @@ def test_divergence_names_step_and_checkpoint(tmp_path):
         backward(loss)
         return loss.detach()
 
-    cfg = TrainConfig(epochs=3, batch_size=16, workers=0, quiet=True, val_images=16, steps_per_epoch=6)
+    cfg = TrainSettings(epochs=3, val_images=16, steps_per_epoch=6)
     with pytest.raises(CompressError, match=r"diverged.*epoch 2, step 3.*last\.pt \(after epoch 1\)"):
-        fit(model, "synthetic:96", cfg, tmp_path / "run", step=step)
+        fit(model, DataSettings(spec="synthetic:96", batch_size=16, workers=0), cfg, tmp_path / "run", step=step,
+            quiet=True)
 
 
 def test_kd_loss_zero_for_identical_logits_and_positive_otherwise():
@@ -166,17 +168,18 @@ def test_no_weight_decay_on_bn_bias_and_depthwise():
 
 
 def test_warmup_then_cosine_schedule():
-    f = lr_lambda(TrainConfig(epochs=10, warmup_epochs=1), steps_per_epoch=10)
+    f = lr_lambda(TrainSettings(epochs=10, warmup_epochs=1), steps_per_epoch=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
-    g = lr_lambda(TrainConfig(epochs=4, schedule="linear"), steps_per_epoch=5)
+    g = lr_lambda(TrainSettings(epochs=4, schedule="linear"), steps_per_epoch=5)
     assert g(10) == pytest.approx(0.5)
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path):
     model = compress.build("mobilenet_v3_small_cifar")
-    cfg = TrainConfig(epochs=1, batch_size=16, workers=0, quiet=True, val_images=16, steps_per_epoch=2)
-    fit(model, "synthetic:64", cfg, tmp_path / "run")
-    changed = TrainConfig(epochs=1, batch_size=16, workers=0, quiet=True, val_images=16, steps_per_epoch=2, lr=0.2)
-    with pytest.raises(CompressError, match=r"settings changed \(lr: 0.05 -> 0.2\)"):
-        fit(compress.build("mobilenet_v3_small_cifar"), "synthetic:64", changed, tmp_path / "run", resume=True)
+    data = DataSettings(spec="synthetic:64", batch_size=16, workers=0)
+    cfg = TrainSettings(epochs=1, val_images=16, steps_per_epoch=2)
+    fit(model, data, cfg, tmp_path / "run", quiet=True)
+    changed = cfg.model_copy(update={"lr": 0.2})
+    with pytest.raises(CompressError, match=r"settings changed \(lr: 0.1 -> 0.2\)"):
+        fit(compress.build("mobilenet_v3_small_cifar"), data, changed, tmp_path / "run", resume=True, quiet=True)

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from compress.errors import CompressError
+from compress.files import CHECKPOINT_FORMAT, safe_torch_load
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -29,20 +30,19 @@ def torchvision_state_dict(weights_name: str) -> dict:
         raise CompressError(
             f"could not get torchvision weights {weights_name} from {weights.url} ({exc}). "
             f"Without internet, download that file elsewhere and put it at {cache}, "
-            "or pass --pretrained PATH to a local .pth state_dict.") from None
+            "or use a local .pth state_dict (pretrained=PATH).") from None
 
 
 def read_state_dict(path: str | Path) -> dict:
     """A state_dict from a .pth file: plain, wrapped ({'state_dict': ...}) or our checkpoint."""
-    from compress.checkpoint import FORMAT, read_checkpoint_dict
     path = Path(path)
     if not path.is_file():
         raise CompressError(f"pretrained weights file '{path}' does not exist.")
-    obj = read_checkpoint_dict(path)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+    obj = safe_torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         if obj.get("pruned"):
             raise CompressError(f"'{path}' is a pruned compress checkpoint; load it with "
-                                "compress.load() or pass it as the TARGET instead of --pretrained.")
+                                "compress.load() (the CLI: pass it as the TARGET) instead of as pretrained weights.")
         obj = obj["state_dict"]
     for key in ("state_dict", "model", "model_state_dict", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -57,7 +57,7 @@ def load_pretrained(model: nn.Module, entry, pretrained: str, width_mult: float)
     if pretrained == "torchvision":
         if entry.weights is None:
             raise CompressError(f"torchvision has no pretrained weights for '{entry.name}'; "
-                                "pass --pretrained PATH to a local state_dict instead.")
+                                "use a local state_dict (pretrained=PATH) instead.")
         if width_mult != 1.0:
             raise CompressError(f"torchvision's {entry.weights} are for width_mult=1.0, "
                                 f"not {width_mult}; build 1.0x and prune it instead.")
@@ -98,5 +98,5 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
             parts.append("mismatched shapes: " + show(
                 [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]))
         raise CompressError(f"the weights in {source} do not fit the model: " + "; ".join(parts)
-                            + ". Check the model name, --width-mult and --num-classes.")
+                            + ". Check the model name, `width_mult` and `num_classes`.")
     model.load_state_dict(state, strict=not missing_ok)

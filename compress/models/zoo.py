@@ -1,18 +1,18 @@
 """Model registry: zoo names -> builders, with the defaults a checkpoint records."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 from torchvision import models as tvm
 
+from compress.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
 from compress.models.mobilenet_v1 import MobileNetV1
+from compress.models.pretrained import load_pretrained
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,6 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
 def zoo_entry(name: str) -> ZooEntry:
     if name not in ZOO:
-        import difflib
         close = difflib.get_close_matches(name, ZOO, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise CompressError(f"unknown model '{name}'.{hint} Known models: {', '.join(ZOO)} "
@@ -90,17 +89,10 @@ def build_model(name: str, num_classes: int | None = None, width_mult: float = 1
     """Build a zoo model; `pretrained` is None, "torchvision" or a local file path."""
     entry = zoo_entry(name)
     if width_mult <= 0:
-        raise CompressError(f"--width-mult must be positive, got {width_mult}.")
+        raise CompressError(f"`width_mult` must be positive, got {width_mult}.")
     num_classes = entry.num_classes if num_classes is None else num_classes
     model = entry.build(num_classes=num_classes, width_mult=width_mult)
     if pretrained:
-        from compress.models.pretrained import load_pretrained
         load_pretrained(model, entry, pretrained, width_mult)
     return model
 
-
-def example_input(input_size: int, like: nn.Module | None = None) -> torch.Tensor:
-    """One random RGB image of `input_size`, on the device and dtype of `like`'s weights:
-    what tracing a model (dependency graph, counting) runs on."""
-    x = torch.randn(1, 3, input_size, input_size)
-    return x if like is None else x.to(next(like.parameters()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,15 +12,16 @@ import numpy as np
 
 from compress import distributed
 from compress.errors import CompressError
-from compress.search.constraints import Budget, parse_budgets
+from compress.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from compress.search.constraints import Budget, budgets_for, parse_budgets, targets_from_lists
 from compress.search.evaluator import Evaluator, HeldOut
 from compress.search.strategies import evolution, greedy, random_search
 
 METHODS = ("evolution", "random", "greedy")
 RESULT_FILE = "search.json"
 
-__all__ = ["Budget", "Evaluator", "HeldOut", "METHODS", "RESULT_FILE", "parse_budgets", "pareto_front",
-           "run_search", "write_results"]
+__all__ = ["Budget", "Evaluator", "HeldOut", "METHODS", "RESULT_FILE", "budgets_for", "parse_budgets", "pareto_front",
+           "run_search", "targets_from_lists", "write_results"]
 
 
 def run_search(evaluator: Evaluator, method: str, budgets: list[Budget], seed: int = 0,
@@ -77,15 +77,9 @@ def write_results(out_dir: str | Path, result: dict, evaluator: Evaluator) -> No
         key = json.dumps(e["config"], sort_keys=True)
         writer.writerow([e["macs"], e["params"], e.get("latency_ms", ""), f"{e['top1']:.6f}", f"{e['loss']:.6f}",
                          int(key in front), chosen.get(key, ""), json.dumps(e["config"])])
-    _atomic_text(out_dir / "search.csv", buf.getvalue())
-    _atomic_text(out_dir / RESULT_FILE, json.dumps(result, indent=1))
+    atomic_write_text(out_dir / "search.csv", buf.getvalue())
+    atomic_write_json(out_dir / RESULT_FILE, result)
     _plot(out_dir / "search.png", entries, pareto_front(entries), result)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _plot(path: Path, entries: list[dict], front: list[dict], result: dict) -> None:
@@ -107,7 +101,7 @@ def _plot(path: Path, entries: list[dict], front: list[dict], result: dict) -> N
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())

@@ -5,11 +5,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ValidationError
 
 from compress.errors import CompressError
-from compress.profile import human
+from compress.settings import Target
 from compress.space import ChannelConfig, ChannelSpace
-from compress.units import parse_count
+from compress.units import human, parse_count
 
 
 @dataclass(frozen=True)
@@ -37,44 +38,54 @@ class Budget:
         return out
 
 
-def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | None = None,
-                  latency_ms: str | None = None) -> list[Budget]:
-    """Budgets from comma lists (`--macs 150M,100M --params 2M`): one budget per MAC target,
-    each also holding the params/latency limits (a single value applies to every target;
-    lists must have equal lengths)."""
-    full = space.max()
-    lists = {  # "-" leaves that quantity unlimited for that target
-        "macs": [None if v == "-" else parse_count(v, "MAC count", space.macs(full)) for v in _split(macs)],
-        "params": [None if v == "-" else parse_count(v, "parameter count", space.params(full)) for v in _split(params)],
-        "latency_ms": [None if v == "-" else _positive_float(v) for v in _split(latency_ms)],
-    }
+def targets_from_lists(macs: str | None = None, params: str | None = None,
+                       latency_ms: str | None = None) -> list[Target]:
+    """Targets from comma lists (`--macs 150M,100M --params 2M`): one target per value, each
+    also holding the other lists' limits (a single value applies to every target; lists
+    must have equal lengths; '-' leaves that quantity unlimited for that target)."""
+    lists = {"macs": _split(macs), "params": _split(params), "latency_ms": _split(latency_ms)}
     n = max(len(v) for v in lists.values())
     if n == 0:
-        raise CompressError("give at least one budget: --macs (e.g. 150M,100M or 50%), --params or --latency-ms.")
+        raise CompressError("give at least one budget: `macs` (e.g. 150M,100M or 50%), `params` or `latency_ms`.")
     for key, values in lists.items():
         if len(values) not in (0, 1, n):
-            raise CompressError(f"--{key.replace('_', '-')} has {len(values)} values but another budget list has "
+            raise CompressError(f"`{key}` has {len(values)} values but another budget list has "
                                 f"{n}; give one value (for all targets) or {n}.")
-    budgets = [Budget(**{k: (v[i] if len(v) == n else v[0]) if v else None for k, v in lists.items()})
-               for i in range(n)]
-    if any(b == Budget() for b in budgets):
-        raise CompressError("every target needs at least one limit; '-' in every list leaves one unlimited.")
+    targets = []
+    for i in range(n):
+        values = {k: (v[i] if len(v) == n else v[0]) for k, v in lists.items() if v}
+        values = {k: v for k, v in values.items() if v != "-"}
+        if not values:
+            raise CompressError("every target needs at least one limit; '-' in every list leaves one unlimited.")
+        try:
+            targets.append(Target(**values))
+        except ValidationError as exc:
+            raise CompressError("; ".join(f"`{'.'.join(map(str, e['loc'])) or 'target'}`: "
+                                          f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()) + ".") from None
+    return targets
+
+
+def budgets_for(space: ChannelSpace, targets: list[Target]) -> list[Budget]:
+    """Each target as absolute limits in this space (percentages are of its full model);
+    a limit no config of the space can meet is an error naming the smallest reachable."""
+    if not targets:
+        raise CompressError("give at least one budget: `macs` (e.g. 150M,100M or 50%), `params` or `latency_ms`.")
+    full = space.max()
+    budgets = [Budget(macs=None if t.macs is None else parse_count(t.macs, "MAC count", space.macs(full)),
+                      params=None if t.params is None else parse_count(t.params, "parameter count", space.params(full)),
+                      latency_ms=t.latency_ms) for t in targets]
     check_reachable(space, budgets)
     return budgets
 
 
+def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | None = None,
+                  latency_ms: str | None = None) -> list[Budget]:
+    """Budgets from the command line's comma lists."""
+    return budgets_for(space, targets_from_lists(macs, params, latency_ms))
+
+
 def _split(text: str | None) -> list[str]:
     return [] if text is None else [t.strip() for t in str(text).split(",") if t.strip()]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise CompressError(f"'{text}' is not a latency in milliseconds like 2.5.") from None
-    if value <= 0:
-        raise CompressError(f"a latency budget must be positive, got {text}.")
-    return value
 
 
 def check_reachable(space: ChannelSpace, budgets: list[Budget]) -> None:
@@ -85,7 +96,7 @@ def check_reachable(space: ChannelSpace, budgets: list[Budget]) -> None:
                 raise CompressError(
                     f"no config can meet {key} <= {human(limit)}: the smallest config of this space has "
                     f"{human(floor)} {key} ({human(floor - limit)} over). Raise the budget to at least "
-                    f"{human(floor)}, or build the space with a lower --min-width.")
+                    f"{human(floor)}, or build the space with a lower `min_width`.")
 
 
 class CandidateSampler:

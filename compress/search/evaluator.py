@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from compress import distributed
 from compress.errors import CompressError
 from compress.evaluate import evaluate
+from compress.files import atomic_write_json
 from compress.space import ChannelConfig
 from compress.supernet.dynamic import Supernet, recalibrate_bn
 
@@ -42,7 +42,7 @@ class HeldOut:
                  seed: int = 0):
         n = len(dataset)
         if n == 0:
-            raise CompressError("the held-out split is empty; train the supernet with --holdout N.")
+            raise CompressError("the held-out split is empty; train the supernet with `holdout` > 0.")
         order = np.random.default_rng(seed).permutation(n)
         recal = order[:min(recal_images, n)]
         rest = order[len(recal):] if n - len(recal) >= min(eval_images, n) else order
@@ -120,10 +120,7 @@ class Evaluator:
         if self.state_path is None or not distributed.is_main():
             return
         entries = [{"config": c.to_dict(), **s} for c, s in self.cache.items()]
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "evaluated": entries}))
-        os.replace(tmp, self.state_path)
+        atomic_write_json(self.state_path, {"fingerprint": self.fingerprint, "evaluated": entries}, indent=None)
 
     def _load_state(self) -> None:
         try:
@@ -137,6 +134,6 @@ class Evaluator:
             diff = [f"{k}: {saved.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in sorted(
                 set(saved) | set(self.fingerprint)) if saved.get(k) != self.fingerprint.get(k)]
             raise CompressError(f"search state '{self.state_path}' was made with other evaluation settings "
-                                f"({'; '.join(diff)}); its scores do not apply. Use another --out folder, or "
+                                f"({'; '.join(diff)}); its scores do not apply. Use another `out` folder, or "
                                 "delete the state file to start over.")
         self.cache.update(loaded)

@@ -42,7 +42,7 @@ def evolution(evaluator: Evaluator, budget: Budget, rng: np.random.Generator, po
     that break the budget (or repeat a config) are redrawn."""
     if parents > population:
         raise CompressError(f"the parent count ({parents}) is larger than the population ({population}); "
-                            "use --parents <= --population.")
+                            "use `parents` <= `population`.")
     if min(population, parents, iterations) < 1 or mutations < 0 or crossovers < 0 or not 0 <= mutation_prob <= 1:
         raise CompressError("evolution needs population, parents and iterations >= 1, mutation and crossover "
                             "counts >= 0 and a mutation probability in [0, 1].")

@@ -1,7 +1,7 @@
 """Weight-sharing supernets over a model's channel space, and their checkpoint file.
 
 A supernet checkpoint (`supernet.pt`, read with `torch.load(weights_only=True)`) records the
-method, its structural options, the space settings, the base model's `compress_cfg`, the
+method, its structural options, the space settings, the base model's card, the
 held-out split the search scores on, and the weights.
 """
 from __future__ import annotations
@@ -10,10 +10,11 @@ from pathlib import Path
 
 from torch import nn
 
-from compress.checkpoint import atomic_save, model_cfg, read_checkpoint_dict
+from compress.card import ModelCard, card_of
 from compress.errors import CompressError
-from compress.models.zoo import build_model, example_input
-from compress.space import ChannelSpace
+from compress.files import atomic_save, safe_torch_load
+from compress.models.zoo import build_model
+from compress.space import ChannelSpace, example_input
 from compress.supernet.dynamic import Supernet, recalibrate_bn
 from compress.supernet.pruningnet import PruningNet
 from compress.supernet.slimmable import Slimmable
@@ -27,15 +28,15 @@ __all__ = ["METHODS", "PruningNet", "Slimmable", "Supernet", "build_supernet", "
 
 def build_supernet(model: nn.Module, method: str, divisor: int = 8, min_width: float = 0.25,
                    hidden: int = 32, affine_bn: bool = False) -> Supernet:
-    """Wrap `model` (carrying `compress_cfg`) as a supernet over its channel space."""
+    """Wrap `model` (carrying a card) as a supernet over its channel space."""
     if method not in METHODS:
         raise CompressError(f"unknown supernet method '{method}'; choose one of {', '.join(METHODS)}.")
-    cfg = model_cfg(model)
-    if cfg.get("config") is not None:
-        raise CompressError(f"'{cfg.get('source')}' is already pruned; build the supernet from the unpruned model.")
+    card = card_of(model)
+    if card.pruned:
+        raise CompressError(f"'{card.source}' is already pruned; build the supernet from the unpruned model.")
     if not 0 < min_width <= 1:
-        raise CompressError(f"--min-width must be in (0, 1], got {min_width}.")
-    space = ChannelSpace.from_model(model, example_input(cfg["input_size"], model), divisor=divisor,
+        raise CompressError(f"`min_width` must be in (0, 1], got {min_width}.")
+    space = ChannelSpace.from_model(model, example_input(card.input_size, model), divisor=divisor,
                                     min_ratio=min_width)
     if method == "slimmable":
         return Slimmable(model, space)
@@ -49,11 +50,10 @@ def options_of(supernet: Supernet) -> dict:
 
 
 def save_supernet(path: str | Path, supernet: Supernet, holdout: dict, provenance: dict | None = None) -> None:
-    cfg = supernet.compress_cfg
     atomic_save({
         "format": FORMAT, "version": 1, "method": supernet.method, "options": options_of(supernet),
         "space": supernet.space.settings(), "holdout": holdout, "provenance": provenance or {},
-        "base": {k: cfg.get(k) for k in ("arch", "input_size", "mean", "std", "num_classes", "source")},
+        "base": {k: v for k, v in supernet.card.to_dict().items() if k not in ("config", "space", "provenance")},
         "state_dict": {k: v.detach().cpu() for k, v in supernet.state_dict().items()},
     }, path)
 
@@ -63,7 +63,7 @@ def load_supernet(path: str | Path, model: nn.Module | None = None) -> tuple[Sup
     path = Path(path)
     if path.is_dir():
         path = path / "supernet.pt"
-    record = read_checkpoint_dict(path)
+    record = safe_torch_load(path)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CompressError(f"'{path}' is not a supernet checkpoint (train one with `chansearch supernet`).")
     base = record["base"]
@@ -71,7 +71,7 @@ def load_supernet(path: str | Path, model: nn.Module | None = None) -> tuple[Sup
         model = build_model(base["arch"]["zoo"], **base["arch"].get("kwargs", {}))
     elif model is None:
         raise CompressError(f"'{path}' is a supernet of a user-defined model; pass it: load_supernet(path, model=MyNet()).")
-    model.compress_cfg = {**base, "config": None, "space": None}
+    model.card = ModelCard.from_dict(base)
     space = record["space"]
     supernet = build_supernet(model, record["method"], divisor=space["divisor"], min_width=space["min_ratio"],
                               **record["options"])
@@ -79,5 +79,5 @@ def load_supernet(path: str | Path, model: nn.Module | None = None) -> tuple[Sup
         supernet.load_state_dict(record.pop("state_dict"))
     except RuntimeError as exc:
         raise CompressError(f"'{path}': weights do not fit the rebuilt supernet: {str(exc)[:400]}") from None
-    supernet.compress_cfg["source"] = str(path)
+    supernet.card = supernet.card.replace(source=str(path))
     return supernet.eval(), record

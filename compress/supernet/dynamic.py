@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import CompressError
-from compress.models.zoo import example_input
-from compress.prune import _group_of, prune
-from compress.space import ChannelSpace, dependency_graph
+from compress.prune import prune
+from compress.space import ChannelSpace, dependency_graph, example_input, pruning_group
+
 
 def _take(t: torch.Tensor | None, sel, dim: int) -> torch.Tensor | None:
     if t is None or sel is None:
@@ -128,12 +128,12 @@ class Supernet(nn.Module):
         super().__init__()
         self.model = model
         self.space = space
-        self.compress_cfg = getattr(model, "compress_cfg", None)
+        self.card = getattr(model, "card", None)
         graph = dependency_graph(model.eval(), example_input(space.input_size[-1], model))
         names = {m: n for n, m in model.named_modules()}
-        self._dims: dict[tuple[str, str], _Dim] = {}
+        self.layer_dims: dict[tuple[str, str], _Dim] = {}
         for gi, g in enumerate(space.groups):
-            group = _group_of(graph, model, g.name, list(range(g.max)))
+            group = pruning_group(graph, model, g.name, list(range(g.max)))
             for item in group.items:
                 module = item.dep.target.module
                 if module not in names:
@@ -147,7 +147,7 @@ class Supernet(nn.Module):
                 size = _size(module, kind)
                 idxs, roots = np.array(item.idxs, dtype=np.int64), np.array(item.root_idxs, dtype=np.int64)
                 order = np.argsort(roots, kind="stable")
-                self._dims.setdefault((names[module], kind), _Dim(size)).parts.append(
+                self.layer_dims.setdefault((names[module], kind), _Dim(size)).parts.append(
                     (gi, idxs[order], roots[order]))
         for module in model.modules():
             if type(module) in DYNAMIC:
@@ -160,7 +160,7 @@ class Supernet(nn.Module):
         """Run at `config` from now on. `track` lets BN update running statistics in training."""
         config = self.space.validate(config)
         widths = self.space.vector(config)
-        for (name, kind), dim in self._dims.items():
+        for (name, kind), dim in self.layer_dims.items():
             setattr(self.model.get_submodule(name), f"{kind}_sel", dim.selection(widths, self._full))
         for module in self.model.modules():
             if isinstance(module, DynamicBatchNorm2d):
@@ -182,11 +182,11 @@ class Supernet(nn.Module):
 
     @torch.no_grad()
     def extract(self, config: Mapping[str, int]) -> nn.Module:
-        """The standalone pruned model of `config` (eval mode), carrying `compress_cfg`."""
+        """The standalone pruned model of `config` (eval mode), carrying the base model's card."""
         config = self.space.validate(config)
         pruned = prune(self.plain_copy().eval(), config, self.space, importance="first")
-        if self.compress_cfg is not None:
-            pruned.compress_cfg = {**self.compress_cfg, "config": config.to_dict(), "space": self.space.settings()}
+        if self.card is not None:
+            pruned.card = self.card.replace(config=config.to_dict(), space=self.space.settings())
         return pruned.eval()
 
 

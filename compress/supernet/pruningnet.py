@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.models.zoo import example_input
-from compress.space import ChannelSpace, dependency_graph
+from compress.space import ChannelSpace, dependency_graph, example_input
 from compress.supernet.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, Supernet, _take
 from compress.supernet.slimmable import random_config
 from compress.train import Step
@@ -80,7 +79,7 @@ class PruningNet(Supernet):
             tensors = _generated_tensors(module, affine_bn)
             if not tensors:
                 continue
-            groups = sorted({g for kind in ("out", "in") for g, _, _ in self._dims.get((name, kind), _NoDim).parts})
+            groups = sorted({g for kind in ("out", "in") for g, _, _ in self.layer_dims.get((name, kind), _NoDim).parts})
             key = name.replace(".", "__")
             self.hypers[key] = LayerHypernet(groups, {n: t.shape for n, t in tensors.items()}, tensors, hidden)
             self._layers[key] = name

@@ -69,11 +69,9 @@ def reorder_channels(supernet: Supernet, importance: str = "l1") -> None:
     """Permute each group's channels by importance, most important first, so that the
     first-k slices of a pretrained model keep what matters. The full model's function is
     unchanged (every coupled layer is permuted alike)."""
-    plain = supernet.plain_copy()
-    plain.compress_cfg = supernet.compress_cfg
-    scores = group_scores(plain, supernet.space, importance)
+    scores = group_scores(supernet.plain_copy(), supernet.space, importance)
     perms = [np.argsort(-scores[g.name], kind="stable") for g in supernet.space.groups]
-    for (name, kind), dim in supernet._dims.items():
+    for (name, kind), dim in supernet.layer_dims.items():
         module = supernet.model.get_submodule(name)
         for gi, idxs, _ in dim.parts:
             rows = idxs.reshape(len(perms[gi]), -1)  # a channel may span several indices (flatten)

@@ -23,10 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from compress.errors import CompressError
-from compress.models.zoo import example_input
+from compress.export.latency import measure
+from compress.export.tflite import convert
 from compress.prune import prune
-from compress.space import ChannelConfig, ChannelSpace
-from export.latency import measure
+from compress.space import ChannelConfig, ChannelSpace, example_input
+from compress.supernet.dynamic import Supernet
 
 FORMAT = "compress.lut"
 SUFFIX = {"tflite": ".tflite", "onnxruntime": ".onnx"}
@@ -36,8 +37,7 @@ def export_for_timing(module: nn.Module, example: torch.Tensor, path: Path, back
     """Write `module` in the backend's format, without parity checks (timing only)."""
     module = module.eval()
     if backend == "tflite":
-        from export.tflite import _convert
-        _convert(module, (example,)).export(str(path))
+        convert(module, (example,)).export(str(path))
     else:
         import warnings
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and ~20x faster for one layer
@@ -95,9 +95,8 @@ def _interpolate(layer: dict, cin: float, cout: float) -> float:
 def _layers(model: nn.Module, space: ChannelSpace) -> list[dict]:
     """Every conv/linear layer: its shape at full width, the input map it sees, and how its
     input/output widths follow the group widths."""
-    from compress.supernet.dynamic import Supernet
     supernet = Supernet(copy.deepcopy(model), space)
-    dims = supernet._dims
+    dims = supernet.layer_dims
     plain = supernet.plain_copy().eval()
     seen = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, tuple(i[0].shape[1:])))

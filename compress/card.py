@@ -1,0 +1,93 @@
+"""The model card: what a model needs to be rebuilt, fed and described, travelling with it
+(as `model.card`) into every checkpoint and exported file, like timm's `pretrained_cfg`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from compress.errors import CompressError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """`arch` is `{"zoo": name, "kwargs": {...}}` or `{"user": class name}`; `config` is the
+    channel config (group -> width) of a pruned model and `space` the settings of the channel
+    space it refers to (None for an unpruned model)."""
+
+    arch: dict
+    input_size: int
+    num_classes: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    config: dict | None = None
+    space: dict | None = None
+    provenance: dict = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self):
+        if int(self.input_size) < 1:
+            raise CompressError(f"input size must be a positive number of pixels, got {self.input_size}.")
+        if int(self.num_classes) < 1:
+            raise CompressError(f"a model needs at least one class, got num_classes={self.num_classes}.")
+        for name in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3:
+                raise CompressError(f"{name} must have 3 values (R, G, B), got {list(values)}.")
+            object.__setattr__(self, name, values)
+        if any(v <= 0 for v in self.std):
+            raise CompressError(f"std must be positive, got {list(self.std)}.")
+        object.__setattr__(self, "input_size", int(self.input_size))
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+
+    @property
+    def pruned(self) -> bool:
+        return self.config is not None
+
+    def replace(self, **changes) -> "ModelCard":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (what a checkpoint and an exported file store)."""
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelCard":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None or k in ("config", "space")})
+
+
+def card_of(model: nn.Module) -> ModelCard:
+    """The card a model carries; a model without one gets a clear error."""
+    card = getattr(model, "card", None)
+    if not isinstance(card, ModelCard):
+        raise CompressError(f"this {type(model).__name__} carries no model card: build it with compress.build(), "
+                            "load it with compress.load(), or describe your own model with "
+                            "compress.describe(model, input_size=..., num_classes=...).")
+    return card
+
+
+def attach(model: nn.Module, card: ModelCard) -> nn.Module:
+    """Give `model` its card (returns the model, for chaining)."""
+    model.card = card
+    return model
+
+
+def describe(model: nn.Module, input_size: int, num_classes: int | None = None, mean=IMAGENET_MEAN,
+             std=IMAGENET_STD) -> nn.Module:
+    """Attach a card to a user's own CNN: its input size, class count (read off the last
+    Linear layer when not given) and the mean/std its inputs are normalised with."""
+    if num_classes is None:
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not heads:
+            raise CompressError(f"{type(model).__name__} has no nn.Linear head to read the class count "
+                                "from; pass num_classes=.")
+        num_classes = heads[-1].out_features
+    return attach(model, ModelCard(arch={"user": type(model).__name__}, input_size=input_size,
+                                   num_classes=num_classes, mean=tuple(mean), std=tuple(std)))

@@ -1,0 +1,146 @@
+"""`compress.compress`: a whole compression of your own model in one call, from DataLoaders:
+prune (or train a supernet and search it) to a budget, recover with distillation from the
+original, and report accuracy before and after."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from compress import distributed
+from compress.card import card_of, describe
+from compress.errors import CompressError
+from compress.evaluate import evaluate
+from compress.prune import config_for_macs, group_scores, prune
+from compress.search import Evaluator, HeldOut, budgets_for, run_search
+from compress.settings import FinetuneSettings, SearchSettings, SupernetSettings, Target
+from compress.space import ChannelSpace
+from compress.supernet import build_supernet, recalibrate_bn
+from compress.supernet.pruningnet import pruningnet_step
+from compress.supernet.slimmable import reorder_channels, sandwich_step
+from compress.train import Loaders, fit
+from compress.units import human
+
+DIRECT = ("uniform", "global")
+SUPERNETS = ("slimmable", "pruningnet")
+
+
+@dataclass
+class CompressReport:
+    method: str
+    macs_before: int
+    params_before: int
+    macs: int
+    params: int
+    config: dict
+    top1_before: float | None = None  # the original model on the validation loader
+    top1_pruned: float | None = None  # the compressed model before recovery
+    top1_after: float | None = None  # after recovery
+    history: list[dict] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def pct(v):
+            return "-" if v is None else f"{v:.2%}"
+        return (f"{self.method}: {human(self.macs_before)} -> {human(self.macs)} MACs "
+                f"({self.macs / self.macs_before:.1%}), {human(self.params_before)} -> {human(self.params)} params; "
+                f"top-1 {pct(self.top1_before)} original, {pct(self.top1_pruned)} compressed, "
+                f"{pct(self.top1_after)} after recovery")
+
+
+def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, train_loader: DataLoader | None = None,
+             val_loader: DataLoader | None = None, method: str = "uniform", importance: str = "l1",
+             finetune: FinetuneSettings = FinetuneSettings(epochs=1), supernet: SupernetSettings | None = None,
+             search: SearchSettings | None = None, out: str | Path = "runs/compress",
+             quiet: bool = True) -> tuple[nn.Module, CompressReport]:
+    """Compress `model` to `constraints` ({"macs": "50%"} or 150_000_000; supernet methods also
+    take "params") and recover its accuracy on `train_loader`, distilling from the original.
+
+    `method`: "uniform" (every channel group scaled alike, most important channels kept by
+    `importance`), "global" (channels ranked by importance across groups), or "slimmable" /
+    "pruningnet" (train a supernet on `train_loader` with `supernet` settings, then search it
+    with `search` settings, scoring configs on `val_loader`'s images — so the reported
+    accuracy is optimistic unless that loader is a split of its own). Returns the plain,
+    smaller nn.Module (with its card) and a report; the run folder `out` keeps the training
+    checkpoints. A model without a card is described from `example_input` (a square image
+    batch) and its output width.
+    """
+    if method not in DIRECT + SUPERNETS:
+        raise CompressError(f"unknown method '{method}'; choose one of {', '.join(DIRECT + SUPERNETS)}.")
+    unknown = set(constraints) - {"macs", "params"}
+    if unknown or not constraints:
+        raise CompressError(f"constraints take 'macs' (and, for supernets, 'params'); got {sorted(constraints)}.")
+    if method in DIRECT and "params" in constraints:
+        raise CompressError(f"method '{method}' prunes to a MAC target; use a supernet method for 'params'.")
+    if method in SUPERNETS and (train_loader is None or val_loader is None):
+        raise CompressError(f"method '{method}' trains a supernet on train_loader and scores configs on val_loader; "
+                            "give both.")
+    model = _with_card(model, example_input)
+    out = Path(out)
+    device = distributed.init()[2]
+    space = ChannelSpace.from_model(model, example_input.to(next(model.parameters())))
+    target = Target(**{k: str(v) for k, v in constraints.items()})
+    budget = budgets_for(space, [target])[0]
+    if method in DIRECT:
+        scores = group_scores(model, space, importance) if method == "global" else None
+        config = config_for_macs(space, budget.macs, method, scores)
+        small = prune(model, config, space, importance=importance)
+    else:
+        small, config = _search(model, space, method, budget, train_loader, val_loader,
+                                supernet or SupernetSettings(method=method, epochs=1),
+                                search or SearchSettings(method="evolution", population=16, parents=4, mutations=8,
+                                                         crossovers=8, iterations=3), out, quiet)
+    small.card = card_of(model).replace(config=config.to_dict(), space=space.settings())
+    full = space.max()
+    report = CompressReport(method, space.macs(full), space.params(full), space.macs(config), space.params(config),
+                            config.to_dict())
+    if val_loader is not None:
+        report.top1_before = evaluate(model.to(device), val_loader, device)["top1"]
+        report.top1_pruned = evaluate(small.to(device), val_loader, device)["top1"]
+    if train_loader is not None and finetune.epochs > 0:
+        teacher = model if finetune.distill else None
+        small = fit(small, Loaders(train_loader, val_loader), finetune, out / "finetune", teacher=teacher,
+                    quiet=quiet)
+        history = out / "finetune" / "metrics.jsonl"
+        report.history = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+        if val_loader is not None:
+            report.top1_after = evaluate(small, val_loader, device)["top1"]
+    return small.cpu().eval(), report
+
+
+def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    if getattr(model, "card", None) is not None:
+        return model
+    if example_input.dim() != 4 or example_input.shape[-1] != example_input.shape[-2]:
+        raise CompressError(f"example_input must be a square image batch (N, C, S, S); got "
+                            f"{tuple(example_input.shape)}.")
+    with torch.no_grad():
+        classes = model.eval()(example_input).shape[-1]
+    return describe(model, input_size=example_input.shape[-1], num_classes=classes)
+
+
+def _search(model, space, method, budget, train_loader, val_loader, supernet: SupernetSettings,
+            search: SearchSettings, out: Path, quiet: bool):
+    """Train a supernet from `model` on `train_loader`, search it under `budget`, and return
+    the extracted net of the best config with that config."""
+    net = build_supernet(model, method, divisor=space.divisor, min_width=space.min_ratio, hidden=supernet.hidden,
+                         affine_bn=True)
+    if method == "slimmable":
+        reorder_channels(net)
+        step = sandwich_step(net, num_random=supernet.num_random, uniform=supernet.uniform, distill=supernet.distill,
+                             label_smoothing=supernet.label_smoothing)
+    else:
+        net.fit_pretrained()
+        step = pruningnet_step(net, label_smoothing=supernet.label_smoothing)
+    if supernet.epochs > 0:
+        net = fit(net, Loaders(train_loader), supernet, out / "supernet", step=step, validate=False, quiet=quiet)
+    device = distributed.init()[2]
+    held = HeldOut(val_loader.dataset, search.recal_images, search.eval_images, seed=search.seed)
+    evaluator = Evaluator(net, held, device)
+    result = run_search(evaluator, search.method, [budget], seed=search.seed, options=search.strategy_options())
+    config = space.validate(result["targets"][0]["config"])
+    recalibrate_bn(net, config, held.batches("recal"), device)
+    return net.extract(config), config

@@ -1,0 +1,209 @@
+"""Every setting of every stage, declared once: type, range, default and help text.
+
+The recipe's sections are these models; the CLI generates its flags from them; each stage
+function takes one. A value out of range is refused here, before any work starts.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from compress.units import parse_count
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Settings):
+    name: str = Field(description="zoo name (`chansearch models`) or compress checkpoint path")
+    pretrained: str | None = Field(None, description="torchvision weights, or a local .pth state_dict "
+                                   "(default: random init)", json_schema_extra={"metavar": "torchvision|PATH"})
+    num_classes: int | None = Field(None, ge=1, description="classes (zoo models; default: the model's)")
+    width_mult: float = Field(1.0, gt=0, description="width multiplier (zoo models)")
+    input_size: int | None = Field(None, ge=8, description="input height/width (default: the model's, "
+                                   "224 or 32 for *_cifar)")
+
+
+class DataSettings(Settings):
+    spec: str = Field(description="cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N")
+    batch_size: int = Field(128, ge=1, description="global batch size (split across torchrun processes)")
+    workers: int = Field(2, ge=0, description="data loader processes per rank")
+
+
+class TrainSettings(Settings):
+    epochs: int = Field(10, ge=0, description="training epochs")
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (Nesterov momentum) or adamw")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay (not on BN, biases, depthwise weights)")
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="decay per step, after warm-up")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up epochs")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    clip_grad: float = Field(0.0, ge=0, description="max gradient norm (0 = off)")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA")
+    channels_last: bool = Field(True, description="channels_last memory format")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights (0 = off, e.g. 0.9998)")
+    kd_temperature: float = Field(4.0, gt=0, description="KD softmax temperature")
+    kd_weight: float = Field(0.5, ge=0, le=1, description="share of the KD loss (with a teacher)")
+    holdout: int = Field(0, ge=0, description="training images held out (for search), picked with the seed")
+    val_images: int = Field(0, ge=0, description="evaluation images per epoch (0 = the whole evaluation split)")
+    steps_per_epoch: int = Field(0, ge=0, description="cap on steps per epoch (0 = whole training set)")
+    seed: int = Field(0, description="random seed")
+    deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU)")
+
+
+class HeldOutScoring(Settings):
+    recal_images: int = Field(2000, ge=1, description="held-out images to recalibrate BN per config")
+    eval_images: int = Field(5000, ge=1, description="held-out images to score each config")
+
+
+class SupernetSettings(TrainSettings):
+    method: Literal["slimmable", "pruningnet", "none"] = Field(
+        "slimmable", description="US-Nets/AutoSlim slimmable network, MetaPruning's PruningNet, or none "
+                                 "(recipes: prune directly)")
+    min_width: float = Field(0.25, gt=0, le=1, description="smallest width ratio of each group")
+    divisor: int = Field(8, ge=1, description="widths are multiples of this")
+    num_random: int = Field(2, ge=0, description="slimmable: random configs per step besides max and min")
+    uniform: bool = Field(False, description="slimmable: random configs as one width multiplier, not per group")
+    distill: bool = Field(True, description="slimmable: in-place distillation from the max config")
+    reorder: bool = Field(True, description="slimmable: most important channels of a pretrained model first")
+    hidden: int = Field(32, ge=1, description="pruningnet: hidden units of each layer's hypernetwork")
+    holdout: int = Field(5000, ge=0, description="training images held out to score configs in the search")
+
+
+def _count_text(value, what: str):
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGkmg]?|\d+(\.\d+)?\s*%", text):
+        raise ValueError(f"'{value}' is not a {what} like 150M, 1.2G, 300000 or 50%")
+    parse_count(text.replace(" ", ""), what, full=1)
+    return text.replace(" ", "")
+
+
+class Target(Settings):
+    """One budget: MACs and/or params (counts or % of the full model) and/or latency."""
+
+    macs: str | None = None
+    params: str | None = None
+    latency_ms: float | None = Field(None, gt=0)
+
+    @field_validator("macs", mode="before")
+    @classmethod
+    def _macs(cls, v):
+        return _count_text(v, "MAC count")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params(cls, v):
+        return _count_text(v, "parameter count")
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.macs is None and self.params is None and self.latency_ms is None:
+            raise ValueError("a target needs at least one of macs, params, latency_ms")
+        return self
+
+    def tag(self) -> str:
+        parts = [f"macs{self.macs}" if self.macs else "", f"params{self.params}" if self.params else "",
+                 f"lat{self.latency_ms:g}ms" if self.latency_ms else ""]
+        return "_".join(p for p in parts if p).replace("%", "pct").replace(".", "p")
+
+
+class SearchSettings(HeldOutScoring):
+    method: Literal["evolution", "random", "greedy"] = Field("evolution", description="search strategy")
+    targets: list[Target] = Field([], description="budgets, one result per target")
+    greedy_step: float = Field(0.1, gt=0, le=1, description="greedy: share of a group's full width removed per "
+                               "trial (down to its smallest width)")
+    population: int = Field(50, ge=1, description="evolution: population size")
+    parents: int = Field(10, ge=1, description="evolution: top-k parents")
+    mutations: int = Field(25, ge=0, description="evolution: mutants per iteration")
+    crossovers: int = Field(25, ge=0, description="evolution: crossovers per iteration")
+    iterations: int = Field(20, ge=1, description="evolution: iterations")
+    mutation_prob: float = Field(0.1, ge=0, le=1, description="evolution: mutation probability per group")
+    samples: int = Field(1000, ge=1, description="random: configs per budget")
+    seed: int = Field(0, description="random seed")
+
+    @model_validator(mode="after")
+    def _parents(self):
+        if self.parents > self.population:
+            raise ValueError(f"the parent count ({self.parents}) is larger than the population ({self.population}); "
+                             "use `parents` <= `population`")
+        return self
+
+    def strategy_options(self) -> dict:
+        """The settings of the chosen strategy, as the strategy functions take them."""
+        if self.method == "greedy":
+            return {"step": self.greedy_step}
+        if self.method == "random":
+            return {"samples": self.samples}
+        return {k: getattr(self, k) for k in ("population", "parents", "mutations", "crossovers", "iterations",
+                                              "mutation_prob")}
+
+
+class LutSettings(Settings):
+    backend: Literal["tflite", "onnxruntime"] = Field("tflite", description="runtime to time")
+    threads: int = Field(1, ge=1, description="inference threads")
+    grid: int = Field(4, ge=2, description="widths timed per layer dimension")
+    anchors: int = Field(6, ge=2, description="whole models timed to fit the table to real latency")
+    check: int = Field(0, ge=0, description="random configs timed to report the table's accuracy")
+    runs: int = Field(30, ge=1, description="timed runs per measurement")
+    warmup: int = Field(5, ge=0, description="warm-up runs per measurement")
+
+
+class PruneSettings(Settings):
+    importance: Literal["l1", "l2", "first", "bn"] = Field("l1", description="which channels to keep in each group")
+    strategy: Literal["uniform", "global"] = Field(
+        "uniform", description="how a MAC target spreads the cut: every group alike, or by importance across groups")
+    divisor: int = Field(8, ge=1, description="widths are multiples of this")
+    targets: list[Target] = Field([], description="MAC targets, one pruned model per target")
+
+
+class FinetuneSettings(TrainSettings):
+    epochs: int = Field(5, ge=0, description="fine-tuning epochs (0 = keep the pruned weights as they are)")
+    lr: float = Field(0.01, gt=0, description="peak learning rate")
+    from_scratch: bool = Field(False, description="retrain the architecture from a fresh initialisation "
+                               "(MetaPruning, AutoSlim) instead of fine-tuning its weights")
+    distill: bool = Field(True, description="distil from the unpruned model (or the supernet's full config)")
+
+    @model_validator(mode="after")
+    def _scratch(self):
+        if self.from_scratch and self.epochs == 0:
+            raise ValueError("from_scratch needs epochs > 0: a freshly initialised net must be trained")
+        return self
+
+
+class ExportSettings(Settings):
+    formats: list[Literal["onnx", "tflite"]] = Field(["onnx", "tflite"], description="output formats")
+    int8: bool = Field(False, description="TFLite int8 post-training quantization (per-channel weights)")
+    calib_images: int = Field(200, ge=1, description="calibration images for int8")
+    parity_images: int = Field(100, ge=1, description="images compared with PyTorch")
+    tolerance: float = Field(1e-4, ge=0, description="max absolute logit difference (float exports)")
+    min_agreement: float | None = Field(None, ge=0, le=1, description="fail an int8 export under this top-1 "
+                                        "agreement")
+    nhwc: bool = Field(False, description="TFLite input in NHWC layout")
+    opset: int = Field(18, ge=7, description="ONNX opset")
+
+
+class LatencySettings(Settings):
+    backend: Literal["auto", "onnxruntime", "tflite"] = Field("auto", description="runtime (auto: by suffix)")
+    threads: int = Field(1, ge=1, description="inference threads")
+    runs: int = Field(100, ge=1, description="timed runs")
+    warmup: int = Field(10, ge=0, description="untimed warm-up runs")
+    device: str = Field("local", description="local, or adb[:SERIAL] for an Android phone")
+    budget_ms: float | None = Field(None, gt=0, description="fail (exit 3) when the median is over this")
+    benchmark_binary: str = Field("/data/local/tmp/benchmark_model",
+                                  description="path of TFLite's benchmark_model on the phone")
+    xnnpack: bool = Field(True, description="benchmark_model with XNNPACK (adb)")
+    taskset: str | None = Field(None, description="pin benchmark_model to these CPUs, e.g. f0 (adb)",
+                                json_schema_extra={"metavar": "MASK"})
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "local" and v.split(":")[0] != "adb":
+            raise ValueError(f"'{v}' is not local or adb[:SERIAL]")
+        return v
