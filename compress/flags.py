@@ -69,13 +69,14 @@ def settings_from(model: type[BaseModel], args: argparse.Namespace, **values):
 
 def command_line(command: str, positionals: list, settings: list[BaseModel], extra: list | None = None) -> str:
     """The `chansearch` command that runs `command` with exactly these settings: every value
-    that differs from its default, as its flag."""
+    that differs from its default, as its flag (required fields, like a data spec, are the
+    command's positionals or `extra`)."""
     argv = [command, *map(str, positionals)]
     for s in settings:
         for name, field in type(s).model_fields.items():
             kind, _ = _scalar(field.annotation)
             value = getattr(s, name)
-            if kind is None or value == field.default:
+            if kind is None or field.is_required() or value == field.default:
                 continue
             if kind is bool:
                 argv.append(flag(name) if value else "--no-" + name.replace("_", "-"))

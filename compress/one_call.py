@@ -3,6 +3,7 @@ prune (or train a supernet and search it) to a budget, recover with distillation
 original, and report accuracy before and after."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
     if method in SUPERNETS and (train_loader is None or val_loader is None):
         raise CompressError(f"method '{method}' trains a supernet on train_loader and scores configs on val_loader; "
                             "give both.")
-    model = _with_card(model, example_input)
+    model = _with_card(copy.deepcopy(model), example_input)  # the caller's model is left as it was
     out = Path(out)
     device = distributed.init()[2]
     space = ChannelSpace.from_model(model, example_input.to(next(model.parameters())))
@@ -108,7 +109,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
         report.history = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
         if val_loader is not None:
             report.top1_after = evaluate(small, val_loader, device)["top1"]
-    return small.cpu().eval(), report
+    # training may leave weights channels_last; hand back the layout a plain module has
+    return small.cpu().to(memory_format=torch.contiguous_format).eval(), report
 
 
 def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:

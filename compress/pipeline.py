@@ -216,8 +216,8 @@ class Pipeline:
                 path = Path(net["path"])
             elif not path.exists():
                 teacher = upstream["teacher"] if f.distill else None
-                settings = (TrainSettings(**f.model_dump(exclude={"from_scratch", "distill"})) if f.from_scratch
-                            else f)
+                # what the training loop takes; from_scratch and distill decided the model and the teacher
+                settings = TrainSettings(**f.model_dump(exclude={"from_scratch", "distill"}))
                 where = ["--from-scratch", "--out", run_dir] if f.from_scratch else ["-o", path, "--run-dir", run_dir]
                 self.command(command, [net["path"]], [r.data, settings],
                              ["--data", r.data.spec, *(["--teacher", teacher] if teacher else []), *where])

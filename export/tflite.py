@@ -16,13 +16,15 @@ from compress.card import card_of
 from compress.errors import CheckFailed, CompressError
 from compress.export.onnx import check_input_size
 from compress.export.parity import compare, reference_inputs, torch_logits
+from compress.logs import native_stderr_muted
 
 
 def open_interpreter(path: str | Path, threads: int = 1):
     """LiteRT's interpreter for a .tflite file, tensors allocated."""
     from ai_edge_litert.interpreter import Interpreter
-    runner = Interpreter(model_path=str(path), num_threads=threads)
-    runner.allocate_tensors()
+    with native_stderr_muted():
+        runner = Interpreter(model_path=str(path), num_threads=threads)
+        runner.allocate_tensors()
     return runner
 
 
@@ -49,7 +51,7 @@ def run_tflite(path: str | Path, images: torch.Tensor, nhwc: bool = False) -> np
 def convert(module: nn.Module, args: tuple, **kwargs):
     import litert_torch
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # litert-torch prints per-pass progress
+        with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():  # per-pass progress, converter logs
             return litert_torch.convert(module, args, **kwargs)
     except Exception as exc:
         text = str(exc)
@@ -101,7 +103,7 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
         kwargs["quant_config"] = quant
     edge = convert(module, (example,), **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
         edge.export(str(path))
     images = reference_inputs(model, images)
     reference = torch_logits(model, images)

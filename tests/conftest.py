@@ -1,6 +1,9 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,8 +44,28 @@ def cifar_dir():
     return CIFAR
 
 
-def run_cli(*args, cwd=None, env=None):
-    """Run `python -m compress ARGS` as a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or ROOT, env=full_env, timeout=600)
+def run_cli(*args, cwd=None, env=None, fresh=False):
+    """Run `chansearch ARGS` as a user would; returns a CompletedProcess.
+
+    By default in this process (the CLI's own `main`, its output captured): each interpreter
+    start costs seconds of imports. `fresh=True` runs `python -m compress` in a new process,
+    for what only a process shows: native log lines, signals, bit-exact resume across processes.
+    """
+    if fresh or env:
+        full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+        return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True,
+                              text=True, cwd=cwd or ROOT, env=full_env, timeout=600)
+    from compress.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd or ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's own errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["chansearch", *map(str, args)], code, out.getvalue(), err.getvalue())

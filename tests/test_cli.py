@@ -1,4 +1,5 @@
 import json
+import shlex
 
 import numpy as np
 import torch
@@ -95,3 +96,60 @@ def test_help_documents_every_command():
     for flag in ("--config", "--macs", "--width", "--pretrained", "--importance", "--strategy",
                  "--divisor", "--num-classes", "--input-size", "--output"):
         assert flag in prune_help
+
+
+def test_settings_out_of_range_are_refused_before_any_work(tmp_path):
+    out = run_cli("prune", "mobilenet_v2_cifar", "--width", "0.5", "--input-size", "0", "-o", tmp_path / "x.pt")
+    assert out.returncode == 2 and "--input-size 0: Input should be greater than or equal to 8" in out.stderr
+    assert not (tmp_path / "x.pt").exists() and "Traceback" not in out.stderr
+    out = run_cli("train", "mobilenet_v3_small_cifar", "--data", "synthetic:32", "--lr", "-1", "--out", tmp_path / "r")
+    assert out.returncode == 2 and "--lr -1.0: Input should be greater than 0" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    from compress.files import RunLock
+    with RunLock(tmp_path / "run"):  # another process is writing this run
+        out = run_cli("train", "mobilenet_v3_small_cifar", "--input-size", "16", "--data", "synthetic:32",
+                      "--batch-size", "16", "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
+    assert out.returncode == 2 and "is in use by another running process" in out.stderr
+    assert not (tmp_path / "run" / "args.json").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_runtime_log_lines_stay_out_of_the_terminal(tmp_path):
+    """TensorFlow/absl/XNNPACK lines are written by native code to the process's stderr: a new process shows them."""
+    out = run_cli("export", "mobilenet_v3_small_cifar", "--input-size", "16", "--format", "tflite",
+                  "-o", tmp_path / "m.tflite", fresh=True)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    loud = run_cli("--verbose", "latency", tmp_path / "m.tflite", "--runs", "3", fresh=True)
+    assert loud.returncode == 0 and "XNNPACK" in loud.stderr  # what the export above kept quiet
+
+
+def test_equivalent_commands_reproduce_the_settings():
+    """What a run report prints, parsed by the CLI, gives back the very settings the run used."""
+    from compress.cli import build_parser
+    from compress.flags import command_line, settings_from
+    from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, LatencySettings, PruneSettings,
+                                   SearchSettings, SupernetSettings)
+    cases = [
+        ("supernet", ["mobilenet_v2_cifar"], [DataSettings(spec="synthetic:8", batch_size=64),
+                                              SupernetSettings(method="pruningnet", lr=0.2, channels_last=False,
+                                                               distill=False, holdout=100, epochs=3)]),
+        ("finetune", ["x.pt"], [DataSettings(spec="synthetic:8", workers=0), FinetuneSettings(lr=0.03, kd_weight=0.7)]),
+        ("search", ["runs/s"], [SearchSettings(method="greedy", greedy_step=0.25, recal_images=64, seed=3)]),
+        ("prune", ["mobilenet_v2_cifar"], [PruneSettings(strategy="global", importance="bn", divisor=4)]),
+        ("export", ["x.pt"], [ExportSettings(int8=True, calib_images=50, min_agreement=0.98)]),
+        ("latency", ["x.tflite"], [LatencySettings(threads=2, runs=7, budget_ms=3.5, xnnpack=False)]),
+    ]
+    extra = {"supernet": ["--data", "synthetic:8"], "finetune": ["--data", "synthetic:8"], "search": ["--macs", "50%"],
+             "prune": ["--macs", "50%", "-o", "p.pt"], "export": ["--format", "tflite", "-o", "x.tflite"]}
+    for command, positionals, settings in cases:
+        line = command_line(command, positionals, settings, extra.get(command))
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        for s in settings:
+            values = {"spec": args.data} if isinstance(s, DataSettings) else {}
+            if isinstance(s, SearchSettings):
+                values["targets"] = s.targets
+            if isinstance(s, ExportSettings):
+                values["formats"] = s.formats
+            assert settings_from(type(s), args, **values) == s, line

@@ -13,7 +13,8 @@ import compress
 from compress import CompressError
 from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
 from compress.search.strategies import evolution, greedy
-from compress.settings import HeldOutScoring
+from compress import stages
+from compress.settings import HeldOutScoring, SearchSettings, Target
 from compress.stages import held_out
 from compress.supernet import load_supernet
 from compress.data import build_dataset, transforms
@@ -42,11 +43,19 @@ def _targets(result):
     return [(t["label"], t["config"], t["top1"]) for t in result["targets"]]
 
 
+SCORING = dict(recal_images=16, eval_images=24)
+EVOLUTION = SearchSettings(method="evolution", population=6, parents=3, mutations=3, crossovers=3, iterations=2,
+                           **SCORING)
+
+
+def _search(run, out, settings=EVOLUTION, **changes):
+    return stages.search(run, settings.model_copy(update=changes), out=out, quiet=True).result
+
+
 def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
-    out = run_cli("search", run, "--method", "greedy", "--macs", "70%,45%", "--greedy-step", "0.7", *IMAGES,
-                  "--out", tmp_path / "g")
-    assert out.returncode == 0, out.stderr
-    result = _result(tmp_path / "g")
+    result = _search(run, tmp_path / "g", SearchSettings(method="greedy", greedy_step=0.7, **SCORING),
+                     targets=[Target(macs="70%"), Target(macs="45%")])
+    assert result == _result(tmp_path / "g")
     full = result["full"]["macs"]
     assert [t["label"] for t in result["targets"]] == [f"macs<={compress.units.human(int(full * p))}" for p in (0.7, 0.45)]
     for t, share in zip(result["targets"], (0.7, 0.45)):
@@ -66,31 +75,27 @@ def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
 
 def test_extracted_net_scores_what_the_search_scored(run, tmp_path):
     """The standalone net, BN recalibrated as the search did, has the search's held-out accuracy."""
-    assert run_cli("search", run, *EVO, "--macs", "60%", "--out", tmp_path / "e").returncode == 0
-    entry = _result(tmp_path / "e")["targets"][0]
-    assert run_cli("extract", run, "--search", tmp_path / "e", "-o", tmp_path / "n.pt").returncode == 0
-    net = compress.load(tmp_path / "n.pt").eval()
+    entry = _search(run, tmp_path / "e", targets=[Target(macs="60%")])["targets"][0]
+    net = stages.extract(run, tmp_path / "n.pt", search_dir=tmp_path / "e").model.eval()
     supernet, record = load_supernet(run / "supernet.pt")
-    held = held_out(supernet, record["holdout"], HeldOutScoring(recal_images=16, eval_images=24))
+    held = held_out(supernet, record["holdout"], HeldOutScoring(**SCORING))
     hits = sum((net(x).argmax(1) == y).sum().item() for x, y in held.batches("eval"))
     assert hits / len(held.eval) == pytest.approx(entry["top1"])
 
 
 def test_evolution_is_seeded_and_resumes_without_reevaluating(run, tmp_path):
-    a = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "5", "--out", tmp_path / "a", "--json")
-    b = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "5", "--out", tmp_path / "b")
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    ra, rb = _result(tmp_path / "a"), _result(tmp_path / "b")
+    budgets = [Target(macs="60%"), Target(macs="40%")]
+    ra = _search(run, tmp_path / "a", targets=budgets, seed=5)
+    rb = _search(run, tmp_path / "b", targets=budgets, seed=5)
     assert _targets(ra) == _targets(rb)
-    assert json.loads(a.stdout)["targets"] == ra["targets"]
     for t in ra["targets"]:
         assert t["macs"] <= t["budget"]["macs"]
-    again = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "5", "--out", tmp_path / "a")
+    again = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "5", "--out", tmp_path / "a", "--json")
     assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["targets"] == _result(tmp_path / "a")["targets"]
     assert _result(tmp_path / "a")["evaluated_now"] == 0
     assert _targets(_result(tmp_path / "a")) == _targets(ra)
-    c = run_cli("search", run, *EVO, "--macs", "60%,40%", "--seed", "6", "--out", tmp_path / "c")
-    assert c.returncode == 0 and _targets(_result(tmp_path / "c")) != _targets(ra)
+    assert _targets(_search(run, tmp_path / "c", targets=budgets, seed=6)) != _targets(ra)
 
 
 def test_killed_search_resumes_to_the_uninterrupted_result(run, tmp_path):

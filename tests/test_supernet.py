@@ -201,7 +201,7 @@ TINY = ["--input-size", "16", "--data", "synthetic:320", "--holdout", "32", "--b
 def test_supernet_cli_sigkill_then_resume_equals_uninterrupted(tmp_path):
     args = ["supernet", "mobilenet_v3_small_cifar", "--method", "slimmable", *TINY, "--epochs", "3", "--seed", "2",
             "--deterministic"]
-    full = run_cli(*args, "--out", tmp_path / "full")
+    full = run_cli(*args, "--out", tmp_path / "full", fresh=True)
     assert full.returncode == 0, full.stderr
     assert "max config" in full.stdout and "min config" in full.stdout
     run = tmp_path / "killed"
@@ -215,7 +215,7 @@ def test_supernet_cli_sigkill_then_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "supernet.pt").exists()
-    resumed = run_cli("supernet", "--resume", run, "--quiet")
+    resumed = run_cli("supernet", "--resume", run, "--quiet", fresh=True)
     assert resumed.returncode == 0, resumed.stderr
     assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
     a = torch.load(tmp_path / "full" / "supernet.pt", weights_only=True)["state_dict"]

@@ -45,7 +45,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     args = ["train", "mobilenet_v3_small_cifar", "--input-size", "16", "--data", "synthetic:320", "--batch-size", "16",
             "--val-images", "16", "--workers", "0", "--epochs", "3", "--seed", "1", "--deterministic",
             "--quiet", "--ema-decay", "0.9"]
-    full = run_cli(*args, "--out", tmp_path / "full")
+    full = run_cli(*args, "--out", tmp_path / "full", fresh=True)
     assert full.returncode == 0, full.stderr
 
     run = tmp_path / "killed"
@@ -64,7 +64,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["epoch"] + 1 == len(done)
 
-    resumed = run_cli("train", "--resume", run, "--quiet")
+    resumed = run_cli("train", "--resume", run, "--quiet", fresh=True)
     assert resumed.returncode == 0, resumed.stderr
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]

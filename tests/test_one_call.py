@@ -1,0 +1,89 @@
+"""compress.compress: a user's own CNN compressed from DataLoaders in one call."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import compress
+from compress import CompressError, FinetuneSettings, SearchSettings, SupernetSettings
+from compress.evaluate import evaluate
+from compress.space import widths_of
+from conftest import ROOT, ResidualNet
+
+
+def _loaders(cifar_dir, n_train=256, n_val=128):
+    """Real CIFAR-10 images, cut to 16x16 (what ResidualNet's head expects), as plain tensors."""
+    with np.load(cifar_dir / "train.npz") as f:
+        pick = np.random.default_rng(0).permutation(len(f["y"]))[:n_train + n_val]
+        x = torch.from_numpy(f["x"][pick]).permute(0, 3, 1, 2).float().div(255)[:, :, ::2, ::2].contiguous()
+        y = torch.from_numpy(f["y"][pick].astype(np.int64))
+    x = (x - 0.5) / 0.25
+    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=64)
+    return train, val
+
+
+def test_one_call_prunes_a_user_cnn_to_the_budget_and_recovers(tmp_path, cifar_dir):
+    torch.manual_seed(0)
+    net = ResidualNet()
+    train, val = _loaders(cifar_dir)
+    small, report = compress.compress(net, torch.randn(1, 3, 16, 16), {"macs": "50%"}, train, val,
+                                      method="global", finetune=FinetuneSettings(epochs=2), out=tmp_path / "run")
+    macs, params = compress.count(small, 16)
+    full, _ = compress.count(net, 16)
+    assert (report.macs, report.params) == (macs, params) and report.macs_before == full
+    space = compress.ChannelSpace.from_model(net, torch.randn(1, 3, 16, 16))
+    assert widths_of(small, space) == report.config == small.card.config
+    assert macs <= full // 2  # and as close under it as this space's widths allow: one notch more is over
+    for g in space.groups:
+        wider = [w for w in g.widths if w > report.config[g.name]]
+        assert not wider or space.macs({**report.config, g.name: wider[0]}) > full // 2
+    assert small.card.arch == {"user": "ResidualNet"} and small.card.num_classes == 10
+    assert [h["epoch"] for h in report.history] == [1, 2]
+    assert all(0 <= v <= 1 for v in (report.top1_before, report.top1_pruned, report.top1_after))
+    assert report.top1_after == report.history[-1]["val_top1"] == evaluate(small, val)["top1"]
+    compress.save_checkpoint(tmp_path / "small.pt", small)
+    again = compress.load(tmp_path / "small.pt", model=ResidualNet()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(again(x), small(x), atol=0, rtol=0)
+
+
+def test_one_call_supernet_search_meets_a_params_budget(tmp_path, cifar_dir):
+    torch.manual_seed(0)
+    net = ResidualNet()
+    train, val = _loaders(cifar_dir, 128, 64)
+    small, report = compress.compress(
+        net, torch.randn(1, 3, 16, 16), {"macs": "70%", "params": "60%"}, train, val, method="slimmable",
+        supernet=SupernetSettings(epochs=1, steps_per_epoch=3),
+        search=SearchSettings(method="random", samples=4, recal_images=32, eval_images=32),
+        finetune=FinetuneSettings(epochs=0), out=tmp_path / "run")
+    full_macs, full_params = compress.count(net, 16)
+    assert compress.count(small, 16) == (report.macs, report.params)
+    assert report.macs <= 0.7 * full_macs and report.params <= 0.6 * full_params
+    assert report.top1_after is None and report.history == []  # no recovery asked for
+
+
+def test_one_call_bad_input_is_named(cifar_dir):
+    net = ResidualNet()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(CompressError, match="unknown method 'fastnas'"):
+        compress.compress(net, x, {"macs": "50%"}, method="fastnas")
+    with pytest.raises(CompressError, match="constraints take 'macs'"):
+        compress.compress(net, x, {"flops": "50%"})
+    with pytest.raises(CompressError, match="prunes to a MAC target"):
+        compress.compress(net, x, {"params": "50%"})
+    with pytest.raises(CompressError, match="square image batch"):
+        compress.compress(net, torch.randn(1, 3, 16, 12), {"macs": "50%"})
+    with pytest.raises(CompressError, match="smallest config of this space"):
+        compress.compress(net, x, {"macs": "1%"})
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """The README's one-call example, run as written."""
+    text = (ROOT / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "compress.compress(" in block)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "small.pt").is_file()
