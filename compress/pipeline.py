@@ -219,7 +219,9 @@ class Pipeline:
                 # what the training loop takes; from_scratch and distill decided the model and the teacher
                 settings = TrainSettings(**f.model_dump(exclude={"from_scratch", "distill"}))
                 where = ["--from-scratch", "--out", run_dir] if f.from_scratch else ["-o", path, "--run-dir", run_dir]
-                self.command(command, [net["path"]], [r.data, settings],
+                # the command's flags are read against its own defaults: train's, or finetune's
+                shown = settings if f.from_scratch else f.model_copy(update={"distill": True})
+                self.command(command, [net["path"]], [r.data, shown],
                              ["--data", r.data.spec, *(["--teacher", teacher] if teacher else []), *where])
                 torch.manual_seed(f.seed)
                 model = load_target(net["path"], from_scratch=f.from_scratch)

@@ -1,4 +1,5 @@
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 from compress import CompressError
+from compress.cli import build_parser
+from compress.flags import settings_from
 from compress.recipe import load_recipe
+from compress.settings import FinetuneSettings, SupernetSettings
 from conftest import ROOT, run_cli
 
 TINY = """\
@@ -75,6 +79,17 @@ def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
     assert len(rows) == 2 and all(row.endswith("| pass |") for row in rows)
     assert (run / "report.png").is_file() and (run / "search.png").is_file()
     assert "chansearch supernet mobilenet_v3_small_cifar" in report  # the equivalent commands
+    parser = build_parser()
+    commands = [line for line in report.splitlines() if line.startswith("chansearch ")]
+    assert [c.split()[1] for c in commands] == ["supernet", "search", "extract", "extract", "finetune", "finetune",
+                                                 "export", "export", "latency", "latency"]
+    recipe_settings = load_recipe(recipe)
+    for line in commands:  # each parses, and the training ones give back the recipe's settings
+        args = parser.parse_args(shlex.split(line)[1:])
+        if args.command == "finetune":
+            assert settings_from(FinetuneSettings, args) == recipe_settings.finetune
+        if args.command == "supernet":
+            assert settings_from(SupernetSettings, args) == recipe_settings.supernet
     for stage in ("supernet", "search", "extract", "finetune", "export", "latency"):
         assert json.loads((run / stage / "stage.json").read_text())["outputs"] is not None, stage
     assert len(list((run / "export").glob("*.onnx"))) == 2
