@@ -1,35 +1,37 @@
 """compress: make CNNs small and fast for edge devices.
 
 The stage API (`compress.stages`) has one function per stage; `compress.compress` runs a
-whole compression of your own model from DataLoaders in one call. Names load on first use
-(PEP 562), so `chansearch --help` and `python -m compress.data` do not import torch.
+whole compression of your own model from DataLoaders in one call. Those two (and `Loaders`)
+load on first use (PEP 562): they pull in the data pipeline, which `python -m compress.data`
+must be able to run as a script without importing first.
 """
 import importlib
 
+from compress.card import ModelCard, card_of, describe
+from compress.checkpoint import load, load_target, save_checkpoint
+from compress.errors import CheckFailed, CompressError
+from compress.models import build
+from compress.profile import count
+from compress.prune import config_for_macs, prune, prune_target
+from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, LatencySettings, PruneSettings,
+                               SearchSettings, SupernetSettings, Target, TrainSettings)
+from compress.space import ChannelConfig, ChannelGroup, ChannelSpace
+
 __version__ = "0.1.0"
 
-_HOME = {
-    "ChannelConfig": "compress.space", "ChannelGroup": "compress.space", "ChannelSpace": "compress.space",
-    "CheckFailed": "compress.errors", "CompressError": "compress.errors",
-    "CompressReport": "compress.one_call", "compress": "compress.one_call",
-    "DataSettings": "compress.settings", "ExportSettings": "compress.settings", "FinetuneSettings": "compress.settings",
-    "LatencySettings": "compress.settings", "PruneSettings": "compress.settings", "SearchSettings": "compress.settings",
-    "SupernetSettings": "compress.settings", "Target": "compress.settings", "TrainSettings": "compress.settings",
-    "Loaders": "compress.train", "ModelCard": "compress.card", "card_of": "compress.card", "describe": "compress.card",
-    "build": "compress.models", "config_for_macs": "compress.prune", "prune": "compress.prune",
-    "prune_target": "compress.prune", "count": "compress.profile", "load": "compress.checkpoint",
-    "load_target": "compress.checkpoint", "save_checkpoint": "compress.checkpoint",
-}
-__all__ = sorted(_HOME) + ["stages"]
+_LAZY = {"compress": "compress.one_call", "CompressReport": "compress.one_call", "Loaders": "compress.train"}
+__all__ = ["ChannelConfig", "ChannelGroup", "ChannelSpace", "CheckFailed", "CompressError", "CompressReport",
+           "DataSettings", "ExportSettings", "FinetuneSettings", "LatencySettings", "Loaders", "ModelCard",
+           "PruneSettings", "SearchSettings", "SupernetSettings", "Target", "TrainSettings", "build", "card_of",
+           "compress", "config_for_macs", "count", "describe", "load", "load_target", "prune", "prune_target",
+           "save_checkpoint", "stages"]
 
 
 def __getattr__(name: str):
     if name == "stages":
         return importlib.import_module("compress.stages")
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'compress' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return __all__
