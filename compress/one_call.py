@@ -90,7 +90,7 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
         config = config_for_macs(space, budget.macs, method, scores)
         small = prune(model, config, space, importance=importance)
     else:
-        small, config = _search(model, space, method, budget, train_loader, val_loader,
+        small, config = _search(model, space, method, budget, train_loader, val_loader, device,
                                 supernet or SupernetSettings(method=method, epochs=1),
                                 search or SearchSettings(method="evolution", population=16, parents=4, mutations=8,
                                                          crossovers=8, iterations=3), out, quiet)
@@ -124,7 +124,7 @@ def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     return describe(model, input_size=example_input.shape[-1], num_classes=classes)
 
 
-def _search(model, space, method, budget, train_loader, val_loader, supernet: SupernetSettings,
+def _search(model, space, method, budget, train_loader, val_loader, device, supernet: SupernetSettings,
             search: SearchSettings, out: Path, quiet: bool):
     """Train a supernet from `model` on `train_loader`, search it under `budget`, and return
     the extracted net of the best config with that config."""
@@ -139,7 +139,6 @@ def _search(model, space, method, budget, train_loader, val_loader, supernet: Su
         step = pruningnet_step(net, label_smoothing=supernet.label_smoothing)
     if supernet.epochs > 0:
         net = fit(net, Loaders(train_loader), supernet, out / "supernet", step=step, validate=False, quiet=quiet)
-    device = distributed.init()[2]
     held = HeldOut(val_loader.dataset, search.recal_images, search.eval_images, seed=search.seed)
     evaluator = Evaluator(net, held, device)
     result = run_search(evaluator, search.method, [budget], seed=search.seed, options=search.strategy_options())

@@ -144,10 +144,10 @@ class Pipeline:
         r = self.recipe
         resume = (folder / STATE_FILE).exists()
         self.command("supernet", [r.model.name], [r.model, r.data, r.supernet,
-                                                  HeldOutScoring(**_scoring(r.search))],
+                                                  _scoring(r.search)],
                      ["--data", r.data.spec, "--out", folder])
         torch.manual_seed(r.supernet.seed)
-        done = stages.train_supernet(self._model(), r.data, r.supernet, folder, scoring=HeldOutScoring(**_scoring(r.search)),
+        done = stages.train_supernet(self._model(), r.data, r.supernet, folder, scoring=_scoring(r.search),
                                      pretrained=r.model.pretrained is not None, resume=resume, quiet=self.quiet)
         return {"supernet": str(done.checkpoint), "summary": done.summary} if distributed.is_main() else {}
 
@@ -185,7 +185,7 @@ class Pipeline:
             nets[target.tag()] = {"path": str(path), "label": entry["label"], "heldout_top1": entry["top1"]}
         teacher = folder / "teacher.pt"
         if self.recipe.finetune.distill and not teacher.exists():  # the supernet's full config teaches
-            stages.supernet_teacher(self.dir / "supernet", HeldOutScoring(**_scoring(self.recipe.search)), teacher)
+            stages.supernet_teacher(self.dir / "supernet", _scoring(self.recipe.search), teacher)
         return {"nets": nets, "teacher": str(teacher) if self.recipe.finetune.distill else None}
 
     def _prune(self, folder: Path) -> dict:
@@ -272,8 +272,9 @@ class Pipeline:
         return out
 
 
-def _scoring(search: SearchSettings) -> dict:
-    return {"recal_images": search.recal_images, "eval_images": search.eval_images}
+def _scoring(search: SearchSettings) -> HeldOutScoring:
+    """The search's held-out scoring, which the supernet's summary and the teacher use too."""
+    return HeldOutScoring(**search.model_dump(include=set(HeldOutScoring.model_fields)))
 
 
 def _test(path: str, recipe: Recipe) -> dict:

@@ -35,11 +35,6 @@ from compress.settings import DataSettings, TrainSettings
 STATE_FILE = "last.pt"
 
 
-# Settings that do not change the result; a resumed run may differ in these. (Not `workers`:
-# worker processes draw augmentation randomness differently.)
-COSMETIC = ()
-
-
 class Loaders(NamedTuple):
     """A user's own data: a training loader and, optionally, one to validate each epoch on."""
 
@@ -292,7 +287,7 @@ def _check_same_config(saved: dict, recorded: dict, path: Path) -> None:
     for part in ("settings", "data"):
         old, new = before.get(part) or {}, recorded[part] or {}
         diff += [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
-                 if k not in COSMETIC and old[k] != new.get(k)]
+                 if old[k] != new.get(k)]
     if diff:
         raise CompressError(f"cannot resume {path}: the training settings changed ({'; '.join(diff)}). "
                             "Resume with the run's own settings, or start a new run folder.")
