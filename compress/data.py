@@ -152,10 +152,12 @@ def check_labels(dataset: Dataset, num_classes: int, source: str) -> None:
                             "classes; set `num_classes` or use a matching model.")
 
 
-def transforms(train: bool, input_size: int, mean, std):
-    """Standard torchvision recipes: pad-crop + flip for small images, random-resized crop
-    + flip for ImageNet-style ones; resize + center crop to evaluate."""
-    small = input_size <= 64
+def transforms(train: bool, input_size: int, mean, std, source_size: int | None = None):
+    """Standard torchvision recipes: resize + pad-crop + flip for small source images
+    (CIFAR's 32 px, also when upsampled for a pretrained net), random-resized crop + flip for
+    ImageNet-style photos; resize + center crop to evaluate. `source_size`: the side of the
+    stored images when known (arrays), else the input size decides."""
+    small = min(input_size, source_size or input_size) <= 64
     if train:
         geometry = ([v2.Resize(input_size, antialias=True), v2.RandomCrop(input_size, padding=input_size // 8)]
                     if small else [v2.RandomResizedCrop(input_size, antialias=True)])
@@ -167,9 +169,18 @@ def transforms(train: bool, input_size: int, mean, std):
                        v2.Normalize(list(mean), list(std))])
 
 
+def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int = 10, augment: bool | None = None
+          ) -> Dataset:
+    """A split of `spec` with the transforms that fit its images: training augmentation on
+    the training split unless `augment` says otherwise."""
+    ds = build_dataset(spec, train, None, num_classes, input_size)
+    side = ds.x.shape[-1] if isinstance(ds, ArrayDataset) else 32 if isinstance(ds, datasets.CIFAR10) else None
+    ds.transform = transforms(train if augment is None else augment, input_size, mean, std, side)
+    return ds
+
+
 def eval_set(spec: str, input_size: int, mean, std, num_classes: int) -> Dataset:
-    ds = build_dataset(spec, train=False, transform=transforms(False, input_size, mean, std),
-                       num_classes=num_classes, image_size=input_size)
+    ds = split(spec, False, input_size, mean, std, num_classes)
     check_labels(ds, num_classes, f"data {spec}")
     return ds
 
@@ -178,13 +189,13 @@ def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdo
                   seed: int = 0) -> tuple[Dataset, Dataset | None, np.ndarray]:
     """The training set minus `holdout` images picked with `seed`, those images (with eval
     transforms, for search), and the holdout indices (to record in the run folder)."""
-    train = build_dataset(spec, True, transforms(True, input_size, mean, std), num_classes, input_size)
+    train = split(spec, True, input_size, mean, std, num_classes)
     check_labels(train, num_classes, f"data {spec}")
     if holdout <= 0:
         return train, None, np.array([], dtype=np.int64)
     if holdout >= len(train):
         raise CompressError(f"`holdout` {holdout} leaves no training images ({spec} has {len(train)}).")
-    plain = build_dataset(spec, True, transforms(False, input_size, mean, std), num_classes, input_size)
+    plain = split(spec, True, input_size, mean, std, num_classes, augment=False)
     perm = np.random.default_rng(seed).permutation(len(train))
     held, kept = np.sort(perm[:holdout]), np.sort(perm[holdout:])
     return Subset(train, kept.tolist()), Subset(plain, held.tolist()), held
@@ -204,14 +215,21 @@ def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
                       pin_memory=torch.cuda.is_available())
 
 
-def sample_images(spec: str, train: bool, count: int, input_size: int, mean, std, seed: int = 0) -> torch.Tensor:
-    """`count` images of a split, picked at random with `seed`, with evaluation transforms:
-    calibration and parity inputs for export."""
-    ds = build_dataset(spec, train, transforms(False, input_size, mean, std), image_size=input_size)
+def sample_labelled(spec: str, train: bool, count: int, input_size: int, mean, std,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` images of a split and their labels, picked at random with `seed`, with
+    evaluation transforms: calibration and parity inputs for export."""
+    ds = split(spec, train, input_size, mean, std, augment=False)
     if len(ds) == 0:
         raise CompressError(f"data {spec} holds no images.")
     picks = np.sort(np.random.default_rng(seed).permutation(len(ds))[:count])
-    return torch.stack([ds[int(i)][0] for i in picks])
+    pairs = [ds[int(i)] for i in picks]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
+
+
+def sample_images(spec: str, train: bool, count: int, input_size: int, mean, std, seed: int = 0) -> torch.Tensor:
+    """The images of `sample_labelled`."""
+    return sample_labelled(spec, train, count, input_size, mean, std, seed)[0]
 
 
 def demo_cifar10(download_root: str | Path = "runs/data") -> str:

@@ -92,3 +92,22 @@ def test_train_transforms_augment_small_images():
     torch.manual_seed(0)
     outs = {tuple(t(image).flatten()[:50].tolist()) for _ in range(8)}
     assert len(outs) > 1  # pad-crop + flip vary
+
+
+def test_small_images_upsampled_for_a_pretrained_net_are_not_cropped_like_photos(tmp_path):
+    """CIFAR's 32 px images fed to a 96 px ImageNet net: evaluation sees the whole image
+    resized (not a center crop that cuts 12% of a tiny picture) and training pads and crops
+    rather than random-resized-cropping down to 8% of it."""
+    from torchvision.transforms import v2
+    from compress.data import split
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), y=np.arange(4))
+    evaluation = split(f"npz:{tmp_path / 'd.npz'}", False, 96, MEAN, STD)
+    expected = v2.functional.resize(evaluation.x[0], [96], antialias=True).float() / 255
+    expected = (expected - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    assert torch.allclose(evaluation[0][0], expected, atol=1e-5)
+    training = split(f"npz:{tmp_path / 'd.npz'}", True, 96, MEAN, STD)
+    kinds = {type(t) for t in training.transform.transforms}
+    assert v2.RandomCrop in kinds and v2.RandomResizedCrop not in kinds
+    photos = transforms(True, 96, MEAN, STD)  # a folder of photos: size unknown, ImageNet recipe
+    assert v2.RandomResizedCrop in {type(t) for t in photos.transforms}
