@@ -4,8 +4,8 @@
    pruned (uniform, L1) to 75/50/30% of its MACs with divisor 8 and divisor 1, exported to
    ONNX and TFLite and timed with ONNX Runtime and LiteRT at 1 and 2 threads.
    Target: with divisor 8, latency ratio <= 1.15x the MAC ratio.
-2. Parity of every zoo model exported to float ONNX and TFLite, and int8 TFLite for
-   mobilenet_v2_cifar (trained weights from --trained, else random init), with export wall time.
+2. Parity of every zoo model exported to float ONNX and TFLite, with export wall time
+   (int8: benchmarks/bench_int8.py).
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common import CIFAR, write_section
-from compress import ChannelSpace, build, config_for_macs, load, prune
-from compress.data import sample_images
+from common import write_section
+from compress import ChannelSpace, build, config_for_macs, prune
 from compress.models import ZOO
 from compress.export import export_onnx, export_tflite, measure
 
@@ -100,27 +99,11 @@ def parity_table(args, tmp: Path) -> str:
                     f"{tfl['parity']['max_abs_diff']:.2e} | {tfl['parity']['top1_agreement']:.0%} | "
                     f"{t_onnx:.1f} / {t_tfl:.1f} |")
         print(rows[-1], flush=True)
-    trained = Path(args.trained) if args.trained else None
-    model = load(trained) if trained and trained.is_file() else build("mobilenet_v2_cifar")
-    source = f"trained ({trained})" if trained and trained.is_file() else "random init"
-    card = model.card
-    data = f"cifar10:{CIFAR}"
-    calib = sample_images(data, True, args.calib_images, 32, card.mean, card.std)
-    images = sample_images(data, False, args.eval_images, 32, card.mean, card.std, seed=1)
-    began = time.perf_counter()
-    flt = export_tflite(model, tmp / "f.tflite", images=images)
-    q = export_tflite(model, tmp / "q.tflite", int8=True, calib_images=calib, images=images)
-    took = time.perf_counter() - began
-    rows.append(f"| mobilenet_v2_cifar, {source} | 32 | int8 TFLite vs float | {q['parity']['max_abs_logit']:.1f} | - | "
-                f"{q['parity']['max_abs_diff']:.2e} | {q['parity']['top1_agreement']:.1%} | {took:.1f} (both) |")
     return "\n".join([
         "Float: random-init zoo models (no pretrained weights here) with BN statistics measured on "
         "random images and the head drawn from N(0, 0.5), so logits have a real size (column 'max "
-        "|logit|'); max |logit difference| against PyTorch on 8 random images. int8: per-channel PT2E "
-        f"quantization calibrated on {args.calib_images} CIFAR-10 training images, top-1 agreement with the "
-        f"float PyTorch model on {args.eval_images} CIFAR-10 test images (target >= 98%); int8 file "
-        f"{q['bytes'] / 1e6:.2f} MB vs float {flt['bytes'] / 1e6:.2f} MB (ratio {q['bytes'] / flt['bytes']:.2f}). "
-        "Export time is wall-clock seconds (ONNX / TFLite).", "",
+        "|logit|'); max |logit difference| against PyTorch on 8 random images. int8 files have their own "
+        "table (benchmarks/bench_int8.py). Export time is wall-clock seconds (ONNX / TFLite).", "",
         "| model | input | kind | max abs logit | ONNX max diff | TFLite max diff | TFLite top-1 agreement | export s |",
         "|---|---|---|---|---|---|---|---|", *rows])
 
@@ -130,9 +113,6 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50, help="timed runs per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all models")
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--calib-images", type=int, default=200)
-    ap.add_argument("--eval-images", type=int, default=1000)
-    ap.add_argument("--trained", default=None, help="a trained mobilenet_v2_cifar checkpoint for the int8 row")
     ap.add_argument("--skip", default="", help="comma list of tables to skip: latency,parity")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

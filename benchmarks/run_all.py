@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PRETRAINED = HERE.parents[1] / "shared" / "pretrained" / "mobilenet_v2_imagenet.pth"
 QUICK = [["bench_macs.py"], ["bench_supernet_speed.py", "--size", "quick"],
          ["bench_lut.py", "--size", "quick", "--backends", "onnxruntime"]]
 
@@ -20,7 +21,8 @@ def full(size: str) -> list[list[str]]:
             ["bench_supernet_speed.py", "--size", size], ["bench_lut.py", "--size", size],
             ["bench_reference.py", "--size", size],
             ["bench_search_quality.py", "--size", size, "--method", "slimmable"],
-            ["bench_search_quality.py", "--size", size, "--method", "pruningnet"]]
+            ["bench_search_quality.py", "--size", size, "--method", "pruningnet"],
+            ["bench_int8.py", "--size", size, "--pretrained", str(PRETRAINED)]]
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from compress.errors import CompressError
+from compress.errors import CheckFailed, CompressError
 from compress.flags import add_flags, settings_from, word_for_cli
 from compress.logs import quiet_runtimes
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, HeldOutScoring, LatencySettings,
@@ -116,7 +116,8 @@ def cmd_prune(args) -> int:
     from compress.units import human
     settings = settings_from(PruneSettings, args)
     done = stages.prune(_load(args), settings, macs=args.macs, config=args.config, width=args.width,
-                        output=args.output, provenance={"created_by": "chansearch prune", "parent": args.target})
+                        output=args.output, provenance={"created_by": "chansearch prune", "parent": args.target},
+                        data=args.data)
     if args.json:
         _print_json({"output": str(args.output), "macs_before": done.macs_before, "params_before": done.params_before,
                      "macs": done.macs, "params": done.params, "config": done.model.card.config})
@@ -124,6 +125,8 @@ def cmd_prune(args) -> int:
     print(f"before: {human(done.macs_before)} MACs, {human(done.params_before)} params")
     print(f"after:  {human(done.macs)} MACs ({done.macs / done.macs_before:.1%}), "
           f"{human(done.params)} params ({done.params / done.params_before:.1%})")
+    if args.data and settings.recal_images:
+        print(f"BN statistics re-estimated on {settings.recal_images} training images of {args.data}")
     print(f"saved {args.output}")
     return 0
 
@@ -255,16 +258,34 @@ def cmd_lut(args) -> int:
 def cmd_export(args) -> int:
     from compress import stages
     settings = settings_from(ExportSettings, args, formats=[args.format])
-    report = stages.export(_load(args), args.format, args.output, settings, data=args.calib_data,
-                           input_size=args.input_size)
+    try:
+        report = stages.export(_load(args), args.format, args.output, settings, data=args.calib_data,
+                               input_size=args.input_size)
+    except CheckFailed as exc:  # the file and its numbers are still the user's to see
+        if exc.report:
+            _print_export(exc.report, args)
+        raise
+    _print_export(report, args)
+    return 0
+
+
+def _print_export(report: dict, args) -> None:
     if args.json:
         _print_json(report)
-    else:
-        p = report["parity"]
-        print(f"wrote {report['path']} ({report['bytes'] / 1e6:.2f} MB); parity on {p['images']} "
-              f"{'real' if args.calib_data else 'random'} images: max |diff| {p['max_abs_diff']:.3g}, "
-              f"top-1 agreement {p['top1_agreement']:.1%}")
-    return 0
+        return
+    p, mode = report["parity"], report["quantize"]
+    size = f"{report['bytes'] / 1e6:.2f} MB" + (f", {report['bytes'] / report['float_bytes']:.2f}x the float file"
+                                              if mode else "")
+    print(f"wrote {report['path']} ({mode or 'float'}, {size})")
+    where = f"{p['images']} {'real' if args.calib_data else 'random'} images"
+    print(f"parity on {where}: top-1 agreement with PyTorch {p['top1_agreement']:.1%}, max |diff| "
+          f"{p['max_abs_diff']:.3g}" + (f"; top-1 accuracy {p['accuracy']['float']:.1%} float (PyTorch), "
+                                        f"{p['accuracy']['exported']:.1%} this file" if "accuracy" in p else ""))
+    if report.get("keep_float"):
+        print(f"kept in float (most sensitive to int8): {', '.join(report['keep_float'])}")
+    if mode == "int8_io":
+        from compress.export.litert import input_note
+        print(input_note(report))
 
 
 def cmd_latency(args) -> int:
@@ -347,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--macs", metavar="150M", help="MAC target (150M, 1.2G, 50%% of the model)")
     how.add_argument("--width", type=float, metavar="0.75", help="uniform width multiplier")
     add_flags(p, PruneSettings)
+    p.add_argument("--data", metavar="SPEC", help="training images to re-estimate BN statistics on after pruning "
+                   "(--recal-images of them; without it the unpruned model's statistics stay)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output checkpoint (.pt)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_prune)
@@ -367,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--format", required=True, choices=["onnx", "tflite"], help="output format")
     p.add_argument("-o", "--output", required=True, type=Path, help="output file (.onnx / .tflite)")
-    p.add_argument("--calib-data", metavar="SPEC", help="real images: training split calibrates int8, "
-                   "evaluation split checks parity (default parity input: random)")
+    p.add_argument("--calib-data", metavar="SPEC", help="real images: training split calibrates static int8, "
+                   "evaluation split checks parity and accuracy (default parity input: random)")
     add_flags(p, ExportSettings)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export)

@@ -16,3 +16,7 @@ class CheckFailed(CompressError):
     tolerance. The report is still written; the exit code (3) tells a CI pipeline."""
 
     exit_code = 3
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report  # what was measured, for reports written despite the failure

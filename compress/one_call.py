@@ -13,12 +13,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from compress import distributed
+from compress.batchnorm import recalibrate
 from compress.card import card_of, describe
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.prune import config_for_macs, group_scores, prune
 from compress.search import Evaluator, HeldOut, budgets_for, run_search
-from compress.settings import FinetuneSettings, SearchSettings, SupernetSettings, Target
+from compress.settings import FinetuneSettings, PruneSettings, SearchSettings, SupernetSettings, Target
 from compress.space import ChannelSpace
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
@@ -89,6 +90,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
         scores = group_scores(model, space, importance) if method == "global" else None
         config = config_for_macs(space, budget.macs, method, scores)
         small = prune(model, config, space, importance=importance)
+        if train_loader is not None:  # the removed channels took their share of later layers' inputs
+            recalibrate(small.to(device), _images(train_loader, PruneSettings().recal_images), device)
     else:
         small, config = _search(model, space, method, budget, train_loader, val_loader, device,
                                 supernet or SupernetSettings(method=method, epochs=1),
@@ -111,6 +114,17 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
             report.top1_after = evaluate(small, val_loader, device)["top1"]
     # training may leave weights channels_last; hand back the layout a plain module has
     return small.cpu().to(memory_format=torch.contiguous_format).eval(), report
+
+
+def _images(loader, count: int):
+    """The loader's batches until `count` images have passed."""
+    seen = 0
+    for batch in loader:
+        if seen >= count:
+            return
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        seen += len(images)
+        yield images
 
 
 def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:

@@ -195,8 +195,8 @@ class Pipeline:
             path = folder / f"{target.tag()}.pt"
             if not path.exists():
                 self.command("prune", [r.model.name], [r.model, p],
-                             ["--macs", target.macs, "-o", path])
-                stages.prune(self._model(), p, macs=target.macs, output=path,
+                             ["--macs", target.macs, "--data", r.data.spec, "-o", path])
+                stages.prune(self._model(), p, macs=target.macs, output=path, data=r.data.spec,
                              provenance={"created_by": "chansearch run", "parent": r.model.name})
             nets[target.tag()] = {"path": str(path), "label": f"macs<={target.macs}", "heldout_top1": None}
         teacher = folder / "teacher.pt"
@@ -239,22 +239,30 @@ class Pipeline:
         return out
 
     def _export(self, folder: Path) -> dict:
+        """Every target as a float file per format and, when the recipe quantizes, the
+        quantized file beside it (ONNX takes static int8 only), so the report compares them."""
         e, spec = self.recipe.export, self.recipe.data.spec
+        float_only = e.model_copy(update={"int8": False, "int8_io": False, "dynamic_range": False,
+                                          "keep_float": 0})
         out = {}
         for tag, net in self.records["finetune"]["outputs"].items():
             model = load_target(net["path"])
             for fmt in e.formats:
-                # int8 and NHWC are TFLite options: the ONNX file of the same recipe is float
-                settings = e if fmt == "tflite" else e.model_copy(update={"int8": False, "nhwc": False})
-                path = folder / f"{tag}{'_int8' if settings.int8 else ''}.{fmt}"
-                self.command("export", [net["path"]], [settings.model_copy(update={"formats": [fmt]})],
-                             ["--format", fmt, "--calib-data", spec, "-o", path])
-                try:
-                    report = stages.export(model, fmt, path, settings, data=spec)
-                    out[f"{tag}/{fmt}"] = {"path": str(path), "ok": True, "parity": report["parity"],
-                                           "bytes": report["bytes"]}
-                except CheckFailed as exc:
-                    out[f"{tag}/{fmt}"] = {"path": str(path), "ok": False, "error": str(exc)}
+                variants = [(fmt, float_only.model_copy(update={"nhwc": e.nhwc and fmt == "tflite"}))]
+                if fmt == "tflite" and e.quantize:
+                    variants.append((f"tflite-{e.quantize}", e))
+                elif fmt == "onnx" and e.quantize in ("int8", "int8_io"):
+                    variants.append(("onnx-int8", float_only.model_copy(update={"int8": True})))
+                for name, settings in variants:
+                    path = folder / f"{tag}{name.removeprefix(fmt).replace('-', '_')}.{fmt}"
+                    self.command("export", [net["path"]], [settings.model_copy(update={"formats": [fmt]})],
+                                 ["--format", fmt, "--calib-data", spec, "-o", path])
+                    try:
+                        report = stages.export(model, fmt, path, settings, data=spec)
+                        out[f"{tag}/{name}"] = _exported(report, ok=True)
+                    except CheckFailed as exc:
+                        out[f"{tag}/{name}"] = {**_exported(exc.report or {"path": str(path)}, ok=False),
+                                                "error": str(exc)}
         return out
 
     def _latency(self, folder: Path) -> dict:
@@ -270,6 +278,12 @@ class Pipeline:
             result.update(budget_ms=settings.budget_ms, ok=result.get("within_budget", True))
             out[key] = result
         return out
+
+
+def _exported(report: dict, ok: bool) -> dict:
+    """What the report and the latency stage need of an export report."""
+    keep = ("path", "bytes", "float_bytes", "quantize", "parity", "keep_float")
+    return {**{k: report[k] for k in keep if k in report}, "ok": ok}
 
 
 def _scoring(search: SearchSettings) -> HeldOutScoring:

@@ -17,49 +17,36 @@ def _pct(value) -> str:
 
 
 def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict) -> list[str]:
-    """Write report.md (+ report.png) into the run folder, print the table; returns the
+    """Write report.md (+ report.png) into the run folder, print the tables; returns the
     failed checks."""
     r, run_dir = pipeline.recipe, pipeline.dir
-    failures, rows, points = [], [], []
+    failures, rows, files, points = [], [], [], []
     for target in r.targets():
         tag = target.tag()
         record = torch.load(tuned[tag]["path"], map_location="cpu", weights_only=True)
-        cells, ok = [], True
-        for fmt in r.export.formats:
-            item = exported.get(f"{tag}/{fmt}")
-            if item is None:
-                cells.append("-")
-            elif item["ok"]:
-                p = item["parity"]
-                cells.append(f"{p['max_abs_diff']:.1e} / {p['top1_agreement']:.0%}")
-            else:
-                cells.append("FAILED")
-                ok = False
-                failures.append(f"{tag} {fmt} parity: {item['error'][:200]}")
-        lat = []
-        for fmt in r.export.formats:
-            t = timed.get(f"{tag}/{fmt}")
-            if t is None:
-                continue
-            budget = f" / {t['budget_ms']:g}" if t["budget_ms"] else ""
-            lat.append(f"{fmt} {t['median_ms']:.2f}{budget}")
-            if not t["ok"]:
-                ok = False
-                failures.append(f"{tag} {fmt} latency {t['median_ms']:.3f} ms over the {t['budget_ms']:g} ms budget "
-                                f"({t['backend']}, {t['threads']} thread(s))")
+        ok = True
+        for key in [k for k in exported if k.split("/")[0] == tag]:
+            variant = key.split("/", 1)[1]  # onnx, tflite, tflite-int8, ...: the float file is the format's own
+            row, problems = _file_row(tag, variant, exported[key], timed.get(key),
+                                      timed.get(f"{tag}/{variant.split('-')[0]}"))
+            files.append(row)
+            failures += problems
+            ok = ok and not problems
         before, after = tuned[tag]["test_before"]["top1"], tuned[tag]["test_after"]["top1"]
         rows.append(f"| {nets['nets'][tag]['label']} | {human(record['macs'])} | {human(record['params'])} | "
                     f"{_pct(nets['nets'][tag]['heldout_top1'])} | {_pct(before)} | {_pct(after)} | "
-                    + " | ".join(cells) + f" | {'; '.join(lat) or '-'} | {'pass' if ok else 'FAIL'} |")
+                    f"{'pass' if ok else 'FAIL'} |")
         points.append((record["macs"], before, after, nets["nets"][tag]["label"]))
-    header = ("| target | MACs | params | held-out top-1 (search) | test top-1 before fine-tune | after | "
-              + " | ".join(f"{f} max diff / top-1 agreement" for f in r.export.formats)
-              + " | latency ms (median / budget) | result |")
-    table = [header, "|" + "---|" * (header.count("|") - 1), *rows]
+    table = ["| target | MACs | params | held-out top-1 (search) | test top-1 before fine-tune | after | result |",
+             "|---|---|---|---|---|---|---|", *rows]
+    file_table = ["| target | file | size (x float) | parity with PyTorch | top-1 float / file | latency ms "
+                  "(x float) | result |", "|---|---|---|---|---|---|---|", *files]
     lines = [f"# {r.name}", "", f"Run folder: `{run_dir}`  ", f"Finished: {datetime.datetime.now():%Y-%m-%d %H:%M}  ",
              f"Model: {r.model.name}; data: `{r.data.spec}`; path: "
              + ("direct pruning" if r.supernet.method == "none" else f"{r.supernet.method} supernet + {r.search.method} search"),
-             "", *table, ""]
+             "", *table, "", "Exported files: float, and quantized beside it when the recipe asks; parity is the "
+             "largest logit difference for float files and the top-1 agreement for quantized ones, on the "
+             "evaluation images; latency is the median on the recipe's runtime and threads.", "", *file_table, ""]
     if "supernet" in pipeline.records:
         summary = pipeline.records["supernet"]["outputs"]["summary"]
         lines += ["Supernet (held-out, BN recalibrated): " + ", ".join(
@@ -76,9 +63,39 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     if failures:
         lines += ["## Failed checks", "", *[f"- {f}" for f in failures], ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
-    print("\n".join(table))
+    print("\n".join(table + [""] + file_table))
     print(f"report: {run_dir / 'report.md'}")
     return failures
+
+
+def _file_row(tag: str, name: str, item: dict, timing: dict | None, float_timing: dict | None
+              ) -> tuple[str, list[str]]:
+    """One exported file's row and its failed checks."""
+    problems = []
+    size = "-"
+    if "bytes" in item:
+        size = f"{item['bytes'] / 1e6:.2f} MB" + (f" ({item['bytes'] / item['float_bytes']:.2f}x)"
+                                                 if item.get("quantize") else "")
+    p = item.get("parity")
+    parity = ("-" if p is None else f"agreement {p['top1_agreement']:.1%}" if item.get("quantize")
+              else f"max diff {p['max_abs_diff']:.1e}")
+    accuracy = (f"{_pct(p['accuracy']['float'])} / {_pct(p['accuracy']['exported'])}"
+                if p and "accuracy" in p else "-")
+    if not item["ok"]:
+        parity += " FAILED"
+        problems.append(f"{tag} {name} parity: {item['error'][:300]}")
+    lat = "-"
+    if timing:
+        lat = f"{timing['median_ms']:.2f}"
+        if float_timing and float_timing is not timing:
+            lat += f" ({timing['median_ms'] / float_timing['median_ms']:.2f}x)"
+        if timing["budget_ms"]:
+            lat += f" / budget {timing['budget_ms']:g}"
+        if not timing["ok"]:
+            problems.append(f"{tag} {name} latency {timing['median_ms']:.3f} ms over the {timing['budget_ms']:g} ms "
+                            f"budget ({timing['backend']}, {timing['threads']} thread(s))")
+    return (f"| {tag} | {Path(item['path']).name} | {size} | {parity} | {accuracy} | {lat} | "
+            f"{'FAIL' if problems else 'pass'} |"), problems
 
 
 def _plot(path: Path, points: list) -> None:

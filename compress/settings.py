@@ -159,6 +159,8 @@ class PruneSettings(Settings):
     strategy: Literal["uniform", "global"] = Field(
         "uniform", description="how a MAC target spreads the cut: every group alike, or by importance across groups")
     divisor: int = Field(8, ge=1, description="widths are multiples of this")
+    recal_images: int = Field(512, ge=0, description="training images to re-estimate BN statistics on after "
+                              "pruning, when there is data (0 = keep the unpruned model's)")
     targets: list[Target] = Field([], description="MAC targets, one pruned model per target")
 
 
@@ -178,14 +180,44 @@ class FinetuneSettings(TrainSettings):
 
 class ExportSettings(Settings):
     formats: list[Literal["onnx", "tflite"]] = Field(["onnx", "tflite"], description="output formats")
-    int8: bool = Field(False, description="TFLite int8 post-training quantization (per-channel weights)")
-    calib_images: int = Field(200, ge=1, description="calibration images for int8")
+    int8: bool = Field(False, description="static int8: int8 weights (per channel) and activations calibrated "
+                       "on real images, float input/output (TFLite and ONNX)")
+    int8_io: bool = Field(False, description="static int8 with int8 input and output too, for integer-only "
+                          "delegates and MCUs (TFLite)")
+    dynamic_range: bool = Field(False, description="int8 weights only, activations quantized at run time; needs "
+                                "no calibration data (TFLite)")
+    calib_images: int = Field(200, ge=1, description="calibration images for static int8 (and for bias "
+                              "correction)")
+    bias_correction: bool = Field(True, description="round weights to their int8 grid in PyTorch and correct "
+                                  "each channel's mean shift on the calibration images (quantized exports)")
+    keep_float: int = Field(0, ge=0, description="leave the N ops most sensitive to int8 in float, found by a "
+                            "per-op sensitivity pass on the calibration images (static int8)")
     parity_images: int = Field(100, ge=1, description="images compared with PyTorch")
     tolerance: float = Field(1e-4, ge=0, description="max absolute logit difference (float exports)")
-    min_agreement: float | None = Field(None, ge=0, le=1, description="fail an int8 export under this top-1 "
-                                        "agreement")
+    min_agreement: float | None = Field(None, ge=0, le=1, description="fail a quantized export under this top-1 "
+                                        "agreement with the float model (default 0.98 when checked on real "
+                                        "images)")
     nhwc: bool = Field(False, description="TFLite input in NHWC layout")
     opset: int = Field(18, ge=7, description="ONNX opset")
+
+    @model_validator(mode="after")
+    def _one_mode(self):
+        if self.dynamic_range and (self.int8 or self.int8_io):
+            raise ValueError("`dynamic_range` (int8 weights, float activations) and `int8`/`int8_io` (static "
+                             "int8) are different modes; choose one")
+        if self.keep_float and not (self.int8 or self.int8_io):
+            raise ValueError("`keep_float` applies to static int8; add `int8` or `int8_io`")
+        return self
+
+    @property
+    def quantize(self) -> str | None:
+        """The quantization mode: int8, int8_io, dynamic_range, or None for float."""
+        return ("int8_io" if self.int8_io else "int8" if self.int8 else
+                "dynamic_range" if self.dynamic_range else None)
+
+    @property
+    def agreement_floor(self) -> float:
+        return 0.98 if self.min_agreement is None else self.min_agreement
 
 
 class LatencySettings(Settings):

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from compress import distributed
+from compress.batchnorm import recalibrate
 from compress.card import card_of
 from compress.checkpoint import save_checkpoint
-from compress.data import sample_images, train_holdout
+from compress.data import sample_images, sample_labelled, train_holdout
 from compress.errors import CompressError
 from compress.export.latency import measure, measure_adb
 from compress.export.onnx import export_onnx
@@ -318,16 +319,26 @@ class Pruned:
 
 
 def prune(model: nn.Module, settings: PruneSettings, macs: str | int | None = None, config=None,
-          width: float | None = None, output: str | Path | None = None, provenance: dict | None = None) -> Pruned:
+          width: float | None = None, output: str | Path | None = None, provenance: dict | None = None,
+          data: str | None = None) -> Pruned:
     """Prune to a MAC target, a channel config (or its JSON file) or a uniform width, keeping
-    each group's most important channels (`settings.importance`); saved to `output` if given."""
+    each group's most important channels (`settings.importance`); with `data`, re-estimate BN
+    statistics on `settings.recal_images` of its training images (the removed channels took
+    their share of every later layer's input with them); saved to `output` if given."""
     pruned, info = prune_target(model, config=config, macs=macs, width=width, importance=settings.importance,
                                 strategy=settings.strategy, divisor=settings.divisor)
+    recalibrated = 0
+    if data and settings.recal_images:
+        card = card_of(pruned)
+        images = sample_images(data, True, settings.recal_images, card.input_size, card.mean, card.std, seed=0)
+        device = next(pruned.parameters()).device
+        recalibrate(pruned, images.split(64), device)
+        recalibrated = len(images)
     record = None
     if output is not None:
         record = save_checkpoint(output, pruned, provenance={
             "created_by": "prune", "importance": settings.importance, "strategy": info["strategy"],
-            "target_macs": info.get("target_macs"), **(provenance or {})})
+            "target_macs": info.get("target_macs"), "bn_recalibrated_on": recalibrated, **(provenance or {})})
     macs_after, params_after = ((record["macs"], record["params"]) if record else
                                 count(pruned, card_of(pruned).input_size))
     return Pruned(pruned, Path(output) if output else None, info["macs_before"], info["params_before"],
@@ -337,27 +348,36 @@ def prune(model: nn.Module, settings: PruneSettings, macs: str | int | None = No
 # ---- export / latency -----------------------------------------------------------------------
 def export(model: nn.Module, fmt: str, output: str | Path, settings: ExportSettings = ExportSettings(),
            data: str | None = None, input_size: int | None = None) -> dict:
-    """Write `model` as ONNX or TFLite (int8 with `settings.int8`) and check it against
-    PyTorch on real images of `data` (its evaluation split; its training split calibrates
-    int8), else on a fixed random batch. Returns the export report; CheckFailed when parity fails."""
+    """Write `model` as ONNX or TFLite, float or quantized (`settings.quantize`), and check it
+    against PyTorch on real, labelled images of `data` (its evaluation split; its training
+    split calibrates static int8), else on a fixed random batch. Returns the export report;
+    CheckFailed (carrying the report) when parity fails. Inputs are checked before any file
+    is written."""
+    if fmt not in ("onnx", "tflite"):
+        raise CompressError(f"unknown export format '{fmt}'; choose onnx or tflite.")
+    mode = settings.quantize
+    if fmt == "onnx" and (settings.nhwc or settings.keep_float or mode in ("int8_io", "dynamic_range")):
+        raise CompressError("`nhwc`, `int8_io`, `dynamic_range` and `keep_float` are TFLite options; an ONNX "
+                            "export is float or `int8` (static QDQ with float input/output).")
+    if mode in ("int8", "int8_io") and not data:
+        raise CompressError(f"`{mode}` needs calibration images: give real data (`calib_data`); its training split "
+                            "calibrates, its evaluation split checks parity.")
     card = card_of(model)
     size = input_size or card.input_size
-    images = calib = None
+    images = labels = calib = None
     if data:
-        images = sample_images(data, False, settings.parity_images, size, card.mean, card.std, seed=1)
-        if settings.int8:
+        images, labels = sample_labelled(data, False, settings.parity_images, size, card.mean, card.std, seed=1)
+        if mode:  # static int8 calibrates on them; every mode's bias correction measures means on them
             calib = sample_images(data, True, settings.calib_images, size, card.mean, card.std)
-    elif settings.int8:
-        raise CompressError("`int8` needs calibration images: give real data (`calib_data`); its training split "
-                            "calibrates, its evaluation split checks parity.")
+    # Agreement is enforced on real images only: on random ones a float model's top-1 is arbitrary.
+    floor = settings.agreement_floor if data else settings.min_agreement
     if fmt == "onnx":
-        if settings.int8 or settings.nhwc:
-            raise CompressError("`int8` and `nhwc` apply to TFLite exports, not ONNX.")
-        return export_onnx(model, output, size, opset=settings.opset, images=images, tolerance=settings.tolerance)
-    if fmt != "tflite":
-        raise CompressError(f"unknown export format '{fmt}'; choose onnx or tflite.")
-    return export_tflite(model, output, size, int8=settings.int8, calib_images=calib, images=images,
-                         nhwc=settings.nhwc, tolerance=settings.tolerance, min_agreement=settings.min_agreement)
+        return export_onnx(model, output, size, opset=settings.opset, images=images, labels=labels,
+                           tolerance=settings.tolerance, quantize=mode, calib_images=calib, min_agreement=floor,
+                           bias_correction=settings.bias_correction)
+    return export_tflite(model, output, size, quantize=mode, calib_images=calib, images=images, labels=labels,
+                         nhwc=settings.nhwc, tolerance=settings.tolerance, min_agreement=floor,
+                         keep_float=settings.keep_float, bias_correction=settings.bias_correction)
 
 
 def latency(path: str | Path, settings: LatencySettings = LatencySettings()) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 
 from compress.errors import CheckFailed, CompressError
 from compress.export.onnx import session
-from compress.export.tflite import open_interpreter
+from compress.export.litert import open_interpreter
 
 BACKENDS = ("auto", "onnxruntime", "tflite")
 DEVICE_DIR = "/data/local/tmp"

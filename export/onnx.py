@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,10 @@ from torch import nn
 
 from compress.card import card_of
 from compress.errors import CompressError
-from compress.export.parity import compare, reference_inputs, torch_logits
+from compress.export.bias_correction import int8_ready
+from compress.export.parity import check_agreement, compare, reference_inputs, torch_logits
+from compress.export.quantize import quantize_onnx
+from compress.files import atomic_write_bytes
 from compress.profile import count
 
 DEFAULT_OPSET = 18
@@ -60,42 +64,62 @@ def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = None, dynamic_batch: bool = True,
-                opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
-                tolerance: float | None = 1e-4) -> dict:
-    """Write `model` (carrying a card) as ONNX, check it and compare it with PyTorch.
+                opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                tolerance: float | None = 1e-4, quantize: str | None = None,
+                calib_images: torch.Tensor | None = None, min_agreement: float | None = None,
+                bias_correction: bool = True) -> dict:
+    """Write `model` (carrying a card) as ONNX, check it and compare it with PyTorch on
+    `images` (or a fixed random batch; with `labels`, the accuracy of both too).
 
-    Returns a report with the parity on `images` (or a fixed random batch); raises
-    CheckFailed when the largest logit difference exceeds `tolerance`.
+    Float: CheckFailed when the largest logit difference exceeds `tolerance`. `quantize`
+    "int8": ONNX Runtime's static QDQ int8 calibrated on `calib_images` (weights made
+    int8-ready first with `bias_correction`); CheckFailed when its top-1 agreement with the
+    float model is under `min_agreement`.
     """
+    if quantize not in (None, "int8"):
+        raise CompressError(f"ONNX export takes `int8` (static QDQ, float input/output), not `{quantize}`: "
+                            "int8 input/output and dynamic range are TFLite modes.")
+    if quantize and (calib_images is None or len(calib_images) == 0):
+        raise CompressError("`int8` needs calibration images: give real data (`calib_data`).")
     path = Path(path)
-    model = copy.deepcopy(model).cpu().eval()
+    # A model trained channels_last keeps that layout; the exporters' graph capture wants NCHW.
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     size = input_size or card_of(model).input_size
     model.card = card_of(model).replace(input_size=size)
     x = check_input_size(model, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opset, verbose=False,
-                              input_names=["input"], output_names=["logits"], external_data=False,
-                              dynamic_shapes=({0: batch},) if dynamic_batch else None)
-    except Exception as exc:
-        raise CompressError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:600]}") from None
-    proto = onnx.load(str(path))
-    for key, value in metadata(model).items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        raise CompressError(f"{path}: onnx.checker rejected the exported model: {str(exc)[:400]}") from None
+    source = int8_ready(model, calib_images) if quantize and bias_correction else model
+    with tempfile.TemporaryDirectory() as tmp:
+        written = Path(tmp) / "float.onnx"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(source, (x,), str(written), dynamo=True, opset_version=opset, verbose=False,
+                                  input_names=["input"], output_names=["logits"], external_data=False,
+                                  dynamic_shapes=({0: batch},) if dynamic_batch else None)
+        except Exception as exc:
+            raise CompressError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:600]}") from None
+        float_bytes = written.stat().st_size
+        if quantize:
+            quantize_onnx(written, Path(tmp) / "int8.onnx", calib_images.numpy())
+            written = Path(tmp) / "int8.onnx"
+        proto = onnx.load(str(written))
+        for key, value in {**metadata(model), "compress.quantize": quantize or "none"}.items():
+            proto.metadata_props.add(key=key, value=value)
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise CompressError(f"{path}: onnx.checker rejected the exported model: {str(exc)[:400]}") from None
+        atomic_write_bytes(path, proto.SerializeToString())
     images = reference_inputs(model, images)
     sess = session(path)
     if dynamic_batch:
         got = sess.run(None, {"input": images.numpy()})[0]
     else:
         got = np.concatenate([sess.run(None, {"input": images[i:i + 1].numpy()})[0] for i in range(len(images))])
-    report = {"format": "onnx", "path": str(path), "bytes": path.stat().st_size, "opset": opset,
-              "input_size": size, "onnxruntime": ort.__version__}
-    report["parity"] = compare(str(path), torch_logits(model, images), got, tolerance)
+    report = {"format": "onnx", "path": str(path), "bytes": path.stat().st_size, "float_bytes": float_bytes,
+              "quantize": quantize, "bias_correction": bool(quantize and bias_correction), "opset": opset, "input_size": size, "onnxruntime": ort.__version__}
+    report["parity"] = compare(str(path), torch_logits(model, images), got, None if quantize else tolerance,
+                               labels=labels)
+    if quantize and min_agreement is not None:
+        check_agreement(str(path), report, min_agreement, quantize)
     return report

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import shlex
 
 import numpy as np
@@ -42,6 +43,27 @@ def test_prune_profile_eval_pipeline(tmp_path, cifar_dir):
     assert 0 <= metrics["top1"] <= 1 and metrics["images"] == 128
     bad = run_cli("eval", out_pt, "--data", f"cifar10:{cifar_dir}", "--images", "-1")
     assert bad.returncode == 2 and "--images -1" in bad.stderr
+
+
+def test_prune_re_estimates_bn_statistics_on_the_data(tmp_path, cifar_dir):
+    """The pruned net's first BN holds the mean and variance of its own conv's outputs over
+    the --recal-images training images (averaged over batches of 64, as BN's cumulative
+    average does), measured independently here."""
+    trained = Path(__file__).resolve().parent / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    data = f"cifar10:{cifar_dir}"
+    out = run_cli("prune", trained, "--width", "0.75", "--data", data, "--recal-images", "128", "-o", tmp_path / "p.pt")
+    assert out.returncode == 0 and "BN statistics re-estimated on 128 training images" in out.stdout, out.stderr
+    pruned = compress.load(tmp_path / "p.pt")
+    stale = compress.stages.prune(compress.load(trained), compress.settings.PruneSettings(), width=0.75).model
+    from compress.data import sample_images
+    images = sample_images(data, True, 128, 32, pruned.card.mean, pruned.card.std, seed=0)
+    with torch.no_grad():
+        y = [pruned.features[0][0](half) for half in images.split(64)]  # the stem conv, before its BN
+    bn = pruned.features[0][1]
+    assert torch.allclose(bn.running_mean, sum(t.mean((0, 2, 3)) for t in y) / 2, atol=1e-4)
+    assert torch.allclose(bn.running_var, sum(t.var((0, 2, 3)) for t in y) / 2, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(stale.features[0][1].running_mean, bn.running_mean, atol=1e-3)
+    assert torch.equal(stale.features[0][0].weight, pruned.features[0][0].weight)  # same channels kept
 
 
 def test_prune_with_config_file_and_width(tmp_path):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -73,28 +74,98 @@ def _cifar_images(cifar_dir, model):
             sample_images(f"cifar10:{cifar_dir}", False, 40, 32, mean, std))
 
 
-def test_tflite_float_nhwc_and_int8(tmp_path, cifar_dir):
+def test_tflite_float_nhwc(tmp_path, cifar_dir):
     model = _confident(compress.build("mobilenet_v2_cifar"))
-    calib, images = _cifar_images(cifar_dir, model)
+    _, images = _cifar_images(cifar_dir, model)
     nhwc = export_tflite(model, tmp_path / "f.tflite", nhwc=True, images=images)
     assert nhwc["parity"]["max_abs_diff"] <= nhwc["parity"]["limit"] and nhwc["parity"]["images"] == 40
-    q = export_tflite(model, tmp_path / "q.tflite", int8=True, calib_images=calib, images=images)
-    assert q["int8"] and q["bytes"] < 0.35 * nhwc["bytes"]  # int8 weights
-    with pytest.raises(CheckFailed, match="int8 top-1 agrees .* under the required"):
-        export_tflite(model, tmp_path / "q2.tflite", int8=True, calib_images=calib[:2], images=images,
-                      min_agreement=1.01)
-    with pytest.raises(CompressError, match="`int8` needs calibration images"):
-        export_tflite(model, tmp_path / "q3.tflite", int8=True)
+    assert nhwc["input"]["shape"] == [1, 32, 32, 3] and nhwc["input"]["dtype"] == "float32"
 
 
-@pytest.mark.xfail(strict=True, reason="litert-torch 0.10 converts the PT2E int8 graph of MobileNetV2 into a "
-                   "TFLite file that disagrees with it (the same graph simulated in PyTorch agrees 97.5% on "
-                   "trained weights); see benchmarks/RESULTS.md. Strict: passes again when that is fixed.")
-def test_int8_tflite_agrees_with_float(tmp_path, cifar_dir):
-    model = _confident(compress.build("mobilenet_v2_cifar"))
-    calib, images = _cifar_images(cifar_dir, model)
-    q = export_tflite(model, tmp_path / "q.tflite", int8=True, calib_images=calib, images=images)
-    assert q["parity"]["top1_agreement"] >= 0.9
+TRAINED = Path(__file__).resolve().parent / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """A small MobileNetV2 trained on CIFAR-10 (tests/data/make_trained.py): int8 error only
+    means something on trained weights, whose activations have real ranges."""
+    return compress.load(TRAINED).eval()
+
+
+# Floors this small net (trained from scratch, 55% top-1) meets on these 300 images: 94% TFLite
+# static, 98% dynamic range, 85% ONNX static (measured; the transferred MobileNetV2 of
+# benchmarks/RESULTS.md agrees 98% in TFLite). Under the 0.98 default: a weakly trained net has
+# many near-ties, so the test sets its own floor, as a user's recipe would.
+AGREEMENT = {("tflite", "int8"): 0.92, ("tflite", "int8_io"): 0.92, ("tflite", "dynamic_range"): 0.97,
+             ("onnx", "int8"): 0.82}
+
+
+def test_int8_modes_agree_with_float_on_real_images(trained, tmp_path, cifar_dir):
+    from compress import stages
+    from compress.settings import ExportSettings
+    data = f"cifar10:{cifar_dir}"
+    reports = {}
+    for fmt, mode in AGREEMENT:
+        settings = ExportSettings(parity_images=300, min_agreement=AGREEMENT[fmt, mode], **{mode: True})
+        reports[fmt, mode] = stages.export(trained, fmt, tmp_path / f"{mode}.{fmt}", settings, data=data)
+    for (fmt, mode), report in reports.items():  # the agreement floor raised nothing
+        p = report["parity"]
+        assert p["images"] == 300 and report["quantize"] == mode and report["bias_correction"]
+        assert p["accuracy"]["float"] > 0.5 and p["top1_agreement"] >= AGREEMENT[fmt, mode]  # trained: chance is 10%
+        assert abs(p["accuracy"]["float"] - p["accuracy"]["exported"]) <= 0.05
+        assert report["bytes"] < 0.5 * report["float_bytes"]  # int8 weights; small nets keep more float overhead
+    io = reports["tflite", "int8_io"]
+    assert io["input"]["dtype"] == "int8" and io["output"]["dtype"] == "int8" and io["input"]["scale"] > 0
+    assert reports["tflite", "int8"]["input"]["dtype"] == "float32"  # drop-in for the float file
+    latency = run_cli("latency", tmp_path / "int8_io.tflite", "--runs", "3", "--warmup", "1", "--json")
+    assert latency.returncode == 0 and json.loads(latency.stdout)["median_ms"] > 0
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "int8.onnx").metadata_props}
+    assert meta["compress.quantize"] == "int8" and json.loads(meta["compress.card"])["num_classes"] == 10
+
+
+def test_int8_keeps_the_most_sensitive_ops_in_float(trained, tmp_path, cifar_dir):
+    from compress.export.quantize import op_label, weighted_ops
+    calib, images = _cifar_images(cifar_dir, trained)
+    report = export_tflite(trained, tmp_path / "k.tflite", quantize="int8", calib_images=calib, images=images,
+                           keep_float=2)
+    assert len(report["keep_float"]) == 2
+    export_tflite(trained, tmp_path / "f.tflite", images=images)
+    names = [op_label(s) for s in weighted_ops(tmp_path / "f.tflite")]
+    assert set(report["keep_float"]) <= set(names) and "output layer" in names and "features.0.0" in names
+
+
+def test_broken_calibration_fails_the_agreement_check(trained, tmp_path, cifar_dir):
+    """Calibrating on constant gray images clips every real activation: the agreement check
+    must catch it (exit 3), with the file and its numbers still written."""
+    data = tmp_path / "gray"
+    data.mkdir()
+    with np.load(cifar_dir / "test.npz") as f:
+        np.savez(data / "test.npz", x=f["x"][:300], y=f["y"][:300])
+    np.savez(data / "train.npz", x=np.full((64, 32, 32, 3), 128, np.uint8), y=np.zeros(64, np.int64))
+    ckpt = tmp_path / "m.pt"
+    compress.save_checkpoint(ckpt, trained)
+    args = ["--format", "tflite", "--int8", "--parity-images", "300", "--min-agreement", "0.9"]
+    good = run_cli("export", ckpt, *args, "--calib-data", f"cifar10:{cifar_dir}", "-o", tmp_path / "good.tflite")
+    assert good.returncode == 0, good.stderr
+    out = run_cli("export", ckpt, *args, "--calib-data", f"cifar10:{data}", "-o", tmp_path / "q.tflite")
+    assert out.returncode == 3, out.stderr
+    assert "int8 top-1 agrees with the float model on" in out.stderr and "under the required 90.0%" in out.stderr
+    assert (tmp_path / "q.tflite").is_file() and "top-1 agreement with PyTorch" in out.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "tflite", "--int8-io"], "--int8-io needs calibration images"),
+    (["--format", "tflite", "--int8"], "--int8 needs calibration images"),
+    (["--format", "tflite", "--dynamic-range", "--int8"], "--dynamic-range (int8 weights, float activations) and "
+                                                          "--int8/--int8-io (static int8) are different modes"),
+    (["--format", "onnx", "--int8-io", "--calib-data", "synthetic:8"], "are TFLite options"),
+    (["--format", "onnx", "--dynamic-range"], "are TFLite options"),
+    (["--format", "tflite", "--keep-float", "2"], "--keep-float applies to static int8"),
+])
+def test_export_flag_combinations_that_make_no_sense(tmp_path, flags, message):
+    out = run_cli("export", "mobilenet_v3_small_cifar", *flags, "-o", tmp_path / "m.file")
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not list(tmp_path.iterdir())
 
 
 def test_parity_failure_is_reported(tmp_path):
@@ -205,8 +276,6 @@ def test_export_and_latency_cli(tmp_path, cifar_dir):
     over = run_cli("latency", tmp_path / "m.onnx", "--runs", "5", "--budget-ms", "0.000001")
     assert over.returncode == 3 and "over budget" in over.stderr and "median" in over.stderr
     assert "Traceback" not in over.stderr
-    bad = run_cli("export", "mobilenet_v3_small_cifar", "--format", "tflite", "--int8", "-o", tmp_path / "q.tflite")
-    assert bad.returncode == 2 and "--int8 needs calibration images" in bad.stderr
     nodev = run_cli("latency", tmp_path / "m.onnx", "--device", "adb")
     assert nodev.returncode == 2 and ("not a .tflite" in nodev.stderr)
     missing = run_cli("latency", tmp_path / "nope.tflite")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.batchnorm import recalibrate
 from compress.errors import CompressError
 from compress.prune import prune
 from compress.space import ChannelSpace, dependency_graph, example_input, pruning_group
@@ -198,23 +199,8 @@ def _size(module: nn.Module, kind: str) -> int:
     return module.num_features
 
 
-@torch.no_grad()
 def recalibrate_bn(supernet: Supernet, config: Mapping[str, int], batches, device="cpu") -> None:
-    """Reset BN running statistics and recompute them for `config` as a cumulative average
-    over `batches` (an iterable of image tensors or (images, labels) pairs), as US-Nets
-    and MetaPruning do after training; leaves the supernet in eval mode at `config`."""
-    bns = [m for m in supernet.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
+    """Recompute BN running statistics for `config` over `batches`, as US-Nets and
+    MetaPruning do after training; leaves the supernet in eval mode at `config`."""
     supernet.set_config(config, track=True)
-    supernet.train()
-    try:
-        for batch in batches:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            supernet(images.to(device, non_blocking=True))
-    finally:
-        for m, momentum in zip(bns, saved):
-            m.momentum = momentum
-        supernet.eval()
+    recalibrate(supernet, batches, device)

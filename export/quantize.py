@@ -1,0 +1,155 @@
+"""Post-training int8 quantization of an exported float file: TFLite through LiteRT's own
+quantizer (ai-edge-quantizer), ONNX through ONNX Runtime's static QDQ quantizer. Both give
+per-channel int8 weights; static modes calibrate int8 activations on real images.
+
+Why quantize the exported file rather than the PyTorch graph (PT2E): the converters are
+the runtimes' own, so the file holds exactly the kernels the runtime was tuned for, and
+litert-torch 0.10's PT2E path gave MobileNetV2 files that disagreed with the float model.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from compress.errors import CompressError
+from compress.export.litert import open_interpreter, run_inputs
+from compress.files import atomic_write_bytes
+from compress.logs import native_stderr_muted
+
+MODES = ("int8", "int8_io", "dynamic_range")  # ExportSettings documents each
+
+
+def _calibrated(float_file: Path, calib: np.ndarray):
+    """Min/max of every tensor of the float file over `calib` (inputs in its layout)."""
+    from ai_edge_quantizer import quantizer
+    from ai_edge_quantizer.qtyping import TFLOperationName as Op
+    q = quantizer.Quantizer(str(float_file))
+    q.add_static_config(".*", Op.ALL_SUPPORTED, 8, 8)
+    signatures = open_interpreter(float_file).get_signature_list()
+    key = next(iter(signatures))
+    name = signatures[key]["inputs"][0]
+    with native_stderr_muted(), _no_progress():
+        return q.calibrate({key: [{name: x[None]} for x in calib]}, num_threads=torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def _no_progress():
+    """ai-edge-quantizer draws its own progress bars; ours (when any) are the ones to show."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def quantize_tflite(float_file: str | Path, output: str | Path, mode: str, calib: np.ndarray | None = None,
+                    keep_float: Sequence[str] = (), calibration: dict | None = None) -> None:
+    """Quantize a float .tflite with ai-edge-quantizer into `output`.
+
+    `calib`: calibration inputs in the file's own layout (N, ...), needed by the static
+    modes (or their `calibration`, already measured). `keep_float`: scopes (output tensor
+    names) of ops to leave in float, the sensitive ones.
+    """
+    from ai_edge_quantizer import quantizer
+    from ai_edge_quantizer.qtyping import TFLOperationName as Op
+    if mode not in MODES:
+        raise CompressError(f"unknown quantization mode '{mode}'; choose one of {', '.join(MODES)}.")
+    float_file = Path(float_file)
+    q = quantizer.Quantizer(str(float_file))
+    if mode == "dynamic_range":
+        q.add_dynamic_config(".*", Op.ALL_SUPPORTED, 8)
+    else:
+        if calibration is None and (calib is None or len(calib) == 0):
+            raise CompressError(f"`{mode}` quantization needs calibration images.")
+        q.add_static_config(".*", Op.ALL_SUPPORTED, 8, 8)
+        if mode == "int8":  # float in and out: a drop-in replacement for the float file
+            q.add_static_config(".*", Op.INPUT, 8, 8, algorithm_key="no_quantize")
+            q.add_static_config(".*", Op.OUTPUT, 8, 8, algorithm_key="no_quantize")
+        for scope in keep_float:
+            q.add_static_config(f"^{re.escape(scope)}$", Op.ALL_SUPPORTED, 8, 8, algorithm_key="no_quantize")
+        calibration = calibration if calibration is not None else _calibrated(float_file, calib)
+    with native_stderr_muted(), _no_progress():
+        model = q.quantize(calibration if mode != "dynamic_range" else None,
+                           enable_progress_report=False).quantized_model
+    atomic_write_bytes(output, bytes(model))
+
+
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+
+
+def weighted_ops(float_file: Path) -> list[str]:
+    """Scopes (as the quantizer's recipes match them) of the ops that carry weights."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+    model = fb.read_model(Path(float_file))
+    graph = model.subgraphs[0]
+    return [fb.get_op_scope(op, graph.tensors) for i, op in enumerate(graph.operators)
+            if fb.get_op_name_by_index(model, 0, i) in WEIGHTED_OPS]
+
+
+def op_label(scope: str) -> str:
+    """A readable name for an op scope: the PyTorch module path litert-torch encodes in its
+    output tensors' names (`features.12.conv.2`, the conv rather than the BN folded into it);
+    the op writing the graph's output (its tensor is named for the signature) is the
+    "output layer"."""
+    names = [n for n in scope.split(";") if n]
+    weighted = [n for n in names if re.search(r"\.(Conv2d|Linear)_[^/]*$", n)]
+    parts = (weighted or names or [scope])[0].split("/")[1:]
+    path = [part.rsplit("_", 1)[1] for part in parts if "_" in part]
+    if path and len(path) == len(parts):
+        return ".".join(path)
+    first = (names or [scope])[0]
+    return "output layer" if first.startswith("serving_default_output") else first
+
+
+def sensitive_ops(float_file: str | Path, calib: np.ndarray, count: int, mode: str = "int8",
+                  probe: int = 64) -> list[str]:
+    """The `count` weighted ops whose int8 error costs the output most, measured end to end:
+    the file quantized with every op but one, its logits on `probe` calibration images
+    compared with the float file's; the ops whose float copy brings the output closest rank
+    first (per-layer sensitivity as AIMET and FastNAS measure it)."""
+    float_file = Path(float_file)
+    calibration = _calibrated(float_file, calib)
+    images = calib[:probe]
+    reference = run_inputs(float_file, images)
+    scale = float(np.mean(reference ** 2)) or 1.0
+    errors = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "trial.tflite"
+        for scope in tqdm(weighted_ops(float_file), desc="int8 sensitivity", unit="op", leave=False, disable=None):
+            quantize_tflite(float_file, trial, mode, keep_float=[scope], calibration=calibration)
+            errors[scope] = float(np.mean((run_inputs(trial, images) - reference) ** 2)) / scale
+    return sorted(errors, key=errors.get)[:count]
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over in-memory images."""
+
+    def __init__(self, name: str, images: Iterable[np.ndarray]):
+        self.name, self.images = name, iter(images)
+
+    def get_next(self) -> dict | None:
+        x = next(self.images, None)
+        return None if x is None else {self.name: x[None]}
+
+
+def quantize_onnx(float_file: str | Path, output: str | Path, calib: np.ndarray) -> None:
+    """Static QDQ int8 with ONNX Runtime: per-channel symmetric int8 weights, int8
+    activations from min/max on `calib` (NCHW), float input and output."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    if calib is None or len(calib) == 0:
+        raise CompressError("ONNX int8 needs calibration images.")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Folds and shape-infers first, as ONNX Runtime's quantization guide asks.
+        with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
+            quant_pre_process(str(float_file), str(prepared))
+            quantize_static(str(prepared), str(Path(tmp) / "q.onnx"), _Reader("input", calib),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        atomic_write_bytes(output, (Path(tmp) / "q.onnx").read_bytes())
