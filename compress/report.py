@@ -27,7 +27,7 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
         ok = True
         for key in [k for k in exported if k.split("/")[0] == tag]:
             variant = key.split("/", 1)[1]  # onnx, tflite, tflite-int8, ...: the float file is the format's own
-            row, problems = _file_row(tag, variant, exported[key], timed.get(key),
+            row, problems = _file_row(nets["nets"][tag]["label"], variant, exported[key], timed.get(key),
                                       timed.get(f"{tag}/{variant.split('-')[0]}"))
             files.append(row)
             failures += problems
@@ -68,7 +68,7 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     return failures
 
 
-def _file_row(tag: str, name: str, item: dict, timing: dict | None, float_timing: dict | None
+def _file_row(label: str, name: str, item: dict, timing: dict | None, float_timing: dict | None
               ) -> tuple[str, list[str]]:
     """One exported file's row and its failed checks."""
     problems = []
@@ -83,7 +83,7 @@ def _file_row(tag: str, name: str, item: dict, timing: dict | None, float_timing
                 if p and "accuracy" in p else "-")
     if not item["ok"]:
         parity += " FAILED"
-        problems.append(f"{tag} {name} parity: {item['error'][:300]}")
+        problems.append(f"{label} {name} parity: {item['error'][:300]}")
     lat = "-"
     if timing:
         lat = f"{timing['median_ms']:.2f}"
@@ -92,9 +92,9 @@ def _file_row(tag: str, name: str, item: dict, timing: dict | None, float_timing
         if timing["budget_ms"]:
             lat += f" / budget {timing['budget_ms']:g}"
         if not timing["ok"]:
-            problems.append(f"{tag} {name} latency {timing['median_ms']:.3f} ms over the {timing['budget_ms']:g} ms "
+            problems.append(f"{label} {name} latency {timing['median_ms']:.3f} ms over the {timing['budget_ms']:g} ms "
                             f"budget ({timing['backend']}, {timing['threads']} thread(s))")
-    return (f"| {tag} | {Path(item['path']).name} | {size} | {parity} | {accuracy} | {lat} | "
+    return (f"| {label} | {Path(item['path']).name} | {size} | {parity} | {accuracy} | {lat} | "
             f"{'FAIL' if problems else 'pass'} |"), problems
 
 

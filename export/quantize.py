@@ -27,8 +27,9 @@ from compress.logs import native_stderr_muted
 MODES = ("int8", "int8_io", "dynamic_range")  # ExportSettings documents each
 
 
-def _calibrated(float_file: Path, calib: np.ndarray):
-    """Min/max of every tensor of the float file over `calib` (inputs in its layout)."""
+def calibrate(float_file: str | Path, calib: np.ndarray) -> dict:
+    """Min/max of every tensor of the float file over `calib` (inputs in its layout): what
+    every static quantization of that file, sensitivity trials included, is made from."""
     from ai_edge_quantizer import quantizer
     from ai_edge_quantizer.qtyping import TFLOperationName as Op
     q = quantizer.Quantizer(str(float_file))
@@ -72,7 +73,7 @@ def quantize_tflite(float_file: str | Path, output: str | Path, mode: str, calib
             q.add_static_config(".*", Op.OUTPUT, 8, 8, algorithm_key="no_quantize")
         for scope in keep_float:
             q.add_static_config(f"^{re.escape(scope)}$", Op.ALL_SUPPORTED, 8, 8, algorithm_key="no_quantize")
-        calibration = calibration if calibration is not None else _calibrated(float_file, calib)
+        calibration = calibration if calibration is not None else calibrate(float_file, calib)
     with native_stderr_muted(), _no_progress():
         model = q.quantize(calibration if mode != "dynamic_range" else None,
                            enable_progress_report=False).quantized_model
@@ -107,13 +108,13 @@ def op_label(scope: str) -> str:
 
 
 def sensitive_ops(float_file: str | Path, calib: np.ndarray, count: int, mode: str = "int8",
-                  probe: int = 64) -> list[str]:
+                  probe: int = 64, calibration: dict | None = None) -> list[str]:
     """The `count` weighted ops whose int8 error costs the output most, measured end to end:
     the file quantized with every op but one, its logits on `probe` calibration images
     compared with the float file's; the ops whose float copy brings the output closest rank
     first (per-layer sensitivity as AIMET and FastNAS measure it)."""
     float_file = Path(float_file)
-    calibration = _calibrated(float_file, calib)
+    calibration = calibration if calibration is not None else calibrate(float_file, calib)
     images = calib[:probe]
     reference = run_inputs(float_file, images)
     scale = float(np.mean(reference ** 2)) or 1.0

@@ -18,7 +18,7 @@ from compress.export.bias_correction import int8_ready
 from compress.export.litert import io_of, run_tflite
 from compress.export.onnx import check_input_size
 from compress.export.parity import check_agreement, compare, reference_inputs, torch_logits
-from compress.export.quantize import op_label, quantize_tflite, sensitive_ops
+from compress.export.quantize import calibrate, op_label, quantize_tflite, sensitive_ops
 from compress.files import atomic_write_bytes
 from compress.logs import native_stderr_muted
 
@@ -73,11 +73,13 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
             edge.export(str(float_file))
         float_bytes = float_file.stat().st_size
         if quantize:
-            calib = None
+            calibration = None
             if static:
                 calib = (calib_images.permute(0, 2, 3, 1) if nhwc else calib_images).contiguous().numpy()
-                kept = sensitive_ops(float_file, calib, keep_float, quantize) if keep_float else []
-            quantize_tflite(float_file, path, quantize, calib, kept)
+                calibration = calibrate(float_file, calib)
+                kept = (sensitive_ops(float_file, calib, keep_float, quantize, calibration=calibration)
+                        if keep_float else [])
+            quantize_tflite(float_file, path, quantize, keep_float=kept, calibration=calibration)
         else:
             atomic_write_bytes(path, float_file.read_bytes())
     images = reference_inputs(model, images)

@@ -50,6 +50,9 @@ finetune:
   val_images: 16
 export:
   formats: [onnx]
+  int8: {int8}
+  calib_images: 8
+  min_agreement: 0.0       # an untrained tiny net: the file's numbers are what is checked
   parity_images: 4
 latency:
   runs: 5
@@ -57,9 +60,9 @@ latency:
 """
 
 
-def _recipe(tmp_path, iterations=1, name="tiny.yaml"):
+def _recipe(tmp_path, iterations=1, name="tiny.yaml", int8=False):
     path = tmp_path / name
-    path.write_text(TINY.format(out=tmp_path / "runs", iterations=iterations))
+    path.write_text(TINY.format(out=tmp_path / "runs", iterations=iterations, int8=str(int8).lower()))
     return path
 
 
@@ -70,19 +73,22 @@ def test_every_shipped_recipe_validates(path):
 
 
 def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
-    recipe = _recipe(tmp_path)
+    recipe = _recipe(tmp_path, int8=True)
     out = run_cli("run", recipe, "--quiet")
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "tiny"
     report = (run / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| macs<=")]
-    assert len(rows) == 2 and all(row.endswith("| pass |") for row in rows)
+    files = [row for row in rows if ".onnx |" in row]  # the exports table: one row per file
+    assert len(rows) == 6 and len(files) == 4 and all(row.endswith("| pass |") for row in rows)
+    quantized = [row for row in files if "_int8.onnx" in row]  # beside its float file, with its ratios
+    assert len(quantized) == 2 and all("x) |" in row and "agreement" in row for row in quantized)
     assert (run / "report.png").is_file() and (run / "search.png").is_file()
     assert "chansearch supernet mobilenet_v3_small_cifar" in report  # the equivalent commands
     parser = build_parser()
     commands = [line for line in report.splitlines() if line.startswith("chansearch ")]
     assert [c.split()[1] for c in commands] == ["supernet", "search", "extract", "extract", "finetune", "finetune",
-                                                 "export", "export", "latency", "latency"]
+                                                 *["export"] * 4, *["latency"] * 4]
     recipe_settings = load_recipe(recipe)
     for line in commands:  # each parses, and the training ones give back the recipe's settings
         args = parser.parse_args(shlex.split(line)[1:])
@@ -92,7 +98,7 @@ def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
             assert settings_from(SupernetSettings, args) == recipe_settings.supernet
     for stage in ("supernet", "search", "extract", "finetune", "export", "latency"):
         assert json.loads((run / stage / "stage.json").read_text())["outputs"] is not None, stage
-    assert len(list((run / "export").glob("*.onnx"))) == 2
+    assert len(list((run / "export").glob("*.onnx"))) == 4
 
     again = run_cli("run", recipe, "--quiet")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -144,7 +150,7 @@ def test_killed_recipe_resumes_the_interrupted_stage(tmp_path):
 
 def test_recipe_errors_name_file_line_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(TINY.format(out=tmp_path, iterations=1).replace("    - macs: 45%", "    - macs: 150Q")
+    bad.write_text(TINY.format(out=tmp_path, iterations=1, int8="false").replace("    - macs: 45%", "    - macs: 150Q")
                    .replace("  eval_images: 16", "  eval_imgs: 16"))
     with pytest.raises(CompressError) as err:
         load_recipe(bad)
