@@ -91,7 +91,7 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
         config = config_for_macs(space, budget.macs, method, scores)
         small = prune(model, config, space, importance=importance)
         if train_loader is not None:  # the removed channels took their share of later layers' inputs
-            recalibrate(small.to(device), _images(train_loader, PruneSettings().recal_images), device)
+            recalibrate(small.to(device), train_loader, device, limit=PruneSettings().recal_images)
     else:
         small, config = _search(model, space, method, budget, train_loader, val_loader, device,
                                 supernet or SupernetSettings(method=method, epochs=1),
@@ -114,17 +114,6 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
             report.top1_after = evaluate(small, val_loader, device)["top1"]
     # training may leave weights channels_last; hand back the layout a plain module has
     return small.cpu().to(memory_format=torch.contiguous_format).eval(), report
-
-
-def _images(loader, count: int):
-    """The loader's batches until `count` images have passed."""
-    seen = 0
-    for batch in loader:
-        if seen >= count:
-            return
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        seen += len(images)
-        yield images
 
 
 def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:

@@ -367,7 +367,7 @@ def export(model: nn.Module, fmt: str, output: str | Path, settings: ExportSetti
     images = labels = calib = None
     if data:
         images, labels = sample_labelled(data, False, settings.parity_images, size, card.mean, card.std, seed=1)
-        if mode:  # static int8 calibrates on them; every mode's bias correction measures means on them
+        if mode in ("int8", "int8_io") or (mode and settings.bias_correction):  # calibration; bias correction
             calib = sample_images(data, True, settings.calib_images, size, card.mean, card.std)
     # Agreement is enforced on real images only: on random ones a float model's top-1 is arbitrary.
     floor = settings.agreement_floor if data else settings.min_agreement
