@@ -117,7 +117,7 @@ def cmd_prune(args) -> int:
     settings = settings_from(PruneSettings, args)
     done = stages.prune(_load(args), settings, macs=args.macs, config=args.config, width=args.width,
                         output=args.output, provenance={"created_by": "chansearch prune", "parent": args.target},
-                        data=args.data)
+                        data=args.data, progress=not args.json)
     if args.json:
         _print_json({"output": str(args.output), "macs_before": done.macs_before, "params_before": done.params_before,
                      "macs": done.macs, "params": done.params, "config": done.model.card.config})
@@ -125,8 +125,11 @@ def cmd_prune(args) -> int:
     print(f"before: {human(done.macs_before)} MACs, {human(done.params_before)} params")
     print(f"after:  {human(done.macs)} MACs ({done.macs / done.macs_before:.1%}), "
           f"{human(done.params)} params ({done.params / done.params_before:.1%})")
-    if args.data and settings.recal_images:
-        print(f"BN statistics re-estimated on {settings.recal_images} training images of {args.data}")
+    if "reconstructed_on" in done.restored:
+        print(f"pruned layers refitted to the unpruned outputs on {done.restored['reconstructed_on']} training "
+              f"images of {args.data}")
+    elif "bn_recalibrated_on" in done.restored:
+        print(f"BN statistics re-estimated on {done.restored['bn_recalibrated_on']} training images of {args.data}")
     print(f"saved {args.output}")
     return 0
 
@@ -368,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--macs", metavar="150M", help="MAC target (150M, 1.2G, 50%% of the model)")
     how.add_argument("--width", type=float, metavar="0.75", help="uniform width multiplier")
     add_flags(p, PruneSettings)
-    p.add_argument("--data", metavar="SPEC", help="training images to re-estimate BN statistics on after pruning "
-                   "(--recal-images of them; without it the unpruned model's statistics stay)")
+    p.add_argument("--data", metavar="SPEC", help="training images to rank channels on (--importance auto/energy) "
+                   "and to refit the pruned layers on (--reconstruct-images of them; or re-estimate BN on "
+                   "--recal-images); without it channels are ranked by weight magnitude and nothing is refitted")
     p.add_argument("-o", "--output", required=True, type=Path, help="output checkpoint (.pt)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_prune)

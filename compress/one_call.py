@@ -13,11 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from compress import distributed
-from compress.batchnorm import recalibrate
 from compress.card import card_of, describe
 from compress.errors import CompressError
 from compress.evaluate import evaluate
-from compress.prune import config_for_macs, group_scores, prune
+from compress.prune import config_for_macs, group_scores, prune_with_map, restore_outputs
 from compress.search import Evaluator, HeldOut, budgets_for, run_search
 from compress.settings import FinetuneSettings, PruneSettings, SearchSettings, SupernetSettings, Target
 from compress.space import ChannelSpace
@@ -53,8 +52,20 @@ class CompressReport:
                 f"{pct(self.top1_after)} after recovery")
 
 
+def _first_images(loader: DataLoader, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `count` (images, labels) from the start of `loader`."""
+    images, labels, seen = [], [], 0
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
+        seen += len(x)
+        if seen >= count:
+            break
+    return torch.cat(images)[:count].to(device), torch.cat(labels)[:count].to(device)
+
+
 def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, train_loader: DataLoader | None = None,
-             val_loader: DataLoader | None = None, method: str = "uniform", importance: str = "l1",
+             val_loader: DataLoader | None = None, method: str = "uniform", importance: str = "auto",
              finetune: FinetuneSettings = FinetuneSettings(epochs=1), supernet: SupernetSettings | None = None,
              search: SearchSettings | None = None, out: str | Path = "runs/compress",
              quiet: bool = True) -> tuple[nn.Module, CompressReport]:
@@ -62,7 +73,8 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
     take "params") and recover its accuracy on `train_loader`, distilling from the original.
 
     `method`: "uniform" (every channel group scaled alike, most important channels kept by
-    `importance`), "global" (channels ranked by importance across groups), or "slimmable" /
+    `importance`; "auto": measured on `train_loader`'s images when given, see PruneSettings;
+    the pruned layers are then refitted to the original's outputs on them), "global" (channels ranked by importance across groups), or "slimmable" /
     "pruningnet" (train a supernet on `train_loader` with `supernet` settings, then search it
     with `search` settings, scoring configs on `val_loader`'s images — so the reported
     accuracy is optimistic unless that loader is a split of its own). Returns the plain,
@@ -87,11 +99,16 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
     target = Target(**{k: str(v) for k, v in constraints.items()})
     budget = budgets_for(space, [target])[0]
     if method in DIRECT:
-        scores = group_scores(model, space, importance) if method == "global" else None
+        settings = PruneSettings(importance=importance)
+        importance = settings.importance_for(train_loader is not None)
+        batch = None if train_loader is None else _first_images(
+            train_loader, max(settings.reconstruct_images, settings.recal_images, 256), next(model.parameters()).device)
+        scores = group_scores(model, space, importance, batch)
         config = config_for_macs(space, budget.macs, method, scores)
-        small = prune(model, config, space, importance=importance)
-        if train_loader is not None:  # the removed channels took their share of later layers' inputs
-            recalibrate(small.to(device), train_loader, device, limit=PruneSettings().recal_images)
+        small, kept = prune_with_map(model, config, space, importance=importance, scores=scores)
+        if batch is not None:
+            restore_outputs(model, small, kept, batch[0], settings.reconstruct_images, settings.recal_images,
+                            progress=not quiet)
     else:
         small, config = _search(model, space, method, budget, train_loader, val_loader, device,
                                 supernet or SupernetSettings(method=method, epochs=1),

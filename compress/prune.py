@@ -10,12 +10,16 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compress.batchnorm import recalibrate
 from compress.card import card_of
+from compress.energy import energy_scores
 from compress.errors import CompressError
+from compress.reconstruct import mixes_channels, reconstruct
 from compress.space import ChannelConfig, ChannelSpace, dependency_graph, example_input, pruning_group
 from compress.units import human, parse_count
 
-IMPORTANCES = ("l1", "l2", "first", "taylor", "bn")
+IMPORTANCES = ("l1", "l2", "first", "taylor", "bn", "energy")
+DATA_DRIVEN = ("taylor", "energy")
 STRATEGIES = ("uniform", "global")
 
 
@@ -26,13 +30,11 @@ def _importance(name: str):
             "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
             "taylor": lambda: tp.importance.GroupTaylorImportance(),
             "bn": lambda: tp.importance.BNScaleImportance(),
-            "first": lambda: None}[name]()
+            "first": lambda: None,
+            "energy": lambda: None}[name]()
 
 
 def _taylor_gradients(model: nn.Module, batch) -> None:
-    if batch is None:
-        raise CompressError("importance 'taylor' needs a batch of (images, labels) to take "
-                            "gradients on; pass batch=... (CLI: use l1, l2, bn or first).")
     images, labels = batch
     model.zero_grad()
     with torch.enable_grad():
@@ -41,19 +43,26 @@ def _taylor_gradients(model: nn.Module, batch) -> None:
 
 def group_scores(model: nn.Module, space: ChannelSpace, importance: str = "l1",
                  batch=None) -> dict[str, np.ndarray]:
-    """Per-channel importance of every group (torch-pruning's group importance)."""
-    imp = _importance(importance)
+    """Per-channel importance of every group (torch-pruning's group importance, or `energy`:
+    measured on the images of `batch`, see compress.energy)."""
     model = copy.deepcopy(model).eval()
-    graph = dependency_graph(model, example_input(space.input_size[-1], model))
+    return _scores(model, space, importance, batch)
+
+
+def _scores(model: nn.Module, space: ChannelSpace, importance: str, batch, graph=None) -> dict[str, np.ndarray]:
+    imp = _importance(importance)
+    if importance in DATA_DRIVEN and batch is None:
+        raise CompressError(f"importance '{importance}' needs a batch of real (images, labels) to measure "
+                            "on; pass batch=... (CLI: give --data, or use l1, l2, bn or first).")
+    if importance == "energy":
+        return energy_scores(model, space, batch[0])
+    if imp is None:  # "first": earlier channels matter more
+        return {g.name: np.arange(g.max, 0, -1, dtype=np.float64) for g in space.groups}
+    graph = graph or dependency_graph(model, example_input(space.input_size[-1], model))
     if importance == "taylor":
         _taylor_gradients(model, batch)
-    scores = {}
-    for g in space.groups:
-        if imp is None:  # "first": earlier channels matter more
-            scores[g.name] = np.arange(g.max, 0, -1, dtype=np.float64)
-        else:
-            scores[g.name] = imp(pruning_group(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
-    return scores
+    return {g.name: imp(pruning_group(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
+            for g in space.groups}
 
 
 def prune(model: nn.Module, config: Mapping[str, int], space: ChannelSpace | None = None,
@@ -63,30 +72,50 @@ def prune(model: nn.Module, config: Mapping[str, int], space: ChannelSpace | Non
     Within each group the channels with the highest importance are kept
     (`first` keeps the first k, as slimmable-trained weights need).
     """
+    return prune_with_map(model, config, space, importance, batch, input_size)[0]
+
+
+def prune_with_map(model: nn.Module, config: Mapping[str, int], space: ChannelSpace | None = None,
+                   importance: str = "l1", batch=None, input_size: int | None = None,
+                   scores: dict[str, np.ndarray] | None = None) -> tuple[nn.Module, dict[str, tuple[list[int], list[int]]]]:
+    """`prune`, also returning which channels each layer kept: layer name -> (kept output
+    indices, kept input indices) in the unpruned layer's numbering (what reconstruction needs).
+    `scores` (from `group_scores`) saves measuring importance again."""
     if space is None:
         if input_size is None:
             raise CompressError("prune() needs a space or an input size to trace the model.")
         space = ChannelSpace.from_model(model, example_input(input_size, model))
     config = space.validate(config)
-    imp = _importance(importance)
     pruned = copy.deepcopy(model)
     was_training = pruned.training
     pruned.eval()
     graph = dependency_graph(pruned, example_input(space.input_size[-1], pruned))
-    if importance == "taylor":
-        _taylor_gradients(pruned, batch)
+    if scores is None and any(config[g.name] < g.max for g in space.groups):
+        scores = _scores(pruned, space, importance, batch, graph)
+    names = {m: n for n, m in pruned.named_modules()}
+    dropped: dict[str, tuple[set, set]] = {}
     for g in space.groups:
         width = config[g.name]
         if width == g.max:
             continue
-        if imp is None:
-            drop = list(range(width, g.max))
-        else:
-            scores = imp(pruning_group(graph, pruned, g.name, list(range(g.max))))
-            drop = sorted(torch.argsort(scores)[: g.max - width].tolist())
-        pruning_group(graph, pruned, g.name, drop).prune()
+        # every layer dimension belongs to exactly one group, so these indices are the unpruned ones
+        drop = sorted(np.argsort(-scores[g.name], kind="stable")[width:].tolist())
+        group = pruning_group(graph, pruned, g.name, drop)
+        for dep, idxs in group.items:
+            out = graph.is_out_channel_pruning_fn(dep.handler)
+            if out or graph.is_in_channel_pruning_fn(dep.handler):
+                entry = dropped.setdefault(names.get(dep.target.module, ""), (set(), set()))
+                entry[0 if out else 1].update(getattr(i, "idx", i) for i in idxs)
+        group.prune()
     pruned.zero_grad(set_to_none=True)
-    return pruned.train(was_training)
+    kept = {}
+    for name, module in model.named_modules():
+        if name in dropped and mixes_channels(module):
+            n_out, n_in = ((module.out_features, module.in_features) if isinstance(module, nn.Linear)
+                           else (module.out_channels, module.in_channels))
+            kept[name] = ([i for i in range(n_out) if i not in dropped[name][0]],
+                          [i for i in range(n_in) if i not in dropped[name][1]])
+    return pruned.train(was_training), kept
 
 
 def config_for_macs(space: ChannelSpace, target_macs: int, strategy: str = "uniform",
@@ -163,7 +192,8 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
                  width: float | None = None, importance: str = "l1", strategy: str = "uniform",
                  divisor: int = 8, batch=None) -> tuple[nn.Module, dict]:
     """Prune a model that carries a card to a config (or JSON file), a MAC target or a
-    uniform width; the result carries the card with its channel config."""
+    uniform width; the result carries the card with its channel config. `info` has the
+    sizes before, the strategy and `kept` (what `prune_with_map` returns)."""
     card = card_of(model)
     if card.pruned:
         raise CompressError(f"'{card.source}' is already pruned; prune its unpruned parent "
@@ -171,11 +201,12 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
     space = ChannelSpace.from_model(model, example_input(card.input_size, model), divisor=divisor)
     full = space.macs(space.max())
     info = {"macs_before": full, "params_before": space.params(space.max()), "strategy": None}
+    scores = None
     if config is not None:
         chosen = space.validate(ChannelConfig.load(config) if isinstance(config, (str, Path)) else config)
     elif macs is not None:
         target = parse_count(macs, "MAC count", full=full)
-        scores = group_scores(model, space, importance, batch) if strategy == "global" else None
+        scores = group_scores(model, space, importance, batch)
         chosen = config_for_macs(space, target, strategy, scores)
         info.update(strategy=strategy, target_macs=target)
     elif width is not None:
@@ -183,6 +214,22 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
         info.update(strategy="uniform")
     else:
         raise CompressError("give one of a channel config, a MAC target or a width multiplier.")
-    pruned = prune(model, chosen, space, importance=importance, batch=batch)
+    pruned, info["kept"] = prune_with_map(model, chosen, space, importance=importance, batch=batch, scores=scores)
     pruned.card = card.replace(config=chosen.to_dict(), space=space.settings())
     return pruned, info
+
+
+def restore_outputs(original: nn.Module, pruned: nn.Module, kept: dict, images: torch.Tensor,
+                    reconstruct_images: int, recal_images: int, progress: bool = False) -> dict:
+    """After pruning, on real training images: refit the pruned layers by least squares
+    (compress.reconstruct) on `reconstruct_images` of them, else re-estimate BN statistics on
+    `recal_images` (the removed channels took their share of every later layer's input with
+    them). Returns what was done, for the checkpoint's provenance."""
+    device = next(pruned.parameters()).device
+    if reconstruct_images:
+        reconstruct(original, pruned, kept, images[:reconstruct_images], progress=progress)
+        return {"reconstructed_on": min(reconstruct_images, len(images))}
+    if recal_images:
+        recalibrate(pruned, images[:recal_images].split(64), device)
+        return {"bn_recalibrated_on": min(recal_images, len(images))}
+    return {}

@@ -155,12 +155,22 @@ class LutSettings(Settings):
 
 
 class PruneSettings(Settings):
-    importance: Literal["l1", "l2", "first", "bn"] = Field("l1", description="which channels to keep in each group")
+    importance: Literal["auto", "energy", "l1", "l2", "first", "bn"] = Field(
+        "auto", description="which channels to keep in each group: energy (each channel's share of the next "
+        "layers' output, measured on real images), a weight magnitude (l1, l2), BN scale, or the first k; auto: "
+        "energy when there is data, else l1")
     strategy: Literal["uniform", "global"] = Field(
         "uniform", description="how a MAC target spreads the cut: every group alike, or by importance across groups")
     divisor: int = Field(8, ge=1, description="widths are multiples of this")
+    reconstruct_images: int = Field(1024, ge=0, description="training images to refit each pruned layer on by "
+                                    "least squares, so it reproduces the unpruned layer's output from the "
+                                    "channels left (when there is data; 0 = off)")
     recal_images: int = Field(512, ge=0, description="training images to re-estimate BN statistics on after "
-                              "pruning, when there is data (0 = keep the unpruned model's)")
+                              "pruning, when there is data and no reconstruction (0 = keep the unpruned model's)")
+
+    def importance_for(self, data: bool) -> str:
+        """The importance to use, `auto` resolved: energy needs real images."""
+        return self.importance if self.importance != "auto" else ("energy" if data else "l1")
     targets: list[Target] = Field([], description="MAC targets, one pruned model per target")
 
 

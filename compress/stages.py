@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from compress import distributed
-from compress.batchnorm import recalibrate
 from compress.card import card_of
 from compress.checkpoint import save_checkpoint
 from compress.data import sample_images, sample_labelled, train_holdout
@@ -30,7 +29,7 @@ from compress.export.onnx import export_onnx
 from compress.export.tflite import export_tflite
 from compress.files import RunLock, atomic_write_json
 from compress.profile import count
-from compress.prune import prune_target
+from compress.prune import DATA_DRIVEN, prune_target, restore_outputs
 from compress.search import RESULT_FILE, Evaluator, HeldOut, budgets_for, run_search, write_results
 from compress.search.latency_table import LatencyTable, build_table, check_table, latency_predictor, measure_configs
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, HeldOutScoring, LatencySettings,
@@ -316,33 +315,37 @@ class Pruned:
     params_before: int
     macs: int
     params: int
+    restored: dict = field(default_factory=dict)  # what restore_outputs did
 
 
 def prune(model: nn.Module, settings: PruneSettings, macs: str | int | None = None, config=None,
           width: float | None = None, output: str | Path | None = None, provenance: dict | None = None,
-          data: str | None = None) -> Pruned:
+          data: str | None = None, progress: bool = False) -> Pruned:
     """Prune to a MAC target, a channel config (or its JSON file) or a uniform width, keeping
-    each group's most important channels (`settings.importance`); with `data`, re-estimate BN
-    statistics on `settings.recal_images` of its training images (the removed channels took
-    their share of every later layer's input with them); saved to `output` if given."""
-    pruned, info = prune_target(model, config=config, macs=macs, width=width, importance=settings.importance,
-                                strategy=settings.strategy, divisor=settings.divisor)
-    recalibrated = 0
-    if data and settings.recal_images:
-        card = card_of(pruned)
-        images = sample_images(data, True, settings.recal_images, card.input_size, card.mean, card.std, seed=0)
-        device = next(pruned.parameters()).device
-        recalibrate(pruned, images.split(64), device)
-        recalibrated = len(images)
+    each group's most important channels (`settings.importance`). With `data`, importance is
+    measured on its training images and the pruned layers are refitted to the unpruned outputs
+    on them (or BN re-estimated; `restore_outputs`). Saved to `output` if given."""
+    importance = settings.importance_for(bool(data))
+    batch, restored = None, {}
+    wanted = max(settings.reconstruct_images, settings.recal_images)
+    if data and (wanted or importance in DATA_DRIVEN):
+        card = card_of(model)
+        batch = sample_labelled(data, True, wanted or 256, card.input_size, card.mean, card.std, seed=0)
+        batch = tuple(t.to(next(model.parameters()).device) for t in batch)
+    pruned, info = prune_target(model, config=config, macs=macs, width=width, importance=importance,
+                                strategy=settings.strategy, divisor=settings.divisor, batch=batch)
+    if batch is not None:
+        restored = restore_outputs(model, pruned, info["kept"], batch[0], settings.reconstruct_images,
+                                   settings.recal_images, progress=progress)
     record = None
     if output is not None:
         record = save_checkpoint(output, pruned, provenance={
-            "created_by": "prune", "importance": settings.importance, "strategy": info["strategy"],
-            "target_macs": info.get("target_macs"), "bn_recalibrated_on": recalibrated, **(provenance or {})})
+            "created_by": "prune", "importance": importance, "strategy": info["strategy"],
+            "target_macs": info.get("target_macs"), **restored, **(provenance or {})})
     macs_after, params_after = ((record["macs"], record["params"]) if record else
                                 count(pruned, card_of(pruned).input_size))
     return Pruned(pruned, Path(output) if output else None, info["macs_before"], info["params_before"],
-                  macs_after, params_after)
+                  macs_after, params_after, restored)
 
 
 # ---- export / latency -----------------------------------------------------------------------
