@@ -20,14 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from compress import distributed, stages
+from compress.card import card_of
 from compress.checkpoint import load_target, save_checkpoint
 from compress.data import DataSpec, eval_set, loader, random_subset
 from compress.errors import CheckFailed, CompressError
 from compress.evaluate import evaluate
 from compress.files import RunLock, atomic_write_json, atomic_write_text
 from compress.flags import command_line, flag
+from compress.profile import count
 from compress.recipe import Recipe, dump, load_recipe
 from compress.report import write_report
 from compress.settings import HeldOutScoring, SearchSettings, TrainSettings
@@ -200,9 +203,12 @@ class Pipeline:
                              provenance={"created_by": "chansearch run", "parent": r.model.name})
             nets[target.tag()] = {"path": str(path), "label": f"macs<={target.macs}", "heldout_top1": None}
         teacher = folder / "teacher.pt"
+        original = self._model()
         if r.finetune.distill and not teacher.exists():  # the unpruned model teaches
-            save_checkpoint(teacher, self._model(), provenance={"created_by": "chansearch run (unpruned model)"})
-        return {"nets": nets, "teacher": str(teacher) if r.finetune.distill else None}
+            save_checkpoint(teacher, original, provenance={"created_by": "chansearch run (unpruned model)"})
+        macs, params = count(original, card_of(original).input_size)
+        unpruned = {"macs": macs, "params": params, "test_top1": _test_model(original, r)["top1"]}
+        return {"nets": nets, "teacher": str(teacher) if r.finetune.distill else None, "unpruned": unpruned}
 
     def _finetune(self, folder: Path) -> dict:
         r, f = self.recipe, self.recipe.finetune
@@ -293,7 +299,10 @@ def _scoring(search: SearchSettings) -> HeldOutScoring:
 
 def _test(path: str, recipe: Recipe) -> dict:
     """Top-1 on the data's evaluation split (capped by finetune.val_images when set)."""
-    model = load_target(path)
+    return _test_model(load_target(path), recipe)
+
+
+def _test_model(model: nn.Module, recipe: Recipe) -> dict:
     card = model.card
     ds = eval_set(recipe.data.spec, card.input_size, card.mean, card.std, card.num_classes)
     ds = random_subset(ds, recipe.finetune.val_images, recipe.seed)

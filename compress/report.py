@@ -21,6 +21,7 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     failed checks."""
     r, run_dir = pipeline.recipe, pipeline.dir
     failures, rows, files, points = [], [], [], []
+    unpruned = nets.get("unpruned")  # the direct path measures the model it pruned
     for target in r.targets():
         tag = target.tag()
         record = torch.load(tuned[tag]["path"], map_location="cpu", weights_only=True)
@@ -33,12 +34,17 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
             failures += problems
             ok = ok and not problems
         before, after = tuned[tag]["test_before"]["top1"], tuned[tag]["test_after"]["top1"]
+        versus = "-" if not unpruned else (f"{record['macs'] / unpruned['macs']:.0%} MACs, "
+                                           f"{(after - unpruned['test_top1']) * 100:+.1f} points")
         rows.append(f"| {nets['nets'][tag]['label']} | {human(record['macs'])} | {human(record['params'])} | "
-                    f"{_pct(nets['nets'][tag]['heldout_top1'])} | {_pct(before)} | {_pct(after)} | "
+                    f"{_pct(nets['nets'][tag]['heldout_top1'])} | {_pct(before)} | {_pct(after)} | {versus} | "
                     f"{'pass' if ok else 'FAIL'} |")
         points.append((record["macs"], before, after, nets["nets"][tag]["label"]))
-    table = ["| target | MACs | params | held-out top-1 (search) | test top-1 before fine-tune | after | result |",
-             "|---|---|---|---|---|---|---|", *rows]
+    table = ["| target | MACs | params | held-out top-1 (search) | test top-1 before fine-tune | after "
+             "| vs unpruned | result |", "|---|---|---|---|---|---|---|---|", *rows]
+    if unpruned:
+        table.insert(2, f"| unpruned | {human(unpruned['macs'])} | {human(unpruned['params'])} | - | "
+                        f"{_pct(unpruned['test_top1'])} | - | 100% MACs | - |")
     file_table = ["| target | file | size (x float) | parity with PyTorch | top-1 float / file | latency ms "
                   "(x float) | result |", "|---|---|---|---|---|---|---|", *files]
     lines = [f"# {r.name}", "", f"Run folder: `{run_dir}`  ", f"Finished: {datetime.datetime.now():%Y-%m-%d %H:%M}  ",
