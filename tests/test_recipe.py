@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compress
 from compress import CompressError
 from compress.cli import build_parser
 from compress.flags import settings_from
@@ -175,3 +176,54 @@ def test_print_config_shows_defaults_and_overrides(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "epochs: 7" in out.stdout and "macs: 60%" in out.stdout and "kd_temperature: 4.0" in out.stdout
     assert not Path(tmp_path / "runs").exists()
+
+
+DIRECT = """\
+name: direct
+out: {out}
+model:
+  name: {model}
+data:
+  spec: cifar10:{data}
+  batch_size: 32
+  workers: 0
+supernet:
+  method: none
+prune:
+  reconstruct_images: 64
+  targets:
+    - macs: 50%
+finetune:
+  epochs: 0
+  val_images: 300
+export:
+  formats: [onnx]
+latency:
+  runs: 3
+  warmup: 1
+"""
+
+
+def test_direct_recipe_reports_each_target_against_the_unpruned_model(tmp_path, cifar_dir):
+    """The main job as a recipe: a trained net pruned with its data (energy, refit), its report
+    comparing the target with the unpruned model measured on the same test images."""
+    from compress.data import eval_set, loader, random_subset
+    from compress.evaluate import evaluate
+    trained = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    recipe = tmp_path / "direct.yaml"
+    recipe.write_text(DIRECT.format(out=tmp_path / "runs", model=trained, data=cifar_dir))
+    out = run_cli("run", recipe, "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "runs" / "direct" / "report.md").read_text()
+    unpruned = next(line for line in report.splitlines() if line.startswith("| unpruned |"))
+    model = compress.load(trained)
+    card = model.card
+    test = random_subset(eval_set(f"cifar10:{cifar_dir}", card.input_size, card.mean, card.std, card.num_classes),
+                         300, 0)
+    top1 = evaluate(model, loader(test, 100, 0), "cpu", distributed_sum=False)["top1"]
+    assert f"| {top1:.2%} |" in unpruned
+    target = next(line for line in report.splitlines() if line.startswith("| macs<=50% |"))
+    after = float(target.split("|")[6].strip().rstrip("%")) / 100
+    assert f"% MACs, {(after - top1) * 100:+.1f} points |" in target
+    record = torch.load(tmp_path / "runs" / "direct" / "prune" / "macs50pct.pt", weights_only=True)
+    assert record["provenance"]["reconstructed_on"] == 64 and record["provenance"]["importance"] == "energy"
