@@ -1,61 +1,244 @@
-"""Pruning a pretrained network: how much accuracy survives pruning before any recovery.
+"""Pruning a pretrained network, side by side with the tools a user would pick instead.
 
-The teacher is a pretrained net already transferred to CIFAR-10 (--teacher, e.g. the ImageNet
-MobileNetV2 of ../shared/pretrained trained 2 epochs at 96 px, see RESULTS.md). For each MAC
-target, strategy and importance: top-1 on test images of the pruned net as pruned, and after
-its BN statistics are re-estimated on training images (`prune.recal_images`). This is the
-first column of issue #15's side-by-side table (peers and recovery budgets still to come).
+The teacher is a pretrained net already transferred to CIFAR-10 (--teacher: the ImageNet
+MobileNetV2 of ../shared/pretrained trained 2 epochs at 96 px, see RESULTS.md). Every method
+prunes it to each MAC target; every pruned net then gets the *same* recovery (distillation
+from the teacher: same steps, lr, batch and images; one seed per row on `--size cpu`).
+Reported: top-1 on CIFAR-10 test images before and after recovery, MACs and params kept,
+float TFLite latency against the teacher (LiteRT, 1 thread, interleaved rounds), and the
+method's own pruning/search time.
+
+Methods: `compress` (our default for a pretrained net: `chansearch prune --data`: energy
+importance, global, layers refitted), the same with `--strategy uniform`, the previous default
+(`compress-l1-global`: weight magnitude, BN re-estimated), Torch-Pruning 1.6's MetaPruner at its defaults
+(global magnitude, its pruning ratio searched to the MAC target; `tp` round_to=None, `tp-r8`
+round_to=8) and NVIDIA Model Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
+
+Each (method, target, seed) cell is stored under --cells as it finishes, so an interrupted
+run continues where it stopped and the table can be filled over several runs.
 
     python benchmarks/bench_pretrained.py --teacher runs/teacher96.pt
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from common import CIFAR, write_section
 from compress import load, stages
-from compress.batchnorm import recalibrate
-from compress.data import sample_images, sample_labelled
+from compress.data import sample_labelled
+from compress.export.latency import measure
+from compress.export.tflite import export_tflite
+from compress.files import atomic_write_json
+from compress.profile import count
 from compress.settings import PruneSettings
 
+SIZES = {  # recovery steps (short, long), batch, lr; images: recovery pool, test, scoring
+    "cpu": dict(short=150, long=600, batch=64, lr=0.005, train=6400, test=2000, score=512),
+    "gpu": dict(short=500, long=3000, batch=128, lr=0.01, train=25000, test=10000, score=2000),
+    "quick": dict(short=3, long=6, batch=16, lr=0.005, train=64, test=64, score=64),
+}
+METHODS = ("compress", "compress-uniform", "compress-l1-global", "tp", "tp-r8", "fastnas")
 
-def top1(model, images, labels) -> float:
+
+def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
     with torch.no_grad():
-        return float((model.eval()(images).argmax(1) == labels).float().mean())
+        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(256), labels.split(256)))
+    return hits / len(labels)
+
+
+# ---- the methods: each returns the pruned model -----------------------------------------------
+def ours(teacher, target, data, settings: PruneSettings):
+    return stages.prune(teacher, settings, macs=target, data=data, progress=True).model
+
+
+def torch_pruning(teacher, target, round_to):
+    """Torch-Pruning's documented path: MetaPruner, GroupMagnitudeImportance, global pruning;
+    the pruning ratio is bisected until the MACs are at most the target."""
+    import torch_pruning as tp
+    example = torch.randn(1, 3, teacher.card.input_size, teacher.card.input_size)
+    full = tp.utils.count_ops_and_params(teacher, example)[0]
+
+    def pruned_at(ratio):
+        model = copy.deepcopy(teacher).eval()
+        classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(),
+                             pruning_ratio=ratio, global_pruning=True, ignored_layers=[classifier],
+                             round_to=round_to).step()
+        return model, tp.utils.count_ops_and_params(model, example)[0]
+
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        model, macs = pruned_at(mid)
+        if macs <= target * full:
+            hi, best = mid, model
+        else:
+            lo = mid
+    return best
+
+
+def fastnas(teacher, target, calib, score_set, cells: Path):
+    import modelopt.torch.prune as mtp
+    model = copy.deepcopy(teacher).eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*calib), batch_size=64)
+    size = teacher.card.input_size
+    model, _ = mtp.prune(model, mode="fastnas", constraints={"flops": f"{target:.0%}"},
+                         dummy_input=torch.randn(1, 3, size, size),
+                         config={"data_loader": loader, "collect_func": lambda batch: batch[0],
+                                 "score_func": lambda m: top1(m, *score_set),
+                                 # its sensitivity map does not depend on the target: FastNAS reloads
+                                 # it from here for the next target (only the first cell pays for it)
+                                 "checkpoint": str(cells / "fastnas_search.pth")})
+    return model
+
+
+# ---- the same recovery for every row -------------------------------------------------------------
+def recover(student: nn.Module, teacher: nn.Module, images, labels, steps: int, batch: int, lr: float,
+            seed: int) -> nn.Module:
+    """Distil from the teacher (0.7 KL on its soft labels + 0.3 cross-entropy), SGD with
+    Nesterov momentum, cosine lr, random flips and 1/8-image translations."""
+    student = copy.deepcopy(student).train()
+    teacher.eval()
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    pad = images.shape[-1] // 8
+    for _ in range(steps):
+        idx = torch.randint(len(images), (batch,), generator=generator)
+        x, y = images[idx], labels[idx]
+        x = torch.where(torch.rand(batch, 1, 1, 1, generator=generator) < 0.5, x.flip(3), x)
+        dx, dy = torch.randint(-pad, pad + 1, (2,), generator=generator).tolist()
+        x = torch.roll(F.pad(x, (pad,) * 4, mode="reflect"), (dy, dx), (2, 3))[..., pad:-pad, pad:-pad]
+        with torch.no_grad():
+            soft = F.softmax(teacher(x), 1)
+        logits = student(x)
+        loss = 0.7 * F.kl_div(F.log_softmax(logits, 1), soft, reduction="batchmean") + 0.3 * F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return student.eval()
+
+
+def latency_ratio(model: nn.Module, teacher_file: Path, size: int, workdir: Path, rounds: int = 3) -> float:
+    path = workdir / "pruned.tflite"
+    export_tflite(model, path, size)
+    ratios = []
+    for _ in range(rounds):  # interleaved: each round times the teacher and the pruned net back to back
+        base = measure(teacher_file, threads=1, runs=30)["median_ms"]
+        ratios.append(measure(path, threads=1, runs=30)["median_ms"] / base)
+    return statistics.median(ratios)
+
+
+def run_cell(key: str, cells: Path, method: str, target: float, seed: int, teacher, ctx: dict, size: dict) -> dict:
+    path = cells / f"{key}.json"
+    cell = json.loads(path.read_text()) if path.exists() else {}
+    if "before" in cell and all(f"after_{b}" in cell for b in ctx["budgets"]):
+        return cell
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        start = time.perf_counter()
+        if method.startswith("compress"):
+            settings = {"compress": PruneSettings(),
+                        "compress-uniform": PruneSettings(strategy="uniform"),
+                        "compress-l1-global": PruneSettings(importance="l1", strategy="global",
+                                                            reconstruct_images=0)}[method]
+            pruned = ours(teacher, f"{target:.0%}", ctx["data"], settings)
+        elif method in ("tp", "tp-r8"):
+            pruned = torch_pruning(teacher, target, None if method == "tp" else 8)
+        else:
+            pruned = fastnas(teacher, target, ctx["calib"], ctx["score"], cells)
+        pruning_s = time.perf_counter() - start
+        if "before" not in cell:
+            macs, params = count(pruned, ctx["input_size"])
+            cell.update(method=method, target=target, seed=seed, pruning_s=pruning_s, macs=macs, params=params,
+                        before=top1(pruned, *ctx["test"]),
+                        latency=latency_ratio(pruned, ctx["teacher_file"], ctx["input_size"], work))
+            atomic_write_json(path, cell)
+        for budget in ("short", "long"):
+            if f"after_{budget}" not in cell and budget in ctx["budgets"]:
+                student = recover(pruned, teacher, *ctx["train"], size[budget], size["batch"], size["lr"], seed)
+                cell[f"after_{budget}"] = top1(student, *ctx["test"])
+                atomic_write_json(path, cell)
+    print(json.dumps(cell), flush=True)
+    return cell
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1%}"
+    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%}"
+
+
+def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
+    rows = ["| MAC target | method | MACs kept | params kept | top-1 before recovery | after short | after long "
+            "| TFLite latency vs teacher | pruning time |", "|---|---|---|---|---|---|---|---|---|",
+            f"| - | teacher (unpruned) | 100% | 100% | {teacher_top1:.1%} | - | - | 1.00x | - |"]
+    for target in sorted({c["target"] for c in cells}, reverse=True):
+        for method in METHODS:
+            group = [c for c in cells if c["target"] == target and c["method"] == method]
+            if not group:
+                continue
+            pick = lambda k: [c[k] for c in group if k in c]  # noqa: E731
+            rows.append(f"| {target:.0%} | {method} | {group[0]['macs'] / teacher_macs:.1%} | "
+                        f"{statistics.mean(pick('params')) / 1e6:.2f}M | {mean_std(pick('before'))} | "
+                        f"{mean_std(pick('after_short'))} | {mean_std(pick('after_long'))} | "
+                        f"{statistics.mean(pick('latency')):.2f}x | {statistics.mean(pick('pruning_s')):.0f} s |")
+    return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="the pretrained, transferred checkpoint (.pt)")
-    ap.add_argument("--size", choices=["cpu", "gpu"], default="cpu",
-                    help="cpu: 1000 test images; gpu: the whole test split")
-    ap.add_argument("--macs", default="90%,70%,50%,30%", help="MAC targets, comma-separated")
+    ap.add_argument("--size", choices=list(SIZES), default="cpu", help="recovery steps and image counts")
+    ap.add_argument("--macs", default="50%,30%,70%", help="MAC targets, comma-separated")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
+    ap.add_argument("--seeds", type=int, default=1, help="recovery seeds per cell")
+    ap.add_argument("--budgets", default="short", help="recoveries to run: short, long or short,long")
+    ap.add_argument("--cells", type=Path, default=Path("runs/bench_pretrained"), help="where finished cells are kept")
     args = ap.parse_args()
+    size = SIZES[args.size]
     teacher = load(args.teacher).eval()
     card, data = teacher.card, f"cifar10:{CIFAR}"
-    images, labels = sample_labelled(data, False, 1000 if args.size == "cpu" else 10000, card.input_size,
-                                     card.mean, card.std, seed=1)
-    settings = PruneSettings()
-    recal = sample_images(data, True, settings.recal_images, card.input_size, card.mean, card.std, seed=0)
-    rows = [f"| unpruned | - | - | 100% | {top1(teacher, images, labels):.2%} | - |"]
-    for macs in args.macs.split(","):
-        for strategy in ("uniform", "global"):
-            for importance in ("l1", "l2", "bn"):
-                pruned = stages.prune(teacher, settings.model_copy(update={"strategy": strategy,
-                                                                          "importance": importance}), macs=macs)
-                before = top1(pruned.model, images, labels)
-                recalibrate(pruned.model, recal.split(64))
-                rows.append(f"| {strategy} | {importance} | {macs} | {pruned.macs / pruned.macs_before:.1%} | "
-                            f"{before:.2%} | {top1(pruned.model, images, labels):.2%} |")
-                print(rows[-1], flush=True)
-    write_section("Pruned pretrained net before recovery", "\n".join([
-        f"Teacher `{args.teacher}` ({card.input_size} px); top-1 on {len(images)} CIFAR-10 test images right "
-        f"after pruning, with the unpruned net's BN statistics and with them re-estimated on "
-        f"{settings.recal_images} training images (what `chansearch prune --data` does). No fine-tuning.", "",
-        "| strategy | importance | MAC target | MACs kept | top-1 as pruned | top-1, BN re-estimated |",
-        "|---|---|---|---|---|---|", *rows]))
+    args.cells.mkdir(parents=True, exist_ok=True)
+    teacher_file = args.cells / "teacher.tflite"
+    if not teacher_file.exists():
+        export_tflite(teacher, teacher_file, card.input_size)
+    sample = lambda train, n, seed: sample_labelled(data, train, n, card.input_size, card.mean, card.std, seed=seed)  # noqa: E731
+    ctx = {"data": data, "input_size": card.input_size, "teacher_file": teacher_file,
+           "budgets": args.budgets.split(","), "test": sample(False, size["test"], 1),
+           "train": sample(True, size["train"], 3), "calib": sample(True, 512, 0), "score": sample(True, size["score"], 2)}
+    teacher_macs = count(teacher, card.input_size)[0]
+    teacher_top1 = top1(teacher, *ctx["test"])
+    cells = []
+    for target in [float(t.strip("%")) / 100 for t in args.macs.split(",")]:
+        for method in args.methods.split(","):
+            for seed in range(args.seeds):
+                cells.append(run_cell(f"{method}-{target:.2f}-{seed}", args.cells, method, target, seed, teacher,
+                                      ctx, size))
+    stored = [json.loads(p.read_text()) for p in sorted(args.cells.glob("*.json"))]
+    write_section("Pruning a pretrained net, side by side", "\n".join([
+        f"Teacher `{args.teacher}` (ImageNet MobileNetV2 transferred to CIFAR-10 at {card.input_size} px); top-1 on "
+        f"{size['test']} CIFAR-10 test images. Recovery, the same for every row: distillation from the teacher, "
+        f"batch {size['batch']}, lr {size['lr']}, {size['short']} (short) / {size['long']} (long) steps on "
+        f"{size['train']} training images. Pruning with data (ours, FastNAS) uses 512-1024 other training images; "
+        "FastNAS scores its candidates on "
+        f"{size['score']} more. Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds.", "",
+        table(stored, teacher_top1, teacher_macs)]))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,9 @@ def cmd_prune(args) -> int:
               f"images of {args.data}")
     elif "bn_recalibrated_on" in done.restored:
         print(f"BN statistics re-estimated on {done.restored['bn_recalibrated_on']} training images of {args.data}")
+    elif not args.data:
+        print("no --data: channels ranked by weight magnitude and nothing refitted; a trained net keeps far more "
+              "accuracy when pruned with --data (energy ranking, layers refitted to the unpruned outputs)")
     print(f"saved {args.output}")
     return 0
 

@@ -65,16 +65,17 @@ def _first_images(loader: DataLoader, count: int, device) -> tuple[torch.Tensor,
 
 
 def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, train_loader: DataLoader | None = None,
-             val_loader: DataLoader | None = None, method: str = "uniform", importance: str = "auto",
+             val_loader: DataLoader | None = None, method: str = "global", importance: str = "auto",
              finetune: FinetuneSettings = FinetuneSettings(epochs=1), supernet: SupernetSettings | None = None,
              search: SearchSettings | None = None, out: str | Path = "runs/compress",
              quiet: bool = True) -> tuple[nn.Module, CompressReport]:
     """Compress `model` to `constraints` ({"macs": "50%"} or 150_000_000; supernet methods also
     take "params") and recover its accuracy on `train_loader`, distilling from the original.
 
-    `method`: "uniform" (every channel group scaled alike, most important channels kept by
-    `importance`; "auto": measured on `train_loader`'s images when given, see PruneSettings;
-    the pruned layers are then refitted to the original's outputs on them), "global" (channels ranked by importance across groups), or "slimmable" /
+    `method`: "global" (channels ranked by importance across groups) or "uniform" (every
+    channel group scaled alike), both keeping each group's most important channels by
+    `importance` ("auto": energy measured on `train_loader`'s images when given, see
+    PruneSettings, and the pruned layers refitted to the original's outputs on them); or "slimmable" /
     "pruningnet" (train a supernet on `train_loader` with `supernet` settings, then search it
     with `search` settings, scoring configs on `val_loader`'s images — so the reported
     accuracy is optimistic unless that loader is a split of its own). Returns the plain,

@@ -160,7 +160,8 @@ class PruneSettings(Settings):
         "layers' output, measured on real images), a weight magnitude (l1, l2), BN scale, or the first k; auto: "
         "energy when there is data, else l1")
     strategy: Literal["uniform", "global"] = Field(
-        "uniform", description="how a MAC target spreads the cut: every group alike, or by importance across groups")
+        "global", description="how a MAC target spreads the cut: by importance across groups (global), or every "
+        "group alike (uniform)")
     divisor: int = Field(8, ge=1, description="widths are multiples of this")
     reconstruct_images: int = Field(1024, ge=0, description="training images to refit each pruned layer on by "
                                     "least squares, so it reproduces the unpruned layer's output from the "
