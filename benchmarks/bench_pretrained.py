@@ -210,6 +210,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1, help="recovery seeds per cell")
     ap.add_argument("--budgets", default="short", help="recoveries to run: short, long or short,long")
     ap.add_argument("--cells", type=Path, default=Path("runs/bench_pretrained"), help="where finished cells are kept")
+    ap.add_argument("--table-only", action="store_true", help="write the table from the finished cells, run none")
     args = ap.parse_args()
     size = SIZES[args.size]
     teacher = load(args.teacher).eval()
@@ -224,12 +225,10 @@ def main() -> None:
            "train": sample(True, size["train"], 3), "calib": sample(True, 512, 0), "score": sample(True, size["score"], 2)}
     teacher_macs = count(teacher, card.input_size)[0]
     teacher_top1 = top1(teacher, *ctx["test"])
-    cells = []
-    for target in [float(t.strip("%")) / 100 for t in args.macs.split(",")]:
+    for target in [] if args.table_only else [float(t.strip("%")) / 100 for t in args.macs.split(",")]:
         for method in args.methods.split(","):
             for seed in range(args.seeds):
-                cells.append(run_cell(f"{method}-{target:.2f}-{seed}", args.cells, method, target, seed, teacher,
-                                      ctx, size))
+                run_cell(f"{method}-{target:.2f}-{seed}", args.cells, method, target, seed, teacher, ctx, size)
     stored = [json.loads(p.read_text()) for p in sorted(args.cells.glob("*.json"))]
     write_section("Pruning a pretrained net, side by side", "\n".join([
         f"Teacher `{args.teacher}` (ImageNet MobileNetV2 transferred to CIFAR-10 at {card.input_size} px); top-1 on "
@@ -237,7 +236,9 @@ def main() -> None:
         f"batch {size['batch']}, lr {size['lr']}, {size['short']} (short) / {size['long']} (long) steps on "
         f"{size['train']} training images. Pruning with data (ours, FastNAS) uses 512-1024 other training images; "
         "FastNAS scores its candidates on "
-        f"{size['score']} more. Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds.", "",
+        f"{size['score']} more; its sensitivity pass, in the pruning time of the first target it ran, is reused "
+        "for the others. Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. One recovery seed "
+        "per row on `--size cpu`.", "",
         table(stored, teacher_top1, teacher_macs)]))
 
 
