@@ -46,9 +46,10 @@ def _relative_energy(module: nn.Module, moments: _Moments) -> torch.Tensor:
 
 
 @torch.no_grad()
-def energy_scores(model: nn.Module, space: ChannelSpace, images: torch.Tensor,
-                  batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Per-channel importance of every group of `space`, measured on `images`."""
+def energy_scores(model: nn.Module, space: ChannelSpace, images: torch.Tensor, batch_size: int = 64,
+                  graph=None) -> dict[str, np.ndarray]:
+    """Per-channel importance of every group of `space`, measured on `images` (`graph`: the
+    model's torch-pruning dependency graph, when the caller has built it already)."""
     model = model.eval()
     device = next(model.parameters()).device
     consumers = {m: _Moments() for m in model.modules() if mixes_channels(m)}
@@ -60,8 +61,7 @@ def energy_scores(model: nn.Module, space: ChannelSpace, images: torch.Tensor,
         for h in handles:
             h.remove()
     energy = {m: _relative_energy(m, s) for m, s in consumers.items() if s.n}
-    with torch.enable_grad():
-        graph = dependency_graph(model, example_input(space.input_size[-1], model))
+    graph = graph or dependency_graph(model, example_input(space.input_size[-1], model))
     scores = {}
     for g in space.groups:
         score = np.zeros(g.max)

@@ -54,11 +54,11 @@ def _scores(model: nn.Module, space: ChannelSpace, importance: str, batch, graph
     if importance in DATA_DRIVEN and batch is None:
         raise CompressError(f"importance '{importance}' needs a batch of real (images, labels) to measure "
                             "on; pass batch=... (CLI: give --data, or use l1, l2, bn or first).")
-    if importance == "energy":
-        return energy_scores(model, space, batch[0])
-    if imp is None:  # "first": earlier channels matter more
+    if imp is None and importance != "energy":  # "first": earlier channels matter more
         return {g.name: np.arange(g.max, 0, -1, dtype=np.float64) for g in space.groups}
     graph = graph or dependency_graph(model, example_input(space.input_size[-1], model))
+    if importance == "energy":
+        return energy_scores(model, space, batch[0], graph=graph)
     if importance == "taylor":
         _taylor_gradients(model, batch)
     return {g.name: imp(pruning_group(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
