@@ -32,7 +32,7 @@ from compress.files import RunLock, atomic_write_json, atomic_write_text
 from compress.flags import command_line, flag
 from compress.profile import count
 from compress.recipe import Recipe, dump, load_recipe
-from compress.report import write_report
+from compress.report import UNPRUNED, write_report
 from compress.settings import HeldOutScoring, SearchSettings, TrainSettings
 from compress.train import STATE_FILE
 
@@ -112,11 +112,16 @@ class Pipeline:
         if distributed.is_main():
             atomic_write_text(self.dir / "recipe.yaml", dump(r))
         targets = r.targets()
+        start = []  # the stages the compressed model comes from
+        if r.transfer is not None:
+            self.stage("transfer", {"model": r.model, "data": r.data, "transfer": r.transfer}, [], self._transfer,
+                       everywhere=True)
+            start = ["transfer"]
         if r.supernet.method == "none":
-            nets = self.stage("prune", {"model": r.model, "prune": r.prune}, [], self._prune)
+            nets = self.stage("prune", {"model": r.model, "prune": r.prune}, start, self._prune)
             upstream = ["prune"]
         else:
-            self.stage("supernet", {"model": r.model, "data": r.data, "supernet": r.supernet, "seed": r.seed}, [],
+            self.stage("supernet", {"model": r.model, "data": r.data, "supernet": r.supernet, "seed": r.seed}, start,
                        self._supernet, everywhere=True)
             search_up = ["supernet"]
             if any(t.latency_ms for t in targets):
@@ -140,18 +145,43 @@ class Pipeline:
         return 0
 
     def _model(self):
+        """The model to compress: the recipe's, or the transfer stage's when there is one."""
+        if self.recipe.transfer is not None:
+            return load_target(self.records["transfer"]["outputs"]["model"])
+        return self._given_model()
+
+    def _source(self) -> tuple[str, list]:
+        """How the equivalent commands name the model to compress: its name and model flags."""
+        if self.recipe.transfer is not None:
+            return self.records["transfer"]["outputs"]["model"], []
+        return self.recipe.model.name, [self.recipe.model]
+
+    def _given_model(self):
         m = self.recipe.model
         return load_target(m.name, m.num_classes, m.width_mult, m.pretrained, m.input_size)
+
+    def _transfer(self, folder: Path) -> dict:
+        r = self.recipe
+        resume = (folder / STATE_FILE).exists()
+        # `chansearch train` reads its flags against TrainSettings' defaults, not the transfer's
+        self.command("train", [r.model.name], [r.model, r.data, TrainSettings(**r.transfer.model_dump())],
+                     ["--data", r.data.spec, "--out", folder])
+        torch.manual_seed(r.transfer.seed)
+        done = stages.train(self._given_model(), r.data, r.transfer, folder, resume=resume, quiet=self.quiet,
+                            provenance={"created_by": "chansearch run (transfer)", "parent": r.model.name,
+                                        "pretrained": r.model.pretrained})
+        return {"model": str(done.checkpoint)} if distributed.is_main() else {}
 
     def _supernet(self, folder: Path) -> dict:
         r = self.recipe
         resume = (folder / STATE_FILE).exists()
-        self.command("supernet", [r.model.name], [r.model, r.data, r.supernet,
-                                                  _scoring(r.search)],
+        name, model_flags = self._source()
+        self.command("supernet", [name], [*model_flags, r.data, r.supernet, _scoring(r.search)],
                      ["--data", r.data.spec, "--out", folder])
         torch.manual_seed(r.supernet.seed)
+        trained_before = r.model.pretrained is not None or r.transfer is not None
         done = stages.train_supernet(self._model(), r.data, r.supernet, folder, scoring=_scoring(r.search),
-                                     pretrained=r.model.pretrained is not None, resume=resume, quiet=self.quiet)
+                                     pretrained=trained_before, resume=resume, quiet=self.quiet)
         return {"supernet": str(done.checkpoint), "summary": done.summary} if distributed.is_main() else {}
 
     def _lut(self, folder: Path) -> dict:
@@ -194,13 +224,14 @@ class Pipeline:
     def _prune(self, folder: Path) -> dict:
         r, p = self.recipe, self.recipe.prune
         nets = {}
+        name, model_flags = self._source()
         for target in p.targets:
             path = folder / f"{target.tag()}.pt"
             if not path.exists():
-                self.command("prune", [r.model.name], [r.model, p],
+                self.command("prune", [name], [*model_flags, p],
                              ["--macs", target.macs, "--data", r.data.spec, "-o", path])
                 stages.prune(self._model(), p, macs=target.macs, output=path, data=r.data.spec,
-                             provenance={"created_by": "chansearch run", "parent": r.model.name})
+                             provenance={"created_by": "chansearch run", "parent": name})
             nets[target.tag()] = {"path": str(path), "label": f"macs<={target.macs}", "heldout_top1": None}
         teacher = folder / "teacher.pt"
         original = self._model()
@@ -246,11 +277,21 @@ class Pipeline:
 
     def _export(self, folder: Path) -> dict:
         """Every target as a float file per format and, when the recipe quantizes, the
-        quantized file beside it (ONNX takes static int8 only), so the report compares them."""
+        quantized file beside it (ONNX takes static int8 only), so the report compares them;
+        on the direct path the unpruned model in float too, for the latency speed-up."""
         e, spec = self.recipe.export, self.recipe.data.spec
         float_only = e.model_copy(update={"int8": False, "int8_io": False, "dynamic_range": False,
                                           "keep_float": 0})
         out = {}
+
+        def export(model: nn.Module, source: str, model_flags: list, key: str, fmt: str, settings, path: Path) -> None:
+            self.command("export", [source], [*model_flags, settings.model_copy(update={"formats": [fmt]})],
+                         ["--format", fmt, "--calib-data", spec, "-o", path])
+            try:
+                out[key] = _exported(stages.export(model, fmt, path, settings, data=spec), ok=True)
+            except CheckFailed as exc:
+                out[key] = {**_exported(exc.report or {"path": str(path)}, ok=False), "error": str(exc)}
+
         for tag, net in self.records["finetune"]["outputs"].items():
             model = load_target(net["path"])
             for fmt in e.formats:
@@ -261,14 +302,12 @@ class Pipeline:
                     variants.append(("onnx-int8", float_only.model_copy(update={"int8": True})))
                 for name, settings in variants:
                     path = folder / f"{tag}{name.removeprefix(fmt).replace('-', '_')}.{fmt}"
-                    self.command("export", [net["path"]], [settings.model_copy(update={"formats": [fmt]})],
-                                 ["--format", fmt, "--calib-data", spec, "-o", path])
-                    try:
-                        report = stages.export(model, fmt, path, settings, data=spec)
-                        out[f"{tag}/{name}"] = _exported(report, ok=True)
-                    except CheckFailed as exc:
-                        out[f"{tag}/{name}"] = {**_exported(exc.report or {"path": str(path)}, ok=False),
-                                                "error": str(exc)}
+                    export(model, net["path"], [], f"{tag}/{name}", fmt, settings, path)
+        if "prune" in self.records:
+            source, model_flags = self._source()
+            for fmt in e.formats:
+                export(self._model(), source, model_flags, f"{UNPRUNED}/{fmt}", fmt,
+                       float_only.model_copy(update={"nhwc": e.nhwc and fmt == "tflite"}), folder / f"{UNPRUNED}.{fmt}")
         return out
 
     def _latency(self, folder: Path) -> dict:

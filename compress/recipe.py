@@ -11,7 +11,8 @@ from pydantic import BaseModel, ValidationError, model_validator
 
 from compress.errors import CompressError
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, LatencySettings, LutSettings,
-                               ModelSettings, PruneSettings, SearchSettings, Settings, SupernetSettings, Target)
+                               ModelSettings, PruneSettings, SearchSettings, Settings, SupernetSettings, Target,
+                               TransferSettings)
 
 
 class SearchSection(SearchSettings):
@@ -26,6 +27,7 @@ class Recipe(Settings):
     out: str = "runs"
     model: ModelSettings
     data: DataSettings
+    transfer: TransferSettings | None = None  # train the model on the data first (a pretrained one)
     supernet: SupernetSettings = SupernetSettings()
     search: SearchSection = SearchSection()
     prune: PruneSettings = PruneSettings()
@@ -41,7 +43,9 @@ class Recipe(Settings):
         if not isinstance(data, dict):
             return data
         data = {**data}
-        for section in ("supernet", "search", "finetune"):
+        for section in ("transfer", "supernet", "search", "finetune"):
+            if section == "transfer" and data.get(section) is None:  # no transfer unless the recipe asks
+                continue
             if isinstance(data.get(section, {}), dict):
                 data[section] = {"seed": data.get("seed", 0), **data.get(section, {})}
         if isinstance(data.get("data"), dict) and "holdout" in data["data"]:

@@ -11,6 +11,8 @@ import torch
 from compress.files import atomic_write_bytes, atomic_write_text
 from compress.units import human
 
+UNPRUNED = "unpruned"  # the key of the unpruned model's files (the direct path exports it too)
+
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.2%}"
@@ -21,21 +23,31 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     failed checks."""
     r, run_dir = pipeline.recipe, pipeline.dir
     failures, rows, files, points = [], [], [], []
-    unpruned = nets.get("unpruned")  # the direct path measures the model it pruned
+    unpruned = nets.get("unpruned")  # the direct path measures the model it pruned (and times it)
+    for key in [k for k in exported if k.split("/")[0] == UNPRUNED]:
+        row, problems = _file_row(UNPRUNED, key.split("/")[1], exported[key], timed.get(key), None, None)
+        files.append(row)
+        failures += problems
     for target in r.targets():
         tag = target.tag()
         record = torch.load(tuned[tag]["path"], map_location="cpu", weights_only=True)
         ok = True
+        speedup = None  # latency against the unpruned model's, the first format's float files
         for key in [k for k in exported if k.split("/")[0] == tag]:
             variant = key.split("/", 1)[1]  # onnx, tflite, tflite-int8, ...: the float file is the format's own
+            fmt = variant.split("-")[0]
+            base = timed.get(f"{UNPRUNED}/{fmt}")
             row, problems = _file_row(nets["nets"][tag]["label"], variant, exported[key], timed.get(key),
-                                      timed.get(f"{tag}/{variant.split('-')[0]}"))
+                                      timed.get(f"{tag}/{fmt}"), base)
+            if speedup is None and variant == fmt and base and key in timed:
+                speedup = timed[key]["median_ms"] / base["median_ms"]
             files.append(row)
             failures += problems
             ok = ok and not problems
         before, after = tuned[tag]["test_before"]["top1"], tuned[tag]["test_after"]["top1"]
         versus = "-" if not unpruned else (f"{record['macs'] / unpruned['macs']:.0%} MACs, "
-                                           f"{(after - unpruned['test_top1']) * 100:+.1f} points")
+                                           + (f"{speedup:.2f}x latency, " if speedup else "")
+                                           + f"{(after - unpruned['test_top1']) * 100:+.1f} points")
         rows.append(f"| {nets['nets'][tag]['label']} | {human(record['macs'])} | {human(record['params'])} | "
                     f"{_pct(nets['nets'][tag]['heldout_top1'])} | {_pct(before)} | {_pct(after)} | {versus} | "
                     f"{'pass' if ok else 'FAIL'} |")
@@ -46,7 +58,7 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
         table.insert(2, f"| unpruned | {human(unpruned['macs'])} | {human(unpruned['params'])} | - | "
                         f"{_pct(unpruned['test_top1'])} | - | 100% MACs | - |")
     file_table = ["| target | file | size (x float) | parity with PyTorch | top-1 float / file | latency ms "
-                  "(x float) | result |", "|---|---|---|---|---|---|---|", *files]
+                  "(x float, x unpruned) | result |", "|---|---|---|---|---|---|---|", *files]
     lines = [f"# {r.name}", "", f"Run folder: `{run_dir}`  ", f"Finished: {datetime.datetime.now():%Y-%m-%d %H:%M}  ",
              f"Model: {r.model.name}; data: `{r.data.spec}`; path: "
              + ("direct pruning" if r.supernet.method == "none" else f"{r.supernet.method} supernet + {r.search.method} search"),
@@ -74,8 +86,8 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     return failures
 
 
-def _file_row(label: str, name: str, item: dict, timing: dict | None, float_timing: dict | None
-              ) -> tuple[str, list[str]]:
+def _file_row(label: str, name: str, item: dict, timing: dict | None, float_timing: dict | None,
+              unpruned_timing: dict | None) -> tuple[str, list[str]]:
     """One exported file's row and its failed checks."""
     problems = []
     size = "-"
@@ -93,8 +105,11 @@ def _file_row(label: str, name: str, item: dict, timing: dict | None, float_timi
     lat = "-"
     if timing:
         lat = f"{timing['median_ms']:.2f}"
-        if float_timing and float_timing is not timing:
-            lat += f" ({timing['median_ms'] / float_timing['median_ms']:.2f}x)"
+        ratios = [f"{timing['median_ms'] / other['median_ms']:.2f}x{suffix}"
+                  for other, suffix in ((float_timing, ""), (unpruned_timing, " unpruned"))
+                  if other and other is not timing]
+        if ratios:
+            lat += f" ({', '.join(ratios)})"
         if timing["budget_ms"]:
             lat += f" / budget {timing['budget_ms']:g}"
         if not timing["ok"]:

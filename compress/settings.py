@@ -175,6 +175,16 @@ class PruneSettings(Settings):
     targets: list[Target] = Field([], description="MAC targets, one pruned model per target")
 
 
+class TransferSettings(TrainSettings):
+    """Training a pretrained model on the recipe's data before it is compressed (a new head
+    for the data's classes, then every layer at a low lr)."""
+    epochs: int = Field(1, ge=1, description="transfer epochs")
+    lr: float = Field(0.005, gt=0, description="peak learning rate (a pretrained net diverges at a "
+                      "from-scratch lr)")
+    warmup_epochs: float = Field(0.1, ge=0, description="linear warm-up epochs")
+    weight_decay: float = Field(4e-5, ge=0, description="weight decay (not on BN, biases, depthwise weights)")
+
+
 class FinetuneSettings(TrainSettings):
     epochs: int = Field(5, ge=0, description="fine-tuning epochs (0 = keep the pruned weights as they are)")
     lr: float = Field(0.01, gt=0, description="peak learning rate")

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 import compress
 from compress import CompressError
 from compress.cli import build_parser
 from compress.flags import settings_from
+from compress.profile import count
 from compress.recipe import load_recipe
 from compress.settings import FinetuneSettings, SupernetSettings
+from compress.units import human
 from conftest import ROOT, run_cli
 
 TINY = """\
@@ -224,6 +227,68 @@ def test_direct_recipe_reports_each_target_against_the_unpruned_model(tmp_path, 
     assert f"| {top1:.2%} |" in unpruned
     target = next(line for line in report.splitlines() if line.startswith("| macs<=50% |"))
     after = float(target.split("|")[6].strip().rstrip("%")) / 100
-    assert f"% MACs, {(after - top1) * 100:+.1f} points |" in target
+    timed = json.loads((tmp_path / "runs" / "direct" / "latency" / "stage.json").read_text())["outputs"]
+    speedup = timed["macs50pct/onnx"]["median_ms"] / timed["unpruned/onnx"]["median_ms"]
+    assert f"% MACs, {speedup:.2f}x latency, {(after - top1) * 100:+.1f} points |" in target
     record = torch.load(tmp_path / "runs" / "direct" / "prune" / "macs50pct.pt", weights_only=True)
     assert record["provenance"]["reconstructed_on"] == 64 and record["provenance"]["importance"] == "energy"
+
+
+TRANSFER = """\
+name: transfer
+out: {out}
+model:
+  name: mobilenet_v2
+  pretrained: {weights}
+  num_classes: 10
+  input_size: 32
+data:
+  spec: cifar10:{data}
+  batch_size: 16
+  workers: 0
+transfer:
+  epochs: 1
+  steps_per_epoch: 2
+  val_images: 32
+supernet:
+  method: none
+prune:
+  reconstruct_images: 16
+  targets:
+    - macs: 50%
+finetune:
+  epochs: 0
+  val_images: 64
+export:
+  formats: [onnx]
+latency:
+  runs: 3
+  warmup: 1
+"""
+
+
+def test_recipe_transfers_pretrained_weights_then_prunes_the_transferred_model(tmp_path, cifar_dir):
+    """A pretrained ImageNet net learns the data's classes first (the transfer stage); what is
+    pruned, compared against and timed is that transferred model, and a rerun skips it."""
+    torch.manual_seed(0)
+    weights = tmp_path / "imagenet.pth"
+    torch.save(torchvision.models.mobilenet_v2(num_classes=1000).state_dict(), weights)
+    recipe = tmp_path / "transfer.yaml"
+    recipe.write_text(TRANSFER.format(out=tmp_path / "runs", weights=weights, data=cifar_dir))
+    out = run_cli("run", recipe, "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "transfer"
+    transferred = compress.load(run / "transfer" / "model.pt")
+    assert transferred.classifier[1].out_features == 10 and transferred.card.input_size == 32
+    pretrained = torch.load(weights, weights_only=True)
+    assert not torch.equal(transferred.features[0][0].weight, pretrained["features.0.0.weight"])  # it trained
+    pruned = torch.load(run / "prune" / "macs50pct.pt", weights_only=True)
+    assert pruned["provenance"]["parent"] == str(run / "transfer" / "model.pt")
+    report = (run / "report.md").read_text()
+    unpruned = next(line for line in report.splitlines() if line.startswith("| unpruned |"))
+    assert human(count(transferred, 32)[0]) in unpruned
+    assert "unpruned.onnx" in report and "x unpruned" in report and "x latency" in report
+    train = next(line for line in report.splitlines() if line.startswith("chansearch train mobilenet_v2 --pretrained"))
+    assert "--lr 0.005" in train and "--epochs 1 " in train  # the transfer's settings, not train's defaults
+    again = run_cli("run", recipe)
+    assert again.returncode == 0 and "transfer: done earlier, skipped" in again.stdout
