@@ -14,6 +14,7 @@ from compress.batchnorm import recalibrate
 from compress.card import card_of
 from compress.energy import energy_scores
 from compress.errors import CompressError
+from compress.models.zoo import build_model
 from compress.reconstruct import mixes_channels, reconstruct
 from compress.space import ChannelConfig, ChannelSpace, dependency_graph, example_input, pruning_group
 from compress.units import human, parse_count
@@ -195,10 +196,11 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
     uniform width; the result carries the card with its channel config. `info` has the
     sizes before, the strategy and `kept` (what `prune_with_map` returns)."""
     card = card_of(model)
-    if card.pruned:
-        raise CompressError(f"'{card.source}' is already pruned; prune its unpruned parent "
-                            f"({card.provenance.get('parent', 'the original model')}) instead.")
-    space = ChannelSpace.from_model(model, example_input(card.input_size, model), divisor=divisor)
+    if card.pruned:  # pruned again: within the widths its unpruned architecture allows (see `within`)
+        space = ChannelSpace.from_model(model, example_input(card.input_size, model),
+                                        **(card.space or {})).within(_unpruned_space(card))
+    else:
+        space = ChannelSpace.from_model(model, example_input(card.input_size, model), divisor=divisor)
     full = space.macs(space.max())
     info = {"macs_before": full, "params_before": space.params(space.max()), "strategy": None}
     scores = None
@@ -217,6 +219,16 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
     pruned, info["kept"] = prune_with_map(model, chosen, space, importance=importance, batch=batch, scores=scores)
     pruned.card = card.replace(config=chosen.to_dict(), space=space.settings())
     return pruned, info
+
+
+def _unpruned_space(card) -> ChannelSpace:
+    """The channel space of a pruned zoo model's unpruned architecture."""
+    if "zoo" not in card.arch:
+        raise CompressError(f"'{card.source}' is a pruned model of your own class ({card.arch.get('user', '?')}); "
+                            "to prune it further, prune its unpruned parent "
+                            f"({card.provenance.get('parent', 'the original model')}) to the smaller target.")
+    base = build_model(card.arch["zoo"], **card.arch.get("kwargs", {}))
+    return ChannelSpace.from_model(base, example_input(card.input_size, base), **(card.space or {}))
 
 
 def restore_outputs(original: nn.Module, pruned: nn.Module, kept: dict, images: torch.Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +224,18 @@ class ChannelSpace:
         return ChannelConfig({g.name: g.nearest(make_divisible(g.max * width_mult, self.divisor)
                                                  if g.max >= self.divisor else g.max)
                               for g in self.groups})
+
+    def within(self, parent: "ChannelSpace") -> "ChannelSpace":
+        """This space (a pruned model's) allowing only the widths its unpruned parent's space
+        allows, so every config chosen here is also one of the parent's, which is what a
+        checkpoint is rebuilt from."""
+        if set(self.by_name) != set(parent.by_name):
+            raise CompressError("the pruned model's channel groups differ from its unpruned architecture's: "
+                                f"{sorted(set(self.by_name) ^ set(parent.by_name))[:5]}.")
+        groups = [replace(g, widths=tuple(w for w in parent.by_name[g.name].widths if w <= g.max))
+                  for g in self.groups]
+        return ChannelSpace(groups, self._macs, self._params, self.input_size, parent.divisor, parent.min_ratio,
+                            parent.ratios)
 
     def sample(self, rng: np.random.Generator) -> ChannelConfig:
         return ChannelConfig({g.name: int(rng.choice(g.widths)) for g in self.groups})

@@ -104,3 +104,27 @@ def test_pruning_with_data_keeps_more_accuracy_than_weight_magnitude(cifar_dir):
     ours, pruned = top1(PruneSettings(reconstruct_images=128))
     assert pruned.restored == {"reconstructed_on": 128}
     assert ours > magnitude + 0.05, (ours, magnitude)
+
+
+def test_a_pruned_checkpoint_prunes_again_and_reloads_exactly(tmp_path, cifar_dir):
+    """Iterative pruning: a pruned net is pruned further within its own widths (refitted to
+    its own outputs); the result is saved, rebuilt from its card and equal to the net in memory,
+    its widths a config of the unpruned space whose analytic MACs equal the layer-by-layer count."""
+    from compress.profile import count
+    from compress.space import widths_of
+    settings = PruneSettings(reconstruct_images=64)
+    data = f"cifar10:{cifar_dir}"
+    first = compress.stages.prune(compress.load(TRAINED), settings, macs="70%", output=tmp_path / "a.pt", data=data)
+    second = compress.stages.prune(compress.load(tmp_path / "a.pt"), settings, macs="70%", output=tmp_path / "b.pt",
+                                   data=data)
+    assert second.macs_before == first.macs
+    assert 0.68 * first.macs <= second.macs <= 0.70 * first.macs
+    widths_a, widths_b = compress.load(tmp_path / "a.pt").card.config, second.model.card.config
+    assert all(widths_b[g] <= widths_a[g] for g in widths_a) and widths_b != widths_a
+    reloaded = compress.load(tmp_path / "b.pt").eval()
+    space = ChannelSpace.from_model(reloaded, torch.randn(1, 3, 32, 32))
+    assert widths_of(reloaded, space) == widths_b
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(reloaded(x), second.model.eval()(x), rtol=0, atol=0)
+    parent = ChannelSpace.from_model(compress.load(TRAINED), torch.randn(1, 3, 32, 32))
+    assert parent.macs(parent.validate(widths_b)) == second.macs == count(reloaded, 32)[0]
