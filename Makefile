@@ -13,7 +13,7 @@ $(BIN)/chansearch: setup.py requirements-ci.txt
 env: $(BIN)/chansearch
 
 demo: env
-	$(BIN)/chansearch run recipes/quickstart.yaml data.spec=$$($(BIN)/python -m compress.data)
+	overrides=$$($(BIN)/python -m compress.demo) && $(BIN)/chansearch run recipes/quickstart.yaml $$overrides
 
 test: env
 	$(BIN)/python -m pytest -q tests

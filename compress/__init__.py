@@ -2,7 +2,7 @@
 
 The stage API (`compress.stages`) has one function per stage; `compress.compress` runs a
 whole compression of your own model from DataLoaders in one call. Those two (and `Loaders`)
-load on first use (PEP 562): they pull in the data pipeline, which `python -m compress.data`
+load on first use (PEP 562): they pull in the data pipeline, which `python -m compress.demo`
 must be able to run as a script without importing first.
 """
 import importlib

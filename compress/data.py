@@ -230,33 +230,3 @@ def sample_labelled(spec: str, train: bool, count: int, input_size: int, mean, s
 def sample_images(spec: str, train: bool, count: int, input_size: int, mean, std, seed: int = 0) -> torch.Tensor:
     """The images of `sample_labelled`."""
     return sample_labelled(spec, train, count, input_size, mean, std, seed)[0]
-
-
-def demo_cifar10(download_root: str | Path = "runs/data") -> str:
-    """The CIFAR-10 data spec `make demo` uses: $COMPRESS_DATA, else the arrays beside the
-    checkout (../shared/data/cifar10), else torchvision's download (when online)."""
-    import os
-    if os.environ.get("COMPRESS_DATA"):
-        value = os.environ["COMPRESS_DATA"]
-        return value if ":" in value else f"cifar10:{value}"
-    shared = Path("../shared/data/cifar10")
-    if (shared / "train.npz").is_file():
-        return f"cifar10:{shared}"
-    root = Path(download_root)
-    try:
-        datasets.CIFAR10(str(root), train=True, download=True)
-        datasets.CIFAR10(str(root), train=False, download=True)
-    except Exception as exc:
-        raise CompressError(f"no CIFAR-10 for the demo: COMPRESS_DATA is not set, ../shared/data/cifar10 has no "
-                            f"train.npz, and the download failed ({type(exc).__name__}: {str(exc)[:200]}). Set "
-                            "COMPRESS_DATA=/path/to/cifar-10-batches-py (or a folder with train.npz/test.npz).") from None
-    return f"cifar10:{root}"
-
-
-if __name__ == "__main__":  # `python -m compress.data`: print the demo's data spec
-    import sys
-    try:
-        print(demo_cifar10())
-    except CompressError as exc:
-        print(f"make demo: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -111,3 +111,24 @@ def test_small_images_upsampled_for_a_pretrained_net_are_not_cropped_like_photos
     assert v2.RandomCrop in kinds and v2.RandomResizedCrop not in kinds
     photos = transforms(True, 96, MEAN, STD)  # a folder of photos: size unknown, ImageNet recipe
     assert v2.RandomResizedCrop in {type(t) for t in photos.transforms}
+
+
+def test_demo_finds_data_and_weights_from_env_then_beside_the_checkout(tmp_path, monkeypatch):
+    """`make demo` runs the quickstart with what `python -m compress.demo` names: the user's
+    own paths first, then the workplace's copies beside the checkout, then the downloads."""
+    from compress.demo import demo_cifar10, demo_pretrained
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("COMPRESS_DATA", "/data/c10")
+    monkeypatch.setenv("COMPRESS_PRETRAINED", "/weights/mnv2.pth")
+    assert (demo_cifar10(), demo_pretrained()) == ("cifar10:/data/c10", "/weights/mnv2.pth")
+    monkeypatch.delenv("COMPRESS_DATA")
+    monkeypatch.delenv("COMPRESS_PRETRAINED")
+    assert demo_pretrained() == "torchvision"
+    (tmp_path / "shared" / "data" / "cifar10").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "cifar10" / "train.npz").touch()
+    (tmp_path / "shared" / "pretrained").mkdir()
+    (tmp_path / "shared" / "pretrained" / "mobilenet_v2_imagenet.pth").touch()
+    assert demo_cifar10() == "cifar10:../shared/data/cifar10"
+    assert demo_pretrained() == "../shared/pretrained/mobilenet_v2_imagenet.pth"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 import compress
 from compress import CompressError
@@ -185,11 +184,18 @@ DIRECT = """\
 name: direct
 out: {out}
 model:
-  name: {model}
+  name: mobilenet_v2_cifar
+  width_mult: 0.35
+  pretrained: {weights}
+  num_classes: 10
 data:
   spec: cifar10:{data}
-  batch_size: 32
+  batch_size: 16
   workers: 0
+transfer:
+  epochs: 1
+  steps_per_epoch: 2
+  val_images: 32
 supernet:
   method: none
 prune:
@@ -207,88 +213,40 @@ latency:
 """
 
 
-def test_direct_recipe_reports_each_target_against_the_unpruned_model(tmp_path, cifar_dir):
-    """The main job as a recipe: a trained net pruned with its data (energy, refit), its report
-    comparing the target with the unpruned model measured on the same test images."""
+def test_direct_recipe_transfers_prunes_and_reports_against_the_unpruned_model(tmp_path, cifar_dir):
+    """The main job as a recipe: pretrained weights learn the data first (the transfer stage);
+    the transferred net is pruned with its data (energy, refit), and the report compares the
+    target with it: top-1 on the same test images, MAC share, measured latency ratio."""
     from compress.data import eval_set, loader, random_subset
     from compress.evaluate import evaluate
-    trained = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    weights = tmp_path / "pretrained.pth"  # a trained net's weights, as a torchvision-style state_dict
+    torch.save(compress.load(ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt").state_dict(), weights)
     recipe = tmp_path / "direct.yaml"
-    recipe.write_text(DIRECT.format(out=tmp_path / "runs", model=trained, data=cifar_dir))
+    recipe.write_text(DIRECT.format(out=tmp_path / "runs", weights=weights, data=cifar_dir))
     out = run_cli("run", recipe, "--quiet")
     assert out.returncode == 0, out.stderr[-3000:]
-    report = (tmp_path / "runs" / "direct" / "report.md").read_text()
-    unpruned = next(line for line in report.splitlines() if line.startswith("| unpruned |"))
-    model = compress.load(trained)
-    card = model.card
-    test = random_subset(eval_set(f"cifar10:{cifar_dir}", card.input_size, card.mean, card.std, card.num_classes),
-                         300, 0)
-    top1 = evaluate(model, loader(test, 100, 0), "cpu", distributed_sum=False)["top1"]
-    assert f"| {top1:.2%} |" in unpruned
-    target = next(line for line in report.splitlines() if line.startswith("| macs<=50% |"))
-    after = float(target.split("|")[6].strip().rstrip("%")) / 100
-    timed = json.loads((tmp_path / "runs" / "direct" / "latency" / "stage.json").read_text())["outputs"]
-    speedup = timed["macs50pct/onnx"]["median_ms"] / timed["unpruned/onnx"]["median_ms"]
-    assert f"% MACs, {speedup:.2f}x latency, {(after - top1) * 100:+.1f} points |" in target
-    record = torch.load(tmp_path / "runs" / "direct" / "prune" / "macs50pct.pt", weights_only=True)
-    assert record["provenance"]["reconstructed_on"] == 64 and record["provenance"]["importance"] == "energy"
-
-
-TRANSFER = """\
-name: transfer
-out: {out}
-model:
-  name: mobilenet_v2
-  pretrained: {weights}
-  num_classes: 10
-  input_size: 32
-data:
-  spec: cifar10:{data}
-  batch_size: 16
-  workers: 0
-transfer:
-  epochs: 1
-  steps_per_epoch: 2
-  val_images: 32
-supernet:
-  method: none
-prune:
-  reconstruct_images: 16
-  targets:
-    - macs: 50%
-finetune:
-  epochs: 0
-  val_images: 64
-export:
-  formats: [onnx]
-latency:
-  runs: 3
-  warmup: 1
-"""
-
-
-def test_recipe_transfers_pretrained_weights_then_prunes_the_transferred_model(tmp_path, cifar_dir):
-    """A pretrained ImageNet net learns the data's classes first (the transfer stage); what is
-    pruned, compared against and timed is that transferred model, and a rerun skips it."""
-    torch.manual_seed(0)
-    weights = tmp_path / "imagenet.pth"
-    torch.save(torchvision.models.mobilenet_v2(num_classes=1000).state_dict(), weights)
-    recipe = tmp_path / "transfer.yaml"
-    recipe.write_text(TRANSFER.format(out=tmp_path / "runs", weights=weights, data=cifar_dir))
-    out = run_cli("run", recipe, "--quiet")
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = tmp_path / "runs" / "transfer"
+    run = tmp_path / "runs" / "direct"
     transferred = compress.load(run / "transfer" / "model.pt")
-    assert transferred.classifier[1].out_features == 10 and transferred.card.input_size == 32
     pretrained = torch.load(weights, weights_only=True)
     assert not torch.equal(transferred.features[0][0].weight, pretrained["features.0.0.weight"])  # it trained
-    pruned = torch.load(run / "prune" / "macs50pct.pt", weights_only=True)
-    assert pruned["provenance"]["parent"] == str(run / "transfer" / "model.pt")
+    record = torch.load(run / "prune" / "macs50pct.pt", weights_only=True)
+    assert record["provenance"]["parent"] == str(run / "transfer" / "model.pt")
+    assert record["provenance"]["reconstructed_on"] == 64 and record["provenance"]["importance"] == "energy"
+
     report = (run / "report.md").read_text()
     unpruned = next(line for line in report.splitlines() if line.startswith("| unpruned |"))
-    assert human(count(transferred, 32)[0]) in unpruned
-    assert "unpruned.onnx" in report and "x unpruned" in report and "x latency" in report
-    train = next(line for line in report.splitlines() if line.startswith("chansearch train mobilenet_v2 --pretrained"))
+    card = transferred.card
+    test = random_subset(eval_set(f"cifar10:{cifar_dir}", card.input_size, card.mean, card.std, card.num_classes),
+                         300, 0)
+    top1 = evaluate(transferred, loader(test, 100, 0), "cpu", distributed_sum=False)["top1"]
+    assert f"| {human(count(transferred, card.input_size)[0])} |" in unpruned and f"| {top1:.2%} |" in unpruned
+    target = next(line for line in report.splitlines() if line.startswith("| macs<=50% |"))
+    after = float(target.split("|")[6].strip().rstrip("%")) / 100
+    timed = json.loads((run / "latency" / "stage.json").read_text())["outputs"]
+    speedup = timed["macs50pct/onnx"]["median_ms"] / timed["unpruned/onnx"]["median_ms"]
+    assert f"% MACs, {speedup:.2f}x latency, {(after - top1) * 100:+.1f} points |" in target
+    assert "unpruned.onnx" in report and "x unpruned)" in report
+    train = next(line for line in report.splitlines() if line.startswith("chansearch train mobilenet_v2_cifar"))
     assert "--lr 0.005" in train and "--epochs 1 " in train  # the transfer's settings, not train's defaults
     again = run_cli("run", recipe)
     assert again.returncode == 0 and "transfer: done earlier, skipped" in again.stdout
