@@ -2,8 +2,8 @@
 
 The stage API (`compress.stages`) has one function per stage; `compress.compress` runs a
 whole compression of your own model from DataLoaders in one call. Those two (and `Loaders`)
-load on first use (PEP 562): they pull in the data pipeline, which `python -m compress.demo`
-must be able to run as a script without importing first.
+load on first use (PEP 562): importing `compress` does not pull in the data pipeline and the
+training loop.
 """
 import importlib
 

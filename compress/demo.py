@@ -1,8 +1,5 @@
 """`python -m compress.demo`: the recipe overrides `make demo` runs `recipes/quickstart.yaml`
-with, so the demo finds its data and pretrained weights on this machine or downloads them.
-
-Kept apart from the package's imports: it must run as a script before anything is built.
-"""
+with, so the demo finds its data and pretrained weights on this machine or downloads them."""
 from __future__ import annotations
 
 import os

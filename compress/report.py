@@ -60,7 +60,8 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     file_table = ["| target | file | size (x float) | parity with PyTorch | top-1 float / file | latency ms "
                   "(x float, x unpruned) | result |", "|---|---|---|---|---|---|---|", *files]
     lines = [f"# {r.name}", "", f"Run folder: `{run_dir}`  ", f"Finished: {datetime.datetime.now():%Y-%m-%d %H:%M}  ",
-             f"Model: {r.model.name}; data: `{r.data.spec}`; path: "
+             f"Model: {r.model.name}" + (" (transferred to the data first: `transfer/model.pt`)" if r.transfer else "")
+             + f"; data: `{r.data.spec}`; path: "
              + ("direct pruning" if r.supernet.method == "none" else f"{r.supernet.method} supernet + {r.search.method} search"),
              "", *table, "", "Exported files: float, and quantized beside it when the recipe asks; parity is the "
              "largest logit difference for float files and the top-1 agreement for quantized ones, on the "
