@@ -273,7 +273,9 @@ def main() -> None:
         "FastNAS scores its candidates on "
         f"{size['score']} more; its sensitivity pass, in the pruning time of the first target it ran, is reused "
         "for the others. Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. One recovery seed "
-        "per row on `--size cpu`.", "",
+        "per row on `--size cpu`. The cells may come from several runs of the script (it resumes per cell, e.g. "
+        "one run per MAC target, the long recovery for a few methods); `--table-only` rewrites the table from "
+        "all of them.", "",
         table(stored, teacher_top1, teacher_macs)]))
 
 
