@@ -305,8 +305,9 @@ class Pipeline:
                     export(model, net["path"], [], f"{tag}/{name}", fmt, settings, path)
         if "prune" in self.records:
             source, model_flags = self._source()
+            original = self._model()
             for fmt in e.formats:
-                export(self._model(), source, model_flags, f"{UNPRUNED}/{fmt}", fmt,
+                export(original, source, model_flags, f"{UNPRUNED}/{fmt}", fmt,
                        float_only.model_copy(update={"nhwc": e.nhwc and fmt == "tflite"}), folder / f"{UNPRUNED}.{fmt}")
         return out
 
