@@ -233,9 +233,10 @@ class Pipeline:
                 stages.prune(self._model(), p, macs=target.macs, output=path, data=r.data.spec,
                              provenance={"created_by": "chansearch run", "parent": name})
             nets[target.tag()] = {"path": str(path), "label": f"macs<={target.macs}", "heldout_top1": None}
-        teacher = folder / "teacher.pt"
+        # the unpruned model teaches: the transfer stage's checkpoint as it is, else a copy saved here
+        teacher = Path(name) if r.transfer is not None else folder / "teacher.pt"
         original = self._model()
-        if r.finetune.distill and not teacher.exists():  # the unpruned model teaches
+        if r.finetune.distill and not teacher.exists():
             save_checkpoint(teacher, original, provenance={"created_by": "chansearch run (unpruned model)"})
         macs, params = count(original, card_of(original).input_size)
         unpruned = {"macs": macs, "params": params, "test_top1": _test_model(original, r)["top1"]}
