@@ -5,7 +5,8 @@ MobileNetV2 of ../shared/pretrained trained 2 epochs at 96 px, see RESULTS.md). 
 prunes it to each MAC target; every pruned net then gets the *same* recovery (distillation
 from the teacher: same steps, batch and images, and the same learning rates tried: the short
 recovery runs at each lr of the size's grid, the row reports its best, and the long recovery
-runs at that lr; one seed per row on `--size cpu`).
+runs at that lr; `--seeds` recovery seeds per row, the later ones at the first one's lr and on
+the same pruned net: the seed moves the recovery's batches and augmentation, not the pruning).
 Reported: top-1 on CIFAR-10 test images before and after recovery, MACs and params kept,
 float TFLite latency against the teacher (LiteRT, 1 thread, interleaved rounds), and the
 method's own pruning/search time.
@@ -40,7 +41,7 @@ from compress import load, stages
 from compress.data import sample_labelled
 from compress.export.latency import measure
 from compress.export.tflite import export_tflite
-from compress.files import atomic_write_json
+from compress.files import atomic_save, atomic_write_json
 from compress.profile import count
 from compress.settings import PruneSettings
 
@@ -146,32 +147,36 @@ def latency_ratio(model: nn.Module, teacher_file: Path, size: int, workdir: Path
 def run_cell(key: str, cells: Path, method: str, target: float, seed: int, teacher, ctx: dict, size: dict) -> dict:
     path = cells / f"{key}.json"
     cell = json.loads(path.read_text()) if path.exists() else {}
-    if "before" in cell and all(_after(b, lr) in cell for b in ctx["budgets"] for lr in _lrs(cell, b, size)):
+    first = _first_seed(cells, method, target) if seed else None
+    lrs = lambda budget: (_lrs((first or {}) if seed else cell, budget, size, bool(seed))  # noqa: E731
+                          if budget in ctx["budgets"] else ())
+    if "before" in cell and all(_after(b, lr) in cell for b in ctx["budgets"] for lr in lrs(b)):
         return cell
-    torch.manual_seed(seed)
+    # the pruned net does not depend on the recovery seed: pruned once, under seed 0, and reused by
+    # the later seeds (FastNAS spends ~25 min per target on 2 cores)
+    shared = cells / f"{method}-{target:.2f}.pruned.pt"
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        start = time.perf_counter()
-        if method.startswith("compress"):
-            settings = {"compress": PruneSettings(),
-                        "compress-uniform": PruneSettings(strategy="uniform"),
-                        "compress-l1-global": PruneSettings(importance="l1", strategy="global",
-                                                            reconstruct_images=0)}[method]
-            pruned = ours(teacher, f"{target:.0%}", ctx["data"], settings)
-        elif method in ("tp", "tp-r8"):
-            pruned = torch_pruning(teacher, target, None if method == "tp" else 8)
+        if shared.exists():
+            pruned = with_weights(teacher, torch.load(shared, weights_only=True))
         else:
-            pruned = fastnas(teacher, target, ctx["calib"], ctx["score"], cells)
-        pruning_s = time.perf_counter() - start
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            pruned = prune_with(method, teacher, target, ctx, cells)
+            cell["pruning_s"] = time.perf_counter() - start
+            atomic_save(pruned.state_dict(), shared)
         if "before" not in cell:
             macs, params = count(pruned, ctx["input_size"])
-            cell.update(method=method, target=target, seed=seed, pruning_s=pruning_s, macs=macs, params=params,
+            if "pruning_s" not in cell and first and "pruning_s" in first:
+                cell["pruning_s"] = first["pruning_s"]
+            cell.update(method=method, target=target, seed=seed, macs=macs, params=params,
                         before=top1(pruned, *ctx["test"]),
                         latency=latency_ratio(pruned, ctx["teacher_file"], ctx["input_size"], work))
             atomic_write_json(path, cell)
         for budget in ("short", "long"):
-            for lr in _lrs(cell, budget, size) if budget in ctx["budgets"] else ():
+            for lr in lrs(budget):
                 if _after(budget, lr) not in cell:
+                    torch.manual_seed(seed)  # the classifier's dropout
                     student = recover(pruned, teacher, *ctx["train"], size[budget], size["batch"], lr, seed)
                     cell[_after(budget, lr)] = top1(student, *ctx["test"])
                     atomic_write_json(path, cell)
@@ -179,29 +184,73 @@ def run_cell(key: str, cells: Path, method: str, target: float, seed: int, teach
     return cell
 
 
+def prune_with(method: str, teacher, target: float, ctx: dict, cells: Path) -> nn.Module:
+    if method.startswith("compress"):
+        settings = {"compress": PruneSettings(),
+                    "compress-uniform": PruneSettings(strategy="uniform"),
+                    "compress-l1-global": PruneSettings(importance="l1", strategy="global",
+                                                        reconstruct_images=0)}[method]
+        return ours(teacher, f"{target:.0%}", ctx["data"], settings)
+    if method in ("tp", "tp-r8"):
+        return torch_pruning(teacher, target, None if method == "tp" else 8)
+    return fastnas(teacher, target, ctx["calib"], ctx["score"], cells)
+
+
+def with_weights(teacher: nn.Module, state: dict) -> nn.Module:
+    """The teacher's architecture cut to the layer shapes of a pruned net's `state` (any
+    method's: only conv, BN and linear widths change), with those weights."""
+    model = copy.deepcopy(teacher)
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if weight is None:
+            continue
+        if isinstance(module, nn.Conv2d):
+            groups = weight.shape[0] if module.groups > 1 else 1  # depthwise stays depthwise
+            new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], module.kernel_size, module.stride,
+                            module.padding, module.dilation, groups, bias=module.bias is not None)
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(weight.shape[0], module.eps, module.momentum)
+        elif isinstance(module, nn.Linear):
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _first_seed(cells: Path, method: str, target: float) -> dict | None:
+    path = cells / f"{method}-{target:.2f}-0.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _after(budget: str, lr: float) -> str:
     return f"after_{budget}@{lr:g}"
 
 
-def _lrs(cell: dict, budget: str, size: dict) -> tuple[float, ...]:
-    """Short: every lr of the grid; long: the one the short recovery did best with (once known)."""
-    if budget == "short":
-        return size["lrs"]
-    short = {lr: cell[_after("short", lr)] for lr in size["lrs"] if _after("short", lr) in cell}
-    return (max(short, key=short.get),) if short else ()
+def _lrs(first: dict, budget: str, size: dict, later: bool) -> tuple[float, ...]:
+    """The first seed runs the short recovery at every lr of the grid, and the long one at the lr
+    its short one did best with; later seeds run both at that lr only."""
+    short = {lr: first[_after("short", lr)] for lr in size["lrs"] if _after("short", lr) in first}
+    best = (max(short, key=short.get),) if short else ()
+    return size["lrs"] if budget == "short" and not later else best
 
 
 def _best(group: list[dict], budget: str) -> str:
-    """The budget's mean ± std over seeds at the lr that did best on average, and that lr."""
-    by_lr = {}
-    for cell in group:
-        for key, value in cell.items():
-            if key.startswith(f"after_{budget}@"):
-                by_lr.setdefault(float(key.split("@")[1]), []).append(value)
-    if not by_lr:
+    """The budget's mean ± std over seeds at the lr the first seed did best with, and that lr."""
+    first = min(group, key=lambda c: c["seed"])
+    tried = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith(f"after_{budget}@")}
+    if not tried:
         return "-"
-    lr = max(by_lr, key=lambda k: statistics.mean(by_lr[k]))
-    return f"{mean_std(by_lr[lr])} (lr {lr:g})"
+    lr = max(tried, key=tried.get)
+    return f"{mean_std([c[_after(budget, lr)] for c in group if _after(budget, lr) in c])} (lr {lr:g})"
+
+
+def _pruning_time(group: list[dict]) -> str:
+    """The first seed's: the later ones reuse its pruned net (or re-pruned it on a busier machine)."""
+    first = min(group, key=lambda c: c["seed"])
+    return f"{first['pruning_s']:.0f} s" if "pruning_s" in first else "-"
 
 
 def mean_std(values: list[float]) -> str:
@@ -214,8 +263,8 @@ def mean_std(values: list[float]) -> str:
 
 def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
     rows = ["| MAC target | method | MACs kept | params kept | top-1 before recovery | after short | after long "
-            "| TFLite latency vs teacher | pruning time |", "|---|---|---|---|---|---|---|---|---|",
-            f"| - | teacher (unpruned) | 100% | 100% | {teacher_top1:.1%} | - | - | 1.00x | - |"]
+            "| seeds | TFLite latency vs teacher | pruning time |", "|---|---|---|---|---|---|---|---|---|---|",
+            f"| - | teacher (unpruned) | 100% | 100% | {teacher_top1:.1%} | - | - | - | 1.00x | - |"]
     for target in sorted({c["target"] for c in cells}, reverse=True):
         for method in METHODS:
             group = [c for c in cells if c["target"] == target and c["method"] == method]
@@ -224,7 +273,7 @@ def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
             pick = lambda k: [c[k] for c in group if k in c]  # noqa: E731
             rows.append(f"| {target:.0%} | {method} | {group[0]['macs'] / teacher_macs:.1%} | "
                         f"{statistics.mean(pick('params')) / 1e6:.2f}M | {mean_std(pick('before'))} | "
-                        f"{_best(group, 'short')} | {_best(group, 'long')} | "
+                        f"{_best(group, 'short')} | {_best(group, 'long')} | {len(group)} | "
                         f"{statistics.mean(pick('latency')):.2f}x | {statistics.mean(pick('pruning_s')):.0f} s |")
     return "\n".join(rows)
 
@@ -272,8 +321,9 @@ def main() -> None:
         "recovery runs. Pruning with data (ours, FastNAS) uses 512-1024 other training images; "
         "FastNAS scores its candidates on "
         f"{size['score']} more; its sensitivity pass, in the pruning time of the first target it ran, is reused "
-        "for the others. Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. One recovery seed "
-        "per row on `--size cpu`. The cells may come from several runs of the script (it resumes per cell, e.g. "
+        "for the others. Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. Rows with "
+        "several recovery seeds show mean ± std over them; the seeds share one pruned net (the seed moves the "
+        "recovery's batches and augmentation) and the later ones run at the lr the first did best with. The cells may come from several runs of the script (it resumes per cell, e.g. "
         "one run per MAC target, the long recovery for a few methods); `--table-only` rewrites the table from "
         "all of them.", "",
         table(stored, teacher_top1, teacher_macs)]))
