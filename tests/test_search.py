@@ -202,20 +202,23 @@ def test_held_out_images_are_a_random_pick_of_a_class_sorted_split():
     assert list(HeldOut(ds, 40, 100, seed=3).recal.indices) == recal  # seeded
 
 
-def test_greedy_steps_are_full_steps_clamped_at_the_smallest_width(run):
-    # one-channel-notch steps after a group's last full step would be chosen on noise and
-    # crawl towards the budget
+def test_greedy_steps_each_remove_a_share_of_the_macs(run):
+    # a share of the current MACs per step, not of one group's width: the step count to a budget
+    # does not grow with the number of groups
     supernet, _ = load_supernet(run / "supernet.pt")
     ds = build_dataset("synthetic:40", True, transforms(False, 16, [0.5] * 3, [0.5] * 3), 10, 16)
     evaluator = Evaluator(supernet, HeldOut(ds, 16, 16))
     space = supernet.space
     budget = Budget(macs=space.macs(space.uniform(0.3)))
-    found, path = greedy(evaluator, [budget], step=0.4)
-    assert found[budget]["macs"] <= budget.macs
-    for g in space.groups:
-        ladder = [g.max]  # each step takes 40% of the full width off, or goes to the smallest width
-        while ladder[-1] > g.min:
-            ladder.append(max((x for x in g.widths if x <= ladder[-1] - 0.4 * g.max), default=g.min))
-        assert {e["config"][g.name] for e in path} <= set(ladder), g.name
+    messages = []
+    found, path = greedy(evaluator, [budget], step=0.25, progress=messages.append)
+    assert found[budget] == path[-1] and found[budget]["macs"] <= budget.macs < path[-2]["macs"]
     for a, b in zip(path, path[1:]):
-        assert sum(a["config"][k] != b["config"][k] for k in a["config"]) == 1
+        (name,) = [k for k in a["config"] if a["config"][k] != b["config"][k]]  # one group per step
+        goal = 0.75 * a["macs"]
+        wider = [w for w in space.by_name[name].widths if b["config"][name] < w < a["config"][name]]
+        if b["macs"] <= goal:  # the widest width of that group that removes a quarter of the MACs
+            assert all(space.macs({**a["config"], name: w}) > goal for w in wider), name
+        else:  # that group alone could not: it went to its smallest width
+            assert b["config"][name] == space.by_name[name].min
+    assert len(messages) == len(path) - 1 and "more step" in messages[0] and "min) to" in messages[0]
