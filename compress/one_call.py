@@ -154,7 +154,8 @@ def _search(model, space, method, budget, train_loader, val_loader, device, supe
     if method == "slimmable":
         reorder_channels(net)
         step = sandwich_step(net, num_random=supernet.num_random, uniform=supernet.uniform, distill=supernet.distill,
-                             label_smoothing=supernet.label_smoothing)
+                             label_smoothing=supernet.label_smoothing,
+                             teacher=copy.deepcopy(model) if supernet.distill else None)
     else:
         net.fit_pretrained()
         step = pruningnet_step(net, label_smoothing=supernet.label_smoothing)

@@ -68,7 +68,9 @@ class SupernetSettings(TrainSettings):
     divisor: int = Field(8, ge=1, description="widths are multiples of this")
     num_random: int = Field(2, ge=0, description="slimmable: random configs per step besides max and min")
     uniform: bool = Field(False, description="slimmable: random configs as one width multiplier, not per group")
-    distill: bool = Field(True, description="slimmable: in-place distillation from the max config")
+    distill: bool = Field(True, description="slimmable: distillation: from the pretrained model itself (frozen) "
+                          "when the supernet starts from one, so the shared weights keep what it knew; else in-place, "
+                          "from the max config")
     reorder: bool = Field(True, description="slimmable: most important channels of a pretrained model first")
     hidden: int = Field(32, ge=1, description="pruningnet: hidden units of each layer's hypernetwork")
     holdout: int = Field(5000, ge=0, description="training images held out to score configs in the search")

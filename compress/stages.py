@@ -9,6 +9,7 @@ over an old one (resume it instead); every file it writes is written atomically.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import sys
@@ -112,21 +113,23 @@ def train_supernet(model: nn.Module, data: DataSettings, settings: SupernetSetti
                    quiet: bool = False, record: dict | None = None) -> SupernetRun:
     """Wrap `model` as a slimmable network or PruningNet and train it on `data` (holding out
     `settings.holdout` training images for the search); then score its max and min configs.
-    `pretrained` starts from the model's weights (slimmable: most important channels first;
-    PruningNet: hypernetworks fitted to reproduce them)."""
+    `pretrained` starts from the model's weights (slimmable: most important channels first,
+    every config distilled from the frozen pretrained model when `settings.distill`; PruningNet:
+    hypernetworks fitted to reproduce them)."""
     if settings.method == "none":
         raise CompressError("supernet `method` none trains no supernet; choose slimmable or pruningnet.")
     if settings.holdout <= 0:
         raise CompressError("`holdout` must be positive: the search scores configs on held-out training images.")
     out = Path(out)
     with run_folder(out, resume, record):
+        teacher = copy.deepcopy(model) if pretrained and settings.distill else None
         supernet = build_supernet(model, settings.method, divisor=settings.divisor, min_width=settings.min_width,
                                   hidden=settings.hidden, affine_bn=pretrained)
         if settings.method == "slimmable":
             if pretrained and settings.reorder:
                 reorder_channels(supernet)
             step = sandwich_step(supernet, num_random=settings.num_random, uniform=settings.uniform,
-                                 distill=settings.distill, label_smoothing=settings.label_smoothing)
+                                 distill=settings.distill, label_smoothing=settings.label_smoothing, teacher=teacher)
         else:
             if pretrained:
                 supernet.fit_pretrained()

@@ -1,3 +1,4 @@
+import copy
 import json
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from compress.prune import group_scores
 from compress.space import ChannelSpace
 from compress.supernet import PruningNet, Slimmable, Supernet, build_supernet, load_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
-from compress.supernet.slimmable import reorder_channels, sandwich_step
+from compress.supernet.slimmable import reorder_channels, sandwich_step, soft_cross_entropy
 from conftest import ROOT, ResidualNet, run_cli
 
 BASE_MODELS = [n for n in ZOO if not n.endswith("_cifar")] + ["mobilenet_v2_cifar"]
@@ -110,6 +111,29 @@ def test_one_sandwich_step_trains_every_width(name):
     assert supernet.config == supernet.space.max()
     changed = [k for k, v in supernet.state_dict().items() if k.endswith("weight") and not torch.equal(v, before[k])]
     assert len(changed) == sum(1 for k in before if k.endswith("weight"))
+
+
+def test_from_a_pretrained_model_every_width_learns_from_the_frozen_model():
+    # labels and in-place targets pull a pretrained supernet's shared weights away from what
+    # it knew; the pretrained model's own outputs are what every width, the max one too, should match
+    model = _model(BASE_MODELS[0])
+    teacher = copy.deepcopy(model).eval()
+    supernet = build_supernet(model, "slimmable", min_width=0.35, affine_bn=True).train()
+    images, labels = torch.randn(4, 3, SIZE, SIZE), torch.arange(4)
+    with torch.no_grad():
+        target = teacher(images).softmax(1)
+        expected = {}
+        for name, config in (("max", supernet.space.max()), ("min", supernet.space.min())):
+            supernet.set_config(config, track=False)
+            expected[name] = float(soft_cross_entropy(supernet(images), target))
+    losses = []
+    step = sandwich_step(supernet, num_random=0, teacher=teacher)
+    main = step(supernet, images, labels, lambda loss: losses.append(float(loss.detach()) * 2))  # averaged over 2
+    assert float(main) == pytest.approx(expected["max"], rel=1e-5)
+    assert losses == pytest.approx([expected["max"], expected["min"]], rel=1e-5)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    inplace = sandwich_step(supernet, num_random=0)(supernet, images, labels, lambda loss: None)
+    assert abs(float(inplace) - expected["max"]) > 1e-3  # without the teacher: the labels
 
 
 @pytest.mark.parametrize("name", BASE_MODELS)

@@ -36,27 +36,36 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
 
 
 def sandwich_step(supernet: Slimmable, num_random: int = 2, uniform: bool = False, distill: bool = True,
-                  label_smoothing: float = 0.1) -> Step:
+                  label_smoothing: float = 0.1, teacher: nn.Module | None = None) -> Step:
     """Max, min and `num_random` random configs per batch, their gradients averaged into one
     step. The max config learns from the labels; with `distill`, the others from its
-    detached outputs."""
+    detached outputs (in-place distillation). Given a frozen `teacher` (the pretrained model the
+    supernet started from), every config, the max one too, learns from the teacher's outputs
+    instead: labels and in-place targets pull the shared weights away from what the pretrained
+    model knew, the teacher's outputs pull them back."""
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     space = supernet.space
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
 
     def step(net, images, labels, backward):
         configs = [space.max(), space.min()] + [random_config(space, uniform) for _ in range(num_random)]
-        teacher = main_loss = None
+        target = main_loss = None
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher.to(images.device)(images).softmax(1)
         for i, config in enumerate(configs):
             supernet.set_config(config, track=i == 0)  # BN statistics of the full config only
             last = i == len(configs) - 1
             sync = net.no_sync() if isinstance(net, DistributedDataParallel) and not last else contextlib.nullcontext()
             with sync:
                 logits = net(images)
+                # the teacher's outputs, or (after the max config) the max config's
+                loss = soft_cross_entropy(logits, target) if target is not None else criterion(logits, labels)
                 if i == 0:
-                    loss = criterion(logits, labels)
-                    teacher, main_loss = logits.detach().softmax(1), loss.detach()
-                else:
-                    loss = soft_cross_entropy(logits, teacher) if distill else criterion(logits, labels)
+                    main_loss = loss.detach()
+                    if distill and teacher is None:
+                        target = logits.detach().softmax(1)
                 # averaged over the configs, so the learning rate means what it does for one network
                 backward(loss / len(configs))
         supernet.set_config(space.max())
