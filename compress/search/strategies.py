@@ -121,7 +121,7 @@ def greedy(evaluator: Evaluator, budgets: list[Budget], step: float = 0.1,
         path.append(current)
         if progress:
             progress(f"greedy step {len(path) - 1}: {len(trials)} trials, kept {current['macs'] / 1e6:.2f}M MACs, "
-                     f"top-1 {current['top1']:.2%}{_eta(remaining, current['macs'], step, time.perf_counter() - start, len(path) - 1)}")
+                     f"top-1 {current['top1']:.2%}{_eta(remaining, path, time.perf_counter() - start)}")
 
 
 def _narrowed(space: ChannelSpace, config: ChannelConfig, name: str, step: float) -> ChannelConfig | None:
@@ -138,10 +138,12 @@ def _narrowed(space: ChannelSpace, config: ChannelConfig, name: str, step: float
     return ChannelConfig({**config, name: lower[0]})
 
 
-def _eta(remaining: list[Budget], macs: int, step: float, elapsed: float, steps: int) -> str:
-    """About how many more steps (and how long) to the smallest MAC budget left."""
-    goal = min((b.macs for b in remaining if b.macs), default=None)
-    if goal is None:
+def _eta(remaining: list[Budget], path: list[dict], elapsed: float) -> str:
+    """About how many more steps (and how long) to the smallest MAC budget left, at the pace so
+    far (a step that narrows a small group to its minimum removes less than the step share)."""
+    steps, macs = len(path) - 1, path[-1]["macs"]
+    goal = min((b.macs for b in remaining if b.macs and b.macs < macs), default=None)
+    if goal is None or macs >= path[0]["macs"]:
         return ""
-    left = max(1, math.ceil(math.log(goal / macs) / math.log(1 - step)))
+    left = max(1, math.ceil(steps * math.log(goal / macs) / math.log(macs / path[0]["macs"])))
     return f"; ~{left} more step{'s' * (left > 1)} (~{left * elapsed / steps / 60:.0f} min) to {goal / 1e6:.2f}M MACs"
