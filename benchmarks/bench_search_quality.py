@@ -25,7 +25,7 @@ from common import CIFAR, write_section
 
 SIZES = {
     "cpu": dict(supernet_epochs=3, finetune_epochs=2, batch=128, lr=0.1, holdout=5000, recal=128, evals=256,
-                greedy_step=0.2, population=16, parents=4, mutations=8, crossovers=8, iterations=5),
+                greedy_step=0.1, population=16, parents=4, mutations=8, crossovers=8, iterations=5),
     "gpu": dict(supernet_epochs=150, finetune_epochs=50, batch=256, lr=0.2, holdout=5000, recal=2000, evals=5000,
                 greedy_step=0.05, population=50, parents=10, mutations=25, crossovers=25, iterations=20),
     "quick": dict(supernet_epochs=1, finetune_epochs=1, batch=64, lr=0.05, holdout=500, recal=32, evals=64,

@@ -202,23 +202,26 @@ def test_held_out_images_are_a_random_pick_of_a_class_sorted_split():
     assert list(HeldOut(ds, 40, 100, seed=3).recal.indices) == recal  # seeded
 
 
-def test_greedy_steps_each_remove_a_share_of_the_macs(run):
-    # a share of the current MACs per step, not of one group's width: the step count to a budget
-    # does not grow with the number of groups
+def test_greedy_steps_each_remove_a_share_of_the_macs_in_notches_of_a_tenth_of_a_group(run):
+    # AutoSlim's gentle trial (a tenth of one group's width), several applied per step: the step
+    # count to a budget does not grow with the number of groups
     supernet, _ = load_supernet(run / "supernet.pt")
     ds = build_dataset("synthetic:40", True, transforms(False, 16, [0.5] * 3, [0.5] * 3), 10, 16)
     evaluator = Evaluator(supernet, HeldOut(ds, 16, 16))
     space = supernet.space
-    budget = Budget(macs=space.macs(space.uniform(0.3)))
+    budget = Budget(macs=space.macs(space.max()) // 2)
     messages = []
-    found, path = greedy(evaluator, [budget], step=0.25, progress=messages.append)
+    found, path = greedy(evaluator, [budget], step=0.15, progress=messages.append)
     assert found[budget] == path[-1] and found[budget]["macs"] <= budget.macs < path[-2]["macs"]
     for a, b in zip(path, path[1:]):
-        (name,) = [k for k in a["config"] if a["config"][k] != b["config"][k]]  # one group per step
-        goal = 0.75 * a["macs"]
-        wider = [w for w in space.by_name[name].widths if b["config"][name] < w < a["config"][name]]
-        if b["macs"] <= goal:  # the widest width of that group that removes a quarter of the MACs
-            assert all(space.macs({**a["config"], name: w}) > goal for w in wider), name
-        else:  # that group alone could not: it went to its smallest width
-            assert b["config"][name] == space.by_name[name].min
-    assert len(messages) == len(path) - 1 and "more step" in messages[0] and "min) to" in messages[0]
+        changed = [k for k in a["config"] if a["config"][k] != b["config"][k]]
+        assert changed
+        for name in changed:  # one notch each: a tenth of the full width, or down to the smallest
+            g = space.by_name[name]
+            assert b["config"][name] == max((x for x in g.widths if x <= a["config"][name] - 0.1 * g.max),
+                                            default=g.min), name
+        goal = max(0.85 * a["macs"], budget.macs)  # a share of the MACs, not past the budget's need
+        assert b["macs"] <= goal or len(changed) == sum(a["config"][g.name] > g.min for g in space.groups)
+    assert len(path) - 1 <= 5  # 0.85 ** 5 < 0.5
+    assert len(messages) == len(path) - 1 and "narrowed" in messages[0]
+    assert "more step" in messages[0] and "min) to" in messages[0]
