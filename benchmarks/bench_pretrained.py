@@ -13,7 +13,8 @@ method's own pruning/search time.
 
 Methods: `compress` (our default for a pretrained net: `chansearch prune --data`: energy
 importance, global, layers refitted), the same with `--strategy uniform`, the previous default
-(`compress-l1-global`: weight magnitude, BN re-estimated), Torch-Pruning 1.6's MetaPruner at its defaults
+(`compress-l1-global`: weight magnitude, BN re-estimated), our supernet path (`compress-slimmable`:
+a slimmable supernet trained from the teacher, distilled from it, then greedy search), Torch-Pruning 1.6's MetaPruner at its defaults
 (global magnitude, its pruning ratio searched to the MAC target; `tp` round_to=None, `tp-r8`
 round_to=8) and NVIDIA Model Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
 
@@ -43,14 +44,17 @@ from compress.export.latency import measure
 from compress.export.tflite import export_tflite
 from compress.files import atomic_save, atomic_write_json
 from compress.profile import count
-from compress.settings import PruneSettings
+from compress.settings import DataSettings, HeldOutScoring, PruneSettings, SearchSettings, SupernetSettings, Target
 
-SIZES = {  # recovery steps (short, long), batch, lrs tried; images: recovery pool, test, scoring
-    "cpu": dict(short=150, long=600, batch=64, lrs=(0.005, 0.001), train=6400, test=2000, score=512),
-    "gpu": dict(short=500, long=3000, batch=128, lrs=(0.01, 0.002), train=25000, test=10000, score=2000),
-    "quick": dict(short=3, long=6, batch=16, lrs=(0.005, 0.001), train=64, test=64, score=64),
+SIZES = {  # recovery steps (short, long), batch, lrs tried; images: recovery pool, test, scoring;
+    # supernet training steps, greedy step (share of the MACs)
+    "cpu": dict(short=150, long=600, batch=64, lrs=(0.005, 0.001), train=6400, test=2000, score=512, supernet=300,
+                greedy=0.1),
+    "gpu": dict(short=500, long=3000, batch=128, lrs=(0.01, 0.002), train=25000, test=10000, score=2000,
+                supernet=3000, greedy=0.05),
+    "quick": dict(short=3, long=6, batch=16, lrs=(0.005, 0.001), train=64, test=64, score=64, supernet=3, greedy=0.3),
 }
-METHODS = ("compress", "compress-uniform", "compress-l1-global", "tp", "tp-r8", "fastnas")
+METHODS = ("compress", "compress-uniform", "compress-l1-global", "compress-slimmable", "tp", "tp-r8", "fastnas")
 
 
 def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -63,6 +67,24 @@ def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
 # ---- the methods: each returns the pruned model -----------------------------------------------
 def ours(teacher, target, data, settings: PruneSettings):
     return stages.prune(teacher, settings, macs=target, data=data, progress=True).model
+
+
+def slimmable(teacher, target: float, ctx: dict, cells: Path) -> nn.Module:
+    """Ours, the supernet path: a slimmable supernet trained from the teacher (every width
+    distilled from it, at a transfer lr), greedy-searched to the target on held-out training
+    images, the config extracted with BN recalibrated. The supernet is trained once, for the
+    first target that asks (its time counts there), and the greedy path is shared."""
+    run, size = cells / "slimmable", ctx["size"]
+    scoring = dict(recal_images=min(256, size["score"]), eval_images=size["score"])
+    if not (run / "supernet.pt").exists():
+        settings = SupernetSettings(epochs=1, steps_per_epoch=size["supernet"], lr=0.005, warmup_epochs=0.1,
+                                    weight_decay=4e-5, holdout=2000, val_images=size["score"], num_random=2)
+        stages.train_supernet(copy.deepcopy(teacher), DataSettings(spec=ctx["data"], batch_size=size["batch"]),
+                              settings, run, HeldOutScoring(**scoring), pretrained=True, resume=run.exists())
+    search = run / "search-greedy"
+    stages.search(run, SearchSettings(method="greedy", greedy_step=size["greedy"], targets=[Target(macs=f"{target:.0%}")], **scoring), out=search)
+    with tempfile.TemporaryDirectory() as work:
+        return stages.extract(run, Path(work) / "net.pt", f"{target:.0%}", search).model
 
 
 def torch_pruning(teacher, target, round_to):
@@ -185,12 +207,14 @@ def run_cell(key: str, cells: Path, method: str, target: float, seed: int, teach
 
 
 def prune_with(method: str, teacher, target: float, ctx: dict, cells: Path) -> nn.Module:
-    if method.startswith("compress"):
+    if method in ("compress", "compress-uniform", "compress-l1-global"):
         settings = {"compress": PruneSettings(),
                     "compress-uniform": PruneSettings(strategy="uniform"),
                     "compress-l1-global": PruneSettings(importance="l1", strategy="global",
                                                         reconstruct_images=0)}[method]
         return ours(teacher, f"{target:.0%}", ctx["data"], settings)
+    if method == "compress-slimmable":
+        return slimmable(teacher, target, ctx, cells)
     if method in ("tp", "tp-r8"):
         return torch_pruning(teacher, target, None if method == "tp" else 8)
     return fastnas(teacher, target, ctx["calib"], ctx["score"], cells)
@@ -274,7 +298,7 @@ def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
             rows.append(f"| {target:.0%} | {method} | {group[0]['macs'] / teacher_macs:.1%} | "
                         f"{statistics.mean(pick('params')) / 1e6:.2f}M | {mean_std(pick('before'))} | "
                         f"{_best(group, 'short')} | {_best(group, 'long')} | {len(group)} | "
-                        f"{statistics.mean(pick('latency')):.2f}x | {statistics.mean(pick('pruning_s')):.0f} s |")
+                        f"{statistics.median(pick('latency')):.2f}x | {_pruning_time(group)} |")
     return "\n".join(rows)
 
 
@@ -300,7 +324,7 @@ def main() -> None:
     if not teacher_file.exists():
         export_tflite(teacher, teacher_file, card.input_size)
     sample = lambda train, n, seed: sample_labelled(data, train, n, card.input_size, card.mean, card.std, seed=seed)  # noqa: E731
-    ctx = {"data": data, "input_size": card.input_size, "teacher_file": teacher_file,
+    ctx = {"data": data, "size": size, "input_size": card.input_size, "teacher_file": teacher_file,
            # the long recovery runs at the lr the short one did best with: it needs the short one
            "budgets": sorted(set(args.budgets.split(",")) | ({"short"} if "long" in args.budgets else set()),
                              key=("short", "long").index), "test": sample(False, size["test"], 1),
@@ -321,7 +345,8 @@ def main() -> None:
         "recovery runs. Pruning with data (ours, FastNAS) uses 512-1024 other training images; "
         "FastNAS scores its candidates on "
         f"{size['score']} more; its sensitivity pass, in the pruning time of the first target it ran, is reused "
-        "for the others. Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. Rows with "
+        f"for the others, as is our supernet ({size['supernet']} steps, batch {size['batch']}, lr 0.005, distilled from "
+        "the teacher; 2000 other training images held out to score the greedy search's trials). Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. Rows with "
         "several recovery seeds show mean ± std over them; the seeds share one pruned net (the seed moves the "
         "recovery's batches and augmentation) and the later ones run at the lr the first did best with. The cells may come from several runs of the script (it resumes per cell, e.g. "
         "one run per MAC target, the long recovery for a few methods); `--table-only` rewrites the table from "
