@@ -149,13 +149,13 @@ def _search(model, space, method, budget, train_loader, val_loader, device, supe
             search: SearchSettings, out: Path, quiet: bool):
     """Train a supernet from `model` on `train_loader`, search it under `budget`, and return
     the extracted net of the best config with that config."""
+    teacher = copy.deepcopy(model) if supernet.distill else None  # the supernet wraps `model` in place
     net = build_supernet(model, method, divisor=space.divisor, min_width=space.min_ratio, hidden=supernet.hidden,
                          affine_bn=True)
     if method == "slimmable":
         reorder_channels(net)
         step = sandwich_step(net, num_random=supernet.num_random, uniform=supernet.uniform, distill=supernet.distill,
-                             label_smoothing=supernet.label_smoothing,
-                             teacher=copy.deepcopy(model) if supernet.distill else None)
+                             label_smoothing=supernet.label_smoothing, teacher=teacher)
     else:
         net.fit_pretrained()
         step = pruningnet_step(net, label_smoothing=supernet.label_smoothing)

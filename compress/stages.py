@@ -122,7 +122,7 @@ def train_supernet(model: nn.Module, data: DataSettings, settings: SupernetSetti
         raise CompressError("`holdout` must be positive: the search scores configs on held-out training images.")
     out = Path(out)
     with run_folder(out, resume, record):
-        teacher = copy.deepcopy(model) if pretrained and settings.distill else None
+        teacher = copy.deepcopy(model) if pretrained and settings.distill else None  # wrapped in place below
         supernet = build_supernet(model, settings.method, divisor=settings.divisor, min_width=settings.min_width,
                                   hidden=settings.hidden, affine_bn=pretrained)
         if settings.method == "slimmable":

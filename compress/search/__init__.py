@@ -31,7 +31,7 @@ def run_search(evaluator: Evaluator, method: str, budgets: list[Budget], seed: i
     if method not in METHODS:
         raise CompressError(f"unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
     if method == "greedy":
-        found, _ = greedy(evaluator, budgets, step=options.get("step", 0.05), progress=progress)
+        found, _ = greedy(evaluator, budgets, progress=progress, **options)
         best = [found[b] for b in budgets]
     else:
         best = []

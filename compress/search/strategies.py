@@ -87,7 +87,7 @@ def evolution(evaluator: Evaluator, budget: Budget, rng: np.random.Generator, po
 NOTCH = 0.1  # AutoSlim's trial: a tenth of one group's full width
 
 
-def greedy(evaluator: Evaluator, budgets: list[Budget], step: float = 0.1,
+def greedy(evaluator: Evaluator, budgets: list[Budget], step: float = 0.05,
            progress: Progress | None = None) -> tuple[dict[Budget, dict], list[dict]]:
     """AutoSlim's greedy slimming, in steps of the MACs: from the full config, each step tries
     narrowing every group by a tenth of its full width (AutoSlim's trial; to its smallest width
