@@ -13,10 +13,10 @@ method's own pruning/search time.
 
 Methods: `compress` (our default for a pretrained net: `chansearch prune --data`: energy
 importance, global, layers refitted), the same with `--strategy uniform`, the previous default
-(`compress-l1-global`: weight magnitude, BN re-estimated), our supernet path (`compress-slimmable`:
-a slimmable supernet trained from the teacher, distilled from it, then greedy search), Torch-Pruning 1.6's MetaPruner at its defaults
-(global magnitude, its pruning ratio searched to the MAC target; `tp` round_to=None, `tp-r8`
-round_to=8) and NVIDIA Model Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
+(`compress-l1-global`: weight magnitude, BN re-estimated), our supernet path
+(`compress-slimmable`: a slimmable supernet trained from the teacher, distilled from it, then
+greedy search), Torch-Pruning 1.6's MetaPruner at its defaults (global magnitude, its pruning
+ratio searched to the MAC target; `tp` round_to=None, `tp-r8` round_to=8) and NVIDIA Model Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
 
 Each (method, target, seed) cell is stored under --cells as it finishes, so an interrupted
 run continues where it stopped and the table can be filled over several runs.
@@ -82,7 +82,9 @@ def slimmable(teacher, target: float, ctx: dict, cells: Path) -> nn.Module:
         stages.train_supernet(copy.deepcopy(teacher), DataSettings(spec=ctx["data"], batch_size=size["batch"]),
                               settings, run, HeldOutScoring(**scoring), pretrained=True, resume=run.exists())
     search = run / "search-greedy"
-    stages.search(run, SearchSettings(method="greedy", greedy_step=size["greedy"], targets=[Target(macs=f"{target:.0%}")], **scoring), out=search)
+    settings = SearchSettings(method="greedy", greedy_step=size["greedy"], targets=[Target(macs=f"{target:.0%}")],
+                              **scoring)
+    stages.search(run, settings, out=search)
     with tempfile.TemporaryDirectory() as work:
         return stages.extract(run, Path(work) / "net.pt", f"{target:.0%}", search).model
 
@@ -166,12 +168,12 @@ def latency_ratio(model: nn.Module, teacher_file: Path, size: int, workdir: Path
     return statistics.median(ratios)
 
 
-def run_cell(key: str, cells: Path, method: str, target: float, seed: int, teacher, ctx: dict, size: dict) -> dict:
-    path = cells / f"{key}.json"
-    cell = json.loads(path.read_text()) if path.exists() else {}
-    first = _first_seed(cells, method, target) if seed else None
-    lrs = lambda budget: (_lrs((first or {}) if seed else cell, budget, size, bool(seed))  # noqa: E731
-                          if budget in ctx["budgets"] else ())
+def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: dict, size: dict) -> dict:
+    path = _cell_path(cells, method, target, seed)
+    cell = _read(path)
+    # later seeds recover at the lr the first seed chose
+    first = _read(_cell_path(cells, method, target, 0)) if seed else cell
+    lrs = lambda budget: _lrs(first, budget, size, bool(seed)) if budget in ctx["budgets"] else ()  # noqa: E731
     if "before" in cell and all(_after(b, lr) in cell for b in ctx["budgets"] for lr in lrs(b)):
         return cell
     # the pruned net does not depend on the recovery seed: pruned once, under seed 0, and reused by
@@ -189,8 +191,6 @@ def run_cell(key: str, cells: Path, method: str, target: float, seed: int, teach
             atomic_save(pruned.state_dict(), shared)
         if "before" not in cell:
             macs, params = count(pruned, ctx["input_size"])
-            if "pruning_s" not in cell and first and "pruning_s" in first:
-                cell["pruning_s"] = first["pruning_s"]
             cell.update(method=method, target=target, seed=seed, macs=macs, params=params,
                         before=top1(pruned, *ctx["test"]),
                         latency=latency_ratio(pruned, ctx["teacher_file"], ctx["input_size"], work))
@@ -244,9 +244,12 @@ def with_weights(teacher: nn.Module, state: dict) -> nn.Module:
     return model.eval()
 
 
-def _first_seed(cells: Path, method: str, target: float) -> dict | None:
-    path = cells / f"{method}-{target:.2f}-0.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def _cell_path(cells: Path, method: str, target: float, seed: int) -> Path:
+    return cells / f"{method}-{target:.2f}-{seed}.json"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _after(budget: str, lr: float) -> str:
@@ -334,7 +337,7 @@ def main() -> None:
     for target in [] if args.table_only else [float(t.strip("%")) / 100 for t in args.macs.split(",")]:
         for method in args.methods.split(","):
             for seed in range(args.seeds):
-                run_cell(f"{method}-{target:.2f}-{seed}", args.cells, method, target, seed, teacher, ctx, size)
+                run_cell(args.cells, method, target, seed, teacher, ctx, size)
     stored = [json.loads(p.read_text()) for p in sorted(args.cells.glob("*.json"))]
     write_section("Pruning a pretrained net, side by side", "\n".join([
         f"Teacher `{args.teacher}` (ImageNet MobileNetV2 transferred to CIFAR-10 at {card.input_size} px); top-1 on "
@@ -345,11 +348,12 @@ def main() -> None:
         "recovery runs. Pruning with data (ours, FastNAS) uses 512-1024 other training images; "
         "FastNAS scores its candidates on "
         f"{size['score']} more; its sensitivity pass, in the pruning time of the first target it ran, is reused "
-        f"for the others, as is our supernet ({size['supernet']} steps, batch {size['batch']}, lr 0.005, distilled from "
-        "the teacher; 2000 other training images held out to score the greedy search's trials). Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. Rows with "
+        f"for the others, as is our supernet ({size['supernet']} steps, batch {size['batch']}, lr 0.005, "
+        "distilled from the teacher; 2000 other training images held out to score the greedy search's "
+        "trials). Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. Rows with "
         "several recovery seeds show mean ± std over them; the seeds share one pruned net (the seed moves the "
-        "recovery's batches and augmentation) and the later ones run at the lr the first did best with. The cells may come from several runs of the script (it resumes per cell, e.g. "
-        "one run per MAC target, the long recovery for a few methods); `--table-only` rewrites the table from "
+        "recovery's batches and augmentation) and the later ones run at the lr the first did best with. The "
+        "cells may come from several runs of the script (it resumes per cell, e.g. one run per MAC target, the long recovery for a few methods); `--table-only` rewrites the table from "
         "all of them.", "",
         table(stored, teacher_top1, teacher_macs)]))
 
