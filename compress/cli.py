@@ -11,7 +11,7 @@ from pathlib import Path
 
 from compress.errors import CheckFailed, CompressError
 from compress.flags import add_flags, settings_from, word_for_cli
-from compress.logs import quiet_runtimes
+from compress.logs import quiet_runtimes, show_notes
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, HeldOutScoring, LatencySettings,
                                LutSettings, ModelSettings, PruneSettings, SearchSettings, SupernetSettings,
                                TrainSettings)
@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("COMPRESS_DEBUG"))
     if not (debug or args.verbose):
         quiet_runtimes()
+    show_notes()
     try:
         with warnings.catch_warnings():
             if not (debug or args.verbose):  # library deprecation chatter is noise to a CLI user

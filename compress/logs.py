@@ -3,13 +3,27 @@ of a user's terminal: they are set before those libraries load, which they do la
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Iterator
+from types import ModuleType
 
 _quiet = False
+notes = logging.getLogger("compress")  # what a run tells its user in passing (a re-initialized head)
+
+
+def show_notes(stream=None) -> None:
+    """Print the library's notes as plain lines of the run's own output (the CLI does this;
+    a Python program sees them through `logging` as it configures it)."""
+    if not notes.handlers:
+        handler = logging.StreamHandler(stream or sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
+        notes.propagate = False
 
 
 def quiet_runtimes() -> None:
@@ -44,3 +58,14 @@ def native_stderr_muted() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def runtime(name: str) -> ModuleType:
+    """Import a runtime package (LiteRT, its converter and quantizer, ONNX Runtime) with
+    native stderr muted: some builds log from the static initialisers of their shared
+    libraries as they load (litert-converter 0.5's "oneDNN custom operations are on"), which
+    no log level set from Python reaches, so the import itself is where to mute them."""
+    with native_stderr_muted(), warnings.catch_warnings():
+        if _quiet:
+            warnings.simplefilter("ignore")
+        return importlib.import_module(name)

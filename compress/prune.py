@@ -208,6 +208,7 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
         chosen = space.validate(ChannelConfig.load(config) if isinstance(config, (str, Path)) else config)
     elif macs is not None:
         target = parse_count(macs, "MAC count", full=full)
+        space.check_budget("macs", target)
         scores = group_scores(model, space, importance, batch)
         chosen = config_for_macs(space, target, strategy, scores)
         info.update(strategy=strategy, target_macs=target)

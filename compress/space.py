@@ -19,6 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.errors import CompressError
+from compress.units import human
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -278,6 +279,27 @@ class ChannelSpace:
 
     def params_many(self, vectors: np.ndarray) -> np.ndarray:
         return self._params(np.asarray(vectors, dtype=np.float64))
+
+    def check_budget(self, key: str, limit: float | None, own: float | None = None) -> None:
+        """Refuse a limit (`macs`, `params`, or `latency_ms` with the full model's predicted
+        latency `own`) that no config can meet, or that the unpruned model already meets: a
+        typo like 100G for 100M, or 150%, would otherwise prune nothing and say nothing."""
+        if limit is None:
+            return
+        if key != "latency_ms":
+            own = self.macs(self.max()) if key == "macs" else self.params(self.max())
+            floor = self.macs(self.min()) if key == "macs" else self.params(self.min())
+            if limit < floor:
+                raise CompressError(
+                    f"no config can meet {key} <= {human(limit)}: it is below the smallest config of this space, "
+                    f"which has {human(floor)} {key} ({human(floor - limit)} over). Raise the budget to at least "
+                    f"{human(floor)}, or build the space with a lower `min_width`.")
+        if own is not None and limit > own:
+            figure = f"{own:.3g} ms (predicted)" if key == "latency_ms" else f"{human(own)} {key}"
+            shown = f"{limit:g} ms" if key == "latency_ms" else human(limit)
+            raise CompressError(f"the budget {key} <= {shown} is above the unpruned model's own {figure}: there is "
+                                f"nothing to prune. Give a budget below it (a percentage like 50% is of the "
+                                "unpruned model).")
 
     def settings(self) -> dict:
         """What `from_model` needs, besides the model, to rebuild this space."""

@@ -210,7 +210,7 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
                             "`chansearch lut`.")
     distributed.init()
     supernet, _, evaluator = open_search(run, settings, folder, data, lut)
-    budgets = budgets_for(supernet.space, settings.targets)
+    budgets = budgets_for(supernet.space, settings.targets, evaluator.latency)
     log = None if quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))
     if log and evaluator.cache:
         log(f"resuming: {len(evaluator.cache)} configs already scored in {folder / 'state.json'}")

@@ -14,6 +14,7 @@ import numpy as np
 from compress.errors import CheckFailed, CompressError
 from compress.export.onnx import session
 from compress.export.litert import open_interpreter
+from compress.logs import runtime
 
 BACKENDS = ("auto", "onnxruntime", "tflite")
 DEVICE_DIR = "/data/local/tmp"
@@ -58,7 +59,7 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
         raise CompressError(f"need threads >= 1, runs >= 1, warmup >= 0; got {threads}, {runs}, {warmup}.")
     backend = _backend(path, backend)
     if backend == "onnxruntime":
-        import onnxruntime as ort
+        ort = runtime("onnxruntime")
         try:
             sess = session(path, threads)
         except Exception as exc:
@@ -71,7 +72,7 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
             sess.run(None, feed)
         version = f"onnxruntime {ort.__version__}"
     else:
-        from ai_edge_litert import __version__ as litert_version
+        litert_version = runtime("ai_edge_litert").__version__
         try:
             interpreter = open_interpreter(path, threads)
         except Exception as exc:

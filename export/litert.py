@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.logs import native_stderr_muted
+from compress.logs import native_stderr_muted, runtime
 
 
 def open_interpreter(path: str | Path, threads: int = 1):
     """LiteRT's interpreter for a .tflite file, tensors allocated."""
-    from ai_edge_litert.interpreter import Interpreter
+    interpreter = runtime("ai_edge_litert.interpreter")
     with native_stderr_muted():
-        runner = Interpreter(model_path=str(path), num_threads=threads)
+        runner = interpreter.Interpreter(model_path=str(path), num_threads=threads)
         runner.allocate_tensors()
     return runner
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -27,6 +26,7 @@ from compress.export.bias_correction import int8_ready
 from compress.export.parity import check_agreement, compare, reference_inputs, torch_logits
 from compress.export.quantize import quantize_onnx
 from compress.files import atomic_write_bytes
+from compress.logs import runtime
 from compress.profile import count
 
 DEFAULT_OPSET = 18
@@ -55,7 +55,9 @@ def metadata(model: nn.Module) -> dict[str, str]:
             "compress.mean": json.dumps(list(card.mean)), "compress.std": json.dumps(list(card.std))}
 
 
-def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+def session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session (an `onnxruntime.InferenceSession`) on `threads` threads."""
+    ort = runtime("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -117,7 +119,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
     else:
         got = np.concatenate([sess.run(None, {"input": images[i:i + 1].numpy()})[0] for i in range(len(images))])
     report = {"format": "onnx", "path": str(path), "bytes": path.stat().st_size, "float_bytes": float_bytes,
-              "quantize": quantize, "bias_correction": bool(quantize and bias_correction), "opset": opset, "input_size": size, "onnxruntime": ort.__version__}
+              "quantize": quantize, "bias_correction": bool(quantize and bias_correction), "opset": opset, "input_size": size, "onnxruntime": runtime("onnxruntime").__version__}
     report["parity"] = compare(str(path), torch_logits(model, images), got, None if quantize else tolerance,
                                labels=labels)
     if quantize and min_agreement is not None:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from compress.errors import CompressError
 from compress.export.litert import open_interpreter, run_inputs
 from compress.files import atomic_write_bytes
-from compress.logs import native_stderr_muted
+from compress.logs import native_stderr_muted, runtime
 
 MODES = ("int8", "int8_io", "dynamic_range")  # ExportSettings documents each
 
@@ -30,8 +30,7 @@ MODES = ("int8", "int8_io", "dynamic_range")  # ExportSettings documents each
 def calibrate(float_file: str | Path, calib: np.ndarray) -> dict:
     """Min/max of every tensor of the float file over `calib` (inputs in its layout): what
     every static quantization of that file, sensitivity trials included, is made from."""
-    from ai_edge_quantizer import quantizer
-    from ai_edge_quantizer.qtyping import TFLOperationName as Op
+    quantizer, Op = _quantizer()
     q = quantizer.Quantizer(str(float_file))
     q.add_static_config(".*", Op.ALL_SUPPORTED, 8, 8)
     signatures = open_interpreter(float_file).get_signature_list()
@@ -39,6 +38,11 @@ def calibrate(float_file: str | Path, calib: np.ndarray) -> dict:
     name = signatures[key]["inputs"][0]
     with native_stderr_muted(), _no_progress():
         return q.calibrate({key: [{name: x[None]} for x in calib]}, num_threads=torch.get_num_threads())
+
+
+def _quantizer():
+    """ai-edge-quantizer's Quantizer module and its op names."""
+    return runtime("ai_edge_quantizer.quantizer"), runtime("ai_edge_quantizer.qtyping").TFLOperationName
 
 
 @contextlib.contextmanager
@@ -56,8 +60,7 @@ def quantize_tflite(float_file: str | Path, output: str | Path, mode: str, calib
     modes (or their `calibration`, already measured). `keep_float`: scopes (output tensor
     names) of ops to leave in float, the sensitive ones.
     """
-    from ai_edge_quantizer import quantizer
-    from ai_edge_quantizer.qtyping import TFLOperationName as Op
+    quantizer, Op = _quantizer()
     if mode not in MODES:
         raise CompressError(f"unknown quantization mode '{mode}'; choose one of {', '.join(MODES)}.")
     float_file = Path(float_file)
@@ -85,7 +88,7 @@ WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CO
 
 def weighted_ops(float_file: Path) -> list[str]:
     """Scopes (as the quantizer's recipes match them) of the ops that carry weights."""
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+    fb = runtime("ai_edge_quantizer.utils.tfl_flatbuffer_utils")
     model = fb.read_model(Path(float_file))
     graph = model.subgraphs[0]
     return [fb.get_op_scope(op, graph.tensors) for i, op in enumerate(graph.operators)
@@ -141,8 +144,8 @@ class _Reader:
 def quantize_onnx(float_file: str | Path, output: str | Path, calib: np.ndarray) -> None:
     """Static QDQ int8 with ONNX Runtime: per-channel symmetric int8 weights, int8
     activations from min/max on `calib` (NCHW), float input and output."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    q = runtime("onnxruntime.quantization")
+    quant_pre_process = runtime("onnxruntime.quantization.shape_inference").quant_pre_process
     if calib is None or len(calib) == 0:
         raise CompressError("ONNX int8 needs calibration images.")
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +153,7 @@ def quantize_onnx(float_file: str | Path, output: str | Path, calib: np.ndarray)
         # Folds and shape-infers first, as ONNX Runtime's quantization guide asks.
         with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
             quant_pre_process(str(float_file), str(prepared))
-            quantize_static(str(prepared), str(Path(tmp) / "q.onnx"), _Reader("input", calib),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            q.quantize_static(str(prepared), str(Path(tmp) / "q.onnx"), _Reader("input", calib),
+                              quant_format=q.QuantFormat.QDQ, per_channel=True, activation_type=q.QuantType.QInt8,
+                              weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
         atomic_write_bytes(output, (Path(tmp) / "q.onnx").read_bytes())

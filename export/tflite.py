@@ -20,11 +20,11 @@ from compress.export.onnx import check_input_size
 from compress.export.parity import check_agreement, compare, reference_inputs, torch_logits
 from compress.export.quantize import calibrate, op_label, quantize_tflite, sensitive_ops
 from compress.files import atomic_write_bytes
-from compress.logs import native_stderr_muted
+from compress.logs import native_stderr_muted, runtime
 
 
 def convert(module: nn.Module, args: tuple, **kwargs):
-    import litert_torch
+    litert_torch = runtime("litert_torch")
     try:
         with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():  # per-pass progress, converter logs
             return litert_torch.convert(module, args, **kwargs)
@@ -50,7 +50,7 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
     images; parity is top-1 agreement with the float PyTorch model (CheckFailed under
     `min_agreement`). `nhwc` makes the file take NHWC input.
     """
-    import litert_torch
+    litert_torch = runtime("litert_torch")
     path = Path(path)
     # A model trained channels_last keeps that layout; the exporters' graph capture wants NCHW.
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
@@ -85,7 +85,7 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
     images = reference_inputs(model, images)
     reference = torch_logits(model, images)
     got = run_tflite(path, images, nhwc=nhwc)
-    from ai_edge_litert import __version__ as litert_version
+    litert_version = runtime("ai_edge_litert").__version__
     params = sum(p.numel() for p in model.parameters())
     report = {"format": "tflite", "path": str(path), "bytes": path.stat().st_size, "float_bytes": float_bytes,
               "quantize": quantize, "keep_float": [op_label(scope) for scope in kept],

@@ -104,6 +104,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         "prune", "mobilenet_v2_cifar", "--config", tmp_path / "unknown.json", "-o", tmp_path / "x.pt")
     assert "below the smallest config" in _bad("prune", "mobilenet_v2_cifar", "--macs", "1M", "-o", tmp_path / "x.pt")
     assert "not a MAC count" in _bad("prune", "mobilenet_v2_cifar", "--macs", "150Q", "-o", tmp_path / "x.pt")
+    # a budget above the model (150%, or 100G typed for 100M) names the model's own figure
+    for typo in ("150%", "100G"):
+        assert "above the unpruned model's own 87.98M macs" in _bad(
+            "prune", "mobilenet_v2_cifar", "--macs", typo, "-o", tmp_path / "x.pt")
     (tmp_path / "corrupt.pt").write_bytes(b"\x00" * 100)
     assert "corrupt.pt" in _bad("profile", tmp_path / "corrupt.pt")
     assert "does not exist" in _bad("eval", "mobilenet_v2_cifar", "--data", f"cifar10:{tmp_path / 'nowhere'}")
@@ -146,6 +150,19 @@ def test_runtime_log_lines_stay_out_of_the_terminal(tmp_path):
     assert out.returncode == 0 and out.stderr == "", out.stderr
     loud = run_cli("--verbose", "latency", tmp_path / "m.tflite", "--runs", "3", fresh=True)
     assert loud.returncode == 0 and "XNNPACK" in loud.stderr  # what the export above kept quiet
+
+
+def test_a_transfer_says_its_new_head_in_one_plain_line(tmp_path):
+    """Pretrained weights with another class count: a new head is what a transfer asks for,
+    so it is one line of the run's output, not a Python warning with a source path."""
+    from compress.models import build
+    torch.save(build("mobilenet_v3_small_cifar", num_classes=100).state_dict(), tmp_path / "w.pth")
+    out = run_cli("prune", "mobilenet_v3_small_cifar", "--pretrained", tmp_path / "w.pth", "--num-classes", "10",
+                  "--width", "0.5", "-o", tmp_path / "p.pt", fresh=True)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    note = f"{tmp_path / 'w.pth'}: new classifier head 'classifier.3' for 10 classes (the weights have 100); " \
+        "the backbone is kept."
+    assert note in out.stdout.splitlines()
 
 
 def test_equivalent_commands_reproduce_the_settings():

@@ -135,7 +135,7 @@ def test_torchrun_two_processes_find_the_same_configs(run, tmp_path):
 
 def test_bad_search_input_is_named(run, tmp_path):
     out = run_cli("search", run, "--macs", "1K", *IMAGES)
-    assert out.returncode == 2 and "smallest config of this space has" in out.stderr
+    assert out.returncode == 2 and "below the smallest config of this space" in out.stderr
     out = run_cli("search", run, *EVO, "--macs", "50%", "--population", "2", "--parents", "3", "--out", tmp_path / "p")
     assert out.returncode == 2 and "larger than the population" in out.stderr
     assert run_cli("search", run, *EVO, "--macs", "50%", "--out", tmp_path / "s").returncode == 0

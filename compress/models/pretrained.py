@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from torchvision import models as tvm
 
 from compress.errors import CompressError
 from compress.files import CHECKPOINT_FORMAT, safe_torch_load
+from compress.logs import notes
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -76,9 +76,9 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     head_keys = [k for k in mismatched if k.startswith(head + ".")]
     if head_keys and len(head_keys) == len(mismatched):
-        warnings.warn(f"{source}: classifier '{head}' has {state[head + '.weight'].shape[0]} classes, "
-                      f"the model {own[head + '.weight'].shape[0]}; keeping the backbone and "
-                      "re-initializing the head.", stacklevel=2)
+        # what a transfer asks for: a note, not a warning
+        notes.info(f"{source}: new classifier head '{head}' for {own[head + '.weight'].shape[0]} classes (the "
+                   f"weights have {state[head + '.weight'].shape[0]}); the backbone is kept.")
         state = {k: v for k, v in state.items() if k not in head_keys}
         mismatched = []
         missing_ok = set(head_keys)

@@ -65,16 +65,22 @@ def targets_from_lists(macs: str | None = None, params: str | None = None,
     return targets
 
 
-def budgets_for(space: ChannelSpace, targets: list[Target]) -> list[Budget]:
+def budgets_for(space: ChannelSpace, targets: list[Target],
+                latency: Callable[[ChannelConfig], float] | None = None) -> list[Budget]:
     """Each target as absolute limits in this space (percentages are of its full model);
-    a limit no config of the space can meet is an error naming the smallest reachable."""
+    a limit no config of the space can meet, or one the unpruned model already meets (its
+    latency as `latency` predicts it), is an error naming the figure to compare with."""
     if not targets:
         raise CompressError("give at least one budget: `macs` (e.g. 150M,100M or 50%), `params` or `latency_ms`.")
     full = space.max()
     budgets = [Budget(macs=None if t.macs is None else parse_count(t.macs, "MAC count", space.macs(full)),
                       params=None if t.params is None else parse_count(t.params, "parameter count", space.params(full)),
                       latency_ms=t.latency_ms) for t in targets]
-    check_reachable(space, budgets)
+    for b in budgets:
+        space.check_budget("macs", b.macs)
+        space.check_budget("params", b.params)
+        if b.latency_ms is not None and latency is not None:
+            space.check_budget("latency_ms", b.latency_ms, latency(space.max()))
     return budgets
 
 
@@ -86,17 +92,6 @@ def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | No
 
 def _split(text: str | None) -> list[str]:
     return [] if text is None else [t.strip() for t in str(text).split(",") if t.strip()]
-
-
-def check_reachable(space: ChannelSpace, budgets: list[Budget]) -> None:
-    smallest = space.min()
-    for b in budgets:
-        for key, limit, floor in (("macs", b.macs, space.macs(smallest)), ("params", b.params, space.params(smallest))):
-            if limit is not None and limit < floor:
-                raise CompressError(
-                    f"no config can meet {key} <= {human(limit)}: the smallest config of this space has "
-                    f"{human(floor)} {key} ({human(floor - limit)} over). Raise the budget to at least "
-                    f"{human(floor)}, or build the space with a lower `min_width`.")
 
 
 class CandidateSampler:
