@@ -1,33 +1,41 @@
 """Pruning a pretrained network, side by side with the tools a user would pick instead.
 
-The teacher is a pretrained net already transferred to CIFAR-10 (--teacher: the ImageNet
-MobileNetV2 of ../shared/pretrained trained 2 epochs at 96 px, see RESULTS.md). Every method
-prunes it to each MAC target; every pruned net then gets the *same* recovery (distillation
-from the teacher: same steps, batch and images, and the same learning rates tried: the short
-recovery runs at each lr of the size's grid, the row reports its best, and the long recovery
-runs at that lr; `--seeds` recovery seeds per row, the later ones at the first one's lr and on
-the same pruned net: the seed moves the recovery's batches and augmentation, not the pruning).
-Reported: top-1 on CIFAR-10 test images before and after recovery, MACs and params kept,
-float TFLite latency against the teacher (LiteRT, 1 thread, interleaved rounds), and the
-method's own pruning/search time.
+The teacher is a pretrained net already transferred to the data (--teacher: the ImageNet
+MobileNetV2 of ../shared/pretrained trained on CIFAR-10 at 96 or 224 px, see RESULTS.md; its
+card gives the resolution). Every method prunes it to each MAC target; every pruned net then
+gets the *same* recoveries, two protocols at each lr of the size's grid (the row shows its best):
 
-Methods: `compress` (our default for a pretrained net: `chansearch prune --data`: energy
-importance, global, layers refitted), the same with `--strategy uniform`, the previous default
-(`compress-l1-global`: weight magnitude, BN re-estimated), our supernet path
-(`compress-slimmable`: a slimmable supernet trained from the teacher, distilled from it, then
+- `finetune`: ours, what `chansearch finetune --teacher` runs (compress.train.fit with
+  FinetuneSettings' defaults: distillation, warm-up, keep-best on held-out training images);
+- `plain`: the loop a user writes: SGD (Nesterov), cosine, random flips, KD from the teacher
+  (T=4, weight 0.7) plus cross-entropy, BN in train mode, on a fixed pool of training images.
+
+`--seeds` recovery seeds per row, the later ones at the lr the first one did best with and on
+the same pruned net (the seed moves the recovery's batches and augmentation, not the pruning).
+Reported: top-1 on test images before and after each recovery, sharpness (the gradient norm of
+the cross-entropy on one fixed batch, BN in eval mode, over the teacher's on the same batch), MACs
+and params kept, float TFLite latency against the teacher (LiteRT, 1 thread, interleaved
+rounds), and the method's own pruning time.
+
+Methods: `compress` (our default for a pretrained net, `chansearch prune --data`), the same with
+BN re-estimated instead of the refit (`compress-norefit`), with `--strategy uniform`
+(`compress-uniform`), weight magnitude with BN re-estimated (`compress-l1-global`), our supernet
+path (`compress-slimmable`: a slimmable supernet trained from the teacher, distilled from it, then
 greedy search), Torch-Pruning 1.6's MetaPruner at its defaults (global magnitude, its pruning
-ratio searched to the MAC target; `tp` round_to=None, `tp-r8` round_to=8) and NVIDIA Model Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
+ratio searched to the MAC target; `tp` round_to=None, `tp-r8` round_to=8) and NVIDIA Model
+Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
 
 Each (method, target, seed) cell is stored under --cells as it finishes, so an interrupted
 run continues where it stopped and the table can be filled over several runs.
 
-    python benchmarks/bench_pretrained.py --teacher runs/teacher96.pt
+    python benchmarks/bench_pretrained.py --teacher runs/teacher224/model.pt --size cpu224
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -44,24 +52,37 @@ from compress.export.latency import measure
 from compress.export.tflite import export_tflite
 from compress.files import atomic_save, atomic_write_json
 from compress.profile import count
-from compress.settings import DataSettings, HeldOutScoring, PruneSettings, SearchSettings, SupernetSettings, Target
+from compress.settings import (DataSettings, FinetuneSettings, HeldOutScoring, PruneSettings, SearchSettings,
+                               SupernetSettings, Target)
+from compress.train import fit
 
-SIZES = {  # recovery steps (short, long), batch, lrs tried; images: recovery pool, test, scoring;
+SIZES = {  # recovery steps and batch, lrs tried; images: plain loop's pool, test, FastNAS/greedy scoring;
     # supernet training steps, greedy step (share of the MACs)
-    "cpu": dict(short=150, long=600, batch=64, lrs=(0.005, 0.001), train=6400, test=2000, score=512, supernet=300,
-                greedy=0.1),
-    "gpu": dict(short=500, long=3000, batch=128, lrs=(0.01, 0.002), train=25000, test=10000, score=2000,
-                supernet=3000, greedy=0.05),
-    "quick": dict(short=3, long=6, batch=16, lrs=(0.005, 0.001), train=64, test=64, score=64, supernet=3, greedy=0.3),
+    "cpu": dict(steps=150, batch=64, lrs=(0.005, 0.001), pool=6400, test=2000, score=512, supernet=300, greedy=0.1),
+    "cpu224": dict(steps=45, batch=32, lrs=(0.01, 0.001), pool=1440, test=500, score=256, supernet=100, greedy=0.1),
+    "gpu": dict(steps=1000, batch=128, lrs=(0.01, 0.002), pool=25000, test=10000, score=2000, supernet=3000,
+                greedy=0.05),
+    "quick": dict(steps=3, batch=16, lrs=(0.005, 0.001), pool=64, test=64, score=64, supernet=3, greedy=0.3),
 }
-METHODS = ("compress", "compress-uniform", "compress-l1-global", "compress-slimmable", "tp", "tp-r8", "fastnas")
+METHODS = ("compress", "compress-norefit", "compress-uniform", "compress-l1-global", "compress-slimmable", "tp",
+           "tp-r8", "fastnas")
+PROTOCOLS = ("finetune", "plain")
 
 
 def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(256), labels.split(256)))
+        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(images.split(100), labels.split(100)))
     return hits / len(labels)
+
+
+def grad_norm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The cross-entropy's gradient norm over all weights on one batch, BN in eval mode: how far
+    one SGD step moves the net's function (a refitted net can be far sharper than its teacher)."""
+    model = copy.deepcopy(model).eval()
+    model.zero_grad()
+    F.cross_entropy(model(images), labels).backward()
+    return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None))
 
 
 # ---- the methods: each returns the pruned model -----------------------------------------------
@@ -130,32 +151,48 @@ def fastnas(teacher, target, calib, score_set, cells: Path):
     return model
 
 
-# ---- the same recovery for every row -------------------------------------------------------------
-def recover(student: nn.Module, teacher: nn.Module, images, labels, steps: int, batch: int, lr: float,
-            seed: int) -> nn.Module:
-    """Distil from the teacher (0.7 KL on its soft labels + 0.3 cross-entropy), SGD with
-    Nesterov momentum, cosine lr, random flips and 1/8-image translations."""
+# ---- the recoveries, the same for every row ------------------------------------------------------
+def recover_finetune(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, seed: int) -> nn.Module:
+    """What `chansearch finetune PRUNED --teacher TEACHER --epochs 1 --steps-per-epoch N --lr LR`
+    runs: FinetuneSettings' defaults otherwise."""
+    size = ctx["size"]
+    student = copy.deepcopy(student)
+    student.card = teacher.card  # a peer's pruned net: fit reads the card for the data's input size
+    settings = FinetuneSettings(epochs=1, steps_per_epoch=size["steps"], lr=lr, seed=seed)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as run:
+        return fit(student, DataSettings(spec=ctx["data"], batch_size=size["batch"], workers=1), settings, run,
+                   teacher=teacher, validate=False, quiet=True).eval()
+
+
+def recover_plain(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, seed: int) -> nn.Module:
+    """A user's own loop: SGD with Nesterov momentum, cosine lr, random flips, 0.7 KD (T=4) on
+    the teacher's logits + 0.3 cross-entropy, BN in train mode."""
+    size, (images, labels) = ctx["size"], ctx["pool"]
+    steps, batch = size["steps"], size["batch"]
     student = copy.deepcopy(student).train()
     teacher.eval()
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the classifier's dropout
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    pad = images.shape[-1] // 8
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         idx = torch.randint(len(images), (batch,), generator=generator)
         x, y = images[idx], labels[idx]
         x = torch.where(torch.rand(batch, 1, 1, 1, generator=generator) < 0.5, x.flip(3), x)
-        dx, dy = torch.randint(-pad, pad + 1, (2,), generator=generator).tolist()
-        x = torch.roll(F.pad(x, (pad,) * 4, mode="reflect"), (dy, dx), (2, 3))[..., pad:-pad, pad:-pad]
         with torch.no_grad():
-            soft = F.softmax(teacher(x), 1)
+            soft = F.log_softmax(teacher(x) / 4, 1)
         logits = student(x)
-        loss = 0.7 * F.kl_div(F.log_softmax(logits, 1), soft, reduction="batchmean") + 0.3 * F.cross_entropy(logits, y)
+        kd = F.kl_div(F.log_softmax(logits / 4, 1), soft, reduction="batchmean", log_target=True) * 16
+        loss = 0.7 * kd + 0.3 * F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     return student.eval()
+
+
+RECOVER = {"finetune": recover_finetune, "plain": recover_plain}
 
 
 def latency_ratio(model: nn.Module, teacher_file: Path, size: int, workdir: Path, rounds: int = 3) -> float:
@@ -168,13 +205,14 @@ def latency_ratio(model: nn.Module, teacher_file: Path, size: int, workdir: Path
     return statistics.median(ratios)
 
 
-def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: dict, size: dict) -> dict:
+def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: dict) -> dict:
     path = _cell_path(cells, method, target, seed)
     cell = _read(path)
-    # later seeds recover at the lr the first seed chose
+    # later seeds recover at the lr the first seed did best with
     first = _read(_cell_path(cells, method, target, 0)) if seed else cell
-    lrs = lambda budget: _lrs(first, budget, size, bool(seed)) if budget in ctx["budgets"] else ()  # noqa: E731
-    if "before" in cell and all(_after(b, lr) in cell for b in ctx["budgets"] for lr in lrs(b)):
+    todo = [(p, lr) for p in ctx["protocols"] for lr in _lrs(first, p, ctx["size"], bool(seed))
+            if _after(p, lr) not in cell]
+    if "before" in cell and not todo:
         return cell
     # the pruned net does not depend on the recovery seed: pruned once, under seed 0, and reused by
     # the later seeds (FastNAS spends ~25 min per target on 2 cores)
@@ -192,27 +230,24 @@ def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: d
         if "before" not in cell:
             macs, params = count(pruned, ctx["input_size"])
             cell.update(method=method, target=target, seed=seed, macs=macs, params=params,
-                        before=top1(pruned, *ctx["test"]),
+                        before=top1(pruned, *ctx["test"]), sharpness=grad_norm(pruned, *ctx["batch"]) / ctx["sharp"],
                         latency=latency_ratio(pruned, ctx["teacher_file"], ctx["input_size"], work))
             atomic_write_json(path, cell)
-        for budget in ("short", "long"):
-            for lr in lrs(budget):
-                if _after(budget, lr) not in cell:
-                    torch.manual_seed(seed)  # the classifier's dropout
-                    student = recover(pruned, teacher, *ctx["train"], size[budget], size["batch"], lr, seed)
-                    cell[_after(budget, lr)] = top1(student, *ctx["test"])
-                    atomic_write_json(path, cell)
+        for protocol, lr in todo:
+            student = RECOVER[protocol](pruned, teacher, ctx, lr, seed)
+            cell[_after(protocol, lr)] = top1(student, *ctx["test"])
+            atomic_write_json(path, cell)
     print(json.dumps(cell), flush=True)
     return cell
 
 
 def prune_with(method: str, teacher, target: float, ctx: dict, cells: Path) -> nn.Module:
-    if method in ("compress", "compress-uniform", "compress-l1-global"):
-        settings = {"compress": PruneSettings(),
-                    "compress-uniform": PruneSettings(strategy="uniform"),
-                    "compress-l1-global": PruneSettings(importance="l1", strategy="global",
-                                                        reconstruct_images=0)}[method]
-        return ours(teacher, f"{target:.0%}", ctx["data"], settings)
+    ours_settings = {"compress": PruneSettings(),
+                     "compress-norefit": PruneSettings(reconstruct_images=0),
+                     "compress-uniform": PruneSettings(strategy="uniform"),
+                     "compress-l1-global": PruneSettings(importance="l1", strategy="global", reconstruct_images=0)}
+    if method in ours_settings:
+        return ours(teacher, f"{target:.0%}", ctx["data"], ours_settings[method])
     if method == "compress-slimmable":
         return slimmable(teacher, target, ctx, cells)
     if method in ("tp", "tp-r8"):
@@ -252,30 +287,30 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _after(budget: str, lr: float) -> str:
-    return f"after_{budget}@{lr:g}"
+def _after(protocol: str, lr: float) -> str:
+    return f"after_{protocol}@{lr:g}"
 
 
-def _lrs(first: dict, budget: str, size: dict, later: bool) -> tuple[float, ...]:
-    """The first seed runs the short recovery at every lr of the grid, and the long one at the lr
-    its short one did best with; later seeds run both at that lr only."""
-    short = {lr: first[_after("short", lr)] for lr in size["lrs"] if _after("short", lr) in first}
-    best = (max(short, key=short.get),) if short else ()
-    return size["lrs"] if budget == "short" and not later else best
+def _lrs(first: dict, protocol: str, size: dict, later: bool) -> tuple[float, ...]:
+    """The first seed runs every lr of the grid; later seeds the one it did best with."""
+    if not later:
+        return size["lrs"]
+    tried = {lr: first[_after(protocol, lr)] for lr in size["lrs"] if _after(protocol, lr) in first}
+    return (max(tried, key=tried.get),) if tried else ()
 
 
-def _best(group: list[dict], budget: str) -> str:
-    """The budget's mean ± std over seeds at the lr the first seed did best with, and that lr."""
+def _best(group: list[dict], protocol: str) -> str:
+    """The protocol's mean ± std over seeds at the lr the first seed did best with, and that lr."""
     first = min(group, key=lambda c: c["seed"])
-    tried = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith(f"after_{budget}@")}
+    tried = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith(f"after_{protocol}@")}
     if not tried:
         return "-"
     lr = max(tried, key=tried.get)
-    return f"{mean_std([c[_after(budget, lr)] for c in group if _after(budget, lr) in c])} (lr {lr:g})"
+    return f"{mean_std([c[_after(protocol, lr)] for c in group if _after(protocol, lr) in c])} (lr {lr:g})"
 
 
 def _pruning_time(group: list[dict]) -> str:
-    """The first seed's: the later ones reuse its pruned net (or re-pruned it on a busier machine)."""
+    """The first seed's: the later ones reuse its pruned net."""
     first = min(group, key=lambda c: c["seed"])
     return f"{first['pruning_s']:.0f} s" if "pruning_s" in first else "-"
 
@@ -289,72 +324,73 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
-    rows = ["| MAC target | method | MACs kept | params kept | top-1 before recovery | after short | after long "
-            "| seeds | TFLite latency vs teacher | pruning time |", "|---|---|---|---|---|---|---|---|---|---|",
-            f"| - | teacher (unpruned) | 100% | 100% | {teacher_top1:.1%} | - | - | - | 1.00x | - |"]
+    rows = ["| MAC target | method | MACs kept | params | top-1 before recovery | sharpness | after `finetune` "
+            "| after plain loop | seeds | TFLite latency vs teacher | pruning time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| - | teacher (unpruned) | 100% | - | {teacher_top1:.1%} | 1.0x | - | - | - | 1.00x | - |"]
     for target in sorted({c["target"] for c in cells}, reverse=True):
         for method in METHODS:
             group = [c for c in cells if c["target"] == target and c["method"] == method]
             if not group:
                 continue
             pick = lambda k: [c[k] for c in group if k in c]  # noqa: E731
+            sharp = f"{statistics.mean(pick('sharpness')):.1f}x" if pick("sharpness") else "-"
             rows.append(f"| {target:.0%} | {method} | {group[0]['macs'] / teacher_macs:.1%} | "
-                        f"{statistics.mean(pick('params')) / 1e6:.2f}M | {mean_std(pick('before'))} | "
-                        f"{_best(group, 'short')} | {_best(group, 'long')} | {len(group)} | "
+                        f"{statistics.mean(pick('params')) / 1e6:.2f}M | {mean_std(pick('before'))} | {sharp} | "
+                        f"{_best(group, 'finetune')} | {_best(group, 'plain')} | {len(group)} | "
                         f"{statistics.median(pick('latency')):.2f}x | {_pruning_time(group)} |")
     return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True, help="the pretrained, transferred checkpoint (.pt)")
+    ap.add_argument("--teacher", required=True, help="the pretrained, transferred checkpoint (.pt); its card gives "
+                    "the input size")
+    ap.add_argument("--data", default=f"cifar10:{CIFAR}", help="data spec (cifar10:DIR, imagefolder:DIR, ...)")
     ap.add_argument("--size", choices=list(SIZES), default="cpu", help="recovery steps and image counts")
     ap.add_argument("--macs", default="50%,30%,70%", help="MAC targets, comma-separated")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS), help="recoveries, comma-separated, of: "
+                    + ", ".join(PROTOCOLS))
     ap.add_argument("--seeds", type=int, default=1, help="recovery seeds per cell")
-    ap.add_argument("--budgets", default="short", help="recoveries to run: short, or short,long (long runs at "
-                    "the lr the short one did best with)")
     ap.add_argument("--cells", type=Path, default=Path("runs/bench_pretrained"), help="where finished cells are kept")
     ap.add_argument("--table-only", action="store_true", help="write the table from the finished cells, run none")
     args = ap.parse_args()
     size = SIZES[args.size]
-    if set(args.budgets.split(",")) - {"short", "long"}:
-        ap.error(f"--budgets takes short and long, comma-separated; got '{args.budgets}'")
+    if set(args.protocols.split(",")) - set(PROTOCOLS):
+        ap.error(f"--protocols takes {', '.join(PROTOCOLS)}, comma-separated; got '{args.protocols}'")
     teacher = load(args.teacher).eval()
-    card, data = teacher.card, f"cifar10:{CIFAR}"
+    card, data = teacher.card, args.data
     args.cells.mkdir(parents=True, exist_ok=True)
     teacher_file = args.cells / "teacher.tflite"
     if not teacher_file.exists():
         export_tflite(teacher, teacher_file, card.input_size)
     sample = lambda train, n, seed: sample_labelled(data, train, n, card.input_size, card.mean, card.std, seed=seed)  # noqa: E731
     ctx = {"data": data, "size": size, "input_size": card.input_size, "teacher_file": teacher_file,
-           # the long recovery runs at the lr the short one did best with: it needs the short one
-           "budgets": sorted(set(args.budgets.split(",")) | ({"short"} if "long" in args.budgets else set()),
-                             key=("short", "long").index), "test": sample(False, size["test"], 1),
-           "train": sample(True, size["train"], 3), "calib": sample(True, 512, 0), "score": sample(True, size["score"], 2)}
+           "protocols": args.protocols.split(","), "test": sample(False, size["test"], 1),
+           "pool": sample(True, size["pool"], 3), "calib": sample(True, 512, 0), "score": sample(True, size["score"], 2),
+           "batch": sample(True, 32, 4)}
+    ctx["sharp"] = grad_norm(teacher, *ctx["batch"])
     teacher_macs = count(teacher, card.input_size)[0]
     teacher_top1 = top1(teacher, *ctx["test"])
     for target in [] if args.table_only else [float(t.strip("%")) / 100 for t in args.macs.split(",")]:
         for method in args.methods.split(","):
             for seed in range(args.seeds):
-                run_cell(args.cells, method, target, seed, teacher, ctx, size)
+                run_cell(args.cells, method, target, seed, teacher, ctx)
     stored = [json.loads(p.read_text()) for p in sorted(args.cells.glob("*.json"))]
-    write_section("Pruning a pretrained net, side by side", "\n".join([
-        f"Teacher `{args.teacher}` (ImageNet MobileNetV2 transferred to CIFAR-10 at {card.input_size} px); top-1 on "
-        f"{size['test']} CIFAR-10 test images. Recovery, the same for every row: distillation from the teacher, "
-        f"batch {size['batch']}, {size['short']} (short) / {size['long']} (long) steps on "
-        f"{size['train']} training images; the short recovery runs at lr "
-        f"{' and '.join(f'{lr:g}' for lr in size['lrs'])} and each row shows its better one, at which the long "
-        "recovery runs. Pruning with data (ours, FastNAS) uses 512-1024 other training images; "
-        "FastNAS scores its candidates on "
-        f"{size['score']} more; its sensitivity pass, in the pruning time of the first target it ran, is reused "
-        f"for the others, as is our supernet ({size['supernet']} steps, batch {size['batch']}, lr 0.005, "
-        "distilled from the teacher; 2000 other training images held out to score the greedy search's "
-        "trials). Latency: float TFLite, LiteRT 1 thread, median of 3 interleaved rounds. Rows with "
-        "several recovery seeds show mean ± std over them; the seeds share one pruned net (the seed moves the "
-        "recovery's batches and augmentation) and the later ones run at the lr the first did best with. The "
-        "cells may come from several runs of the script (it resumes per cell, e.g. one run per MAC target, the long recovery for a few methods); `--table-only` rewrites the table from "
-        "all of them.", "",
+    write_section(f"Pruning a pretrained net, side by side ({card.input_size} px)", "\n".join([
+        f"Teacher `{args.teacher}` (a pretrained net transferred to {data.split(':')[0]}, {card.input_size} "
+        f"px); top-1 on {size['test']} test images. The same two recoveries for every row, {size['steps']} steps of "
+        f"{size['batch']} images at lr {' and '.join(f'{lr:g}' for lr in size['lrs'])}, each row showing its better "
+        "lr: `finetune` is `chansearch finetune --teacher`'s (its defaults: distillation, warm-up, the best state "
+        f"on 500 held-out training images kept), the plain loop a user's own (SGD, cosine, flips, KD T=4 weight "
+        f"0.7, BN in train mode, on {size['pool']} training images). Sharpness: the cross-entropy's gradient norm "
+        "on one batch of 32 training images over the teacher's. Pruning with data (ours, FastNAS) uses 512 other "
+        f"training images; FastNAS scores its candidates on {size['score']} more and its sensitivity pass, in the "
+        "pruning time of the first target it ran, is reused for the others. Latency: float TFLite, LiteRT 1 thread, "
+        "median of 3 interleaved rounds. Rows with several recovery seeds show mean ± std over them; the seeds share "
+        "one pruned net and the later ones run at the lr the first did best with. The cells may come from several "
+        "runs of the script (it resumes per cell); `--table-only` rewrites the table from all of them.", "",
         table(stored, teacher_top1, teacher_macs)]))
 
 

@@ -29,3 +29,41 @@ def recalibrate(model: nn.Module, batches, device: str | torch.device = "cpu", l
         for m, momentum in zip(bns, saved):
             m.momentum = momentum
         model.eval()
+
+
+@torch.no_grad()
+def fold_statistics(model: nn.Module, batches, device: str | torch.device = "cpu") -> None:
+    """Set every BN's running statistics to what its input really has under the model's own
+    eval-mode function on `batches`, and fold the change into its affine parameters so that
+    function stays exactly as it was. After a refit, train-mode BN (a fine-tune) then
+    normalizes as the network already does, instead of rescaling channels whose refitted
+    outputs have less variance than the unpruned ones the old statistics describe."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    sums = {m: [0.0, 0.0, 0] for m in bns}
+
+    def hook(module, inputs, _):
+        x = inputs[0].transpose(0, 1).flatten(1).double()
+        s = sums[module]
+        s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + (x * x).sum(1), s[2] + x.shape[1]
+
+    handles = [m.register_forward_hook(hook) for m in bns]
+    model.eval()
+    try:
+        for batch in batches:
+            model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    for m, (total, squares, n) in sums.items():
+        if not n:
+            continue
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(0)
+        old_std = (m.running_var.double() + m.eps).sqrt()
+        new_std = (var + m.eps).sqrt()
+        gamma = m.weight.double() if m.affine else torch.ones_like(mean)
+        if m.affine:
+            m.bias.add_((gamma * (mean - m.running_mean.double()) / old_std).to(m.bias))
+            m.weight.copy_((gamma * new_std / old_std).to(m.weight))
+        m.running_mean.copy_(mean.to(m.running_mean))
+        m.running_var.copy_(var.to(m.running_var))

@@ -19,23 +19,30 @@ from compress.space import ChannelSpace, dependency_graph, example_input, prunin
 
 
 class _Moments:
-    """Running per-channel mean and variance of a layer's input and output."""
+    """Running per-channel mean and variance of a layer's input and output: each batch's own
+    (float32 reductions, which read the activations once) merged in float64 (Chan et al.)."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.sums: list[torch.Tensor] | None = None
+        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mean, sum of squared deviations) of x, y
 
     def add(self, linear: bool, x: torch.Tensor, y: torch.Tensor) -> None:
-        # channels first, one column per sample (and position)
-        xs, ys = (t.reshape(-1, t.shape[-1]).T.double() if linear else t.transpose(0, 1).reshape(t.shape[1], -1).double()
-                  for t in (x, y))
-        parts = [xs.sum(1), (xs * xs).sum(1), ys.sum(1), (ys * ys).sum(1)]
-        self.sums = parts if self.sums is None else [a + b for a, b in zip(self.sums, parts)]
-        self.n += xs.shape[1]
+        parts = []
+        for t in (x, y):
+            dims = tuple(range(t.dim() - 1)) if linear else (0, *range(2, t.dim()))  # all but the channels
+            var, mean = torch.var_mean(t, dim=dims, correction=0)
+            parts.append((mean.double(), var.double()))
+        m = t.numel() // t.shape[-1 if linear else 1]
+        if not self.stats:
+            self.stats = [(mean, var * m) for mean, var in parts]
+        else:
+            n = self.n
+            self.stats = [(mu + (mean - mu) * m / (n + m), m2 + var * m + (mean - mu) ** 2 * n * m / (n + m))
+                          for (mu, m2), (mean, var) in zip(self.stats, parts)]
+        self.n += m
 
     def variances(self) -> tuple[torch.Tensor, torch.Tensor]:
-        sx, sxx, sy, syy = (s / self.n for s in self.sums)
-        return (sxx - sx * sx).clamp_min(0), (syy - sy * sy).clamp_min(0)
+        return tuple(m2 / self.n for _, m2 in self.stats)
 
 
 def _relative_energy(module: nn.Module, moments: _Moments) -> torch.Tensor:

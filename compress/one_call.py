@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from compress import distributed
 from compress.card import card_of, describe
@@ -42,6 +42,7 @@ class CompressReport:
     top1_pruned: float | None = None  # the compressed model before recovery
     top1_after: float | None = None  # after recovery
     history: list[dict] = field(default_factory=list)
+    kept_best: dict | None = None  # keep_best: the step and held-out scores of the state returned, and the start's
 
     def __str__(self) -> str:
         def pct(v):
@@ -49,7 +50,9 @@ class CompressReport:
         return (f"{self.method}: {human(self.macs_before)} -> {human(self.macs)} MACs "
                 f"({self.macs / self.macs_before:.1%}), {human(self.params_before)} -> {human(self.params)} params; "
                 f"top-1 {pct(self.top1_before)} original, {pct(self.top1_pruned)} compressed, "
-                f"{pct(self.top1_after)} after recovery")
+                f"{pct(self.top1_after)} after recovery" + ("" if not self.kept_best else
+                f" (the best state, step {self.kept_best['step']}: held-out top-1 "
+                f"{self.kept_best['start']['top1']:.2%} -> {self.kept_best['top1']:.2%})"))
 
 
 def _first_images(loader: DataLoader, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,14 +127,35 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
         report.top1_pruned = evaluate(small.to(device), val_loader, device)["top1"]
     if train_loader is not None and finetune.epochs > 0:
         teacher = model if finetune.distill else None
-        small = fit(small, Loaders(train_loader, val_loader), finetune, out / "finetune", teacher=teacher,
+        small = fit(small, _loaders(train_loader, val_loader, finetune), finetune, out / "finetune", teacher=teacher,
                     quiet=quiet)
-        history = out / "finetune" / "metrics.jsonl"
+        history, kept = out / "finetune" / "metrics.jsonl", out / "finetune" / "keep_best.json"
         report.history = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+        report.kept_best = json.loads(kept.read_text()) if kept.exists() else None
         if val_loader is not None:
             report.top1_after = evaluate(small, val_loader, device)["top1"]
     # training may leave weights channels_last; hand back the layout a plain module has
     return small.cpu().to(memory_format=torch.contiguous_format).eval(), report
+
+
+def _loaders(train_loader: DataLoader, val_loader: DataLoader | None, settings: FinetuneSettings) -> Loaders:
+    """With keep_best, `settings.holdout` images of the training set are kept out of training
+    (picked with the seed) to choose the best state on; the loaders are rebuilt around the rest
+    with the same batch size and workers."""
+    if not settings.keep_best:
+        return Loaders(train_loader, val_loader)
+    dataset = train_loader.dataset
+    if not 0 < settings.holdout < len(dataset):
+        raise CompressError(f"keep_best holds out `holdout` training images to choose the best state on; "
+                            f"{settings.holdout} of {len(dataset)} leaves "
+                            f"{'none to train on' if settings.holdout else 'none to choose on'}. Set holdout between 1 "
+                            f"and {len(dataset) - 1}, or keep_best=False.")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(settings.seed)).tolist()
+    rest, held = Subset(dataset, order[settings.holdout:]), Subset(dataset, order[:settings.holdout])
+    options = dict(batch_size=train_loader.batch_size, num_workers=train_loader.num_workers,
+                   collate_fn=train_loader.collate_fn)
+    return Loaders(DataLoader(rest, shuffle=True, drop_last=train_loader.drop_last, **options), val_loader,
+                   DataLoader(held, **options))
 
 
 def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:

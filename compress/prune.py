@@ -10,7 +10,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.batchnorm import recalibrate
+from compress.batchnorm import fold_statistics, recalibrate
 from compress.card import card_of
 from compress.energy import energy_scores
 from compress.errors import CompressError
@@ -235,13 +235,17 @@ def _unpruned_space(card) -> ChannelSpace:
 def restore_outputs(original: nn.Module, pruned: nn.Module, kept: dict, images: torch.Tensor,
                     reconstruct_images: int, recal_images: int, progress: bool = False) -> dict:
     """After pruning, on real training images: refit the pruned layers by least squares
-    (compress.reconstruct) on `reconstruct_images` of them, else re-estimate BN statistics on
+    (compress.reconstruct) on `reconstruct_images` of them and make every BN's statistics those
+    of the refitted net, its function unchanged (compress.batchnorm.fold_statistics), so that a
+    fine-tune's train-mode BN starts where the net is; else re-estimate BN statistics on
     `recal_images` (the removed channels took their share of every later layer's input with
     them). Returns what was done, for the checkpoint's provenance."""
     device = next(pruned.parameters()).device
     if reconstruct_images:
-        reconstruct(original, pruned, kept, images[:reconstruct_images], progress=progress)
-        return {"reconstructed_on": min(reconstruct_images, len(images))}
+        chosen = images[:reconstruct_images]
+        reconstruct(original, pruned, kept, chosen, progress=progress)
+        fold_statistics(pruned, chosen.split(64), device)
+        return {"reconstructed_on": len(chosen)}
     if recal_images:
         recalibrate(pruned, images[:recal_images].split(64), device)
         return {"bn_recalibrated_on": min(recal_images, len(images))}

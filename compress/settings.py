@@ -48,7 +48,12 @@ class TrainSettings(Settings):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights (0 = off, e.g. 0.9998)")
     kd_temperature: float = Field(4.0, gt=0, description="KD softmax temperature")
     kd_weight: float = Field(0.5, ge=0, le=1, description="share of the KD loss (with a teacher)")
-    holdout: int = Field(0, ge=0, description="training images held out (for search), picked with the seed")
+    holdout: int = Field(0, ge=0, description="training images held out (for search, or for keep_best), picked "
+                         "with the seed")
+    keep_best: bool = Field(False, description="evaluate on the held-out training images as training goes (from "
+                            "the start) and return the best state, never worse than the starting one")
+    eval_every: int = Field(0, ge=0, description="keep_best: evaluate every N steps, besides after each epoch "
+                            "(0 = after each epoch only)")
     val_images: int = Field(0, ge=0, description="evaluation images per epoch (0 = the whole evaluation split)")
     steps_per_epoch: int = Field(0, ge=0, description="cap on steps per epoch (0 = whole training set)")
     seed: int = Field(0, description="random seed")
@@ -194,6 +199,14 @@ class FinetuneSettings(TrainSettings):
     from_scratch: bool = Field(False, description="retrain the architecture from a fresh initialisation "
                                "(MetaPruning, AutoSlim) instead of fine-tuning its weights")
     distill: bool = Field(True, description="distil from the unpruned model (or the supernet's full config)")
+
+    warmup_epochs: float = Field(0.1, ge=0, description="linear warm-up epochs (from a small lr: a pruned net "
+                                 "is closer to a sharp edge than a trained one)")
+    holdout: int = Field(500, ge=0, description="training images held out to pick the best state (keep_best)")
+    keep_best: bool = Field(True, description="evaluate on the held-out training images as fine-tuning goes (from "
+                            "the start) and return the best state, never worse than the pruned one")
+    eval_every: int = Field(50, ge=0, description="keep_best: evaluate every N steps, besides after each epoch "
+                            "(0 = after each epoch only)")
 
     @model_validator(mode="after")
     def _scratch(self):

@@ -33,13 +33,16 @@ from compress.files import atomic_save, atomic_write_json, atomic_write_text, sa
 from compress.settings import DataSettings, TrainSettings
 
 STATE_FILE = "last.pt"
+BEST_FILE = "best.pt"  # keep_best: the best state so far, with its held-out scores
 
 
 class Loaders(NamedTuple):
-    """A user's own data: a training loader and, optionally, one to validate each epoch on."""
+    """A user's own data: a training loader and, optionally, one to validate each epoch on and
+    one of held-out training images to keep the best state by (`keep_best`)."""
 
     train: DataLoader
     val: DataLoader | None = None
+    holdout: DataLoader | None = None
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -126,8 +129,8 @@ def spec_loaders(data: DataSettings, card: ModelCard, cfg: TrainSettings, valida
     if data.batch_size % world:
         raise CompressError(f"batch size {data.batch_size} does not split over {world} processes; "
                             f"use a multiple of {world}.")
-    train_set, _, held = train_holdout(data.spec, card.input_size, card.mean, card.std, card.num_classes,
-                                       cfg.holdout, cfg.seed)
+    train_set, held_set, held = train_holdout(data.spec, card.input_size, card.mean, card.std, card.num_classes,
+                                              cfg.holdout, cfg.seed)
     per_rank = data.batch_size // world
     if len(train_set) < data.batch_size:
         raise CompressError(f"data {data.spec} has {len(train_set)} training images, fewer than one batch "
@@ -141,7 +144,11 @@ def spec_loaders(data: DataSettings, card: ModelCard, cfg: TrainSettings, valida
                            cfg.val_images, cfg.seed)
         val_sampler = DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
         val = DataLoader(ds, per_rank, sampler=val_sampler, num_workers=data.workers)
-    return Loaders(train, val), held
+    holdout = None
+    if held_set is not None and cfg.keep_best:
+        held_sampler = DistributedSampler(held_set, world, rank, shuffle=False) if world > 1 else None
+        holdout = DataLoader(held_set, per_rank, sampler=held_sampler, num_workers=data.workers)
+    return Loaders(train, val, holdout), held
 
 
 def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: TrainSettings, run_dir: str | Path,
@@ -168,10 +175,14 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     _seed(cfg.seed + rank, cfg.deterministic)
 
     if isinstance(data, DataSettings):
-        (loader, val_loader), held = spec_loaders(data, card, cfg, validate)
+        (loader, val_loader, select_loader), held = spec_loaders(data, card, cfg, validate)
     else:
-        (loader, val_loader), held = (Loaders(data) if isinstance(data, DataLoader) else data), None
+        (loader, val_loader, select_loader), held = (Loaders(data) if isinstance(data, DataLoader) else data), None
         val_loader = val_loader if validate else None
+    if cfg.keep_best and select_loader is None:
+        raise CompressError("`keep_best` keeps the best state by held-out training images: set `holdout` > 0 (a "
+                            "data spec), or pass Loaders(train, val, holdout) with a loader of images kept out of "
+                            "training; or turn `keep_best` off.")
     sampler = getattr(loader, "sampler", None)
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(cfg.steps_per_epoch, len(loader))
 
@@ -179,7 +190,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
+        teacher.to(device).eval()  # run under no_grad by the step; its own flags stay the caller's
     net = DistributedDataParallel(model) if world > 1 else model
     # Fused kernels update every parameter in one pass; on CPU the default per-tensor loop is
     # several times slower on a PruningNet's hypernetworks (bench_supernet_speed.py measures it).
@@ -197,6 +208,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
                 if cfg.amp != "none" else contextlib.nullcontext())
 
     history, start = [], 0
+    best = Best(run_dir / BEST_FILE, select_loader, device, main) if cfg.keep_best else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -214,6 +226,9 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             atomic_write_json(run_dir / "holdout.json", {"data": data.spec, "seed": cfg.seed, "indices": held.tolist()},
                               indent=None)
         _write_metrics(run_dir, history)
+    final = ema.module if ema is not None else model
+    if best is not None:
+        best.start(final, resumed=saved is not None)
 
     def backward(loss: torch.Tensor) -> None:
         scaler.scale(loss).backward()
@@ -251,6 +266,9 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
+            if best is not None and cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < steps:
+                best.check(final, epoch * steps + i + 1)
+                net.train()
             loss_sum, seen = loss_sum + value * len(labels), seen + len(labels)
             if not bar.disable:
                 bar.update()
@@ -259,10 +277,11 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
         bar.close()
         seconds = time.perf_counter() - began
         sums = distributed.all_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
-        final = ema.module if ema is not None else model
         record = {"epoch": epoch + 1, "train_loss": sums[0].item() / max(sums[1].item(), 1),
                   "lr": sched.get_last_lr()[0], "seconds": round(seconds, 3),
                   "images_per_s": round(sums[1].item() / seconds, 1)}
+        if best is not None:
+            record.update(best.check(final, (epoch + 1) * steps))
         if val_loader is not None:
             record.update({f"val_{k}": v for k, v in evaluate(final, val_loader, device).items()})
         history.append(record)
@@ -276,9 +295,55 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             if not quiet:
                 print(_summary(record), flush=True)
         distributed.barrier()
-    final = ema.module if ema is not None else model
+    if best is not None and main:
+        atomic_write_json(run_dir / "keep_best.json", best.restore(final))
+    elif best is not None:
+        best.restore(final)
     final.card = card
     return final
+
+
+class Best:
+    """keep_best: the best state so far by top-1 on held-out training images (then by loss),
+    the starting state included, so training never returns worse than it began; kept in
+    BEST_FILE so that a resumed run knows it."""
+
+    def __init__(self, path: Path, loader: DataLoader, device: torch.device, main: bool):
+        self.path, self.loader, self.device, self.main = path, loader, device, main
+        self.state: dict | None = None
+        self.record: dict = {}  # step and scores of the best state, and of the starting one
+
+    def start(self, model: nn.Module, resumed: bool) -> None:
+        if resumed and self.path.exists():
+            saved = safe_torch_load(self.path)
+            self.state, self.record = saved["state"], saved["record"]
+            return
+        scores = self._score(model)
+        self.record = {"step": 0, **scores, "start": scores}
+        self._keep(model)
+
+    def check(self, model: nn.Module, step: int) -> dict:
+        """Score the current state; keep it when it beats the best. Returns what the epoch's
+        metrics record."""
+        scores = self._score(model)
+        if (scores["top1"], -scores["loss"]) > (self.record["top1"], -self.record["loss"]):
+            self.record.update(step=step, **scores)
+            self._keep(model)
+        return {"holdout_top1": scores["top1"], "best_holdout_top1": self.record["top1"],
+                "best_step": self.record["step"]}
+
+    def restore(self, model: nn.Module) -> dict:
+        model.load_state_dict(self.state)
+        return self.record
+
+    def _score(self, model: nn.Module) -> dict:
+        result = evaluate(model, self.loader, self.device)
+        return {"top1": result["top1"], "loss": result["loss"]}
+
+    def _keep(self, model: nn.Module) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.main:
+            atomic_save({"state": self.state, "record": self.record}, self.path)
 
 
 def _check_same_config(saved: dict, recorded: dict, path: Path) -> None:

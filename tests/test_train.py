@@ -183,3 +183,25 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
     changed = cfg.model_copy(update={"lr": 0.2})
     with pytest.raises(CompressError, match=r"settings changed \(lr: 0.1 -> 0.2\)"):
         fit(compress.build("mobilenet_v3_small_cifar"), data, changed, tmp_path / "run", resume=True, quiet=True)
+
+
+def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
+    """A trained net fine-tuned at an lr that wrecks it: every held-out check is worse than the
+    start, so fit returns the starting weights exactly, and says so in keep_best.json."""
+    from compress.evaluate import evaluate
+    from compress.settings import FinetuneSettings
+    from compress.train import spec_loaders
+    trained = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    model = compress.load(trained)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0)
+    settings = FinetuneSettings(epochs=1, steps_per_epoch=6, lr=3.0, warmup_epochs=0, holdout=256, eval_every=2)
+    tuned = fit(model, data, settings, tmp_path, validate=False, quiet=True)
+    record = json.loads((tmp_path / "keep_best.json").read_text())
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["start"]["top1"] > 0.5 and metrics[-1]["holdout_top1"] < record["start"]["top1"] - 0.1
+    assert record["step"] == 0 and record["top1"] == record["start"]["top1"]
+    for key, value in tuned.state_dict().items():
+        assert torch.equal(value, start[key]), key
+    held = spec_loaders(data, model.card, settings, validate=False)[0].holdout
+    assert evaluate(tuned, held)["top1"] == record["top1"]  # the images it chose on, held out of training
