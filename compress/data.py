@@ -186,11 +186,13 @@ def eval_set(spec: str, input_size: int, mean, std, num_classes: int) -> Dataset
 
 
 def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdout: int = 0,
-                  seed: int = 0) -> tuple[Dataset, Dataset | None, np.ndarray]:
-    """The training set minus `holdout` images picked with `seed`, those images (with eval
-    transforms, for search), and the holdout indices (to record in the run folder)."""
+                  seed: int = 0, max_share: float = 1.0) -> tuple[Dataset, Dataset | None, np.ndarray]:
+    """The training set minus `holdout` images (at most `max_share` of it) picked with `seed`,
+    those images (with eval transforms, for search), and the holdout indices (to record in the
+    run folder)."""
     train = split(spec, True, input_size, mean, std, num_classes)
     check_labels(train, num_classes, f"data {spec}")
+    holdout = min(holdout, int(max_share * len(train)))
     if holdout <= 0:
         return train, None, np.array([], dtype=np.int64)
     if holdout >= len(train):

@@ -23,7 +23,7 @@ from compress.space import ChannelSpace
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import reorder_channels, sandwich_step
-from compress.train import Loaders, fit
+from compress.train import KEEP_BEST_SHARE, Loaders, fit
 from compress.units import human
 
 DIRECT = ("uniform", "global")
@@ -139,19 +139,19 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
 
 
 def _loaders(train_loader: DataLoader, val_loader: DataLoader | None, settings: FinetuneSettings) -> Loaders:
-    """With keep_best, `settings.holdout` images of the training set are kept out of training
-    (picked with the seed) to choose the best state on; the loaders are rebuilt around the rest
-    with the same batch size and workers."""
+    """With keep_best, `settings.holdout` images of the training set (at most a tenth of it) are
+    kept out of training, picked with the seed, to choose the best state on; the loaders are
+    rebuilt around the rest with the same batch size and workers."""
     if not settings.keep_best:
         return Loaders(train_loader, val_loader)
     dataset = train_loader.dataset
-    if not 0 < settings.holdout < len(dataset):
-        raise CompressError(f"keep_best holds out `holdout` training images to choose the best state on; "
-                            f"{settings.holdout} of {len(dataset)} leaves "
-                            f"{'none to train on' if settings.holdout else 'none to choose on'}. Set holdout between 1 "
-                            f"and {len(dataset) - 1}, or keep_best=False.")
+    count = min(settings.holdout, int(KEEP_BEST_SHARE * len(dataset)))
+    if count < 1:
+        raise CompressError(f"keep_best chooses the best state on held-out training images: `holdout` is "
+                            f"{settings.holdout} and a tenth of the {len(dataset)} training images is "
+                            f"{int(KEEP_BEST_SHARE * len(dataset))}; give more images, or keep_best=False.")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(settings.seed)).tolist()
-    rest, held = Subset(dataset, order[settings.holdout:]), Subset(dataset, order[:settings.holdout])
+    rest, held = Subset(dataset, order[count:]), Subset(dataset, order[:count])
     options = dict(batch_size=train_loader.batch_size, num_workers=train_loader.num_workers,
                    collate_fn=train_loader.collate_fn)
     return Loaders(DataLoader(rest, shuffle=True, drop_last=train_loader.drop_last, **options), val_loader,

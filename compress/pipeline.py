@@ -269,6 +269,8 @@ class Pipeline:
                              provenance={"created_by": f"chansearch run ({command})", "parent": net["path"],
                                          "teacher": teacher, "from_scratch": f.from_scratch})
             out[tag] = {"path": str(path)}
+            if (run_dir / "keep_best.json").exists():
+                out[tag]["kept_best"] = json.loads((run_dir / "keep_best.json").read_text())
         distributed.barrier()
         if distributed.is_main():
             for tag, net in upstream["nets"].items():

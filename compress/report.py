@@ -22,7 +22,7 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     """Write report.md (+ report.png) into the run folder, print the tables; returns the
     failed checks."""
     r, run_dir = pipeline.recipe, pipeline.dir
-    failures, rows, files, points = [], [], [], []
+    failures, rows, files, points, notes = [], [], [], [], []
     unpruned = nets.get("unpruned")  # the direct path measures the model it pruned (and times it)
     for key in [k for k in exported if k.split("/")[0] == UNPRUNED]:
         row, problems = _file_row(UNPRUNED, key.split("/")[1], exported[key], timed.get(key), None, None)
@@ -52,8 +52,15 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
                     f"{_pct(nets['nets'][tag]['heldout_top1'])} | {_pct(before)} | {_pct(after)} | {versus} | "
                     f"{'pass' if ok else 'FAIL'} |")
         points.append((record["macs"], before, after, nets["nets"][tag]["label"]))
+        kept = tuned[tag].get("kept_best")
+        if kept:
+            notes.append(f"{nets['nets'][tag]['label']}: the state after step {kept['step']}, held-out top-1 "
+                         f"{kept['start']['top1']:.2%} before fine-tuning -> {kept['top1']:.2%}")
     table = ["| target | MACs | params | held-out top-1 (search) | test top-1 before fine-tune | after "
              "| vs unpruned | result |", "|---|---|---|---|---|---|---|---|", *rows]
+    if notes:
+        table += ["", "Fine-tuning kept its best state on held-out training images (never worse than the pruned "
+                  "net there): " + "; ".join(notes) + "."]
     if unpruned:
         table.insert(2, f"| unpruned | {human(unpruned['macs'])} | {human(unpruned['params'])} | - | "
                         f"{_pct(unpruned['test_top1'])} | - | 100% MACs | - |")

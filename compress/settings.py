@@ -52,7 +52,7 @@ class TrainSettings(Settings):
                          "with the seed")
     keep_best: bool = Field(False, description="evaluate on the held-out training images as training goes (from "
                             "the start) and return the best state, never worse than the starting one")
-    eval_every: int = Field(0, ge=0, description="keep_best: evaluate every N steps, besides after each epoch "
+    eval_every: int = Field(50, ge=0, description="keep_best: evaluate every N steps, besides after each epoch "
                             "(0 = after each epoch only)")
     val_images: int = Field(0, ge=0, description="evaluation images per epoch (0 = the whole evaluation split)")
     steps_per_epoch: int = Field(0, ge=0, description="cap on steps per epoch (0 = whole training set)")
@@ -171,7 +171,7 @@ class PruneSettings(Settings):
         "global", description="how a MAC target spreads the cut: by importance across groups (global), or every "
         "group alike (uniform)")
     divisor: int = Field(8, ge=1, description="widths are multiples of this")
-    reconstruct_images: int = Field(1024, ge=0, description="training images to refit each pruned layer on by "
+    reconstruct_images: int = Field(512, ge=0, description="training images to refit each pruned layer on by "
                                     "least squares, so it reproduces the unpruned layer's output from the "
                                     "channels left (when there is data; 0 = off)")
     recal_images: int = Field(512, ge=0, description="training images to re-estimate BN statistics on after "
@@ -199,14 +199,12 @@ class FinetuneSettings(TrainSettings):
     from_scratch: bool = Field(False, description="retrain the architecture from a fresh initialisation "
                                "(MetaPruning, AutoSlim) instead of fine-tuning its weights")
     distill: bool = Field(True, description="distil from the unpruned model (or the supernet's full config)")
-
     warmup_epochs: float = Field(0.1, ge=0, description="linear warm-up epochs (from a small lr: a pruned net "
                                  "is closer to a sharp edge than a trained one)")
-    holdout: int = Field(500, ge=0, description="training images held out to pick the best state (keep_best)")
+    holdout: int = Field(500, ge=0, description="training images held out to pick the best state (keep_best; "
+                         "at most a tenth of the training set)")
     keep_best: bool = Field(True, description="evaluate on the held-out training images as fine-tuning goes (from "
                             "the start) and return the best state, never worse than the pruned one")
-    eval_every: int = Field(50, ge=0, description="keep_best: evaluate every N steps, besides after each epoch "
-                            "(0 = after each epoch only)")
 
     @model_validator(mode="after")
     def _scratch(self):

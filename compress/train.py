@@ -34,6 +34,8 @@ from compress.settings import DataSettings, TrainSettings
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"  # keep_best: the best state so far, with its held-out scores
+# keep_best holds out `holdout` training images, but never more than this share of a small set
+KEEP_BEST_SHARE = 0.1
 
 
 class Loaders(NamedTuple):
@@ -130,7 +132,7 @@ def spec_loaders(data: DataSettings, card: ModelCard, cfg: TrainSettings, valida
         raise CompressError(f"batch size {data.batch_size} does not split over {world} processes; "
                             f"use a multiple of {world}.")
     train_set, held_set, held = train_holdout(data.spec, card.input_size, card.mean, card.std, card.num_classes,
-                                              cfg.holdout, cfg.seed)
+                                              cfg.holdout, cfg.seed, KEEP_BEST_SHARE if cfg.keep_best else 1.0)
     per_rank = data.batch_size // world
     if len(train_set) < data.batch_size:
         raise CompressError(f"data {data.spec} has {len(train_set)} training images, fewer than one batch "

@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import compress
 from compress import CompressError
 from compress.checkpoint import load_target, save_checkpoint
 from compress.files import safe_torch_load
+from compress.logs import notes
 from compress.models import build
 from compress.prune import prune_target
 from compress.space import widths_of
@@ -65,12 +67,17 @@ def test_pretrained_local_torchvision_state_dict(tmp_path):
     torch.testing.assert_close(model(x), reference.eval()(x))
 
 
-def test_pretrained_with_other_class_count_keeps_backbone(tmp_path):
+def test_pretrained_with_other_class_count_keeps_backbone(tmp_path, caplog):
     reference = torchvision.models.mobilenet_v2(num_classes=1000)
     path = tmp_path / "mobilenet_v2.pth"
     torch.save({"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}}, path)
-    with pytest.warns(UserWarning, match="re-initializing the head"):
-        model = load_target("mobilenet_v2_cifar", num_classes=10, pretrained=str(path))
+    notes.addHandler(caplog.handler)  # the notes logger does not propagate once the CLI shows it
+    try:
+        with caplog.at_level(logging.INFO, logger="compress"):
+            model = load_target("mobilenet_v2_cifar", num_classes=10, pretrained=str(path))
+    finally:
+        notes.removeHandler(caplog.handler)
+    assert "new classifier head 'classifier.1' for 10 classes (the weights have 1000)" in caplog.text
     torch.testing.assert_close(model.features[3].conv[0][0].weight, reference.features[3].conv[0][0].weight)
     assert model.classifier[1].out_features == 10
 
