@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from common import CIFAR, write_section
+from compress.batchnorm import fold_statistics
 from compress.data import sample_labelled
 from compress.models import build
 from compress.prune import config_for_macs, group_scores, prune_with_map
@@ -64,9 +65,10 @@ def main() -> None:
                                                             scores))
             (pruned, kept), t_cut = timed(lambda: prune_with_map(model, config, space, scores=scores))
             refitted, t_refit = timed(lambda: reconstruct(model, pruned, kept, batch[0]))
-            total = t_scores + t_alloc + t_cut + t_refit
+            _, t_fold = timed(lambda: fold_statistics(pruned, batch[0].split(64)))
+            total = t_scores + t_alloc + t_cut + t_refit + t_fold
             rows.append(f"| {name} | {layers} / {len(refitted)} | {count} | {t_scores:.1f} | {t_alloc:.1f} | "
-                        f"{t_cut:.1f} | {t_refit:.1f} | {total:.1f} |")
+                        f"{t_cut:.1f} | {t_refit:.1f} | {t_fold:.1f} | {total:.1f} |")
             print(rows[-1], flush=True)
         # the refit's one lockstep pass against a forward pass from the input per layer and batch
         count = size["baseline"]
@@ -85,12 +87,13 @@ def main() -> None:
     write_section("Pruning speed", "\n".join([
         f"Pruning to {args.macs:.0%} MACs with data at {args.input_size} px, by phase, in seconds (one run each; the "
         "MobileNetV2 with the ImageNet weights of ../shared/pretrained, the others at random init, which times the "
-        "same): energy scores, the global allocation, the cut, the least-squares refit. Layers: channel-mixing "
+        "same): energy scores, the global allocation, the cut, the least-squares refit, the BN statistics made the "
+        "refitted net's (what `chansearch prune --data` runs). Layers: channel-mixing "
         "layers in the model / refitted. The refit holds at most 2 GiB of activations (`cache_mb`); where they "
         f"are larger, fewer images take part in the early layers. Peak memory of the whole run: {peak:.1f} GiB. "
         "Target: MobileNetV2 at 224 px on 512 images in <= 120 s on 2 cores.", "",
-        "| model | layers | images | scores s | allocation s | cut s | refit s | total s |",
-        "|---|---|---|---|---|---|---|---|", *rows, "",
+        "| model | layers | images | scores s | allocation s | cut s | refit s | BN fold s | total s |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
         "The refit as one lockstep pass against the per-layer forward passes it replaced (on the same pruned net "
         "and images; identical weights expected):", "",
         "| model | images | per-layer passes s | lockstep s | speed-up | same weights |",

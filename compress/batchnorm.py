@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.moments import ChannelMoments
+
 
 @torch.no_grad()
 def recalibrate(model: nn.Module, batches, device: str | torch.device = "cpu", limit: int | None = None) -> None:
@@ -38,15 +40,9 @@ def fold_statistics(model: nn.Module, batches, device: str | torch.device = "cpu
     function stays exactly as it was. After a refit, train-mode BN (a fine-tune) then
     normalizes as the network already does, instead of rescaling channels whose refitted
     outputs have less variance than the unpruned ones the old statistics describe."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
-    sums = {m: [0.0, 0.0, 0] for m in bns}
-
-    def hook(module, inputs, _):
-        x = inputs[0].transpose(0, 1).flatten(1).double()
-        s = sums[module]
-        s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + (x * x).sum(1), s[2] + x.shape[1]
-
-    handles = [m.register_forward_hook(hook) for m in bns]
+    moments = {m: ChannelMoments() for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d) and m.track_running_stats}
+    handles = [m.register_forward_hook(lambda module, inputs, _: moments[module].add(inputs[0])) for m in moments]
     model.eval()
     try:
         for batch in batches:
@@ -54,11 +50,10 @@ def fold_statistics(model: nn.Module, batches, device: str | torch.device = "cpu
     finally:
         for h in handles:
             h.remove()
-    for m, (total, squares, n) in sums.items():
-        if not n:
+    for m, seen in moments.items():
+        if not seen.n:
             continue
-        mean = total / n
-        var = (squares / n - mean * mean).clamp_min(0)
+        mean, var = seen.mean, seen.variance
         old_std = (m.running_var.double() + m.eps).sqrt()
         new_std = (var + m.eps).sqrt()
         gamma = m.weight.double() if m.affine else torch.ones_like(mean)

@@ -14,39 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.moments import ChannelMoments
 from compress.reconstruct import mixes_channels
 from compress.space import ChannelSpace, dependency_graph, example_input, pruning_group
 
 
-class _Moments:
-    """Running per-channel mean and variance of a layer's input and output: each batch's own
-    (float32 reductions, which read the activations once) merged in float64 (Chan et al.)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mean, sum of squared deviations) of x, y
-
-    def add(self, linear: bool, x: torch.Tensor, y: torch.Tensor) -> None:
-        parts = []
-        for t in (x, y):
-            dims = tuple(range(t.dim() - 1)) if linear else (0, *range(2, t.dim()))  # all but the channels
-            var, mean = torch.var_mean(t, dim=dims, correction=0)
-            parts.append((mean.double(), var.double()))
-        m = t.numel() // t.shape[-1 if linear else 1]
-        if not self.stats:
-            self.stats = [(mean, var * m) for mean, var in parts]
-        else:
-            n = self.n
-            self.stats = [(mu + (mean - mu) * m / (n + m), m2 + var * m + (mean - mu) ** 2 * n * m / (n + m))
-                          for (mu, m2), (mean, var) in zip(self.stats, parts)]
-        self.n += m
-
-    def variances(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(m2 / self.n for _, m2 in self.stats)
-
-
-def _relative_energy(module: nn.Module, moments: _Moments) -> torch.Tensor:
-    var_x, var_y = moments.variances()
+def _relative_energy(module: nn.Module, x: ChannelMoments, y: ChannelMoments) -> torch.Tensor:
+    var_x, var_y = x.variance, y.variance
     w2 = module.weight.detach().double().pow(2)
     w2 = w2.reshape(w2.shape[0], w2.shape[1], -1).sum(2)  # over the kernel window
     return (w2 * var_x[None, :] / (var_y[:, None] + 1e-12)).mean(0).cpu()
@@ -59,15 +33,22 @@ def energy_scores(model: nn.Module, space: ChannelSpace, images: torch.Tensor, b
     model's torch-pruning dependency graph, when the caller has built it already)."""
     model = model.eval()
     device = next(model.parameters()).device
-    consumers = {m: _Moments() for m in model.modules() if mixes_channels(m)}
-    handles = [m.register_forward_hook(lambda m, i, o: consumers[m].add(isinstance(m, nn.Linear), i[0], o)) for m in consumers]
+    consumers = {m: (ChannelMoments(isinstance(m, nn.Linear)), ChannelMoments(isinstance(m, nn.Linear)))
+                 for m in model.modules() if mixes_channels(m)}
+
+    def hook(module, inputs, output):
+        x, y = consumers[module]
+        x.add(inputs[0])
+        y.add(output)
+
+    handles = [m.register_forward_hook(hook) for m in consumers]
     try:
         for batch in images.split(batch_size):
             model(batch.to(device))
     finally:
         for h in handles:
             h.remove()
-    energy = {m: _relative_energy(m, s) for m, s in consumers.items() if s.n}
+    energy = {m: _relative_energy(m, x, y) for m, (x, y) in consumers.items() if x.n}
     graph = graph or dependency_graph(model, example_input(space.input_size[-1], model))
     scores = {}
     for g in space.groups:

@@ -181,6 +181,23 @@ def test_sampled_rows_are_the_convs_own_patches(options):
     torch.testing.assert_close(rows @ conv.weight.reshape(5, -1).T, target, atol=1e-5, rtol=1e-5)
 
 
+def test_channel_moments_over_uneven_batches_equal_one_float64_pass():
+    """Energy scores and the BN fold read per-channel moments merged batch by batch; they must be
+    those of all images at once, for conv (channels on dim 1) and linear (last dim) activations."""
+    from compress.moments import ChannelMoments
+    torch.manual_seed(0)
+    for shape, last in (((37, 6, 5, 7), False), ((37, 9), True)):
+        x = torch.randn(*shape) * torch.linspace(0.1, 30, shape[-1 if last else 1]).reshape(
+            (1,) * (len(shape) - 1) + (-1,) if last else (1, -1) + (1,) * (len(shape) - 2)) + 5
+        moments = ChannelMoments(last)
+        for part in x.split(16):  # 16, 16, 5
+            moments.add(part)
+        flat = x.double().reshape(-1, shape[-1]) if last else x.double().transpose(0, 1).flatten(1).T
+        torch.testing.assert_close(moments.mean, flat.mean(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(moments.variance, flat.var(0, correction=0), rtol=1e-5, atol=1e-6)
+        assert moments.n == flat.shape[0]
+
+
 def test_folded_statistics_keep_the_function_and_describe_the_net():
     """fold_statistics leaves the eval-mode function as it was, sets each BN's running statistics
     to its input's real moments, so a train-mode forward on a large batch now computes (nearly)
