@@ -198,9 +198,15 @@ def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdo
     if holdout >= len(train):
         raise CompressError(f"`holdout` {holdout} leaves no training images ({spec} has {len(train)}).")
     plain = split(spec, True, input_size, mean, std, num_classes, augment=False)
-    perm = np.random.default_rng(seed).permutation(len(train))
-    held, kept = np.sort(perm[:holdout]), np.sort(perm[holdout:])
+    kept, held = holdout_indices(len(train), holdout, seed)
     return Subset(train, kept.tolist()), Subset(plain, held.tolist()), held
+
+
+def holdout_indices(size: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of a set of `size` images left for training and the `holdout` held out,
+    picked with `seed`, each in dataset order."""
+    perm = np.random.default_rng(seed).permutation(size)
+    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
 
 
 def random_subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from compress import distributed
 from compress.card import card_of, describe
+from compress.data import holdout_indices
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.prune import config_for_macs, group_scores, prune_with_map, restore_outputs
@@ -23,7 +24,7 @@ from compress.space import ChannelSpace
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import reorder_channels, sandwich_step
-from compress.train import KEEP_BEST_SHARE, Loaders, fit
+from compress.train import KEEP_BEST_SHARE, Loaders, fit, kept_best
 from compress.units import human
 
 DIRECT = ("uniform", "global")
@@ -129,9 +130,9 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
         teacher = model if finetune.distill else None
         small = fit(small, _loaders(train_loader, val_loader, finetune), finetune, out / "finetune", teacher=teacher,
                     quiet=quiet)
-        history, kept = out / "finetune" / "metrics.jsonl", out / "finetune" / "keep_best.json"
+        history = out / "finetune" / "metrics.jsonl"
         report.history = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
-        report.kept_best = json.loads(kept.read_text()) if kept.exists() else None
+        report.kept_best = kept_best(out / "finetune")
         if val_loader is not None:
             report.top1_after = evaluate(small, val_loader, device)["top1"]
     # training may leave weights channels_last; hand back the layout a plain module has
@@ -150,8 +151,7 @@ def _loaders(train_loader: DataLoader, val_loader: DataLoader | None, settings: 
         raise CompressError(f"keep_best chooses the best state on held-out training images: `holdout` is "
                             f"{settings.holdout} and a tenth of the {len(dataset)} training images is "
                             f"{int(KEEP_BEST_SHARE * len(dataset))}; give more images, or keep_best=False.")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(settings.seed)).tolist()
-    rest, held = Subset(dataset, order[count:]), Subset(dataset, order[:count])
+    rest, held = (Subset(dataset, part.tolist()) for part in holdout_indices(len(dataset), count, settings.seed))
     options = dict(batch_size=train_loader.batch_size, num_workers=train_loader.num_workers,
                    collate_fn=train_loader.collate_fn)
     return Loaders(DataLoader(rest, shuffle=True, drop_last=train_loader.drop_last, **options), val_loader,

@@ -34,7 +34,7 @@ from compress.profile import count
 from compress.recipe import Recipe, dump, load_recipe
 from compress.report import UNPRUNED, write_report
 from compress.settings import HeldOutScoring, SearchSettings, TrainSettings
-from compress.train import STATE_FILE
+from compress.train import STATE_FILE, kept_best
 
 MARKER = "stage.json"
 
@@ -269,8 +269,9 @@ class Pipeline:
                              provenance={"created_by": f"chansearch run ({command})", "parent": net["path"],
                                          "teacher": teacher, "from_scratch": f.from_scratch})
             out[tag] = {"path": str(path)}
-            if (run_dir / "keep_best.json").exists():
-                out[tag]["kept_best"] = json.loads((run_dir / "keep_best.json").read_text())
+            kept = kept_best(run_dir)
+            if kept:
+                out[tag]["kept_best"] = kept
         distributed.barrier()
         if distributed.is_main():
             for tag, net in upstream["nets"].items():

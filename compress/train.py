@@ -34,6 +34,7 @@ from compress.settings import DataSettings, TrainSettings
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"  # keep_best: the best state so far, with its held-out scores
+KEPT_FILE = "keep_best.json"  # keep_best: the step and held-out scores of the state fit returned
 # keep_best holds out `holdout` training images, but never more than this share of a small set
 KEEP_BEST_SHARE = 0.1
 
@@ -297,12 +298,19 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             if not quiet:
                 print(_summary(record), flush=True)
         distributed.barrier()
-    if best is not None and main:
-        atomic_write_json(run_dir / "keep_best.json", best.restore(final))
-    elif best is not None:
-        best.restore(final)
+    if best is not None:
+        chosen = best.restore(final)
+        if main:
+            atomic_write_json(run_dir / KEPT_FILE, chosen)
     final.card = card
     return final
+
+
+def kept_best(run_dir: Path) -> dict | None:
+    """What keep_best chose in a finished run folder (step, held-out scores, the start's), or
+    None when it was off."""
+    path = Path(run_dir) / KEPT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 class Best:
