@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                 EPILOG + " Resume an interrupted run with --resume RUN_DIR.")
     _model_args(p, resumable=True)
     add_flags(p, HeldOutScoring, title="held-out scoring after training")
-    _training_flags(p, SupernetSettings)
+    _training_flags(p, SupernetSettings, skip=("qat_epochs",))
     _run_flags(p, "runs/supernet", "last.pt, metrics.jsonl, supernet.pt")
     p.set_defaults(func=cmd_supernet)
 

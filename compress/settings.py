@@ -58,6 +58,20 @@ class TrainSettings(Settings):
     steps_per_epoch: int = Field(0, ge=0, description="cap on steps per epoch (0 = whole training set)")
     seed: int = Field(0, description="random seed")
     deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU)")
+    qat_epochs: int = Field(0, ge=0, description="quantization-aware recovery: the last N epochs train through "
+                            "int8 arithmetic as the int8 export computes it (fake-quantized weights and activations, "
+                            "BN statistics frozen), so an int8 file matches the float model; keep_best then scores "
+                            "the quantized net")
+
+    @model_validator(mode="after")
+    def _qat(self):
+        if self.qat_epochs > self.epochs:
+            raise ValueError(f"`qat_epochs` ({self.qat_epochs}) is the last part of `epochs` ({self.epochs}): "
+                             "set it at most `epochs`")
+        if self.qat_epochs and self.ema_decay:
+            raise ValueError("qat_epochs trains the weights the int8 file will hold; an EMA of them would not be "
+                             "on the int8 grid: set `ema_decay: 0` or `qat_epochs: 0`")
+        return self
 
 
 class HeldOutScoring(Settings):
@@ -79,6 +93,13 @@ class SupernetSettings(TrainSettings):
     reorder: bool = Field(True, description="slimmable: most important channels of a pretrained model first")
     hidden: int = Field(32, ge=1, description="pruningnet: hidden units of each layer's hypernetwork")
     holdout: int = Field(5000, ge=0, description="training images held out to score configs in the search")
+
+    @model_validator(mode="after")
+    def _no_qat(self):
+        if self.qat_epochs:
+            raise ValueError("a supernet is not exported: quantization-aware recovery (`qat_epochs`) belongs to "
+                             "the fine-tune of the network extracted from it")
+        return self
 
 
 def _count_text(value, what: str):

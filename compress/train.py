@@ -7,6 +7,7 @@ pass their own `step` (what one batch computes); everything else is shared.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -30,10 +31,13 @@ from compress.data import eval_set, random_subset, train_holdout
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.files import atomic_save, atomic_write_json, atomic_write_text, safe_torch_load
+from compress.qat import QuantizationAware, quantization_aware
 from compress.settings import DataSettings, TrainSettings
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"  # keep_best: the best state so far, with its held-out scores
+BEST_INT8_FILE = "best_int8.pt"  # keep_best in the quantization-aware epochs (a state of another shape)
+RANGE_BATCHES = 8  # training batches that set the int8 activation ranges before the quantization-aware epochs
 KEPT_FILE = "keep_best.json"  # keep_best: the step and held-out scores of the state fit returned
 # keep_best holds out `holdout` training images, but never more than this share of a small set
 KEEP_BEST_SHARE = 0.1
@@ -194,7 +198,6 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
         model.to(memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(device).eval()  # run under no_grad by the step; its own flags stay the caller's
-    net = DistributedDataParallel(model) if world > 1 else model
     # Fused kernels update every parameter in one pass; on CPU the default per-tensor loop is
     # several times slower on a PruningNet's hypernetworks (bench_supernet_speed.py measures it).
     fused = device.type in ("cpu", "cuda")
@@ -211,9 +214,12 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
                 if cfg.amp != "none" else contextlib.nullcontext())
 
     history, start = [], 0
-    best = Best(run_dir / BEST_FILE, select_loader, device, main) if cfg.keep_best else None
+    qat_from = cfg.epochs - cfg.qat_epochs if cfg.qat_epochs else None
+    trained: nn.Module = model  # what the epochs train: the model, or from qat_from on its int8 form
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        if qat_from is not None and saved["epoch"] + 1 > qat_from:
+            trained = _int8_form(model, card, device)
+        trained.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
@@ -229,8 +235,11 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             atomic_write_json(run_dir / "holdout.json", {"data": data.spec, "seed": cfg.seed, "indices": held.tolist()},
                               indent=None)
         _write_metrics(run_dir, history)
-    final = ema.module if ema is not None else model
-    if best is not None:
+    net = DistributedDataParallel(trained) if world > 1 else trained
+    final = ema.module if ema is not None else trained
+    best = None
+    if cfg.keep_best:
+        best = Best(run_dir / (BEST_FILE if trained is model else BEST_INT8_FILE), select_loader, device, main)
         best.start(final, resumed=saved is not None)
 
     def backward(loss: torch.Tensor) -> None:
@@ -239,6 +248,15 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     for epoch in range(start, cfg.epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        if epoch == qat_from and trained is model:
+            if best is not None:
+                best.restore(model)  # the int8 epochs start from the best float state
+            trained = final = _int8_form(model, card, device)
+            trained.measure_ranges(images.to(device) for images, _ in itertools.islice(loader, RANGE_BATCHES))
+            net = DistributedDataParallel(trained) if world > 1 else trained
+            if best is not None:  # from here the int8 net is what is scored and kept
+                best = Best(run_dir / BEST_INT8_FILE, select_loader, device, main)
+                best.start(final, resumed=False, step=epoch * steps)
         net.train()
         loss_sum, seen = 0.0, 0
         began = time.perf_counter()
@@ -289,7 +307,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             record.update({f"val_{k}": v for k, v in evaluate(final, val_loader, device).items()})
         history.append(record)
         if main:
-            atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            atomic_save({"epoch": epoch, "model": trained.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                          "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
                          "history": history, "train_config": recorded, "card": card.to_dict()}, state_path)
@@ -301,9 +319,17 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     if best is not None:
         chosen = best.restore(final)
         if main:
-            atomic_write_json(run_dir / KEPT_FILE, chosen)
+            atomic_write_json(run_dir / KEPT_FILE, {**chosen, "int8": trained is not model})
+    if isinstance(trained, QuantizationAware):
+        final = trained.release()
     final.card = card
     return final
+
+
+def _int8_form(model: nn.Module, card: ModelCard, device: torch.device) -> QuantizationAware:
+    """`model` as its int8 export computes, for the quantization-aware epochs."""
+    example = torch.zeros(1, 3, card.input_size, card.input_size, device=device)
+    return quantization_aware(model, example)
 
 
 def kept_best(run_dir: Path) -> dict | None:
@@ -323,13 +349,13 @@ class Best:
         self.state: dict | None = None
         self.record: dict = {}  # step and scores of the best state, and of the starting one
 
-    def start(self, model: nn.Module, resumed: bool) -> None:
+    def start(self, model: nn.Module, resumed: bool, step: int = 0) -> None:
         if resumed and self.path.exists():
             saved = safe_torch_load(self.path)
             self.state, self.record = saved["state"], saved["record"]
             return
         scores = self._score(model)
-        self.record = {"step": 0, **scores, "start": scores}
+        self.record = {"step": step, **scores, "start": {"step": step, **scores}}
         self._keep(model)
 
     def check(self, model: nn.Module, step: int) -> dict:

@@ -16,36 +16,7 @@ import copy
 import torch
 from torch import nn
 
-LEVELS = 127  # symmetric int8 weights: [-127, 127] x scale, as TFLite and ONNX Runtime use
-
-
-def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, nn.BatchNorm2d | None]]:
-    """Every conv and linear layer, with the BatchNorm that consumes its output directly (as
-    a converter folds it), found by running the model once."""
-    outputs: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # the tensor is kept so its id stays unique
-    found: dict[nn.Module, nn.BatchNorm2d | None] = {}
-
-    def produced(m, args, out):
-        outputs[id(out)] = (m, out)
-        found.setdefault(m, None)
-
-    def consumed(m, args):
-        if id(args[0]) in outputs:
-            found[outputs[id(args[0])][0]] = m
-    hooks = []
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            hooks.append(module.register_forward_hook(produced))
-        elif isinstance(module, nn.BatchNorm2d):
-            hooks.append(module.register_forward_pre_hook(consumed))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return list(found.items())
-
+from compress.int8 import bn_fold, conv_bn_pairs, weight_on_grid
 
 def _input_means(model: nn.Module, layers: list[nn.Module], images: torch.Tensor, batch: int = 64
                  ) -> dict[nn.Module, torch.Tensor]:
@@ -72,16 +43,12 @@ def int8_ready(model: nn.Module, images: torch.Tensor) -> nn.Module:
     grid (after BN folding) and whose BN running means (or biases) absorb the mean shift
     measured with `images` (NCHW, the model's preprocessing)."""
     model = copy.deepcopy(model).eval()
-    pairs = _conv_bn_pairs(model, images[:1])
+    pairs = conv_bn_pairs(model, images[:1])
     means = _input_means(model, [layer for layer, _ in pairs], images)
     with torch.no_grad():
         for layer, bn in pairs:
             w = layer.weight
-            fold = (bn.weight / torch.sqrt(bn.running_var + bn.eps)) if bn is not None else torch.ones(w.shape[0])
-            fold = torch.where(fold == 0, torch.ones_like(fold), fold).view(-1, *[1] * (w.dim() - 1))
-            folded = w * fold
-            scale = (folded.abs().amax(tuple(range(1, w.dim())), keepdim=True) / LEVELS).clamp_min(1e-12)
-            rounded = torch.round(folded / scale) * scale / fold
+            rounded = weight_on_grid(w, bn_fold(w, bn))
             error = rounded - w
             if layer not in means:  # never ran on these inputs: nothing to correct for
                 layer.weight.copy_(rounded)

@@ -205,3 +205,42 @@ def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
         assert torch.equal(value, start[key]), key
     held = spec_loaders(data, model.card, settings, validate=False)[0].holdout
     assert evaluate(tuned, held)["top1"] == record["top1"]  # the images it chose on, held out of training
+
+
+def test_quantization_aware_epochs_train_the_int8_net_and_return_a_plain_one(tmp_path, cifar_dir):
+    """The last epoch runs through int8 arithmetic: BN statistics stay frozen, keep_best scores
+    the int8 net from a calibrated start, and the returned model is a plain module (its
+    checkpoint loads as any other) whose weights lie exactly on the per-channel int8 grid the
+    exporters quantize to."""
+    from compress.int8 import bn_fold, conv_bn_pairs, weight_on_grid
+    from compress.settings import FinetuneSettings
+    model = compress.load(ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt")
+    data = DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0)
+    settings = FinetuneSettings(epochs=2, qat_epochs=1, steps_per_epoch=3, lr=0.002, warmup_epochs=0, holdout=128,
+                                eval_every=0)
+    tuned = fit(model, data, settings, tmp_path, validate=False, quiet=True)
+    record = json.loads((tmp_path / "keep_best.json").read_text())
+    assert record["int8"] and record["start"]["step"] == 3 and record["start"]["top1"] > 0.4  # ranges calibrated
+    assert set(tuned.state_dict()) == set(compress.load(ROOT / "tests" / "data" /
+                                                        "mobilenet_v2_cifar_w035_trained.pt").state_dict())
+    float_state = torch.load(tmp_path / "best.pt", weights_only=True)["state"]  # where the int8 epoch began
+    pairs = conv_bn_pairs(tuned, torch.zeros(1, 3, 32, 32))
+    assert len(pairs) > 10
+    for layer, bn in pairs:
+        with torch.no_grad():
+            assert torch.allclose(weight_on_grid(layer.weight, bn_fold(layer.weight, bn)), layer.weight,
+                                  rtol=1e-5, atol=1e-7)
+    for name, value in tuned.state_dict().items():
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.equal(value, float_state[name]), name
+    compress.save_checkpoint(tmp_path / "q.pt", tuned)
+    assert compress.load(tmp_path / "q.pt")(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_quantization_aware_epochs_are_refused_where_they_cannot_run(cifar_dir):
+    from compress.settings import FinetuneSettings
+    with pytest.raises(ValueError, match="ema_decay: 0"):
+        FinetuneSettings(epochs=2, qat_epochs=1, ema_decay=0.999)
+    out = run_cli("finetune", ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt", "--data",
+                  f"cifar10:{cifar_dir}", "--epochs", "1", "--qat-epochs", "2", "-o", "unused.pt")
+    assert out.returncode == 2 and "--qat-epochs" in out.stderr and "at most --epochs" in out.stderr, out.stderr
