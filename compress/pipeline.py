@@ -33,7 +33,7 @@ from compress.flags import command_line, flag
 from compress.profile import count
 from compress.recipe import Recipe, dump, load_recipe
 from compress.report import UNPRUNED, write_report
-from compress.settings import HeldOutScoring, SearchSettings, TrainSettings
+from compress.settings import ExportSettings, HeldOutScoring, SearchSettings, TrainSettings
 from compress.train import STATE_FILE, kept_best
 
 MARKER = "stage.json"
@@ -282,7 +282,7 @@ class Pipeline:
     def _export(self, folder: Path) -> dict:
         """Every target as a float file per format and, when the recipe quantizes, the
         quantized file beside it (ONNX takes static int8 only), so the report compares them;
-        on the direct path the unpruned model in float too, for the latency speed-up."""
+        on the direct path the unpruned model's files too, for the latency speed-up."""
         e, spec = self.recipe.export, self.recipe.data.spec
         float_only = e.model_copy(update={"int8": False, "int8_io": False, "dynamic_range": False,
                                           "keep_float": 0})
@@ -296,23 +296,25 @@ class Pipeline:
             except CheckFailed as exc:
                 out[key] = {**_exported(exc.report or {"path": str(path)}, ok=False), "error": str(exc)}
 
-        for tag, net in self.records["finetune"]["outputs"].items():
-            model = load_target(net["path"])
+        def variants(fmt: str) -> list[tuple[str, ExportSettings]]:
+            """The float file, and the quantized one beside it when the recipe asks."""
+            chosen = [(fmt, float_only.model_copy(update={"nhwc": e.nhwc and fmt == "tflite"}))]
+            if fmt == "tflite" and e.quantize:
+                chosen.append((f"tflite-{e.quantize}", e))
+            elif fmt == "onnx" and e.quantize in ("int8", "int8_io"):
+                chosen.append(("onnx-int8", float_only.model_copy(update={"int8": True})))
+            return chosen
+
+        def export_all(model: nn.Module, source: str, model_flags: list, tag: str) -> None:
             for fmt in e.formats:
-                variants = [(fmt, float_only.model_copy(update={"nhwc": e.nhwc and fmt == "tflite"}))]
-                if fmt == "tflite" and e.quantize:
-                    variants.append((f"tflite-{e.quantize}", e))
-                elif fmt == "onnx" and e.quantize in ("int8", "int8_io"):
-                    variants.append(("onnx-int8", float_only.model_copy(update={"int8": True})))
-                for name, settings in variants:
+                for name, settings in variants(fmt):
                     path = folder / f"{tag}{name.removeprefix(fmt).replace('-', '_')}.{fmt}"
-                    export(model, net["path"], [], f"{tag}/{name}", fmt, settings, path)
+                    export(model, source, model_flags, f"{tag}/{name}", fmt, settings, path)
+
+        for tag, net in self.records["finetune"]["outputs"].items():
+            export_all(load_target(net["path"]), net["path"], [], tag)
         if "prune" in self.records:
-            source, model_flags = self._source()
-            original = self._model()
-            for fmt in e.formats:
-                export(original, source, model_flags, f"{UNPRUNED}/{fmt}", fmt,
-                       float_only.model_copy(update={"nhwc": e.nhwc and fmt == "tflite"}), folder / f"{UNPRUNED}.{fmt}")
+            export_all(self._model(), *self._source(), UNPRUNED)
         return out
 
     def _latency(self, folder: Path) -> dict:

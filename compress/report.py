@@ -22,12 +22,17 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     """Write report.md (+ report.png) into the run folder, print the tables; returns the
     failed checks."""
     r, run_dir = pipeline.recipe, pipeline.dir
-    failures, rows, files, points, notes = [], [], [], [], []
+    failures, rows, files, points, notes, baseline = [], [], [], [], [], []
     unpruned = nets.get("unpruned")  # the direct path measures the model it pruned (and times it)
     for key in [k for k in exported if k.split("/")[0] == UNPRUNED]:
-        row, problems = _file_row(UNPRUNED, key.split("/")[1], exported[key], timed.get(key), None, None)
+        variant = key.split("/")[1]
+        row, problems = _file_row(UNPRUNED, variant, exported[key], timed.get(key),
+                                  timed.get(f"{UNPRUNED}/{variant.split('-')[0]}"), None)
         files.append(row)
-        failures += problems
+        if "-" in variant:  # the quantized model the user brought: a baseline to compare with, not a target
+            baseline += problems
+        else:
+            failures += problems
     for target in r.targets():
         tag = target.tag()
         record = torch.load(tuned[tag]["path"], map_location="cpu", weights_only=True)
@@ -36,9 +41,9 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
         for key in [k for k in exported if k.split("/")[0] == tag]:
             variant = key.split("/", 1)[1]  # onnx, tflite, tflite-int8, ...: the float file is the format's own
             fmt = variant.split("-")[0]
-            base = timed.get(f"{UNPRUNED}/{fmt}")
+            base = timed.get(f"{UNPRUNED}/{fmt}")  # the speed-up a pruned file gives, like for like
             row, problems = _file_row(nets["nets"][tag]["label"], variant, exported[key], timed.get(key),
-                                      timed.get(f"{tag}/{fmt}"), base)
+                                      timed.get(f"{tag}/{fmt}"), timed.get(f"{UNPRUNED}/{variant}", base))
             if speedup is None and variant == fmt and base and key in timed:
                 speedup = timed[key]["median_ms"] / base["median_ms"]
             files.append(row)
@@ -54,8 +59,10 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
         points.append((record["macs"], before, after, nets["nets"][tag]["label"]))
         kept = tuned[tag].get("kept_best")
         if kept:
+            where = ("at the start of the quantization-aware epochs, int8 net" if kept.get("int8")
+                     else "before fine-tuning")
             notes.append(f"{nets['nets'][tag]['label']}: the state after step {kept['step']}, held-out top-1 "
-                         f"{kept['start']['top1']:.2%} before fine-tuning -> {kept['top1']:.2%}")
+                         f"{kept['start']['top1']:.2%} {where} -> {kept['top1']:.2%}")
     table = ["| target | MACs | params | held-out top-1 (search) | test top-1 before fine-tune | after "
              "| vs unpruned | result |", "|---|---|---|---|---|---|---|---|", *rows]
     if notes:
@@ -66,6 +73,8 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
                         f"{_pct(unpruned['test_top1'])} | - | 100% MACs | - |")
     file_table = ["| target | file | size (x float) | parity with PyTorch | top-1 float / file | latency ms "
                   "(x float, x unpruned) | result |", "|---|---|---|---|---|---|---|", *files]
+    file_table += ["", *[f"The unpruned model's quantized file is a baseline, not a target of the recipe: {p}"
+                         for p in baseline]] if baseline else []
     lines = [f"# {r.name}", "", f"Run folder: `{run_dir}`  ", f"Finished: {datetime.datetime.now():%Y-%m-%d %H:%M}  ",
              f"Model: {r.model.name}" + (" (transferred to the data first: `transfer/model.pt`)" if r.transfer else "")
              + f"; data: `{r.data.spec}`; path: "
