@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -80,21 +79,6 @@ def table(rows: list[dict]) -> list[str]:
     return out
 
 
-def cpu_name() -> str:
-    """The CPU and the vector extensions int8 kernels care about, as the kernel reports them."""
-    flags, model = set(), platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
-    return f"{model} ({', '.join(wanted) or 'none of avx2/avx512/vnni/amx'})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, metavar="CKPT[:TEACHER]",
@@ -131,7 +115,8 @@ def main() -> None:
             f"the quickstart's fine-tune); QAT: the same "
             f"steps quantization-aware (`--qat-epochs 1`). Agreement and top-1 on {args.eval_images} test images, "
             f"each int8 file against its own float model. Latency: LiteRT (XNNPACK), median of {args.rounds} "
-            f"interleaved rounds of {args.runs} runs, ratio to the checkpoint's float file. CPU: {cpu_name()}. "
+            f"interleaved rounds of {args.runs} runs, ratio to the checkpoint's float file (the CPU and its int8 "
+            f"features: the Machine line). "
             f"Recipes fail an int8 file under {ExportSettings().agreement_floor:.0%} agreement.",
             "", *table(rows)]))
 

@@ -17,8 +17,24 @@ CIFAR = os.path.relpath(Path(__file__).resolve().parents[2] / "shared" / "data" 
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}; "
+    return (f"{cpu()}, {os.cpu_count()} cores, {gpu}; "
             f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def cpu() -> str:
+    """The CPU and the vector extensions int8 and float kernels depend on, as the kernel
+    reports them (latency ratios between int8 and float files turn on them)."""
+    flags, model = set(), platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+    return f"{model} ({', '.join(wanted) or 'none of avx2/avx512/vnni/amx'})"
 
 
 def write_section(name: str, body: str) -> None:

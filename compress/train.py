@@ -320,7 +320,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
         chosen = best.restore(final)
         if main:
             atomic_write_json(run_dir / KEPT_FILE, {**chosen, "int8": trained is not model})
-    if isinstance(trained, QuantizationAware):
+    if trained is not model:  # the int8 epochs ran: the plain model, its weights on the grid
         final = trained.release()
     final.card = card
     return final
