@@ -19,10 +19,20 @@ from compress.reconstruct import mixes_channels
 from compress.space import ChannelSpace, dependency_graph, example_input, pruning_group
 
 
+def _reads_channels(module: nn.Module) -> bool:
+    """A layer whose outputs are weighted sums over its input channels, all of them or one
+    slice of them (a grouped conv); a depthwise conv only carries its channel to the next."""
+    return mixes_channels(module) or (isinstance(module, nn.Conv2d) and 1 < module.groups and not (
+        module.groups == module.in_channels == module.out_channels))
+
+
 def _relative_energy(module: nn.Module, x: ChannelMoments, y: ChannelMoments) -> torch.Tensor:
     var_x, var_y = x.variance, y.variance
     w2 = module.weight.detach().double().pow(2)
     w2 = w2.reshape(w2.shape[0], w2.shape[1], -1).sum(2)  # over the kernel window
+    groups = getattr(module, "groups", 1)
+    if groups > 1:  # a grouped conv: output o reads only its own slice of the inputs
+        w2 = torch.block_diag(*w2.chunk(groups, dim=0))
     return (w2 * var_x[None, :] / (var_y[:, None] + 1e-12)).mean(0).cpu()
 
 
@@ -34,7 +44,7 @@ def energy_scores(model: nn.Module, space: ChannelSpace, images: torch.Tensor, b
     model = model.eval()
     device = next(model.parameters()).device
     consumers = {m: (ChannelMoments(isinstance(m, nn.Linear)), ChannelMoments(isinstance(m, nn.Linear)))
-                 for m in model.modules() if mixes_channels(m)}
+                 for m in model.modules() if _reads_channels(m)}
 
     def hook(module, inputs, output):
         x, y = consumers[module]

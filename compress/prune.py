@@ -16,7 +16,7 @@ from compress.energy import energy_scores
 from compress.errors import CompressError
 from compress.models.zoo import build_model
 from compress.reconstruct import mixes_channels, reconstruct
-from compress.space import ChannelConfig, ChannelSpace, dependency_graph, example_input, pruning_group
+from compress.space import ChannelConfig, ChannelGroup, ChannelSpace, dependency_graph, example_input, pruning_group
 from compress.units import human, parse_count
 
 IMPORTANCES = ("l1", "l2", "first", "taylor", "bn", "energy")
@@ -59,11 +59,23 @@ def _scores(model: nn.Module, space: ChannelSpace, importance: str, batch, graph
         return {g.name: np.arange(g.max, 0, -1, dtype=np.float64) for g in space.groups}
     graph = graph or dependency_graph(model, example_input(space.input_size[-1], model))
     if importance == "energy":
-        return energy_scores(model, space, batch[0], graph=graph)
-    if importance == "taylor":
-        _taylor_gradients(model, batch)
-    return {g.name: imp(pruning_group(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
-            for g in space.groups}
+        scores = energy_scores(model, space, batch[0], graph=graph)
+    else:
+        if importance == "taylor":
+            _taylor_gradients(model, batch)
+        scores = {g.name: imp(pruning_group(graph, model, g.name, list(range(g.max)))).detach().cpu().double().numpy()
+                  for g in space.groups}
+    # a sliced group loses the same positions from every slice: each position scores its mean
+    return {g.name: np.tile(scores[g.name].reshape(g.slices, -1).mean(0), g.slices) for g in space.groups}
+
+
+def dropped_channels(group: ChannelGroup, scores: np.ndarray, width: int) -> list[int]:
+    """The channels of `group` that a width of `width` removes: the lowest scored, the same
+    positions in each of the group's slices."""
+    size = group.max // group.slices
+    per = scores.reshape(group.slices, size).mean(0)
+    drop = np.argsort(-per, kind="stable")[width // group.slices:]
+    return sorted((drop[None, :] + size * np.arange(group.slices)[:, None]).ravel().tolist())
 
 
 def prune(model: nn.Module, config: Mapping[str, int], space: ChannelSpace | None = None,
@@ -100,15 +112,21 @@ def prune_with_map(model: nn.Module, config: Mapping[str, int], space: ChannelSp
         if width == g.max:
             continue
         # every layer dimension belongs to exactly one group, so these indices are the unpruned ones
-        drop = sorted(np.argsort(-scores[g.name], kind="stable")[width:].tolist())
-        group = pruning_group(graph, pruned, g.name, drop)
+        group = pruning_group(graph, pruned, g.name, dropped_channels(g, scores[g.name], width))
         for dep, idxs in group.items:
             out = graph.is_out_channel_pruning_fn(dep.handler)
             if out or graph.is_in_channel_pruning_fn(dep.handler):
                 entry = dropped.setdefault(names.get(dep.target.module, ""), (set(), set()))
                 entry[0 if out else 1].update(getattr(i, "idx", i) for i in idxs)
-        group.prune()
+        try:
+            group.prune()
+        except Exception as exc:  # an op torch-pruning maps wrongly: say where, not its internals
+            raise CompressError(f"torch-pruning failed to prune the channel group of layer '{g.name}' to {width} of "
+                                f"{g.max} ({type(exc).__name__}: {exc}); the group reaches "
+                                f"{', '.join(g.members[:6])}. Keep it at full width ({{\"{g.name}\": {g.max}}} in "
+                                "a channel config) and report the architecture.") from None
     pruned.zero_grad(set_to_none=True)
+    _check_runs(pruned, space, config)
     kept = {}
     for name, module in model.named_modules():
         if name in dropped and mixes_channels(module):
@@ -117,6 +135,19 @@ def prune_with_map(model: nn.Module, config: Mapping[str, int], space: ChannelSp
             kept[name] = ([i for i in range(n_out) if i not in dropped[name][0]],
                           [i for i in range(n_in) if i not in dropped[name][1]])
     return pruned.train(was_training), kept
+
+
+def _check_runs(pruned: nn.Module, space: ChannelSpace, config: ChannelConfig) -> None:
+    """A pruned model that no longer runs is refused here, before anyone trains or exports it."""
+    try:
+        with torch.no_grad():
+            pruned(example_input(space.input_size[-1], pruned))
+    except Exception as exc:
+        cut = [f"{g.name} {config[g.name]}/{g.max}" for g in space.groups if config[g.name] < g.max]
+        raise CompressError(f"the pruned model fails on its first forward pass ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}): an op in its code depends on a channel count that pruning changed "
+                            f"(pruned groups: {', '.join(cut[:8])}{' ...' if len(cut) > 8 else ''}). Keep the group "
+                            "that feeds that op at full width in a channel config, and report the architecture.") from None
 
 
 def config_for_macs(space: ChannelSpace, target_macs: int, strategy: str = "uniform",

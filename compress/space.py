@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,6 +87,9 @@ class ChannelGroup:
     max: int
     widths: tuple[int, ...]
     members: tuple[str, ...]  # "module.name:out" / "module.name:in"
+    # a grouped conv or GroupNorm among the members splits the channels into this many equal
+    # slices; pruning removes the same positions from every slice, so widths are multiples of it
+    slices: int = 1
 
     @property
     def min(self) -> int:
@@ -104,14 +108,20 @@ def make_divisible(value: float, divisor: int) -> int:
     return new
 
 
-def _allowed_widths(full: int, divisor: int, min_ratio: float, ratios) -> tuple[int, ...]:
+def _allowed_widths(full: int, divisor: int, min_ratio: float, ratios, slices: int = 1) -> tuple[int, ...]:
+    """Multiples of `divisor` (of the slice count and the divisor together when a smaller width
+    is left that way, else of the slice count alone: RegNet's 55 slices of 8 channels would
+    otherwise allow no width but the full one)."""
+    step = math.lcm(divisor, slices)
+    if slices > 1 and step >= full:
+        step = slices
     if ratios is not None:
-        widths = {min(full, make_divisible(full * r, divisor)) for r in ratios}
+        widths = {min(full, make_divisible(full * r, step)) for r in ratios}
     else:
-        lo = min(full, max(divisor, math.ceil(full * min_ratio / divisor) * divisor))
-        widths = set(range(lo, full + 1, divisor)) if full >= divisor else set()
+        lo = min(full, max(step, math.ceil(full * min_ratio / step) * step))
+        widths = set(range(lo, full + 1, step)) if full >= step else set()
     widths.add(full)
-    return tuple(sorted(w for w in widths if 0 < w <= full))
+    return tuple(sorted(w for w in widths if 0 < w <= full and w % slices == 0))
 
 
 class _Affine:
@@ -164,6 +174,7 @@ class ChannelSpace:
         self.divisor = divisor
         self.min_ratio = min_ratio
         self.ratios = None if ratios is None else tuple(ratios)
+        self.held: dict[str, str] = {}  # layers whose channels stay as they are, and why
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
@@ -182,34 +193,42 @@ class ChannelSpace:
         names = {m: n for n, m in model.named_modules()}
         order = {n: i for i, n in enumerate(names.values())}
 
-        raw = []  # (name, full width, [(module, 'out'|'in', n_idxs)])
+        raw = []  # (name, full width, [(module, 'out'|'in', n_idxs)], slices)
+        held = {}  # group name -> why it keeps its full width
         for group in graph.get_all_groups(ignored_layers=fixed_layers(model, graph),
                                           root_module_types=PRUNABLE):
-            full = len(group.items[0].idxs)
-            members = []
-            for item in group.items:
-                module = item.dep.target.module
-                if module not in names:
-                    continue  # torch-pruning's nodes for functional ops (add, reshape, ...)
-                kind = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
-                members.append((module, kind, len(item.idxs)))
-            outs = [names[m] for m, k, _ in members if k == "out" and isinstance(m, PRUNABLE)]
+            items = [(item.dep.target.module, "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in",
+                      item.idxs, item.dep.target) for item in group.items]
+            members = [(m, k, len(i)) for m, k, i, _ in items if m in names]
+            outs = [(len(i), order[names[m]], names[m]) for m, k, i, _ in items
+                    if m in names and k == "out" and isinstance(m, PRUNABLE)]
             if not outs:
                 continue
-            name = min(outs, key=order.__getitem__)
-            raw.append((name, full, members))
+            # the group's channels are those of its narrowest layer: a layer concatenated with a
+            # transform of itself (GhostNet) feeds each of its channels to two of the next layer's
+            full, _, name = min(outs)
+            cut = next(filter(None, (_channel_cut(node) if m not in names else
+                                     _misread(graph, m, k, i, full, names[m]) for m, k, i, node in items)), None)
+            slices = math.lcm(*(channel_slices(m) for m, _, _ in members))
+            if cut or full % slices:
+                held[name] = cut or f"its {full} channels do not split into the {slices} equal slices its grouped " \
+                                    "convs and GroupNorms need"
+                continue
+            raw.append((name, full, members, slices))
         raw.sort(key=lambda r: order[r[0]])
 
         groups, dims_of = [], {}
-        for gi, (name, full, members) in enumerate(raw):
+        for gi, (name, full, members, slices) in enumerate(raw):
             groups.append(ChannelGroup(
-                name=name, max=full, widths=_allowed_widths(full, divisor, min_ratio, ratios),
+                name=name, max=full, widths=_allowed_widths(full, divisor, min_ratio, ratios, slices),
                 members=tuple(sorted({f"{names[m]}:{k}" for m, k, _ in members}, key=lambda s: (
-                    order[s.rsplit(':', 1)[0]], s)))))
+                    order[s.rsplit(':', 1)[0]], s))), slices=slices))
             for module, kind, n in members:
                 dims_of.setdefault((module, kind), {})[gi] = (n, full)
         macs_fn, params_fn = _counters(model, example_input, dims_of, len(groups))
-        return cls(groups, macs_fn, params_fn, tuple(example_input.shape[1:]), divisor, min_ratio, ratios)
+        space = cls(groups, macs_fn, params_fn, tuple(example_input.shape[1:]), divisor, min_ratio, ratios)
+        space.held = dict(sorted(held.items(), key=lambda kv: order[kv[0]]))
+        return space
 
     # ---- configs --------------------------------------------------------------------------
     def max(self) -> ChannelConfig:
@@ -235,8 +254,10 @@ class ChannelSpace:
                                 f"{sorted(set(self.by_name) ^ set(parent.by_name))[:5]}.")
         groups = [replace(g, widths=tuple(w for w in parent.by_name[g.name].widths if w <= g.max))
                   for g in self.groups]
-        return ChannelSpace(groups, self._macs, self._params, self.input_size, parent.divisor, parent.min_ratio,
-                            parent.ratios)
+        space = ChannelSpace(groups, self._macs, self._params, self.input_size, parent.divisor, parent.min_ratio,
+                             parent.ratios)
+        space.held = self.held
+        return space
 
     def sample(self, rng: np.random.Generator) -> ChannelConfig:
         return ChannelConfig({g.name: int(rng.choice(g.widths)) for g in self.groups})
@@ -333,9 +354,82 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
         with torch.enable_grad():  # torch-pruning traces through autograd
             return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
     except Exception as exc:
-        raise CompressError(f"torch-pruning could not trace the model on an input of shape "
-                            f"{tuple(example_input.shape)}: {type(exc).__name__}: {exc}. Check "
-                            "the input size and that the model runs on it.") from None
+        node = _node_at_fault(exc)
+        if node is None:
+            raise CompressError(f"torch-pruning could not trace the model on an input of shape "
+                                f"{tuple(example_input.shape)}: {type(exc).__name__}: {exc}. Check "
+                                "the input size and that the model runs on it.") from None
+        raise CompressError(
+            f"torch-pruning cannot follow the channels through the op {node.grad_fn.name()} after layer "
+            f"'{_layer_before(node, model)}' ({type(exc).__name__}: {exc}): a reshape that moves channels between "
+            f"dimensions, like ShuffleNet's channel shuffle or a pixel shuffle. {type(model).__name__} cannot be "
+            "pruned as a whole; prune a part of it without that op (its backbone stages, for example), or write the "
+            "shuffle as a module of its own and keep it out of the pruned part.") from None
+
+
+def _node_at_fault(exc: BaseException):
+    """The dependency-graph node torch-pruning was mapping when it failed (None: not in its graph code)."""
+    node = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if isinstance(frame.f_locals.get("node"), tp.dependency.Node) and "torch_pruning" in frame.f_code.co_filename:
+            node = frame.f_locals["node"]
+    return node
+
+
+def _layer_before(node, model: nn.Module) -> str:
+    """The nearest named layer upstream of a graph node (what a user can find in the model)."""
+    names = {m: n for n, m in model.named_modules()}
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.module in names:
+            return names[current.module]
+        frontier.extend(current.inputs)
+    return "the input"
+
+
+# autograd ops that take part of the channel dimension; torch-pruning maps indices through
+# them as if they kept every channel
+_CUTS = {"SliceBackward0": "a channel slice", "AsStridedBackward0": "a channel slice",
+         "CopySlices": "a channel slice", "NarrowBackward0": "a narrow", "IndexBackward0": "an index",
+         "SelectBackward0": "a select", "UnbindBackward0": "an unbind"}
+
+
+def _channel_cut(node) -> str | None:
+    """Why a group that reaches this functional node must keep its width, if it must: a split,
+    chunk or slice of the channels (pruning changes the sizes the model's code asks for)."""
+    if node.type == tp.ops.OPTYPE.SPLIT:
+        return "its channels reach a split or chunk, whose sizes are fixed in the model's code"
+    name = node.grad_fn.name() if node.grad_fn is not None else ""
+    if name == "SliceBackward0" and getattr(node.grad_fn, "_saved_dim", 1) != 1:
+        return None  # a crop of the height or width
+    return f"its channels reach {_CUTS[name]} ({name}), which torch-pruning cannot follow" if name in _CUTS else None
+
+
+def _misread(graph: tp.DependencyGraph, module: nn.Module, kind: str, idxs, full: int, name: str) -> str | None:
+    """Why torch-pruning's indices for a layer of a group cannot be trusted, if they cannot:
+    each of the layer's channels must stand for one of the group's, and each of the group's
+    for the same number of the layer's (one, or several: a concatenation of a layer with a
+    transform of itself, a flatten before a linear layer)."""
+    pruner = graph.get_pruner_of_module(module)
+    plain = [int(getattr(i, "idx", i)) for i in idxs]
+    dim = None if pruner is None else pruner.get_out_channels(module) if kind == "out" else pruner.get_in_channels(module)
+    if len(plain) % full or len(set(plain)) != len(plain) or (dim is not None and max(plain, default=0) >= dim):
+        return (f"torch-pruning maps its {full} channels onto {len(plain)} of the {dim} "
+                f"{'outputs' if kind == 'out' else 'inputs'} of layer '{name}', which it cannot prune consistently")
+    return None
+
+
+def channel_slices(module: nn.Module) -> int:
+    """Equal slices a layer cuts its channels into: a grouped (not depthwise) conv's groups, a
+    GroupNorm's groups; 1 for every other layer."""
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
+            module.groups == module.in_channels == module.out_channels):
+        return module.groups
+    return module.num_groups if isinstance(module, nn.GroupNorm) else 1
 
 
 def pruning_group(graph: tp.DependencyGraph, model: nn.Module, name: str, idxs: list[int]):
@@ -345,14 +439,11 @@ def pruning_group(graph: tp.DependencyGraph, model: nn.Module, name: str, idxs: 
 
 
 def fixed_layers(model: nn.Module, graph: tp.DependencyGraph) -> list[nn.Module]:
-    """Layers whose output channels are fixed: the classifier (its output is the model's
-    output) and grouped, non-depthwise convs (their groups tie widths to a multiple)."""
+    """Layers whose output channels are fixed: those that reach the model's output through
+    parameter-free ops only (a classifier, a detector's or segmenter's head)."""
     fixed = []
     for module in model.modules():
         if not isinstance(module, PRUNABLE) or module not in graph.module2node:
-            continue
-        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels:
-            fixed.append(module)
             continue
         frontier, seen, reaches_output = [graph.module2node[module]], set(), False
         while frontier and not reaches_output:
