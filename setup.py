@@ -14,7 +14,8 @@ setup(
         "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert", "litert-torch",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout", "tensorboard"],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "tensorboard", "timm"],
+                    "timm": ["timm"],  # timm:NAME model sources
                     # the peers benchmarks/bench_pretrained.py compares with (modelopt 0.47 needs
                     # torchprofile's 0.0.x API)
                     "benchmark": ["nvidia-modelopt==0.47.0", "torchprofile==0.0.4"]},

@@ -11,6 +11,7 @@ from compress.card import ModelCard, card_of
 from compress.errors import CompressError
 from compress.files import CHECKPOINT_FORMAT, atomic_save, safe_torch_load
 from compress.models import build
+from compress.models.sources import is_code
 from compress.models.zoo import build_model
 from compress.profile import count
 from compress.prune import prune
@@ -55,14 +56,21 @@ def read_checkpoint(path: str | Path) -> dict:
     return obj
 
 
-def load(path: str | Path, model: nn.Module | None = None, weights: bool = True) -> nn.Module:
-    """Rebuild a checkpoint's model: build the base architecture, prune it to the stored
-    config, load the weights. A checkpoint of a user's own model needs that (unpruned)
-    model passed as `model`. `weights=False` keeps the base architecture's own fresh
-    initialisation, cut to the config: the searched architecture, to retrain from scratch."""
+def load(path: str | Path, model: nn.Module | None = None, weights: bool = True,
+         trust_code: bool = False) -> nn.Module:
+    """Rebuild a checkpoint's model: build the base architecture (a zoo name or a model
+    source), prune it to the stored config, load the weights. A checkpoint of a user's own
+    model needs that (unpruned) model passed as `model`, or, when it was built by a factory
+    (`file.py:factory`), `trust_code=True` to import and call that factory again: a file
+    must not run code just by being loaded. `weights=False` keeps the base architecture's own
+    fresh initialisation, cut to the config: the searched architecture, to retrain from scratch."""
     record = read_checkpoint(path)
     arch = record["arch"]
-    if "zoo" in arch:
+    if "zoo" in arch and model is None:
+        if is_code(arch["zoo"]) and not trust_code:
+            raise CompressError(f"'{path}' was built by your code, '{arch['zoo']}'. Loading it imports and calls "
+                                "that factory: pass trust_code=True (CLI: --trust-code) if you trust the file, or "
+                                "build the unpruned model yourself and pass it: compress.load(path, model=...).")
         base = build_model(arch["zoo"], **arch.get("kwargs", {}))
     elif model is None:
         raise CompressError(f"'{path}' holds a user-defined model ({arch.get('user', '?')}); pass "
@@ -91,15 +99,16 @@ def is_checkpoint_path(target: str) -> bool:
 
 def load_target(target: str, num_classes: int | None = None, width_mult: float = 1.0,
                 pretrained: str | None = None, input_size: int | None = None,
-                from_scratch: bool = False) -> nn.Module:
-    """TARGET as the CLI takes it: a zoo name, or the path of a compress checkpoint
-    (`from_scratch`: its architecture with a fresh initialisation, not its weights)."""
+                from_scratch: bool = False, trust_code: bool = False) -> nn.Module:
+    """TARGET as the CLI takes it: a zoo name, a model source (torchvision:NAME, timm:NAME,
+    file.py:factory), or the path of a compress checkpoint (`from_scratch`: its architecture
+    with a fresh initialisation, not its weights; `trust_code`: see `load`)."""
     if is_checkpoint_path(target):
         for name, value in (("num_classes", num_classes), ("pretrained", pretrained)):
             if value is not None:
                 raise CompressError(f"`{name}` applies to zoo models, not to the checkpoint '{target}' "
                                     "(a checkpoint records its own).")
-        model = load(target, weights=not from_scratch)
+        model = load(target, weights=not from_scratch, trust_code=trust_code)
         if input_size is not None:
             model.card = model.card.replace(input_size=input_size)
         return model

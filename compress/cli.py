@@ -16,7 +16,8 @@ from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, H
                                LutSettings, ModelSettings, PruneSettings, SearchSettings, SupernetSettings,
                                TrainSettings)
 
-EPILOG = "TARGET is a zoo name (`chansearch models`) or a compress checkpoint (.pt)."
+EPILOG = ("TARGET is a zoo name (`chansearch models`), a model source (torchvision:resnet50, timm:efficientnet_lite0, "
+          "path/to/file.py:factory, package.module:factory) or a compress checkpoint (.pt).")
 DATA_HELP = "cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N"
 
 
@@ -37,7 +38,7 @@ def _formatter(prog):
 
 def _model_args(p: argparse.ArgumentParser, pretrained: bool = True, resumable: bool = False) -> None:
     p.add_argument("target", metavar="TARGET", nargs="?" if resumable else None,
-                   help="zoo name or checkpoint path" + (" (not with --resume)" if resumable else ""))
+                   help="zoo name, model source or checkpoint path" + (" (not with --resume)" if resumable else ""))
     add_flags(p, ModelSettings, skip=("name",) if pretrained else ("name", "pretrained"))
 
 
@@ -45,7 +46,7 @@ def _load(args, from_scratch: bool = False):
     from compress.checkpoint import load_target
     m = settings_from(ModelSettings, args, name=args.target)
     return load_target(m.name, num_classes=m.num_classes, width_mult=m.width_mult, pretrained=m.pretrained,
-                       input_size=m.input_size, from_scratch=from_scratch)
+                       input_size=m.input_size, from_scratch=from_scratch, trust_code=m.trust_code)
 
 
 def _print_json(obj) -> None:
@@ -166,29 +167,31 @@ def _data(args) -> DataSettings:
 def cmd_train(args) -> int:
     import torch
     from compress import stages
-    from compress.checkpoint import load_target
     args = _resumed(args, "train")
     settings = settings_from(TrainSettings, args)
     torch.manual_seed(settings.seed)  # the initial weights, identical on every rank and rerun
     model = _load(args, from_scratch=args.from_scratch)
-    done = stages.train(model, _data(args), settings, args.out, teacher=load_target(args.teacher) if args.teacher
-                        else None, resume=bool(args.resume), quiet=args.quiet, record=_record(args), provenance={
+    done = stages.train(model, _data(args), settings, args.out, teacher=_teacher(args), resume=bool(args.resume),
+                        quiet=args.quiet, record=_record(args), provenance={
                             "created_by": "chansearch train", "parent": args.target, "from_scratch": args.from_scratch})
     print(f"saved {done.checkpoint}")
     return 0
 
 
+def _teacher(args):
+    from compress.checkpoint import load_target
+    return load_target(args.teacher, trust_code=args.trust_code) if args.teacher else None
+
+
 def cmd_finetune(args) -> int:
     from compress import stages
-    from compress.checkpoint import load_target
     args = _resumed(args, "finetune")
     if not args.output:
         raise CompressError("`chansearch finetune` needs -o OUT.pt, the fine-tuned checkpoint to write.")
     output = Path(args.output)
     args.run_dir = str(args.run_dir or output.with_name(output.stem + "_run"))
     done = stages.train(_load(args), _data(args), settings_from(FinetuneSettings, args), args.run_dir, output=output,
-                        teacher=load_target(args.teacher) if args.teacher else None, resume=bool(args.resume),
-                        quiet=args.quiet, record=_record(args), provenance={
+                        teacher=_teacher(args), resume=bool(args.resume), quiet=args.quiet, record=_record(args), provenance={
                             "created_by": "chansearch finetune", "parent": args.target, "teacher": args.teacher})
     print(f"saved {done.checkpoint}")
     return 0

@@ -25,6 +25,7 @@ from torch import nn
 from compress import distributed, stages
 from compress.card import card_of
 from compress.checkpoint import load_target, save_checkpoint
+from compress.models.sources import is_code
 from compress.data import DataSpec, eval_set, loader, random_subset
 from compress.errors import CheckFailed, CompressError
 from compress.evaluate import evaluate
@@ -147,8 +148,16 @@ class Pipeline:
     def _model(self):
         """The model to compress: the recipe's, or the transfer stage's when there is one."""
         if self.recipe.transfer is not None:
-            return load_target(self.records["transfer"]["outputs"]["model"])
+            return self._load(self.records["transfer"]["outputs"]["model"])
         return self._given_model()
+
+    def _load(self, path: str, **kwargs):
+        """A checkpoint of this run; one made from the recipe's own factory (model.name:
+        file.py:factory) is rebuilt with it, which the recipe asked for by naming it."""
+        return load_target(path, trust_code=_trusts_code(self.recipe), **kwargs)
+
+    def _trust_flag(self) -> list:
+        return ["--trust-code"] if _trusts_code(self.recipe) else []
 
     def _source(self) -> tuple[str, list]:
         """How the equivalent commands name the model to compress: its name and model flags."""
@@ -260,11 +269,12 @@ class Pipeline:
                 # the command's flags are read against its own defaults: train's, or finetune's
                 shown = settings if f.from_scratch else f.model_copy(update={"distill": True})
                 self.command(command, [net["path"]], [r.data, shown],
-                             ["--data", r.data.spec, *(["--teacher", teacher] if teacher else []), *where])
+                             ["--data", r.data.spec, *(["--teacher", teacher] if teacher else []), *where,
+                              *self._trust_flag()])
                 torch.manual_seed(f.seed)
-                model = load_target(net["path"], from_scratch=f.from_scratch)
+                model = self._load(net["path"], from_scratch=f.from_scratch)
                 stages.train(model, r.data, settings, run_dir, output=path,
-                             teacher=load_target(teacher) if teacher else None,
+                             teacher=self._load(teacher) if teacher else None,
                              resume=(run_dir / STATE_FILE).exists(), quiet=self.quiet,
                              provenance={"created_by": f"chansearch run ({command})", "parent": net["path"],
                                          "teacher": teacher, "from_scratch": f.from_scratch})
@@ -290,7 +300,8 @@ class Pipeline:
 
         def export(model: nn.Module, source: str, model_flags: list, key: str, fmt: str, settings, path: Path) -> None:
             self.command("export", [source], [*model_flags, settings.model_copy(update={"formats": [fmt]})],
-                         ["--format", fmt, "--calib-data", spec, "-o", path])
+                         ["--format", fmt, "--calib-data", spec, "-o", path, *(self._trust_flag() if source.endswith(
+                             ".pt") else [])])
             try:
                 out[key] = _exported(stages.export(model, fmt, path, settings, data=spec), ok=True)
             except CheckFailed as exc:
@@ -312,7 +323,7 @@ class Pipeline:
                     export(model, source, model_flags, f"{tag}/{name}", fmt, settings, path)
 
         for tag, net in self.records["finetune"]["outputs"].items():
-            export_all(load_target(net["path"]), net["path"], [], tag)
+            export_all(self._load(net["path"]), net["path"], [], tag)
         if "prune" in self.records:
             export_all(self._model(), *self._source(), UNPRUNED)
         return out
@@ -343,9 +354,14 @@ def _scoring(search: SearchSettings) -> HeldOutScoring:
     return HeldOutScoring(**search.model_dump(include=set(HeldOutScoring.model_fields)))
 
 
+def _trusts_code(recipe: Recipe) -> bool:
+    """The run rebuilds its checkpoints with the recipe's own factory when it names one."""
+    return recipe.model.trust_code or is_code(recipe.model.name)
+
+
 def _test(path: str, recipe: Recipe) -> dict:
     """Top-1 on the data's evaluation split (capped by finetune.val_images when set)."""
-    return _test_model(load_target(path), recipe)
+    return _test_model(load_target(path, trust_code=_trusts_code(recipe)), recipe)
 
 
 def _test_model(model: nn.Module, recipe: Recipe) -> dict:

@@ -14,6 +14,7 @@ from compress.batchnorm import fold_statistics, recalibrate
 from compress.card import card_of
 from compress.energy import energy_scores
 from compress.errors import CompressError
+from compress.logs import notes
 from compress.models.zoo import build_model
 from compress.reconstruct import mixes_channels, reconstruct
 from compress.space import ChannelConfig, ChannelGroup, ChannelSpace, dependency_graph, example_input, pruning_group
@@ -232,6 +233,9 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
                                         **(card.space or {})).within(_unpruned_space(card))
     else:
         space = ChannelSpace.from_model(model, example_input(card.input_size, model), divisor=divisor)
+    if space.held:
+        notes.info(f"{len(space.held)} channel group(s) stay at full width: " + "; ".join(
+            f"'{name}': {why}" for name, why in list(space.held.items())[:3]) + (" ..." if len(space.held) > 3 else ""))
     full = space.macs(space.max())
     info = {"macs_before": full, "params_before": space.params(space.max()), "strategy": None}
     scores = None

@@ -18,13 +18,17 @@ class Settings(BaseModel):
 
 
 class ModelSettings(Settings):
-    name: str = Field(description="zoo name (`chansearch models`) or compress checkpoint path")
-    pretrained: str | None = Field(None, description="torchvision weights, or a local .pth state_dict "
-                                   "(default: random init)", json_schema_extra={"metavar": "torchvision|PATH"})
-    num_classes: int | None = Field(None, ge=1, description="classes (zoo models; default: the model's)")
+    name: str = Field(description="zoo name (`chansearch models`), torchvision:NAME, timm:NAME, file.py:factory, "
+                      "package.module:factory, or a compress checkpoint path")
+    pretrained: str | None = Field(None, description="the source's own weights (torchvision or timm), or a local .pth "
+                                   "state_dict (default: random init)",
+                                   json_schema_extra={"metavar": "torchvision|timm|PATH"})
+    num_classes: int | None = Field(None, ge=1, description="classes (zoo models and sources; default: the model's)")
     width_mult: float = Field(1.0, gt=0, description="width multiplier (zoo models)")
     input_size: int | None = Field(None, ge=8, description="input height/width (default: the model's, "
                                    "224 or 32 for *_cifar)")
+    trust_code: bool = Field(False, description="rebuild a checkpoint made from your own factory (file.py:factory) "
+                             "by importing and calling it again")
 
 
 class DataSettings(Settings):

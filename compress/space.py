@@ -314,7 +314,9 @@ class ChannelSpace:
                 raise CompressError(
                     f"no config can meet {key} <= {human(limit)}: it is below the smallest config of this space, "
                     f"which has {human(floor)} {key} ({human(floor - limit)} over). Raise the budget to at least "
-                    f"{human(floor)}, or build the space with a lower `min_width`.")
+                    f"{human(floor)}, or build the space with a lower `min_width`." + (
+                        f" {len(self.held)} channel group(s) stay at full width (the first: '{next(iter(self.held))}', "
+                        f"{next(iter(self.held.values()))})." if self.held else ""))
         if own is not None and limit > own:
             figure = f"{own:.3g} ms (predicted)" if key == "latency_ms" else f"{human(own)} {key}"
             shown = f"{limit:g} ms" if key == "latency_ms" else human(limit)

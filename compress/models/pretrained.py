@@ -53,7 +53,24 @@ def read_state_dict(path: str | Path) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def timm_state_dict(arch: str) -> dict:
+    import timm
+    try:
+        return timm.create_model(arch, pretrained=True).state_dict()
+    except Exception as exc:  # offline: the Hugging Face hub is out of reach
+        raise CompressError(f"could not get timm's pretrained weights for {arch} ({type(exc).__name__}: {exc}). "
+                            "Without internet, save them elsewhere (timm.create_model(name, pretrained=True)"
+                            ".state_dict()) and pass the file as pretrained=PATH.") from None
+
+
 def load_pretrained(model: nn.Module, entry, pretrained: str, width_mult: float) -> None:
+    hub = "timm" if entry.weights == "timm" else "torchvision"
+    if pretrained in ("torchvision", "timm") and pretrained != hub:
+        raise CompressError(f"'{entry.name}' takes pretrained={hub} (its own library's weights) or a local .pth file, "
+                            f"not pretrained={pretrained}.")
+    if pretrained == "timm":
+        load_state_dict_checked(model, timm_state_dict(entry.name.removeprefix("timm:")), f"timm's {entry.name}")
+        return
     if pretrained == "torchvision":
         if entry.weights is None:
             raise CompressError(f"torchvision has no pretrained weights for '{entry.name}'; "

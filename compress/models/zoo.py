@@ -12,16 +12,19 @@ from compress.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
 from compress.models.mobilenet_v1 import MobileNetV1
 from compress.models.pretrained import load_pretrained
+from compress.models.sources import is_source, source_entry
 
 
 
 @dataclass(frozen=True)
 class ZooEntry:
+    """A buildable model: a zoo name or a model source (compress.models.sources)."""
+
     name: str
     build: Callable[..., nn.Module]
     input_size: int
-    num_classes: int
-    weights: str | None = None  # torchvision weights enum, "Class.MEMBER"
+    num_classes: int | None  # None: whatever a user's factory builds
+    weights: str | None = None  # torchvision weights enum ("Class.MEMBER"), or "timm" for timm's own
     cifar: bool = False
     description: str = ""
     mean: tuple = field(default=IMAGENET_MEAN)
@@ -76,17 +79,23 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
 
 def zoo_entry(name: str) -> ZooEntry:
+    """The entry of a zoo name or of a model source (torchvision:NAME, timm:NAME, file.py:factory)."""
+    if is_source(name):
+        return source_entry(name)
     if name not in ZOO:
         close = difflib.get_close_matches(name, ZOO, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise CompressError(f"unknown model '{name}'.{hint} Known models: {', '.join(ZOO)} "
-                            "(`chansearch models` lists them), or pass a checkpoint file path.")
+        raise CompressError(f"unknown model '{name}'.{hint} Known zoo models: {', '.join(ZOO)} "
+                            "(`chansearch models` lists them); any other model is named by its source "
+                            "(torchvision:resnet50, timm:efficientnet_lite0, path/to/file.py:factory or "
+                            "package.module:factory), or pass a checkpoint file path.")
     return ZOO[name]
 
 
 def build_model(name: str, num_classes: int | None = None, width_mult: float = 1.0,
                 pretrained: str | None = None) -> nn.Module:
-    """Build a zoo model; `pretrained` is None, "torchvision" or a local file path."""
+    """Build a zoo model or a model source; `pretrained` is None, "torchvision", "timm" or a
+    local file path."""
     entry = zoo_entry(name)
     if width_mult <= 0:
         raise CompressError(f"`width_mult` must be positive, got {width_mult}.")
