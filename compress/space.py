@@ -23,6 +23,7 @@ from compress.errors import CompressError
 from compress.units import human
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
+COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)  # the layers whose MACs count (thop's convention)
 
 
 class ChannelConfig(Mapping):
@@ -472,7 +473,7 @@ def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
     """
     spatial = {}
     hooks = [m.register_forward_hook(lambda m, i, o: spatial.__setitem__(m, o[0].numel() // o.shape[1]))
-             for m in model.modules() if isinstance(m, PRUNABLE)]
+             for m in model.modules() if isinstance(m, COUNTED)]
     with torch.no_grad():
         model(example_input)
     for h in hooks:
@@ -489,7 +490,7 @@ def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
     for module in model.modules():
         if next(module.children(), None) is not None:
             continue  # leaf modules own the parameters, as thop counts them
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):  # thop counts both alike
             out = dim(module, "out", module.out_channels)
             k = module.kernel_size[0] * module.kernel_size[1]
             if module.groups == module.in_channels == module.out_channels and module.groups > 1:

@@ -23,10 +23,12 @@ from torch import nn
 from compress.card import card_of
 from compress.errors import CompressError
 from compress.export.bias_correction import int8_ready
-from compress.export.parity import check_agreement, compare, reference_inputs, torch_logits
+from compress.export.parity import (check_agreement, compare_outputs, output_names, reference_inputs,
+                                     torch_outputs)
 from compress.export.quantize import quantize_onnx
 from compress.files import atomic_write_bytes
 from compress.logs import runtime
+from compress.outputs import FlatOutputs
 from compress.profile import count
 
 DEFAULT_OPSET = 18
@@ -91,12 +93,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
     x = check_input_size(model, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     source = int8_ready(model, calib_images) if quantize and bias_correction else model
+    names = output_names(source, x, quantize)
+    if names != ["logits"]:
+        source = FlatOutputs(source).eval()
     with tempfile.TemporaryDirectory() as tmp:
         written = Path(tmp) / "float.onnx"
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 torch.onnx.export(source, (x,), str(written), dynamo=True, opset_version=opset, verbose=False,
-                                  input_names=["input"], output_names=["logits"], external_data=False,
+                                  input_names=["input"], output_names=names, external_data=False,
                                   dynamic_shapes=({0: batch},) if dynamic_batch else None)
         except Exception as exc:
             raise CompressError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:600]}") from None
@@ -115,13 +120,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
     images = reference_inputs(model, images)
     sess = session(path)
     if dynamic_batch:
-        got = sess.run(None, {"input": images.numpy()})[0]
+        got = sess.run(None, {"input": images.numpy()})
     else:
-        got = np.concatenate([sess.run(None, {"input": images[i:i + 1].numpy()})[0] for i in range(len(images))])
+        runs = [sess.run(None, {"input": images[i:i + 1].numpy()}) for i in range(len(images))]
+        got = [np.concatenate(outputs) for outputs in zip(*runs)]
     report = {"format": "onnx", "path": str(path), "bytes": path.stat().st_size, "float_bytes": float_bytes,
-              "quantize": quantize, "bias_correction": bool(quantize and bias_correction), "opset": opset, "input_size": size, "onnxruntime": runtime("onnxruntime").__version__}
-    report["parity"] = compare(str(path), torch_logits(model, images), got, None if quantize else tolerance,
-                               labels=labels)
+              "quantize": quantize, "bias_correction": bool(quantize and bias_correction), "opset": opset,
+              "input_size": size, "onnxruntime": runtime("onnxruntime").__version__, "outputs": names}
+    report["parity"] = compare_outputs(str(path), torch_outputs(model, images), got, names,
+                                       None if quantize else tolerance, labels=labels)
     if quantize and min_agreement is not None:
         check_agreement(str(path), report, min_agreement, quantize)
     return report

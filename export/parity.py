@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from compress.card import card_of
-from compress.errors import CheckFailed
+from compress.errors import CheckFailed, CompressError
+from compress.outputs import named_tensors
 
 
 def reference_inputs(model: nn.Module, images: torch.Tensor | None, count: int = 8, seed: int = 0) -> torch.Tensor:
@@ -59,6 +60,37 @@ def check_agreement(name: str, report: dict, floor: float, mode: str) -> None:
                           "sensitive ops in float (`keep_float`), or lower `min_agreement`.", report)
 
 
+def output_names(model: nn.Module, x: torch.Tensor, quantize: str | None) -> list[str]:
+    """The names of `model`'s output tensors ("logits" for a classifier); a quantized file
+    is checked by top-1 agreement, which takes a classifier's single output."""
+    with torch.no_grad():
+        names = [name for name, _ in named_tensors(model.eval()(x))]
+    if not names:
+        raise CompressError(f"{type(model).__name__} returns no tensor (a tensor, or a dict, list or tuple of them) "
+                            "for an image batch; there is nothing to export.")
+    if quantize and names != ["logits"]:
+        raise CompressError(f"`{quantize}` export checks a classifier's logits by top-1 agreement; this model returns "
+                            f"{len(names)} outputs ({', '.join(names[:6])}). Export it in float.")
+    return names
+
+
+def compare_outputs(name: str, references: list[np.ndarray], exported: list[np.ndarray], names: list[str],
+                    tolerance: float | None, labels: torch.Tensor | None = None) -> dict:
+    """`compare` for each output of a model (a segmenter's "out" and "aux", a detector's head
+    outputs); one output gives `compare`'s report as it is. Several give the report of the one
+    furthest from PyTorch, relative to its scale, with every output's report under "outputs"."""
+    if len(exported) != len(references):
+        raise CheckFailed(f"{name}: the file has {len(exported)} outputs, PyTorch's model {len(references)} "
+                          f"({', '.join(names)}).")
+    if len(names) == 1:
+        return compare(name, references[0], exported[0], tolerance, labels=labels)
+    reports = {key: compare(f"{name} output '{key}'", ref, got, tolerance)
+               for key, ref, got in zip(names, references, exported)}
+    worst = max(reports, key=lambda k: reports[k]["max_abs_diff"] / max(reports[k]["max_abs_logit"], 1e-30))
+    return {**reports[worst], "output": worst, "outputs": reports}
+
+
 @torch.no_grad()
-def torch_logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    return model.eval()(images).float().numpy()
+def torch_outputs(model: nn.Module, images: torch.Tensor) -> list[np.ndarray]:
+    """Every output tensor of `model` on `images`, in the order the exported files hold them."""
+    return [t.float().numpy() for _, t in named_tensors(model.eval()(images))]

@@ -17,10 +17,12 @@ from compress.errors import CompressError
 from compress.export.bias_correction import int8_ready
 from compress.export.litert import io_of, run_tflite
 from compress.export.onnx import check_input_size
-from compress.export.parity import check_agreement, compare, reference_inputs, torch_logits
+from compress.export.parity import (check_agreement, compare_outputs, output_names, reference_inputs,
+                                     torch_outputs)
 from compress.export.quantize import calibrate, op_label, quantize_tflite, sensitive_ops
 from compress.files import atomic_write_bytes
 from compress.logs import native_stderr_muted, runtime
+from compress.outputs import FlatOutputs
 
 
 def convert(module: nn.Module, args: tuple, **kwargs):
@@ -61,6 +63,9 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
     if static and (calib_images is None or len(calib_images) == 0):
         raise CompressError(f"`{quantize}` needs calibration images: give real data (`calib_data`).")
     module, example = model, x
+    names = output_names(model, x, quantize)
+    if names != ["logits"]:
+        module = FlatOutputs(model).eval()
     if quantize and bias_correction and calib_images is not None:
         module = int8_ready(model, calib_images)
     if nhwc:
@@ -83,7 +88,7 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
         else:
             atomic_write_bytes(path, float_file.read_bytes())
     images = reference_inputs(model, images)
-    reference = torch_logits(model, images)
+    reference = torch_outputs(model, images)
     got = run_tflite(path, images, nhwc=nhwc)
     litert_version = runtime("ai_edge_litert").__version__
     params = sum(p.numel() for p in model.parameters())
@@ -92,7 +97,9 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
               "bias_correction": bool(quantize and bias_correction and calib_images is not None), "nhwc": nhwc, "input_size": size,
               "bytes_per_float32_param": round(path.stat().st_size / (4 * params), 4), "litert": litert_version}
     report.update(io_of(path), normalize={"mean": list(model.card.mean), "std": list(model.card.std)})
-    report["parity"] = compare(str(path), reference, got, None if quantize else tolerance, labels=labels)
+    report["outputs"] = names
+    report["parity"] = compare_outputs(str(path), reference, got, names, None if quantize else tolerance,
+                                       labels=labels)
     if quantize and min_agreement is not None:
         check_agreement(str(path), report, min_agreement, quantize)
     return report

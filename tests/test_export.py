@@ -312,3 +312,43 @@ def test_export_and_latency_cli(tmp_path, cifar_dir):
     assert nodev.returncode == 2 and ("not a .tflite" in nodev.stderr)
     missing = run_cli("latency", tmp_path / "nope.tflite")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+class TwoHeads(torch.nn.Module):
+    """A dense model's output: a dict of per-pixel logits and an auxiliary head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                                        torch.nn.ReLU())
+        self.out = torch.nn.Conv2d(16, 5, 1)
+        self.aux = torch.nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return {"out": self.out(y) * 4, "aux": self.aux(y)}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_a_dict_output_model_exports_every_output_with_its_own_parity(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = compress.describe(TwoHeads().eval(), 32, num_classes=5)
+    export = export_onnx if fmt == "onnx" else export_tflite
+    report = export(model, tmp_path / f"m.{fmt}")
+    assert report["outputs"] == ["out", "aux"]
+    outputs = report["parity"]["outputs"]
+    assert set(outputs) == {"out", "aux"} and all(r["max_abs_diff"] < 1e-4 for r in outputs.values())
+    # each file output is the PyTorch output of the same name (shapes differ: 5 and 3 channels)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    if fmt == "onnx":
+        from compress.export.onnx import session
+        got = session(tmp_path / "m.onnx").run(None, {"input": x.numpy()})
+    else:
+        from compress.export.litert import run_tflite
+        got = run_tflite(tmp_path / "m.tflite", x)
+    for name, array in zip(report["outputs"], got):
+        np.testing.assert_allclose(array, want[name].numpy(), atol=1e-4)
+    with pytest.raises(CompressError, match="2 outputs \\(out, aux\\). Export it in float"):
+        export(model, tmp_path / f"q.{fmt}", quantize="int8", calib_images=torch.randn(4, 3, 32, 32))
