@@ -11,6 +11,7 @@ from compress.errors import CompressError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TASKS = ("classify", "segment", "detect")  # what the model's outputs are (compress.tasks reads them)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ModelCard:
     space: dict | None = None
     provenance: dict = field(default_factory=dict)
     source: str = ""
+    task: str = "classify"
 
     def __post_init__(self):
         if int(self.input_size) < 1:
@@ -39,6 +41,8 @@ class ModelCard:
             if len(values) != 3:
                 raise CompressError(f"{name} must have 3 values (R, G, B), got {list(values)}.")
             object.__setattr__(self, name, values)
+        if self.task not in TASKS:
+            raise CompressError(f"task must be one of {', '.join(TASKS)}, got '{self.task}'.")
         if any(v <= 0 for v in self.std):
             raise CompressError(f"std must be positive, got {list(self.std)}.")
         object.__setattr__(self, "input_size", int(self.input_size))
@@ -80,14 +84,29 @@ def attach(model: nn.Module, card: ModelCard) -> nn.Module:
 
 
 def describe(model: nn.Module, input_size: int, num_classes: int | None = None, mean=IMAGENET_MEAN,
-             std=IMAGENET_STD) -> nn.Module:
+             std=IMAGENET_STD, task: str | None = None) -> nn.Module:
     """Attach a card to a user's own CNN: its input size, class count (read off the last
-    Linear layer when not given) and the mean/std its inputs are normalised with."""
+    Linear layer, or a dense model's output channels, when not given), the mean/std its inputs
+    are normalised with, and its task (classify, segment or detect; read off its output on one
+    image when not given)."""
+    from compress.tasks import infer_task
+    task = task or infer_task(model, input_size)
     if num_classes is None:
-        heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not heads:
-            raise CompressError(f"{type(model).__name__} has no nn.Linear head to read the class count "
-                                "from; pass num_classes=.")
-        num_classes = heads[-1].out_features
+        num_classes = classes_of(model, input_size, task)
     return attach(model, ModelCard(arch={"user": type(model).__name__}, input_size=input_size,
-                                   num_classes=num_classes, mean=tuple(mean), std=tuple(std)))
+                                   num_classes=num_classes, mean=tuple(mean), std=tuple(std), task=task))
+
+
+def classes_of(model: nn.Module, input_size: int, task: str, name: str | None = None) -> int:
+    """A model's class count: a dense model's output channels, else its last Linear layer's
+    outputs (`name`: what the error calls the model)."""
+    if task == "segment":
+        import torch
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, 3, input_size, input_size))
+        return int((out["out"] if isinstance(out, dict) else out).shape[1])
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise CompressError(f"{name or type(model).__name__} has no nn.Linear head to read the class count "
+                            "from; pass num_classes= (--num-classes).")
+    return heads[-1].out_features

@@ -2,7 +2,8 @@
 
 Specs: `cifar10:DIR` (the `cifar-10-batches-py` folder, or a folder with train.npz/test.npz),
 `imagefolder:DIR` (ImageNet layout: DIR/train, DIR/val), `npz:FILE` (x uint8 (N,H,W,3) RGB,
-y integer labels), `synthetic:N` (N random images, for smoke tests).
+y integer labels), `synthetic:N` (N random images, for smoke tests); for segmentation
+`voc:DIR` and `shapes:N` (compress.dense_data).
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from compress.dense_data import SegmentationSet, ShapesSet, VOCFolder
+from compress.dense_data import transforms as dense_transforms
 from compress.errors import CompressError
 
-SPEC_HELP = ("a data spec is cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N "
-             "(e.g. cifar10:../shared/data/cifar10)")
+SPEC_HELP = ("a data spec is cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N for classification, voc:DIR "
+             "or shapes:N for segmentation (e.g. cifar10:../shared/data/cifar10)")
+DENSE = ("voc", "shapes")  # the kinds whose targets are masks
 
 
 class ArrayDataset(Dataset):
@@ -88,10 +92,10 @@ class DataSpec:
     @classmethod
     def parse(cls, spec: str) -> "DataSpec":
         kind, sep, loc = spec.partition(":")
-        if not sep or kind not in ("cifar10", "imagefolder", "npz", "synthetic") or not loc:
+        if not sep or kind not in ("cifar10", "imagefolder", "npz", "synthetic", *DENSE) or not loc:
             raise CompressError(f"bad data spec '{spec}': {SPEC_HELP}.")
-        if kind == "synthetic" and not loc.isdigit():
-            raise CompressError(f"bad data spec '{spec}': synthetic:N takes an image count, e.g. synthetic:64.")
+        if kind in ("synthetic", "shapes") and not loc.isdigit():
+            raise CompressError(f"bad data spec '{spec}': {kind}:N takes an image count, e.g. {kind}:64.")
         return cls(kind, loc)
 
     def __str__(self) -> str:
@@ -103,6 +107,8 @@ def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes
     """The train or evaluation split of a data spec, with `transform` applied."""
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     loc = Path(spec.location)
+    if spec.kind == "shapes":
+        return ShapesSet(int(spec.location), image_size, train)
     if spec.kind == "synthetic":
         n = int(spec.location)
         gen = np.random.default_rng(0 if train else 1)
@@ -113,6 +119,8 @@ def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes
         return ArrayDataset(*_read_npz(loc), transform)
     if not loc.is_dir():
         raise CompressError(f"data folder '{loc}' (from data {spec}) does not exist.")
+    if spec.kind == "voc":
+        return VOCFolder(loc, train)
     if spec.kind == "cifar10":
         npz = loc / ("train.npz" if train else "test.npz")
         if npz.is_file():
@@ -144,6 +152,9 @@ def labels_of(dataset: Dataset) -> np.ndarray:
 
 
 def check_labels(dataset: Dataset, num_classes: int, source: str) -> None:
+    if isinstance(dataset, SegmentationSet):
+        dataset.check_classes(num_classes, source)
+        return
     labels = labels_of(dataset)
     if len(labels) == 0:
         raise CompressError(f"{source} holds no images.")
@@ -174,9 +185,22 @@ def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int =
     """A split of `spec` with the transforms that fit its images: training augmentation on
     the training split unless `augment` says otherwise."""
     ds = build_dataset(spec, train, None, num_classes, input_size)
+    augment = train if augment is None else augment
+    if isinstance(ds, SegmentationSet):
+        ds.transform = dense_transforms(augment, input_size, mean, std)
+        return ds
     side = ds.x.shape[-1] if isinstance(ds, ArrayDataset) else 32 if isinstance(ds, datasets.CIFAR10) else None
-    ds.transform = transforms(train if augment is None else augment, input_size, mean, std, side)
+    ds.transform = transforms(augment, input_size, mean, std, side)
     return ds
+
+
+def check_task(spec: str, task: str) -> None:
+    """Refuse data whose targets are not what the model predicts (masks for a classifier)."""
+    dense = DataSpec.parse(spec).kind in DENSE
+    if task == "segment" and not dense or task == "classify" and dense:
+        wanted = "voc:DIR or shapes:N (masks)" if task == "segment" else "cifar10:, imagefolder:, npz: or synthetic:"
+        raise CompressError(f"data {spec} holds {'masks' if dense else 'class labels'}, but the model is a {task} "
+                            f"model; give it {wanted} data.")
 
 
 def eval_set(spec: str, input_size: int, mean, std, num_classes: int) -> Dataset:
@@ -232,7 +256,9 @@ def sample_labelled(spec: str, train: bool, count: int, input_size: int, mean, s
         raise CompressError(f"data {spec} holds no images.")
     picks = np.sort(np.random.default_rng(seed).permutation(len(ds))[:count])
     pairs = [ds[int(i)] for i in picks]
-    return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
+    targets = [y for _, y in pairs]
+    return (torch.stack([x for x, _ in pairs]),
+            torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor([int(y) for y in targets]))
 
 
 def sample_images(spec: str, train: bool, count: int, input_size: int, mean, std, seed: int = 0) -> torch.Tensor:

@@ -26,7 +26,7 @@ from compress import distributed, stages
 from compress.card import card_of
 from compress.checkpoint import load_target, save_checkpoint
 from compress.models.sources import is_code
-from compress.data import DataSpec, eval_set, loader, random_subset
+from compress.data import DataSpec, check_task, eval_set, loader, random_subset
 from compress.errors import CheckFailed, CompressError
 from compress.evaluate import evaluate
 from compress.files import RunLock, atomic_write_json, atomic_write_text
@@ -248,7 +248,7 @@ class Pipeline:
         if r.finetune.distill and not teacher.exists():
             save_checkpoint(teacher, original, provenance={"created_by": "chansearch run (unpruned model)"})
         macs, params = count(original, card_of(original).input_size)
-        unpruned = {"macs": macs, "params": params, "test_top1": _test_model(original, r)["top1"]}
+        unpruned = {"macs": macs, "params": params, "test": _test_model(original, r)}
         return {"nets": nets, "teacher": str(teacher) if r.finetune.distill else None, "unpruned": unpruned}
 
     def _finetune(self, folder: Path) -> dict:
@@ -284,9 +284,10 @@ class Pipeline:
                 out[tag]["kept_best"] = kept
         distributed.barrier()
         if distributed.is_main():
+            original = self._model()  # fidelity: how often the pruned net predicts what it did
             for tag, net in upstream["nets"].items():
-                out[tag]["test_before"] = _test(net["path"], self.recipe)
-                out[tag]["test_after"] = _test(out[tag]["path"], self.recipe)
+                out[tag]["test_before"] = _test(net["path"], self.recipe, original)
+                out[tag]["test_after"] = _test(out[tag]["path"], self.recipe, original)
         return out
 
     def _export(self, folder: Path) -> dict:
@@ -332,9 +333,10 @@ class Pipeline:
         lat = self.recipe.latency
         budgets = {t.tag(): t.latency_ms or lat.budget_ms for t in self.recipe.targets()}
         out = {}
+        suffix = {"tflite": ".tflite", "onnxruntime": ".onnx"}.get(lat.backend)
         for key, item in self.records["export"]["outputs"].items():
-            if not Path(item["path"]).exists():
-                continue
+            if not Path(item["path"]).exists() or suffix and Path(item["path"]).suffix != suffix:
+                continue  # a runtime times its own files; `auto` times each on its own
             settings = lat.model_copy(update={"budget_ms": budgets.get(key.split("/")[0])})
             self.command("latency", [item["path"]], [settings])
             result = stages.latency(item["path"], settings)
@@ -359,17 +361,20 @@ def _trusts_code(recipe: Recipe) -> bool:
     return recipe.model.trust_code or is_code(recipe.model.name)
 
 
-def _test(path: str, recipe: Recipe) -> dict:
-    """Top-1 on the data's evaluation split (capped by finetune.val_images when set)."""
-    return _test_model(load_target(path, trust_code=_trusts_code(recipe)), recipe)
+def _test(path: str, recipe: Recipe, teacher: nn.Module | None = None) -> dict:
+    """The task's metric on the data's evaluation split (capped by finetune.val_images when set),
+    with the fidelity to `teacher`'s predictions when given."""
+    return _test_model(load_target(path, trust_code=_trusts_code(recipe)), recipe, teacher)
 
 
-def _test_model(model: nn.Module, recipe: Recipe) -> dict:
+def _test_model(model: nn.Module, recipe: Recipe, teacher: nn.Module | None = None) -> dict:
     card = model.card
+    check_task(recipe.data.spec, card.task)
     ds = eval_set(recipe.data.spec, card.input_size, card.mean, card.std, card.num_classes)
     ds = random_subset(ds, recipe.finetune.val_images, recipe.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate(model.to(device), loader(ds, 256, recipe.data.workers), device, distributed_sum=False)
+    return evaluate(model.to(device), loader(ds, 64, recipe.data.workers), device, distributed_sum=False,
+                    teacher=teacher.to(device) if teacher is not None else None)
 
 
 def run_recipe(path: str, overrides: list[str], quiet: bool = False) -> int:
@@ -381,11 +386,12 @@ def run_recipe(path: str, overrides: list[str], quiet: bool = False) -> int:
 def _check_inputs(recipe: Recipe) -> None:
     """Fail before any work on inputs that do not exist."""
     spec = DataSpec.parse(recipe.data.spec)
-    if spec.kind != "synthetic" and not Path(spec.location).exists():
+    if spec.kind not in ("synthetic", "shapes") and not Path(spec.location).exists():
         raise CompressError(f"data.spec: '{spec.location}' does not exist (from {recipe.data.spec}); fix the path "
                             "in the recipe or override it: data.spec=cifar10:/path/to/cifar10.")
     name = recipe.model.name
     if name.endswith((".pt", ".pth")) and not Path(name).is_file():
         raise CompressError(f"model.name: checkpoint '{name}' does not exist.")
-    if recipe.model.pretrained not in (None, "torchvision") and not Path(recipe.model.pretrained).is_file():
-        raise CompressError(f"model.pretrained: '{recipe.model.pretrained}' is neither 'torchvision' nor an existing file.")
+    if recipe.model.pretrained not in (None, "torchvision", "timm") and not Path(recipe.model.pretrained).is_file():
+        raise CompressError(f"model.pretrained: '{recipe.model.pretrained}' is neither 'torchvision', 'timm' nor an "
+                            "existing file.")

@@ -6,6 +6,7 @@ import io
 
 import thop
 import torch
+from thop.profile import register_hooks
 from thop.vision.basic_hooks import zero_ops
 from torch import nn
 
@@ -22,21 +23,37 @@ _ZERO = {t: zero_ops for t in (
     nn.AdaptiveMaxPool2d, nn.Upsample, nn.Identity)}
 
 
+def _rules(model: nn.Module) -> dict:
+    """thop's rules, by exact type, extended to subclasses of the layers it knows (timm's own
+    Linear, torchvision's LayerNorm2d): thop would count neither their MACs nor their params."""
+    rules = dict(_ZERO)
+    for module in model.modules():
+        kind = type(module)
+        if kind in rules or kind in register_hooks:
+            continue
+        base = next((b for b in (*_ZERO, *register_hooks) if isinstance(module, b)), None)
+        if base is not None:
+            rules[kind] = _ZERO.get(base) or register_hooks[base]
+    return rules
+
+
 def count(model: nn.Module, input_size: int | tuple, channels: int = 3) -> tuple[int, int]:
-    """(MACs, params) of `model` on one image, counted by thop (conv + linear MACs)."""
+    """(MACs, params) of `model` on one image: MACs counted by thop (conv + linear), params
+    as the model's parameters add up (thop's count leaves out those of modules it has no rule
+    for, and of containers: a ConvNeXt block's layer scale)."""
     hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     param = next(model.parameters())
     x = torch.zeros(1, channels, *hw, device=param.device, dtype=param.dtype)
     was_training = model.training
     with contextlib.redirect_stdout(io.StringIO()):  # thop prints per-type notices
-        macs, params = thop.profile(model, inputs=(x,), custom_ops=_ZERO, verbose=False)
+        macs, _ = thop.profile(model, inputs=(x,), custom_ops=_rules(model), verbose=False)
     # thop leaves its counters as buffers on every module; remove them so the
     # model's state_dict stays as it was.
     for m in model.modules():
         for key in ("total_ops", "total_params"):
             m._buffers.pop(key, None)
     model.train(was_training)
-    return int(macs), int(params)
+    return int(macs), sum(p.numel() for p in model.parameters())
 
 
 def model_space(model: nn.Module, divisor: int = 8) -> ChannelSpace:

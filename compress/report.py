@@ -18,11 +18,23 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
+def _metric(tuned: dict) -> tuple[str, str]:
+    """The test metric's key and name: mIoU for segmentation, top-1 for classification."""
+    test = next(iter(tuned.values()), {}).get("test_after", {})
+    return ("miou", "mIoU") if "miou" in test else ("top1", "top-1")
+
+
+def _fidelity(test: dict) -> str:
+    value = test.get("fidelity_miou", test.get("fidelity_top1"))
+    return "-" if value is None else f"{value:.2%}"
+
+
 def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict) -> list[str]:
     """Write report.md (+ report.png) into the run folder, print the tables; returns the
     failed checks."""
     r, run_dir = pipeline.recipe, pipeline.dir
     failures, rows, files, points, notes, baseline = [], [], [], [], [], []
+    score, metric = _metric(tuned)
     unpruned = nets.get("unpruned")  # the direct path measures the model it pruned (and times it)
     for key in [k for k in exported if k.split("/")[0] == UNPRUNED]:
         variant = key.split("/")[1]
@@ -49,28 +61,34 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
             files.append(row)
             failures += problems
             ok = ok and not problems
-        before, after = tuned[tag]["test_before"]["top1"], tuned[tag]["test_after"]["top1"]
+        before, after = tuned[tag]["test_before"][score], tuned[tag]["test_after"][score]
         versus = "-" if not unpruned else (f"{record['macs'] / unpruned['macs']:.0%} MACs, "
                                            + (f"{speedup:.2f}x latency, " if speedup else "")
-                                           + f"{(after - unpruned['test_top1']) * 100:+.1f} points")
+                                           + f"{(after - unpruned['test'][score]) * 100:+.1f} points")
         rows.append(f"| {nets['nets'][tag]['label']} | {human(record['macs'])} | {human(record['params'])} | "
-                    f"{_pct(nets['nets'][tag]['heldout_top1'])} | {_pct(before)} | {_pct(after)} | {versus} | "
-                    f"{'pass' if ok else 'FAIL'} |")
+                    f"{_pct(nets['nets'][tag]['heldout_top1'])} | {_pct(before)} | {_pct(after)} | "
+                    f"{_fidelity(tuned[tag]['test_after'])} | {versus} | {'pass' if ok else 'FAIL'} |")
         points.append((record["macs"], before, after, nets["nets"][tag]["label"]))
         kept = tuned[tag].get("kept_best")
         if kept:
             where = ("at the start of the quantization-aware epochs, int8 net" if kept.get("int8")
                      else "before fine-tuning")
-            notes.append(f"{nets['nets'][tag]['label']}: the state after step {kept['step']}, held-out top-1 "
+            notes.append(f"{nets['nets'][tag]['label']}: the state after step {kept['step']}, held-out {metric} "
                          f"{kept['start']['top1']:.2%} {where} -> {kept['top1']:.2%}")
-    table = ["| target | MACs | params | held-out top-1 (search) | test top-1 before fine-tune | after "
-             "| vs unpruned | result |", "|---|---|---|---|---|---|---|---|", *rows]
+    table = [f"| target | MACs | params | held-out top-1 (search) | test {metric} before fine-tune | after "
+             f"| fidelity to unpruned | vs unpruned | result |", "|---|---|---|---|---|---|---|---|---|", *rows]
     if notes:
         table += ["", "Fine-tuning kept its best state on held-out training images (never worse than the pruned "
                   "net there): " + "; ".join(notes) + "."]
     if unpruned:
         table.insert(2, f"| unpruned | {human(unpruned['macs'])} | {human(unpruned['params'])} | - | "
-                        f"{_pct(unpruned['test_top1'])} | - | 100% MACs | - |")
+                        f"{_pct(unpruned['test'][score])} | - | - | 100% MACs | - |")
+    if score == "miou":
+        table += ["", "Fidelity: the mIoU of the pruned net's pixels taking the unpruned net's predictions as the "
+                  "truth (no labels needed), after fine-tuning."]
+    else:
+        table += ["", "Fidelity: the share of test images on which the pruned net's top-1 is the unpruned net's, "
+                  "after fine-tuning."]
     file_table = ["| target | file | size (x float) | parity with PyTorch | top-1 float / file | latency ms "
                   "(x float, x unpruned) | result |", "|---|---|---|---|---|---|---|", *files]
     file_table += ["", *[f"The unpruned model's quantized file is a baseline, not a target of the recipe: {p}"
@@ -91,8 +109,8 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
         if plot.exists():
             atomic_write_bytes(run_dir / "search.png", plot.read_bytes())
             lines += ["![search: every evaluated config, the Pareto front and the chosen ones](search.png)", ""]
-    _plot(run_dir / "report.png", points)
-    lines += ["![test top-1 vs MACs before and after fine-tuning](report.png)", "",
+    _plot(run_dir / "report.png", points, metric)
+    lines += [f"![test {metric} vs MACs before and after fine-tuning](report.png)", "",
               "## Commands", "", "The stages, as the equivalent `chansearch` commands:", "", "```",
               *pipeline.commands, "```", ""]
     if failures:
@@ -136,7 +154,7 @@ def _file_row(label: str, name: str, item: dict, timing: dict | None, float_timi
             f"{'FAIL' if problems else 'pass'} |"), problems
 
 
-def _plot(path: Path, points: list) -> None:
+def _plot(path: Path, points: list, metric: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,7 +166,7 @@ def _plot(path: Path, points: list) -> None:
         ax.scatter([macs / 1e6], [100 * before], color="tab:gray", zorder=3)
         ax.annotate(label, (macs / 1e6, 100 * after), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("MACs (M)")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"test {metric} (%)")
     ax.set_title("each target: before (gray) and after (blue) fine-tuning")
     ax.grid(alpha=0.3)
     fig.tight_layout()

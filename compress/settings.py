@@ -281,7 +281,9 @@ class ExportSettings(Settings):
 
 
 class LatencySettings(Settings):
-    backend: Literal["auto", "onnxruntime", "tflite"] = Field("auto", description="runtime (auto: by suffix)")
+    backend: Literal["auto", "onnxruntime", "tflite"] = Field(
+        "auto", description="runtime (auto: each file on its own, by suffix; onnxruntime or tflite: that runtime's "
+                            "files only)")
     threads: int = Field(1, ge=1, description="inference threads")
     runs: int = Field(100, ge=1, description="timed runs")
     warmup: int = Field(10, ge=0, description="untimed warm-up runs")

@@ -215,17 +215,21 @@ class ChannelSpace:
                 held[name] = cut or f"its {full} channels do not split into the {slices} equal slices its grouped " \
                                     "convs and GroupNorms need"
                 continue
-            raw.append((name, full, members, slices))
+            # parameters outside any layer that torch-pruning prunes with the group (a layer scale)
+            loose = [(id(m), len(i)) for m, _, i, _ in items if isinstance(m, nn.Parameter)]
+            raw.append((name, full, members, slices, loose))
         raw.sort(key=lambda r: order[r[0]])
 
         groups, dims_of = [], {}
-        for gi, (name, full, members, slices) in enumerate(raw):
+        for gi, (name, full, members, slices, loose) in enumerate(raw):
             groups.append(ChannelGroup(
                 name=name, max=full, widths=_allowed_widths(full, divisor, min_ratio, ratios, slices),
                 members=tuple(sorted({f"{names[m]}:{k}" for m, k, _ in members}, key=lambda s: (
                     order[s.rsplit(':', 1)[0]], s))), slices=slices))
             for module, kind, n in members:
                 dims_of.setdefault((module, kind), {})[gi] = (n, full)
+            for key, n in loose:
+                dims_of.setdefault((key, "out"), {})[gi] = (n, full)
         macs_fn, params_fn = _counters(model, example_input, dims_of, len(groups))
         space = cls(groups, macs_fn, params_fn, tuple(example_input.shape[1:]), divisor, min_ratio, ratios)
         space.held = dict(sorted(held.items(), key=lambda kv: order[kv[0]]))
@@ -472,8 +476,11 @@ def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
     max_g) is const + sum_g r_g * width_g; a conv's MACs are spatial * k * out * in/groups.
     """
     spatial = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: spatial.__setitem__(m, o[0].numel() // o.shape[1]))
-             for m in model.modules() if isinstance(m, COUNTED)]
+    def positions(module, inputs, output):  # where a layer is applied: pixels of a conv, leading dims of a linear
+        channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
+        spatial[module] = output[0].numel() // channels
+
+    hooks = [m.register_forward_hook(positions) for m in model.modules() if isinstance(m, COUNTED)]
     with torch.no_grad():
         model(example_input)
     for h in hooks:
@@ -487,9 +494,7 @@ def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
                        full - sum(n for n, _ in cover.values()))
 
     macs, params = [], []
-    for module in model.modules():
-        if next(module.children(), None) is not None:
-            continue  # leaf modules own the parameters, as thop counts them
+    for module in model.modules():  # each module's own parameters: every parameter once
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):  # thop counts both alike
             out = dim(module, "out", module.out_channels)
             k = module.kernel_size[0] * module.kernel_size[1]
@@ -510,6 +515,10 @@ def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
                 params.append((1, out, -1))
         else:
             for p in module.parameters(recurse=False):
+                if (id(p), "out") in dims_of:  # a loose parameter pruned along one dimension
+                    size = sum(n for n, _ in dims_of[(id(p), "out")].values())
+                    params.append((p.numel() / size, dim(id(p), "out", size), -1))
+                    continue
                 covered = (module, "out") in dims_of and p.dim() == 1
                 params.append((1, dim(module, "out", p.numel()), -1) if covered else (p.numel(), -1, -1))
     a, b = aff.matrices()

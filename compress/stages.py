@@ -23,7 +23,7 @@ from torch import nn
 from compress import distributed
 from compress.card import card_of
 from compress.checkpoint import save_checkpoint
-from compress.data import sample_images, sample_labelled, train_holdout
+from compress.data import check_task, sample_images, sample_labelled, train_holdout
 from compress.errors import CompressError
 from compress.export.latency import measure, measure_adb
 from compress.export.onnx import export_onnx
@@ -333,6 +333,7 @@ def prune(model: nn.Module, settings: PruneSettings, macs: str | int | None = No
     wanted = max(settings.reconstruct_images, settings.recal_images)
     if data and (wanted or importance in DATA_DRIVEN):
         card = card_of(model)
+        check_task(data, card.task)
         batch = sample_labelled(data, True, wanted or 256, card.input_size, card.mean, card.std, seed=0)
         batch = tuple(t.to(next(model.parameters()).device) for t in batch)
     pruned, info = prune_target(model, config=config, macs=macs, width=width, importance=importance,
@@ -372,7 +373,9 @@ def export(model: nn.Module, fmt: str, output: str | Path, settings: ExportSetti
     size = input_size or card.input_size
     images = labels = calib = None
     if data:
+        check_task(data, card.task)
         images, labels = sample_labelled(data, False, settings.parity_images, size, card.mean, card.std, seed=1)
+        labels = labels if card.task == "classify" else None  # accuracy in the parity report is top-1
         if mode in ("int8", "int8_io") or (mode and settings.bias_correction):  # calibration; bias correction
             calib = sample_images(data, True, settings.calib_images, size, card.mean, card.std)
     # Agreement is enforced on real images only: on random ones a float model's top-1 is arbitrary.

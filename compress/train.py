@@ -27,12 +27,13 @@ from tqdm import tqdm
 
 from compress import distributed
 from compress.card import ModelCard, card_of
-from compress.data import eval_set, random_subset, train_holdout
+from compress.data import check_task, eval_set, random_subset, train_holdout
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.files import atomic_save, atomic_write_json, atomic_write_text, safe_torch_load
 from compress.qat import QuantizationAware, quantization_aware
 from compress.settings import DataSettings, TrainSettings
+from compress.tasks import Classify, task_of
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"  # keep_best: the best state so far, with its held-out scores
@@ -52,28 +53,21 @@ class Loaders(NamedTuple):
     holdout: DataLoader | None = None
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) on softened logits, scaled by T^2 (Hinton et al.)."""
-    t = temperature
-    return nn.functional.kl_div(nn.functional.log_softmax(student / t, 1),
-                                nn.functional.log_softmax(teacher / t, 1),
-                                reduction="batchmean", log_target=True) * t * t
-
-
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], torch.Tensor]
 
 
-def standard_step(cfg: TrainSettings, teacher: nn.Module | None = None) -> Step:
-    """Cross-entropy with label smoothing, plus KD from `teacher` when given."""
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+def standard_step(cfg: TrainSettings, teacher: nn.Module | None = None, task: Classify | None = None) -> Step:
+    """The task's loss (cross-entropy with label smoothing; per pixel for segmentation), plus
+    distillation from `teacher`'s outputs when given (KL on softened logits, per pixel)."""
+    task = task or Classify(cfg.label_smoothing)
 
     def step(model, images, labels, backward):
-        logits = model(images)
-        loss = criterion(logits, labels)
+        outputs = model(images)
+        loss = task.loss(outputs, labels)
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(images)
-            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(logits, target, cfg.kd_temperature)
+            loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * task.distill(outputs, target, cfg.kd_temperature)
         backward(loss)
         return loss.detach()
     return step
@@ -136,6 +130,7 @@ def spec_loaders(data: DataSettings, card: ModelCard, cfg: TrainSettings, valida
     if data.batch_size % world:
         raise CompressError(f"batch size {data.batch_size} does not split over {world} processes; "
                             f"use a multiple of {world}.")
+    check_task(data.spec, card.task)
     train_set, held_set, held = train_holdout(data.spec, card.input_size, card.mean, card.std, card.num_classes,
                                               cfg.holdout, cfg.seed, KEEP_BEST_SHARE if cfg.keep_best else 1.0)
     per_rank = data.batch_size // world
@@ -173,6 +168,10 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     if cfg.amp != "none" and device.type != "cuda":
         raise CompressError(f"`amp` {cfg.amp} needs a CUDA device; this run is on {device}. Use amp none.")
     card = card_of(model)
+    task = task_of(model, cfg.label_smoothing)
+    if cfg.qat_epochs and task.name != "classify":
+        raise CompressError(f"quantization-aware recovery (`qat_epochs`) trains a classifier towards its int8 file; "
+                            f"this is a {task.name} model, whose int8 export is not built: set `qat_epochs: 0`.")
     state_path = run_dir / STATE_FILE
     saved = safe_torch_load(state_path) if resume else None
     data = DataSettings(spec=data) if isinstance(data, str) else data
@@ -209,7 +208,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
-    step = step or standard_step(cfg, teacher)
+    step = step or standard_step(cfg, teacher, task)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
                 if cfg.amp != "none" else contextlib.nullcontext())
 
@@ -239,7 +238,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     final = ema.module if ema is not None else trained
     best = None
     if cfg.keep_best:
-        best = Best(run_dir / (BEST_FILE if trained is model else BEST_INT8_FILE), select_loader, device, main)
+        best = Best(run_dir / (BEST_FILE if trained is model else BEST_INT8_FILE), select_loader, device, main, task)
         best.start(final, resumed=saved is not None)
 
     def backward(loss: torch.Tensor) -> None:
@@ -255,7 +254,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             trained.measure_ranges(images.to(device) for images, _ in itertools.islice(loader, RANGE_BATCHES))
             net = DistributedDataParallel(trained) if world > 1 else trained
             if best is not None:  # from here the int8 net is what is scored and kept
-                best = Best(run_dir / BEST_INT8_FILE, select_loader, device, main)
+                best = Best(run_dir / BEST_INT8_FILE, select_loader, device, main, task)
                 best.start(final, resumed=False, step=epoch * steps)
         net.train()
         loss_sum, seen = 0.0, 0
@@ -304,7 +303,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
         if best is not None:
             record.update(best.check(final, (epoch + 1) * steps))
         if val_loader is not None:
-            record.update({f"val_{k}": v for k, v in evaluate(final, val_loader, device).items()})
+            record.update({f"val_{k}": v for k, v in evaluate(final, val_loader, device, task=task).items()})
         history.append(record)
         if main:
             atomic_save({"epoch": epoch, "model": trained.state_dict(), "optimizer": opt.state_dict(),
@@ -340,12 +339,13 @@ def kept_best(run_dir: Path) -> dict | None:
 
 
 class Best:
-    """keep_best: the best state so far by top-1 on held-out training images (then by loss),
-    the starting state included, so training never returns worse than it began; kept in
-    BEST_FILE so that a resumed run knows it."""
+    """keep_best: the best state so far by the task's metric on held-out training images (top-1,
+    mIoU; then by loss), the starting state included, so training never returns worse than it
+    began; kept in BEST_FILE so that a resumed run knows it. Records name the metric "top1"
+    whatever the task (the key keep_best.json and the reports read)."""
 
-    def __init__(self, path: Path, loader: DataLoader, device: torch.device, main: bool):
-        self.path, self.loader, self.device, self.main = path, loader, device, main
+    def __init__(self, path: Path, loader: DataLoader, device: torch.device, main: bool, task: Classify):
+        self.path, self.loader, self.device, self.main, self.task = path, loader, device, main, task
         self.state: dict | None = None
         self.record: dict = {}  # step and scores of the best state, and of the starting one
 
@@ -373,8 +373,8 @@ class Best:
         return self.record
 
     def _score(self, model: nn.Module) -> dict:
-        result = evaluate(model, self.loader, self.device)
-        return {"top1": result["top1"], "loss": result["loss"]}
+        result = evaluate(model, self.loader, self.device, task=self.task)
+        return {"top1": result[self.task.score], "loss": result["loss"], "metric": self.task.score}
 
     def _keep(self, model: nn.Module) -> None:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -404,6 +404,8 @@ def _summary(record: dict) -> str:
     parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}"]
     if "val_top1" in record:
         parts.append(f"val top-1 {record['val_top1']:.2%}")
+    if "val_miou" in record:
+        parts.append(f"val mIoU {record['val_miou']:.2%}")
     parts.append(f"{record['images_per_s']:.0f} img/s")
     return ", ".join(parts)
 

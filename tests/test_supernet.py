@@ -22,7 +22,7 @@ from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import reorder_channels, sandwich_step, soft_cross_entropy
 from conftest import ROOT, ResidualNet, run_cli
 
-BASE_MODELS = [n for n in ZOO if not n.endswith("_cifar")] + ["mobilenet_v2_cifar"]
+BASE_MODELS = [n for n, e in ZOO.items() if not e.cifar and e.task == "classify"] + ["mobilenet_v2_cifar"]
 SIZE = 32
 
 

@@ -12,7 +12,8 @@ import torch
 import compress
 from compress import CompressError
 from compress.settings import DataSettings, TrainSettings
-from compress.train import fit, kd_loss, lr_lambda, param_groups
+from compress.tasks import softened_kl as kd_loss
+from compress.train import fit, lr_lambda, param_groups
 from conftest import ROOT, run_cli
 
 TINY = ["--input-size", "16", "--data", "synthetic:96", "--batch-size", "16", "--val-images", "32", "--workers", "0",

@@ -63,6 +63,24 @@ def timm_state_dict(arch: str) -> dict:
                             ".state_dict()) and pass the file as pretrained=PATH.") from None
 
 
+def _backbone_transfer(own: dict, state: dict, source: str) -> bool:
+    """Whether `state` is a backbone for `own`: the tensors they share have the same shapes,
+    and what is left on either side lies under top-level names the other side lacks (the
+    weights' classifier; the model's new head). Says so in a note when it is."""
+    shared = [k for k in state if k in own]
+    unused, new = [k for k in state if k not in own], [k for k in own if k not in state]
+    if not shared or not new or any(state[k].shape != own[k].shape for k in shared) or (
+            _tops(unused) & _tops(shared)) or (_tops(new) & _tops(shared)):
+        return False
+    notes.info(f"{source}: backbone loaded ({len(shared)} tensors); new {', '.join(sorted(_tops(new)))} initialized"
+               + (f", the weights' {', '.join(sorted(_tops(unused)))} left out" if unused else "") + ".")
+    return True
+
+
+def _tops(keys) -> set[str]:
+    return {k.split(".")[0] for k in keys}
+
+
 def load_pretrained(model: nn.Module, entry, pretrained: str, width_mult: float) -> None:
     hub = "timm" if entry.weights == "timm" else "torchvision"
     if pretrained in ("torchvision", "timm") and pretrained != hub:
@@ -87,8 +105,12 @@ def load_pretrained(model: nn.Module, entry, pretrained: str, width_mult: float)
 
 
 def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
-    """Load strictly, except a classifier head whose class count differs (re-initialized)."""
+    """Load strictly, except a classifier head whose class count differs (re-initialized), or
+    a backbone under a new task's head (a classifier's weights for a segmenter)."""
     own = model.state_dict()
+    if _backbone_transfer(own, state, source):
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        return
     head = classifier_name(model)
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     head_keys = [k for k in mismatched if k.startswith(head + ".")]

@@ -88,10 +88,11 @@ def _torchvision(arch: str) -> tuple:
             kwargs["weights_backbone"] = None
         return builder(**kwargs)
 
-    task = next((t for t in ("segmentation", "detection", "video", "optical_flow", "quantization")
-                 if arch in tvm.list_models(module=getattr(tvm, t))), "classification")
+    module = next((t for t in ("segmentation", "detection", "video", "optical_flow", "quantization")
+                   if arch in tvm.list_models(module=getattr(tvm, t))), "classification")
+    task = {"segmentation": "segment", "detection": "detect"}.get(module, "classify")
     return (_fixed_width(build, f"torchvision:{arch}"), input_size, num_classes,
-            None if weights is None else str(weights), False, f"torchvision {arch} ({task})", mean, std)
+            None if weights is None else str(weights), False, f"torchvision {arch} ({module})", mean, std, task)
 
 
 def _default_weights(arch: str):
@@ -167,4 +168,5 @@ def _code(name: str) -> tuple:
                                 "nn.Module.")
         return model
 
-    return _fixed_width(build, name), 224, None, None, False, f"{factory_name} from {module_name}"
+    return (_fixed_width(build, name), 224, None, None, False, f"{factory_name} from {module_name}", IMAGENET_MEAN,
+            IMAGENET_STD, None)

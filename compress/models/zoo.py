@@ -12,6 +12,7 @@ from compress.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
 from compress.models.mobilenet_v1 import MobileNetV1
 from compress.models.pretrained import load_pretrained
+from compress.models.segmentation import LRASPPMobileNetV2
 from compress.models.sources import is_source, source_entry
 
 
@@ -29,6 +30,7 @@ class ZooEntry:
     description: str = ""
     mean: tuple = field(default=IMAGENET_MEAN)
     std: tuple = field(default=IMAGENET_STD)
+    task: str | None = "classify"  # None: read off the model's output (a user's factory)
 
 
 def _cifar_strides(model: nn.Module) -> nn.Module:
@@ -60,6 +62,10 @@ def _v1(cifar: bool = False) -> Callable[..., nn.Module]:
     return build
 
 
+def _v2_segmenter(num_classes: int, width_mult: float = 1.0) -> nn.Module:
+    return LRASPPMobileNetV2(num_classes=num_classes, width_mult=width_mult)
+
+
 _ENTRIES = [
     ZooEntry("mobilenet_v1", _v1(), 224, 1000, None, description="MobileNetV1 (defined here)"),
     ZooEntry("mobilenet_v2", _tv(tvm.mobilenet_v2), 224, 1000, "MobileNet_V2_Weights.IMAGENET1K_V1",
@@ -69,11 +75,14 @@ _ENTRIES = [
     ZooEntry("mobilenet_v3_small", _tv(tvm.mobilenet_v3_small), 224, 1000,
              "MobileNet_V3_Small_Weights.IMAGENET1K_V1", description="torchvision MobileNetV3-Small"),
 ]
+_ENTRIES += [ZooEntry("lraspp_mobilenet_v2", _v2_segmenter, 512, 21, "MobileNet_V2_Weights.IMAGENET1K_V1",
+                      description="LRASPP head on MobileNetV2 (segmentation; ImageNet weights for the backbone)",
+                      task="segment")]
 _ENTRIES += [
     ZooEntry(e.name + "_cifar", _v1(True) if e.name == "mobilenet_v1" else
              _tv(getattr(tvm, e.name), cifar=True), 32, 10, e.weights, cifar=True,
              description=e.description + ", CIFAR strides (32x32)")
-    for e in list(_ENTRIES)
+    for e in list(_ENTRIES) if e.task == "classify"
 ]
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 

@@ -1,0 +1,176 @@
+"""What a model predicts, as one small object per task that the training loop, the evaluator
+and the distiller ask: how to read the model's outputs, the task loss, the distillation loss
+from a teacher's outputs, and the metric (with the key keep-best and the reports rank by).
+
+- `classify`: logits (N, classes); cross-entropy, KL on softened logits, top-1/top-5;
+- `segment`: per-pixel logits (N, classes, H, W), a tensor or torchvision's {"out", "aux"};
+  cross-entropy ignoring label 255 (VOC's borders), per-pixel KL, mIoU from a confusion matrix
+  (torchmetrics), and against a teacher its fidelity: the mIoU of the model's pixels taking the
+  teacher's predictions as the truth, which needs no labels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from compress.card import card_of
+from compress.errors import CompressError
+
+IGNORE = 255  # a pixel label that counts for nothing (VOC's object borders)
+
+
+def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) over dim 1 of softened logits, scaled by T^2 (Hinton et al.);
+    averaged over the other positions (images, and pixels of a dense output)."""
+    t = temperature
+    kl = nn.functional.kl_div(nn.functional.log_softmax(student / t, 1), nn.functional.log_softmax(teacher / t, 1),
+                              reduction="none", log_target=True).sum(1)
+    return kl.mean() * t * t
+
+
+class Classify:
+    name, score, label = "classify", "top1", "top-1"
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def logits(self, outputs) -> torch.Tensor:
+        return outputs
+
+    def loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+        return self.criterion(outputs, targets)
+
+    def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
+        return softened_kl(outputs, teacher_outputs, temperature)
+
+    def meter(self, num_classes: int, device) -> "_TopK":
+        return _TopK(device)
+
+
+class Segment(Classify):
+    name, score, label = "segment", "miou", "mIoU"
+
+    def __init__(self, label_smoothing: float = 0.0, aux_weight: float = 0.5):
+        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE, label_smoothing=label_smoothing)
+        self.aux_weight = aux_weight
+
+    def logits(self, outputs) -> torch.Tensor:
+        return outputs["out"] if isinstance(outputs, dict) else outputs
+
+    def loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+        loss = self.criterion(self.logits(outputs), targets)
+        if isinstance(outputs, dict) and "aux" in outputs:  # torchvision's auxiliary head, as its reference trains it
+            loss = loss + self.aux_weight * self.criterion(outputs["aux"], targets)
+        return loss
+
+    def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
+        return softened_kl(self.logits(outputs), self.logits(teacher_outputs), temperature)
+
+    def meter(self, num_classes: int, device) -> "_IoU":
+        return _IoU(num_classes, device)
+
+
+def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
+    """The task object of a model carrying a card."""
+    name = card_of(model).task
+    if name == "classify":
+        return Classify(label_smoothing)
+    if name == "segment":
+        return Segment(label_smoothing)
+    raise CompressError(f"{type(model).__name__} is a {name} model: it prunes and exports (its raw outputs, with "
+                        "per-output parity), but training and evaluating it here take a classify or segment model.")
+
+
+def infer_task(model: nn.Module, input_size: int) -> str:
+    """classify when a model maps an image batch to (N, classes), segment when to per-pixel
+    logits (a 4-D tensor, or a dict with "out"); what `describe` records when not told."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, 3, input_size, input_size))
+    except Exception as exc:
+        raise CompressError(f"{type(model).__name__} does not run on a {input_size}x{input_size} image "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); check the input size.") from None
+    finally:
+        model.train(was_training)
+    if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor) and out["out"].dim() == 4:
+        return "segment"
+    if isinstance(out, torch.Tensor):
+        return "segment" if out.dim() == 4 else "classify"
+    return "detect"
+
+
+class _TopK:
+    """Loss, top-1 and top-5 of classification logits (summed across torchrun ranks); with a
+    teacher, the share of images whose top-1 is the teacher's (fidelity)."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, same as teacher
+        self.teacher = False
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+        logits = logits.float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        same = torch.zeros((), device=logits.device)
+        if teacher_logits is not None:
+            self.teacher = True
+            same = logits.argmax(1).eq(teacher_logits.argmax(1)).sum()
+        self.sums += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                                  hit[:, :1].sum().double(), hit.sum().double(),
+                                  torch.tensor(float(len(labels)), dtype=torch.float64, device=self.sums.device),
+                                  same.double()])
+
+    def result(self, distributed_sum: bool) -> dict:
+        if distributed_sum and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+        loss, top1, top5, n, same = self.sums.tolist()
+        n = max(n, 1.0)
+        return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "images": int(n),
+                **({"fidelity_top1": same / n} if self.teacher else {})}
+
+
+class _IoU:
+    """mIoU and pixel accuracy from a confusion matrix (torchmetrics), the mean taken over
+    the classes that occur in the truth or the predictions; with a teacher, the same against
+    the teacher's predictions (fidelity)."""
+
+    def __init__(self, num_classes: int, device):
+        from torchmetrics.classification import MulticlassConfusionMatrix
+        self.truth = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE).to(device)
+        self.fidelity = MulticlassConfusionMatrix(num_classes).to(device)
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, images
+        self.teacher = False
+
+    def update(self, logits: torch.Tensor, masks: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+        logits = logits.float()
+        preds = logits.argmax(1)
+        self.truth.update(preds, masks)
+        loss = nn.functional.cross_entropy(logits, masks, ignore_index=IGNORE)
+        self.sums += torch.stack([loss.double() * len(masks), torch.tensor(float(len(masks)), dtype=torch.float64,
+                                                                            device=self.sums.device)])
+        if teacher_logits is not None:
+            self.teacher = True
+            self.fidelity.update(preds, teacher_logits.argmax(1))
+
+    def result(self, distributed_sum: bool) -> dict:
+        for metric in (self.truth, self.fidelity):
+            metric.sync_on_compute = distributed_sum
+        if distributed_sum and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+        loss, n = self.sums.tolist()
+        out = {**_miou(self.truth.compute()), "loss": loss / max(n, 1.0), "images": int(n)}
+        if self.teacher:
+            fidelity = _miou(self.fidelity.compute())
+            out.update(fidelity_miou=fidelity["miou"], fidelity_pixel_acc=fidelity["pixel_acc"])
+        return out
+
+
+def _miou(confusion: torch.Tensor) -> dict:
+    confusion = confusion.double()
+    hits = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = union > 0
+    iou = hits[present] / union[present]
+    return {"miou": float(iou.mean()) if present.any() else 0.0,
+            "pixel_acc": float(hits.sum() / confusion.sum().clamp(min=1))}
