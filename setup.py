@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "torch>=2.4", "torchvision>=0.19", "torch-pruning>=1.5", "thop", "numpy", "PyYAML",
         "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert", "litert-torch",
-        "matplotlib", "torchmetrics",
+        "matplotlib", "torchmetrics", "pycocotools",
     ],
     extras_require={"dev": ["pytest>=7", "pytest-timeout", "tensorboard", "timm"],
                     "timm": ["timm"],  # timm:NAME model sources

@@ -3,7 +3,7 @@
 Specs: `cifar10:DIR` (the `cifar-10-batches-py` folder, or a folder with train.npz/test.npz),
 `imagefolder:DIR` (ImageNet layout: DIR/train, DIR/val), `npz:FILE` (x uint8 (N,H,W,3) RGB,
 y integer labels), `synthetic:N` (N random images, for smoke tests); for segmentation
-`voc:DIR` and `shapes:N` (compress.dense_data).
+`voc:DIR` and `shapes:N`, for detection `coco:DIR` and `shapeboxes:N` (compress.dense_data).
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from compress.dense_data import SegmentationSet, ShapesSet, VOCFolder
+from compress.dense_data import (CocoFolder, DetectionSet, SegmentationSet, ShapeBoxes, ShapesSet, VOCFolder,
+                                 box_transforms)
 from compress.dense_data import transforms as dense_transforms
 from compress.errors import CompressError
 
 SPEC_HELP = ("a data spec is cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N for classification, voc:DIR "
-             "or shapes:N for segmentation (e.g. cifar10:../shared/data/cifar10)")
-DENSE = ("voc", "shapes")  # the kinds whose targets are masks
+             "or shapes:N for segmentation, coco:DIR or shapeboxes:N for detection (e.g. cifar10:../shared/data/cifar10)")
+TARGETS = {"voc": "segment", "shapes": "segment", "coco": "detect", "shapeboxes": "detect"}  # else class labels
 
 
 class ArrayDataset(Dataset):
@@ -92,9 +93,9 @@ class DataSpec:
     @classmethod
     def parse(cls, spec: str) -> "DataSpec":
         kind, sep, loc = spec.partition(":")
-        if not sep or kind not in ("cifar10", "imagefolder", "npz", "synthetic", *DENSE) or not loc:
+        if not sep or kind not in ("cifar10", "imagefolder", "npz", "synthetic", *TARGETS) or not loc:
             raise CompressError(f"bad data spec '{spec}': {SPEC_HELP}.")
-        if kind in ("synthetic", "shapes") and not loc.isdigit():
+        if kind in ("synthetic", "shapes", "shapeboxes") and not loc.isdigit():
             raise CompressError(f"bad data spec '{spec}': {kind}:N takes an image count, e.g. {kind}:64.")
         return cls(kind, loc)
 
@@ -107,8 +108,8 @@ def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes
     """The train or evaluation split of a data spec, with `transform` applied."""
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     loc = Path(spec.location)
-    if spec.kind == "shapes":
-        return ShapesSet(int(spec.location), image_size, train)
+    if spec.kind in ("shapes", "shapeboxes"):
+        return (ShapesSet if spec.kind == "shapes" else ShapeBoxes)(int(spec.location), image_size, train)
     if spec.kind == "synthetic":
         n = int(spec.location)
         gen = np.random.default_rng(0 if train else 1)
@@ -119,8 +120,8 @@ def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes
         return ArrayDataset(*_read_npz(loc), transform)
     if not loc.is_dir():
         raise CompressError(f"data folder '{loc}' (from data {spec}) does not exist.")
-    if spec.kind == "voc":
-        return VOCFolder(loc, train)
+    if spec.kind in ("voc", "coco"):
+        return (VOCFolder if spec.kind == "voc" else CocoFolder)(loc, train)
     if spec.kind == "cifar10":
         npz = loc / ("train.npz" if train else "test.npz")
         if npz.is_file():
@@ -152,7 +153,7 @@ def labels_of(dataset: Dataset) -> np.ndarray:
 
 
 def check_labels(dataset: Dataset, num_classes: int, source: str) -> None:
-    if isinstance(dataset, SegmentationSet):
+    if isinstance(dataset, (SegmentationSet, DetectionSet)):
         dataset.check_classes(num_classes, source)
         return
     labels = labels_of(dataset)
@@ -186,8 +187,9 @@ def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int =
     the training split unless `augment` says otherwise."""
     ds = build_dataset(spec, train, None, num_classes, input_size)
     augment = train if augment is None else augment
-    if isinstance(ds, SegmentationSet):
-        ds.transform = dense_transforms(augment, input_size, mean, std)
+    if isinstance(ds, (SegmentationSet, DetectionSet)):
+        ds.transform = (dense_transforms if isinstance(ds, SegmentationSet) else box_transforms)(
+            augment, input_size, mean, std)
         return ds
     side = ds.x.shape[-1] if isinstance(ds, ArrayDataset) else 32 if isinstance(ds, datasets.CIFAR10) else None
     ds.transform = transforms(augment, input_size, mean, std, side)
@@ -196,11 +198,20 @@ def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int =
 
 def check_task(spec: str, task: str) -> None:
     """Refuse data whose targets are not what the model predicts (masks for a classifier)."""
-    dense = DataSpec.parse(spec).kind in DENSE
-    if task == "segment" and not dense or task == "classify" and dense:
-        wanted = "voc:DIR or shapes:N (masks)" if task == "segment" else "cifar10:, imagefolder:, npz: or synthetic:"
-        raise CompressError(f"data {spec} holds {'masks' if dense else 'class labels'}, but the model is a {task} "
-                            f"model; give it {wanted} data.")
+    holds = TARGETS.get(DataSpec.parse(spec).kind, "classify")
+    if holds != task:
+        what = {"classify": "class labels", "segment": "masks", "detect": "boxes"}
+        wanted = {"classify": "cifar10:, imagefolder:, npz: or synthetic:", "segment": "voc:DIR or shapes:N",
+                  "detect": "coco:DIR or shapeboxes:N"}[task]
+        raise CompressError(f"data {spec} holds {what[holds]}, but the model is a {task} model; give it {wanted} "
+                            "data.")
+
+
+def collate_of(dataset: Dataset):
+    """The batching a dataset needs (boxes: a list of targets), None for the default."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "collate", None)
 
 
 def eval_set(spec: str, input_size: int, mean, std, num_classes: int) -> Dataset:
@@ -243,12 +254,12 @@ def random_subset(dataset: Dataset, count: int, seed: int = 0) -> Dataset:
 
 def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
     """An in-order loader for evaluation."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_of(dataset),
                       pin_memory=torch.cuda.is_available())
 
 
 def sample_labelled(spec: str, train: bool, count: int, input_size: int, mean, std,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | list[dict]]:
     """`count` images of a split and their labels, picked at random with `seed`, with
     evaluation transforms: calibration and parity inputs for export."""
     ds = split(spec, train, input_size, mean, std, augment=False)
@@ -256,9 +267,10 @@ def sample_labelled(spec: str, train: bool, count: int, input_size: int, mean, s
         raise CompressError(f"data {spec} holds no images.")
     picks = np.sort(np.random.default_rng(seed).permutation(len(ds))[:count])
     pairs = [ds[int(i)] for i in picks]
-    targets = [y for _, y in pairs]
-    return (torch.stack([x for x, _ in pairs]),
-            torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor([int(y) for y in targets]))
+    images, targets = torch.stack([x for x, _ in pairs]), [y for _, y in pairs]
+    if isinstance(targets[0], dict):  # boxes: one target per image
+        return images, targets
+    return images, torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor([int(y) for y in targets])
 
 
 def sample_images(spec: str, train: bool, count: int, input_size: int, mean, std, seed: int = 0) -> torch.Tensor:

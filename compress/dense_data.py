@@ -1,14 +1,22 @@
-"""Segmentation data: images with a class per pixel (255: ignored), transformed jointly.
+"""Dense data: images with a class per pixel (255: ignored) or with boxes, transformed jointly.
 
+Segmentation:
 - `voc:DIR`: a VOC-style folder (DIR/JPEGImages/ID.jpg, DIR/SegmentationClass/ID.png with the
   class index per pixel, DIR/ImageSets/Segmentation/train.txt and val.txt listing the IDs), as
   PASCAL VOC 2012 ships it and as most segmentation sets can be laid out;
 - `shapes:N`: N generated images of circles, rectangles and triangles on noisy backgrounds,
-  their masks (4 classes with the background) and boxes: a set a MobileNet head learns in
-  minutes on 2 CPU cores, for tests and quick benchmarks (N/4 more make the evaluation split).
+  and their masks (4 classes with the background): a set a MobileNet head learns in minutes
+  on 2 CPU cores, for tests and quick benchmarks (N/4 more make the evaluation split).
+Detection:
+- `coco:DIR`: COCO-format annotations, DIR/annotations/instances_{train,val}.json with the
+  images in DIR/train and DIR/val (COCO 2017's own names, train2017 and val2017, also work);
+  labels are the category ids;
+- `shapeboxes:N`: the shapes with one box per class present (labels 1-3, 0 is background).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +134,87 @@ class VOCFolder(SegmentationSet):
                 return np.array(image.convert("RGB")), np.array(mask)
         except OSError as exc:
             raise CompressError(f"cannot read image or mask '{name}' of '{self.root}': {exc}") from None
+
+
+class DetectionSet(Dataset):
+    """Images and their boxes; `read(i)` gives a uint8 (H, W, 3) image, boxes (k, 4) as
+    x1, y1, x2, y2 in pixels, and k integer labels."""
+
+    transform = None
+    classes: list[str] = []
+
+    def __getitem__(self, i: int):
+        image, boxes, labels = self.read(i)
+        image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                                    format="XYXY", canvas_size=tuple(image.shape[-2:])),
+                  "labels": torch.as_tensor(labels, dtype=torch.int64)}
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return image, {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]}
+
+    @staticmethod
+    def collate(batch: list) -> tuple[torch.Tensor, list[dict]]:
+        """Images stacked, targets kept as a list: each image has its own number of boxes."""
+        return torch.stack([image for image, _ in batch]), [target for _, target in batch]
+
+    def check_classes(self, num_classes: int, source: str) -> None:
+        if len(self) == 0:
+            raise CompressError(f"{source} holds no images.")
+        for i in np.linspace(0, len(self) - 1, min(32, len(self))).astype(int):
+            labels = np.asarray(self.read(int(i))[2])
+            if len(labels) and (labels.max() >= num_classes or labels.min() < 1):
+                raise CompressError(f"{source} has box label {labels.max() if labels.max() >= num_classes else 0}; "
+                                    f"labels run from 1 to {num_classes - 1} (0 is the background of a "
+                                    f"{num_classes}-class detector): set `num_classes` or check the annotations.")
+
+
+def box_transforms(train: bool, size: int, mean, std) -> v2.Compose:
+    """Image and boxes alike: resized to size x size, flipped at random for training, boxes
+    left empty by the crop dropped; the image scaled and normalised."""
+    return v2.Compose([v2.Resize((size, size), antialias=True), *([v2.RandomHorizontalFlip()] if train else []),
+                       v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                       v2.Normalize(list(mean), list(std)), v2.SanitizeBoundingBoxes(min_size=1)])
+
+
+class ShapeBoxes(DetectionSet):
+    classes = SHAPE_CLASSES
+
+    def __init__(self, count: int, size: int, train: bool):
+        self.images, _, self.boxes = shapes(count if train else max(8, count // 4), size, 0 if train else 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, i: int):
+        return self.images[i], self.boxes[i][:, :4], self.boxes[i][:, 4].astype(np.int64)
+
+
+class CocoFolder(DetectionSet):
+    def __init__(self, root: Path, train: bool):
+        from pycocotools.coco import COCO
+        split = "train" if train else "val"
+        found = [(root / "annotations" / f"instances_{name}.json", root / name)
+                 for name in (split, f"{split}2017") if (root / "annotations" / f"instances_{name}.json").is_file()]
+        if not found:
+            raise CompressError(f"'{root}' is not a COCO-format folder: it needs annotations/instances_{split}.json "
+                                f"and the images in {split}/ (or COCO 2017's instances_{split}2017.json and "
+                                f"{split}2017/).")
+        annotations, self.images = found[0]
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading times
+            self.coco = COCO(str(annotations))
+        self.ids = sorted(self.coco.imgs)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, i: int):
+        from PIL import Image
+        info = self.coco.imgs[self.ids[i]]
+        anns = [a for a in self.coco.imgToAnns.get(self.ids[i], []) if not a.get("iscrowd")]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float32)
+        try:
+            with Image.open(self.images / info["file_name"]) as image:
+                return np.array(image.convert("RGB")), boxes.reshape(-1, 4), [a["category_id"] for a in anns]
+        except OSError as exc:
+            raise CompressError(f"cannot read image '{info['file_name']}' of '{self.images}': {exc}") from None

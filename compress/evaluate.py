@@ -22,9 +22,15 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progr
         teacher.eval()
     meter = None
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress, unit="batch"):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = images.to(device, non_blocking=True), to_device(targets, device)
         logits = task.logits(model(images))
-        meter = meter or task.meter(logits.shape[1], device)
-        meter.update(logits, targets, task.logits(teacher(images)) if teacher is not None else None)
-    meter = meter or task.meter(1, device)
-    return meter.result(distributed_sum)
+        meter = meter or task.meter(logits, device)
+        meter.update(logits, targets, task.logits(teacher(images)) if teacher is not None else None, images)
+    return (meter or task.meter(torch.zeros(1, 1), device)).result(distributed_sum)
+
+
+def to_device(targets, device):
+    """Class labels or masks (a tensor), or boxes (a list of dicts of tensors), on `device`."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device, non_blocking=True)
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]

@@ -386,7 +386,7 @@ def run_recipe(path: str, overrides: list[str], quiet: bool = False) -> int:
 def _check_inputs(recipe: Recipe) -> None:
     """Fail before any work on inputs that do not exist."""
     spec = DataSpec.parse(recipe.data.spec)
-    if spec.kind not in ("synthetic", "shapes") and not Path(spec.location).exists():
+    if spec.kind not in ("synthetic", "shapes", "shapeboxes") and not Path(spec.location).exists():
         raise CompressError(f"data.spec: '{spec.location}' does not exist (from {recipe.data.spec}); fix the path "
                             "in the recipe or override it: data.spec=cifar10:/path/to/cifar10.")
     name = recipe.model.name

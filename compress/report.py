@@ -19,13 +19,13 @@ def _pct(value) -> str:
 
 
 def _metric(tuned: dict) -> tuple[str, str]:
-    """The test metric's key and name: mIoU for segmentation, top-1 for classification."""
+    """The test metric's key and name: mIoU for segmentation, mAP for detection, top-1."""
     test = next(iter(tuned.values()), {}).get("test_after", {})
-    return ("miou", "mIoU") if "miou" in test else ("top1", "top-1")
+    return next(((key, name) for key, name in (("miou", "mIoU"), ("map", "mAP")) if key in test), ("top1", "top-1"))
 
 
 def _fidelity(test: dict) -> str:
-    value = test.get("fidelity_miou", test.get("fidelity_top1"))
+    value = next((test[k] for k in ("fidelity_miou", "fidelity_map", "fidelity_top1") if test.get(k) is not None), None)
     return "-" if value is None else f"{value:.2%}"
 
 
@@ -86,6 +86,11 @@ def write_report(pipeline, nets: dict, tuned: dict, exported: dict, timed: dict)
     if score == "miou":
         table += ["", "Fidelity: the mIoU of the pruned net's pixels taking the unpruned net's predictions as the "
                   "truth (no labels needed), after fine-tuning."]
+    elif score == "map":
+        table += ["", "Fidelity: the mAP of the pruned net's detections taking the unpruned net's detections scoring "
+                  "at least 0.5 as the truth (no labels needed), after fine-tuning. The exported files hold the "
+                  "network up to its raw head outputs (class logits and box regressions per default box); decoding "
+                  "the boxes and NMS run outside them, as `RawSSD.detections` does."]
     else:
         table += ["", "Fidelity: the share of test images on which the pruned net's top-1 is the unpruned net's, "
                   "after fine-tuning."]

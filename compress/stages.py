@@ -25,6 +25,7 @@ from compress.card import card_of
 from compress.checkpoint import save_checkpoint
 from compress.data import check_task, sample_images, sample_labelled, train_holdout
 from compress.errors import CompressError
+from compress.evaluate import to_device
 from compress.export.latency import measure, measure_adb
 from compress.export.onnx import export_onnx
 from compress.export.tflite import export_tflite
@@ -335,7 +336,8 @@ def prune(model: nn.Module, settings: PruneSettings, macs: str | int | None = No
         card = card_of(model)
         check_task(data, card.task)
         batch = sample_labelled(data, True, wanted or 256, card.input_size, card.mean, card.std, seed=0)
-        batch = tuple(t.to(next(model.parameters()).device) for t in batch)
+        device = next(model.parameters()).device
+        batch = (batch[0].to(device), to_device(batch[1], device))
     pruned, info = prune_target(model, config=config, macs=macs, width=width, importance=importance,
                                 strategy=settings.strategy, divisor=settings.divisor, batch=batch)
     if batch is not None:

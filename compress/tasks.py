@@ -6,7 +6,14 @@ from a teacher's outputs, and the metric (with the key keep-best and the reports
 - `segment`: per-pixel logits (N, classes, H, W), a tensor or torchvision's {"out", "aux"};
   cross-entropy ignoring label 255 (VOC's borders), per-pixel KL, mIoU from a confusion matrix
   (torchmetrics), and against a teacher its fidelity: the mIoU of the model's pixels taking the
-  teacher's predictions as the truth, which needs no labels.
+  teacher's predictions as the truth, which needs no labels;
+- `detect`: a detector's raw head outputs (compress.models.detection.RawSSD: class logits and
+  box regressions per default box); its own loss (matching, hard negatives), distillation of
+  the class logits (KL per box) and of the boxes the teacher believes in, COCO mAP (torchmetrics
+  on pycocotools) of the decoded, NMS-ed detections, and fidelity: mAP against the teacher's
+  detections scoring at least 0.5.
+
+Every loss takes the images too (a detector's default boxes depend on their size).
 """
 from __future__ import annotations
 
@@ -38,13 +45,13 @@ class Classify:
     def logits(self, outputs) -> torch.Tensor:
         return outputs
 
-    def loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs, targets: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         return self.criterion(outputs, targets)
 
     def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
         return softened_kl(outputs, teacher_outputs, temperature)
 
-    def meter(self, num_classes: int, device) -> "_TopK":
+    def meter(self, logits, device) -> "_TopK":
         return _TopK(device)
 
 
@@ -58,7 +65,7 @@ class Segment(Classify):
     def logits(self, outputs) -> torch.Tensor:
         return outputs["out"] if isinstance(outputs, dict) else outputs
 
-    def loss(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs, targets: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         loss = self.criterion(self.logits(outputs), targets)
         if isinstance(outputs, dict) and "aux" in outputs:  # torchvision's auxiliary head, as its reference trains it
             loss = loss + self.aux_weight * self.criterion(outputs["aux"], targets)
@@ -67,8 +74,30 @@ class Segment(Classify):
     def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
         return softened_kl(self.logits(outputs), self.logits(teacher_outputs), temperature)
 
-    def meter(self, num_classes: int, device) -> "_IoU":
-        return _IoU(num_classes, device)
+    def meter(self, logits, device) -> "_IoU":
+        return _IoU(logits.shape[1], device)
+
+
+class Detect(Classify):
+    name, score, label = "detect", "map", "mAP"
+
+    def __init__(self, model: nn.Module):
+        self.model = model  # its default boxes, matcher and post-processing (they do not train)
+
+    def loss(self, outputs, targets: list[dict], images: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.loss(outputs, targets, images)
+
+    def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
+        kl = softened_kl(outputs["cls_logits"].transpose(1, 2), teacher_outputs["cls_logits"].transpose(1, 2),
+                         temperature)
+        # boxes where the teacher sees an object, weighted by how sure it is
+        objectness = 1 - teacher_outputs["cls_logits"].softmax(-1)[..., 0]
+        boxes = nn.functional.smooth_l1_loss(outputs["bbox_regression"], teacher_outputs["bbox_regression"],
+                                             reduction="none").sum(-1)
+        return kl + (boxes * objectness).sum() / objectness.sum().clamp(min=1.0)
+
+    def meter(self, logits, device) -> "_MAP":
+        return _MAP(self.model, device)
 
 
 def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
@@ -78,8 +107,12 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
         return Classify(label_smoothing)
     if name == "segment":
         return Segment(label_smoothing)
-    raise CompressError(f"{type(model).__name__} is a {name} model: it prunes and exports (its raw outputs, with "
-                        "per-output parity), but training and evaluating it here take a classify or segment model.")
+    if callable(getattr(model, "loss", None)) and callable(getattr(model, "detections", None)):
+        return Detect(model)
+    raise CompressError(f"{type(model).__name__} is a detector compress prunes and exports (its raw outputs, with "
+                        "per-output parity), but it trains and evaluates detectors whose raw head outputs it has "
+                        "(torchvision's SSD and SSDlite, or a model with loss(outputs, targets, images) and "
+                        "detections(outputs, images) methods).")
 
 
 def infer_task(model: nn.Module, input_size: int) -> str:
@@ -109,7 +142,8 @@ class _TopK:
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, same as teacher
         self.teacher = False
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+               images: torch.Tensor | None = None) -> None:
         logits = logits.float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
         same = torch.zeros((), device=logits.device)
@@ -142,7 +176,8 @@ class _IoU:
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, images
         self.teacher = False
 
-    def update(self, logits: torch.Tensor, masks: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+    def update(self, logits: torch.Tensor, masks: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+               images: torch.Tensor | None = None) -> None:
         logits = logits.float()
         preds = logits.argmax(1)
         self.truth.update(preds, masks)
@@ -163,6 +198,52 @@ class _IoU:
         if self.teacher:
             fidelity = _miou(self.fidelity.compute())
             out.update(fidelity_miou=fidelity["miou"], fidelity_pixel_acc=fidelity["pixel_acc"])
+        return out
+
+
+class _MAP:
+    """COCO mAP of the decoded detections (torchmetrics' MeanAveragePrecision); with a teacher,
+    the same against its detections scoring at least FIDELITY_SCORE (fidelity)."""
+
+    FIDELITY_SCORE = 0.5
+
+    def __init__(self, model: nn.Module, device):
+        from torchmetrics.detection import MeanAveragePrecision
+        self.model = model
+        self.truth = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(device)
+        self.fidelity = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(device)
+        for metric in (self.truth, self.fidelity):  # COCO scores each image's top 100, as intended
+            metric.warn_on_many_detections = False
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, images
+        self.teacher = False
+
+    def update(self, outputs: dict, targets: list[dict], teacher_outputs: dict | None = None,
+               images: torch.Tensor | None = None) -> None:
+        outputs = {k: v.float() for k, v in outputs.items()}
+        found = self.model.detections(outputs, images)
+        self.truth.update(found, targets)
+        loss = self.model.loss(outputs, targets, images)
+        self.sums += torch.stack([loss.double() * len(targets), torch.tensor(float(len(targets)), dtype=torch.float64,
+                                                                              device=self.sums.device)])
+        if teacher_outputs is not None:
+            self.teacher = True
+            reference = self.model.detections({k: v.float() for k, v in teacher_outputs.items()}, images)
+            self.fidelity.update(found, [{"boxes": d["boxes"][d["scores"] >= self.FIDELITY_SCORE],
+                                          "labels": d["labels"][d["scores"] >= self.FIDELITY_SCORE]}
+                                         for d in reference])
+
+    def result(self, distributed_sum: bool) -> dict:
+        for metric in (self.truth, self.fidelity):
+            metric.sync_on_compute = distributed_sum
+        if distributed_sum and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+        loss, n = self.sums.tolist()
+        found = self.truth.compute()  # -1 where there is no box to find
+        out = {"map": max(float(found["map"]), 0.0), "map_50": max(float(found["map_50"]), 0.0),
+               "loss": loss / max(n, 1.0), "images": int(n)}
+        if self.teacher:
+            fidelity = float(self.fidelity.compute()["map"])
+            out["fidelity_map"] = fidelity if fidelity >= 0 else None  # the teacher was sure of nothing
         return out
 
 

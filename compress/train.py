@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from compress import distributed
 from compress.card import ModelCard, card_of
-from compress.data import check_task, eval_set, random_subset, train_holdout
+from compress.data import check_task, collate_of, eval_set, random_subset, train_holdout
 from compress.errors import CompressError
-from compress.evaluate import evaluate
+from compress.evaluate import evaluate, to_device
 from compress.files import atomic_save, atomic_write_json, atomic_write_text, safe_torch_load
 from compress.qat import QuantizationAware, quantization_aware
 from compress.settings import DataSettings, TrainSettings
@@ -63,7 +63,7 @@ def standard_step(cfg: TrainSettings, teacher: nn.Module | None = None, task: Cl
 
     def step(model, images, labels, backward):
         outputs = model(images)
-        loss = task.loss(outputs, labels)
+        loss = task.loss(outputs, labels, images)
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(images)
@@ -139,17 +139,19 @@ def spec_loaders(data: DataSettings, card: ModelCard, cfg: TrainSettings, valida
                             f"({data.batch_size}); lower `batch_size`.")
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     train = DataLoader(train_set, per_rank, sampler=sampler, num_workers=data.workers, drop_last=True,
-                       pin_memory=torch.cuda.is_available(), persistent_workers=data.workers > 0)
+                       pin_memory=torch.cuda.is_available(), persistent_workers=data.workers > 0,
+                       collate_fn=collate_of(train_set))
     val = None
     if validate:
         ds = random_subset(eval_set(data.spec, card.input_size, card.mean, card.std, card.num_classes),
                            cfg.val_images, cfg.seed)
         val_sampler = DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
-        val = DataLoader(ds, per_rank, sampler=val_sampler, num_workers=data.workers)
+        val = DataLoader(ds, per_rank, sampler=val_sampler, num_workers=data.workers, collate_fn=collate_of(ds))
     holdout = None
     if held_set is not None and cfg.keep_best:
         held_sampler = DistributedSampler(held_set, world, rank, shuffle=False) if world > 1 else None
-        holdout = DataLoader(held_set, per_rank, sampler=held_sampler, num_workers=data.workers)
+        holdout = DataLoader(held_set, per_rank, sampler=held_sampler, num_workers=data.workers,
+                             collate_fn=collate_of(held_set))
     return Loaders(train, val, holdout), held
 
 
@@ -265,7 +267,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
             if i >= steps:
                 break
             images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            labels = to_device(labels, device)
             if cfg.channels_last:
                 images = images.to(memory_format=torch.channels_last)
             with autocast:

@@ -67,7 +67,7 @@ def test_segment_task_losses_and_miou():
     masks[0, 0, 0] = IGNORE
     assert task.loss({"out": logits}, masks) < task.loss({"out": -logits}, masks)
     assert softened_kl(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
-    meter = task.meter(3, "cpu")
+    meter = task.meter(torch.zeros(1, 3), "cpu")
     preds = torch.tensor([[[0, 0], [1, 2]]])
     truth = torch.tensor([[[0, 1], [1, IGNORE]]])
     meter.update(torch.nn.functional.one_hot(preds, 3).permute(0, 3, 1, 2).float() * 5, truth)
@@ -138,10 +138,36 @@ def test_a_torchvision_segmenter_recipe_prunes_recovers_evaluates_exports_and_ti
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "runs" / "seg" / "report.md").read_text()
     assert "test mIoU before fine-tune" in report and "fidelity to unpruned" in report
-    tuned = json.loads((tmp_path / "runs" / "seg" / "finetune" / "stage.json").read_text())["outputs"]["macs<=50%"]
+    tuned = json.loads((tmp_path / "runs" / "seg" / "finetune" / "stage.json").read_text())["outputs"]["macs50pct"]
     assert {"miou", "pixel_acc", "fidelity_miou"} <= set(tuned["test_after"])
     pruned = compress.load(tuned["path"])
     full = compress.build("torchvision:lraspp_mobilenet_v3_large", num_classes=4, input_size=48)
     assert 0.47 <= compress.count(pruned, 48)[0] / compress.count(full, 48)[0] <= 0.50
     assert (tmp_path / "runs" / "seg" / "export" / "macs50pct.onnx").is_file() and "macs50pct.onnx" in report
     assert "unpruned.onnx" in report
+
+
+def test_an_ssdlite_detector_prunes_recovers_evaluates_and_exports_its_raw_head(tmp_path):
+    """SSDlite (MobileNetV3 backbone) through prune -> recover (its own loss, distilled from the
+    unpruned net) -> mAP and fidelity -> ONNX with parity on both head outputs."""
+    from compress import stages
+    from compress.settings import DataSettings, PruneSettings, TrainSettings
+    from compress.train import fit
+    torch.manual_seed(0)
+    model = compress.build("torchvision:ssdlite320_mobilenet_v3_large", num_classes=4, input_size=96)
+    assert model.card.task == "detect" and model.card.mean == (0.5, 0.5, 0.5)
+    data = DataSettings(spec="shapeboxes:32", batch_size=8, workers=0)
+    quick = TrainSettings(epochs=1, steps_per_epoch=3, lr=0.01, holdout=8, keep_best=True, eval_every=0,
+                          val_images=8, channels_last=False)
+    trained = fit(model, data, quick, tmp_path / "train", quiet=True)
+    pruned = stages.prune(trained, PruneSettings(reconstruct_images=16), macs="50%", data=data.spec).model
+    assert 0.47 <= compress.count(pruned, 96)[0] / compress.count(trained, 96)[0] <= 0.50
+    recovered = fit(pruned, data, quick.model_copy(update={"kd_weight": 0.7}), tmp_path / "finetune",
+                    teacher=trained, quiet=True)
+    ds = eval_set("shapeboxes:32", 96, model.card.mean, model.card.std, 4)
+    result = evaluate(recovered, loader(ds, 4), teacher=trained)
+    assert {"map", "map_50", "loss", "fidelity_map"} <= set(result) and 0 <= result["map"] <= 1
+    # TFLite writes several outputs the same way (tests/test_export.py); its SSDlite row: bench_coverage.py
+    report = stages.export(recovered, "onnx", tmp_path / "det.onnx", data=data.spec)
+    assert report["outputs"] == ["bbox_regression", "cls_logits"]
+    assert all(r["max_abs_diff"] <= 1e-3 * max(1.0, r["max_abs_logit"]) for r in report["parity"]["outputs"].values())

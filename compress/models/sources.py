@@ -21,9 +21,11 @@ from typing import Callable
 
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models.detection.ssd import SSD
 
 from compress.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
+from compress.models.detection import RawSSD
 
 PREFIXES = ("torchvision:", "timm:")
 
@@ -86,11 +88,17 @@ def _torchvision(arch: str) -> tuple:
         kwargs = {"weights": None, "num_classes": classes or num_classes}
         if "weights_backbone" in params:  # its default downloads ImageNet weights
             kwargs["weights_backbone"] = None
-        return builder(**kwargs)
+        model = builder(**kwargs)
+        # an SSD up to its raw head outputs: resizing, normalising and NMS stay outside (RawSSD)
+        return RawSSD(model) if isinstance(model, SSD) else model
 
     module = next((t for t in ("segmentation", "detection", "video", "optical_flow", "quantization")
                    if arch in tvm.list_models(module=getattr(tvm, t))), "classification")
     task = {"segmentation": "segment", "detection": "detect"}.get(module, "classify")
+    if task == "detect":  # the detector normalises inside; its raw network takes what its transform gives
+        probe = build(None)
+        if isinstance(probe, RawSSD):
+            mean, std = probe.image_mean, probe.image_std
     return (_fixed_width(build, f"torchvision:{arch}"), input_size, num_classes,
             None if weights is None else str(weights), False, f"torchvision {arch} ({module})", mean, std, task)
 
