@@ -7,8 +7,9 @@ is needed to check the mechanics), and then:
 - MACs: the pruned model's thop count over the unpruned one's, and whether the space's
   closed-form count equals thop's exactly;
 - forward: the pruned model runs and its outputs (a tensor, a dict or a list of them) are finite;
-- recovery step: one SGD step distilling the unpruned model's outputs (mean squared error over
-  every output tensor, train mode), after which the outputs are still finite;
+- recovery step: one SGD step of the task's distillation from the unpruned model's outputs
+  (KL on logits, per pixel, per default box and the boxes; train mode), after which the
+  outputs are still finite;
 - ONNX and TFLite: the float file's largest output difference from PyTorch, over the largest
   output (random weights make outputs of any scale);
 - latency: the pruned TFLite file's median time over the unpruned one's (LiteRT, 1 thread,
@@ -37,6 +38,7 @@ from common import write_section
 from compress import ChannelSpace, CompressError, build, count, prune_target
 from compress.export import export_onnx, export_tflite, measure
 from compress.space import example_input
+from compress.tasks import task_of
 
 UNET = "benchmarks/unet.py:unet"  # a user's own file: run from the repository root
 ARCHS = [  # (source, num_classes): None keeps the source's own
@@ -48,7 +50,7 @@ ARCHS = [  # (source, num_classes): None keeps the source's own
     ("timm:efficientnet_lite0", None), ("timm:mobilenetv4_conv_small", None), ("timm:repvgg_a0", None),
     ("torchvision:lraspp_mobilenet_v3_large", None), ("torchvision:deeplabv3_mobilenet_v3_large", None),
     ("torchvision:ssdlite320_mobilenet_v3_large", None), ("torchvision:fcos_resnet50_fpn", None),
-    (UNET, 2),
+    ("lraspp_mobilenet_v2", 4), (UNET, 2),
 ]
 
 
@@ -67,15 +69,15 @@ def failure(exc: BaseException) -> str:
 
 
 def recovery_step(pruned: torch.nn.Module, teacher: torch.nn.Module, size: int) -> str:
+    """One SGD step of the model's task distillation from the unpruned model (what a fine-tune
+    with a teacher computes, less the labelled part), then the outputs must stay finite."""
+    task = task_of(pruned)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        target = tensors(teacher.eval()(x))
+        target = teacher.eval()(x)
     pruned.train()
     opt = torch.optim.SGD(pruned.parameters(), lr=1e-3, momentum=0.9)
-    got = tensors(pruned(x))
-    loss = sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(got, target) if a.shape == b.shape)
-    if not torch.is_tensor(loss) or not loss.requires_grad:
-        return "no output to distil"
+    loss = task.distill(pruned(x), target, 4.0)
     loss.backward()
     opt.step()
     pruned.eval()
@@ -102,11 +104,12 @@ def row(source: str, classes: int | None, size: int, tmp: Path, rounds: int) -> 
         with torch.no_grad():
             outs = tensors(pruned.eval()(example_input(size)))
         cell["forward"] = "ok" if outs and all(torch.isfinite(t).all() for t in outs) else "non-finite"
+    except Exception as exc:
+        return {**cell, "forward": failure(exc)}
+    try:
         cell["recovery"] = recovery_step(pruned, model, size)
     except Exception as exc:
-        cell.setdefault("forward", failure(exc))
-        cell.setdefault("recovery", failure(exc))
-        return cell
+        cell["recovery"] = failure(exc)
     files = {}
     for fmt, export in (("onnx", export_onnx), ("tflite", export_tflite)):
         try:

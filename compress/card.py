@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from compress.errors import CompressError
@@ -89,7 +90,6 @@ def describe(model: nn.Module, input_size: int, num_classes: int | None = None, 
     Linear layer, or a dense model's output channels, when not given), the mean/std its inputs
     are normalised with, and its task (classify, segment or detect; read off its output on one
     image when not given)."""
-    from compress.tasks import infer_task
     task = task or infer_task(model, input_size)
     if num_classes is None:
         num_classes = classes_of(model, input_size, task)
@@ -101,7 +101,6 @@ def classes_of(model: nn.Module, input_size: int, task: str, name: str | None = 
     """A model's class count: a dense model's output channels, else its last Linear layer's
     outputs (`name`: what the error calls the model)."""
     if task == "segment":
-        import torch
         with torch.no_grad():
             out = model.eval()(torch.zeros(1, 3, input_size, input_size))
         return int((out["out"] if isinstance(out, dict) else out).shape[1])
@@ -110,3 +109,22 @@ def classes_of(model: nn.Module, input_size: int, task: str, name: str | None = 
         raise CompressError(f"{name or type(model).__name__} has no nn.Linear head to read the class count "
                             "from; pass num_classes= (--num-classes).")
     return heads[-1].out_features
+
+
+def infer_task(model: nn.Module, input_size: int) -> str:
+    """classify when a model maps an image batch to (N, classes), segment when to per-pixel
+    logits (a 4-D tensor, or a dict with "out"); what `describe` records when not told."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, 3, input_size, input_size))
+    except Exception as exc:
+        raise CompressError(f"{type(model).__name__} does not run on a {input_size}x{input_size} image "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); check the input size.") from None
+    finally:
+        model.train(was_training)
+    if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor) and out["out"].dim() == 4:
+        return "segment"
+    if isinstance(out, torch.Tensor):
+        return "segment" if out.dim() == 4 else "classify"
+    return "detect"

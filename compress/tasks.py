@@ -115,25 +115,6 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
                         "detections(outputs, images) methods).")
 
 
-def infer_task(model: nn.Module, input_size: int) -> str:
-    """classify when a model maps an image batch to (N, classes), segment when to per-pixel
-    logits (a 4-D tensor, or a dict with "out"); what `describe` records when not told."""
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, 3, input_size, input_size))
-    except Exception as exc:
-        raise CompressError(f"{type(model).__name__} does not run on a {input_size}x{input_size} image "
-                            f"({type(exc).__name__}: {str(exc)[:200]}); check the input size.") from None
-    finally:
-        model.train(was_training)
-    if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor) and out["out"].dim() == 4:
-        return "segment"
-    if isinstance(out, torch.Tensor):
-        return "segment" if out.dim() == 4 else "classify"
-    return "detect"
-
-
 class _TopK:
     """Loss, top-1 and top-5 of classification logits (summed across torchrun ranks); with a
     teacher, the share of images whose top-1 is the teacher's (fidelity)."""

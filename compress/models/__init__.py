@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from compress.card import ModelCard, attach, classes_of
-from compress.models.zoo import ZOO, ZooEntry, build_model, zoo_entry
-from compress.tasks import infer_task
+from compress.card import ModelCard, attach, classes_of, infer_task
+from compress.models.entry import ZooEntry
+from compress.models.zoo import ZOO, build_model, zoo_entry
 
 __all__ = ["ZOO", "ZooEntry", "build", "build_model", "zoo_entry"]
 

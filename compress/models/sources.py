@@ -26,6 +26,7 @@ from torchvision.models.detection.ssd import SSD
 from compress.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
 from compress.models.detection import RawSSD
+from compress.models.entry import ZooEntry
 
 PREFIXES = ("torchvision:", "timm:")
 
@@ -47,7 +48,6 @@ def is_code(name: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def source_entry(name: str):
     """The registry entry (`compress.models.zoo.ZooEntry`) of a source string."""
-    from compress.models.zoo import ZooEntry
     kind, _, rest = name.partition(":")
     if kind == "torchvision":
         return ZooEntry(name, *_torchvision(rest))

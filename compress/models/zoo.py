@@ -2,35 +2,17 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 from torchvision import models as tvm
 
-from compress.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
+from compress.models.entry import ZooEntry
 from compress.models.mobilenet_v1 import MobileNetV1
 from compress.models.pretrained import load_pretrained
 from compress.models.segmentation import LRASPPMobileNetV2
 from compress.models.sources import is_source, source_entry
-
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """A buildable model: a zoo name or a model source (compress.models.sources)."""
-
-    name: str
-    build: Callable[..., nn.Module]
-    input_size: int
-    num_classes: int | None  # None: whatever a user's factory builds
-    weights: str | None = None  # torchvision weights enum ("Class.MEMBER"), or "timm" for timm's own
-    cifar: bool = False
-    description: str = ""
-    mean: tuple = field(default=IMAGENET_MEAN)
-    std: tuple = field(default=IMAGENET_STD)
-    task: str | None = "classify"  # None: read off the model's output (a user's factory)
 
 
 def _cifar_strides(model: nn.Module) -> nn.Module:
