@@ -16,7 +16,7 @@ from compress import distributed
 from compress.card import card_of, describe
 from compress.data import holdout_indices
 from compress.errors import CompressError
-from compress.evaluate import evaluate
+from compress.evaluate import evaluate, to_device
 from compress.prune import config_for_macs, group_scores, prune_with_map, restore_outputs
 from compress.search import Evaluator, HeldOut, budgets_for, run_search
 from compress.settings import FinetuneSettings, PruneSettings, SearchSettings, SupernetSettings, Target
@@ -24,6 +24,7 @@ from compress.space import ChannelSpace
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import reorder_channels, sandwich_step
+from compress.tasks import task_of
 from compress.train import KEEP_BEST_SHARE, Loaders, fit, kept_best
 from compress.units import human
 
@@ -39,9 +40,11 @@ class CompressReport:
     macs: int
     params: int
     config: dict
-    top1_before: float | None = None  # the original model on the validation loader
-    top1_pruned: float | None = None  # the compressed model before recovery
-    top1_after: float | None = None  # after recovery
+    metric: str = "top1"  # the task's: top1, miou (segmentation) or map (detection)
+    before: float | None = None  # the original model on the validation loader
+    pruned: float | None = None  # the compressed model before recovery
+    after: float | None = None  # after recovery
+    fidelity: float | None = None  # after recovery, against the original's predictions (needs no labels)
     history: list[dict] = field(default_factory=list)
     kept_best: dict | None = None  # keep_best: the step and held-out scores of the state returned, and the start's
 
@@ -50,29 +53,32 @@ class CompressReport:
             return "-" if v is None else f"{v:.2%}"
         return (f"{self.method}: {human(self.macs_before)} -> {human(self.macs)} MACs "
                 f"({self.macs / self.macs_before:.1%}), {human(self.params_before)} -> {human(self.params)} params; "
-                f"top-1 {pct(self.top1_before)} original, {pct(self.top1_pruned)} compressed, "
-                f"{pct(self.top1_after)} after recovery" + ("" if not self.kept_best else
-                f" (the best state, step {self.kept_best['step']}: held-out top-1 "
+                f"{self.metric} {pct(self.before)} original, {pct(self.pruned)} compressed, "
+                f"{pct(self.after)} after recovery, fidelity {pct(self.fidelity)}" + ("" if not self.kept_best else
+                f" (the best state, step {self.kept_best['step']}: held-out {self.metric} "
                 f"{self.kept_best['start']['top1']:.2%} -> {self.kept_best['top1']:.2%})"))
 
 
-def _first_images(loader: DataLoader, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to `count` (images, labels) from the start of `loader`."""
-    images, labels, seen = [], [], 0
+def _first_images(loader: DataLoader, count: int, device) -> tuple[torch.Tensor, torch.Tensor | list]:
+    """Up to `count` (images, targets) from the start of `loader` (targets: labels or masks, or
+    a list of box targets)."""
+    images, targets, seen = [], [], 0
     for x, y in loader:
         images.append(x)
-        labels.append(y)
+        targets.append(y)
         seen += len(x)
         if seen >= count:
             break
-    return torch.cat(images)[:count].to(device), torch.cat(labels)[:count].to(device)
+    if isinstance(targets[0], torch.Tensor):
+        return torch.cat(images)[:count].to(device), torch.cat(targets)[:count].to(device)
+    return torch.cat(images)[:count].to(device), to_device([t for batch in targets for t in batch][:count], device)
 
 
 def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, train_loader: DataLoader | None = None,
              val_loader: DataLoader | None = None, method: str = "global", importance: str = "auto",
              finetune: FinetuneSettings = FinetuneSettings(epochs=1), supernet: SupernetSettings | None = None,
              search: SearchSettings | None = None, out: str | Path = "runs/compress",
-             quiet: bool = True) -> tuple[nn.Module, CompressReport]:
+             quiet: bool = True, loss=None) -> tuple[nn.Module, CompressReport]:
     """Compress `model` to `constraints` ({"macs": "50%"} or 150_000_000; supernet methods also
     take "params") and recover its accuracy on `train_loader`, distilling from the original.
 
@@ -85,7 +91,9 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
     accuracy is optimistic unless that loader is a split of its own). Returns the plain,
     smaller nn.Module (with its card) and a report; the run folder `out` keeps the training
     checkpoints. A model without a card is described from `example_input` (a square image
-    batch) and its output width.
+    batch) and its output: a classifier, a segmenter (per-pixel logits, or {"out": ...}) or a
+    detector with raw head outputs (see compress.tasks). `loss(outputs, targets)`: your own
+    task loss for the recovery, in place of the task's.
     """
     if method not in DIRECT + SUPERNETS:
         raise CompressError(f"unknown method '{method}'; choose one of {', '.join(DIRECT + SUPERNETS)}.")
@@ -123,18 +131,22 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
     full = space.max()
     report = CompressReport(method, space.macs(full), space.params(full), space.macs(config), space.params(config),
                             config.to_dict())
+    key = report.metric = task_of(model).score
     if val_loader is not None:
-        report.top1_before = evaluate(model.to(device), val_loader, device)["top1"]
-        report.top1_pruned = evaluate(small.to(device), val_loader, device)["top1"]
+        report.before = evaluate(model.to(device), val_loader, device)[key]
+        report.pruned = evaluate(small.to(device), val_loader, device)[key]
     if train_loader is not None and finetune.epochs > 0:
         teacher = model if finetune.distill else None
         small = fit(small, _loaders(train_loader, val_loader, finetune), finetune, out / "finetune", teacher=teacher,
-                    quiet=quiet)
+                    quiet=quiet, loss=loss)
         history = out / "finetune" / "metrics.jsonl"
         report.history = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
         report.kept_best = kept_best(out / "finetune")
-        if val_loader is not None:
-            report.top1_after = evaluate(small, val_loader, device)["top1"]
+    if val_loader is not None:
+        result = evaluate(small.to(device), val_loader, device, teacher=model.to(device))
+        report.fidelity = next((v for k, v in result.items() if k.startswith("fidelity_") and "pixel" not in k), None)
+        if train_loader is not None and finetune.epochs > 0:
+            report.after = result[key]
     # training may leave weights channels_last; hand back the layout a plain module has
     return small.cpu().to(memory_format=torch.contiguous_format).eval(), report
 
@@ -164,9 +176,7 @@ def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     if example_input.dim() != 4 or example_input.shape[-1] != example_input.shape[-2]:
         raise CompressError(f"example_input must be a square image batch (N, C, S, S); got "
                             f"{tuple(example_input.shape)}.")
-    with torch.no_grad():
-        classes = model.eval()(example_input).shape[-1]
-    return describe(model, input_size=example_input.shape[-1], num_classes=classes)
+    return describe(model, input_size=example_input.shape[-1])
 
 
 def _search(model, space, method, budget, train_loader, val_loader, device, supernet: SupernetSettings,

@@ -100,6 +100,21 @@ class Detect(Classify):
         return _MAP(self.model, device)
 
 
+class UserLoss:
+    """A task with the user's own loss, `loss(outputs, targets)`, in place of its own; the
+    distillation and the metric stay the task's."""
+
+    def __init__(self, task: Classify, loss):
+        self.task, self.user_loss = task, loss
+        self.name, self.score, self.label = task.name, task.score, task.label
+
+    def loss(self, outputs, targets, images: torch.Tensor | None = None) -> torch.Tensor:
+        return self.user_loss(outputs, targets)
+
+    def __getattr__(self, name: str):  # logits, distill, meter: the task's
+        return getattr(self.task, name)
+
+
 def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
     """The task object of a model carrying a card."""
     name = card_of(model).task

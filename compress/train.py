@@ -33,7 +33,7 @@ from compress.evaluate import evaluate, to_device
 from compress.files import atomic_save, atomic_write_json, atomic_write_text, safe_torch_load
 from compress.qat import QuantizationAware, quantization_aware
 from compress.settings import DataSettings, TrainSettings
-from compress.tasks import Classify, task_of
+from compress.tasks import Classify, UserLoss, task_of
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"  # keep_best: the best state so far, with its held-out scores
@@ -157,11 +157,12 @@ def spec_loaders(data: DataSettings, card: ModelCard, cfg: TrainSettings, valida
 
 def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: TrainSettings, run_dir: str | Path,
         teacher: nn.Module | None = None, step: Step | None = None, resume: bool = False, validate: bool = True,
-        quiet: bool = False) -> nn.Module:
+        quiet: bool = False, loss: Callable | None = None) -> nn.Module:
     """Train `model` (carrying a card) on `data`: a data spec (DataSettings, or its spec string)
     or a user's own `Loaders(train, val)`. Returns the trained module (the EMA weights when
     EMA is on). `run_dir` receives last.pt every epoch and metrics.jsonl; `resume=True`
-    continues from run_dir/last.pt exactly."""
+    continues from run_dir/last.pt exactly. The loss is the model's task's (compress.tasks),
+    or `loss(outputs, targets)` when given, plus distillation from `teacher`."""
     if cfg.epochs < 1:
         raise CompressError(f"training needs `epochs` >= 1, got {cfg.epochs}.")
     run_dir = Path(run_dir)
@@ -171,6 +172,8 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
         raise CompressError(f"`amp` {cfg.amp} needs a CUDA device; this run is on {device}. Use amp none.")
     card = card_of(model)
     task = task_of(model, cfg.label_smoothing)
+    if loss is not None:
+        task = UserLoss(task, loss)
     if cfg.qat_epochs and task.name != "classify":
         raise CompressError(f"quantization-aware recovery (`qat_epochs`) trains a classifier towards its int8 file; "
                             f"this is a {task.name} model, whose int8 export is not built: set `qat_epochs: 0`.")
