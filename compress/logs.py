@@ -69,3 +69,25 @@ def runtime(name: str) -> ModuleType:
         if _quiet:
             warnings.simplefilter("ignore")
         return importlib.import_module(name)
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = 30.0) -> Iterator[None]:
+    """A note every `every` seconds while a step that shows no progress of its own runs (a
+    large model's dependency graph), so that a long wait is not mistaken for a hang."""
+    import threading
+    import time
+    done = threading.Event()
+    began = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every):
+            notes.info(f"{what}: still running after {time.monotonic() - began:.0f} s")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

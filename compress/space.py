@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.errors import CompressError
+from compress.logs import heartbeat
 from compress.units import human
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -357,8 +358,9 @@ def example_input(input_size: int, like: nn.Module | None = None) -> torch.Tenso
 
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    try:
-        with torch.enable_grad():  # torch-pruning traces through autograd
+    layers = sum(1 for m in model.modules() if isinstance(m, COUNTED))
+    try:  # torch-pruning traces through autograd; its index mapping grows with the model's concatenations
+        with torch.enable_grad(), heartbeat(f"torch-pruning's dependency graph of {layers} layers"):
             return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
     except Exception as exc:
         node = _node_at_fault(exc)

@@ -162,3 +162,13 @@ def test_an_op_that_breaks_after_pruning_is_a_compress_error():
     model = describe(Hardcoded().eval(), SIZE)
     with pytest.raises(CompressError, match="fails on its first forward pass.*conv 16/32"):
         prune_target(model, config={"conv": 16})
+
+
+def test_a_long_step_without_progress_of_its_own_says_it_is_still_running(caplog):
+    import logging
+    import time
+    from compress.logs import heartbeat
+    with caplog.at_level(logging.INFO, logger="compress"), heartbeat("the dependency graph", every=0.05):
+        time.sleep(0.2)
+    beats = [r.message for r in caplog.records if "still running" in r.message]
+    assert beats and all(m.startswith("the dependency graph: still running after") for m in beats)
