@@ -242,7 +242,7 @@ def cmd_extract(args) -> int:
                           provenance={"created_by": "chansearch extract"})
     t = done.target
     print(f"{t['label']}: {t['macs'] / 1e6:.2f}M MACs, {t['params'] / 1e6:.2f}M params, held-out "
-          f"top-1 {t['top1']:.2%} in the supernet; saved {args.output}")
+          f"top-1 {t['top1']:.2%} in the supernet, {done.heldout_top1:.2%} extracted; saved {args.output}")
     return 0
 
 

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ from compress.card import card_of
 from compress.checkpoint import save_checkpoint
 from compress.data import check_task, sample_images, sample_labelled, train_holdout
 from compress.errors import CompressError
-from compress.evaluate import to_device
+from compress.evaluate import evaluate, to_device
 from compress.export.latency import measure, measure_adb
 from compress.export.onnx import export_onnx
 from compress.export.tflite import export_tflite
 from compress.files import RunLock, atomic_write_json
+from compress.logs import notes
 from compress.profile import count
 from compress.prune import DATA_DRIVEN, prune_target, restore_outputs
 from compress.search import RESULT_FILE, Evaluator, HeldOut, budgets_for, run_search, write_results
@@ -279,6 +281,7 @@ class Extracted:
     model: nn.Module
     checkpoint: Path
     target: dict  # the search's entry: label, budget, config, MACs, held-out top-1
+    heldout_top1: float  # the extracted net's own, on the same held-out images: what the search said, or a note
 
 
 def extract(run: str | Path, output: str | Path, target: str | None = None,
@@ -293,10 +296,19 @@ def extract(run: str | Path, output: str | Path, target: str | None = None,
     supernet, record, evaluator = open_search(run, scoring, folder)
     recalibrate_bn(supernet, entry["config"], evaluator.held_out.batches("recal"))
     model = supernet.extract(entry["config"])
+    # the extracted net must score what the search said it would, on the same images
+    scored = evaluate(model, evaluator.held_out.batches("eval"), evaluator.device, distributed_sum=False)["top1"]
+    images = len(evaluator.held_out.eval)
+    noise = 3 * math.sqrt(max(entry["top1"] * (1 - entry["top1"]), 1e-4) / max(images, 1)) + 0.005
+    if abs(scored - entry["top1"]) > noise:
+        notes.warning(f"the extracted net of {entry['label']} scores {scored:.2%} held-out top-1, where the search "
+                      f"scored its config at {entry['top1']:.2%} on the same {images} images: the supernet's "
+                      "shared weights at this config are not the extracted net's. Report this with the run folder.")
     save_checkpoint(output, model, provenance={
         "created_by": "extract", "supernet": str(run), "method": record["method"], "search": str(folder),
-        "target": entry["label"], "heldout_top1": entry["top1"], **(provenance or {})})
-    return Extracted(model, Path(output), entry)
+        "target": entry["label"], "heldout_top1": entry["top1"], "heldout_top1_extracted": scored,
+        **(provenance or {})})
+    return Extracted(model, Path(output), entry, scored)
 
 
 def supernet_teacher(run: str | Path, scoring: HeldOutScoring, output: str | Path) -> Path:

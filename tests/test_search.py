@@ -76,11 +76,14 @@ def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
 def test_extracted_net_scores_what_the_search_scored(run, tmp_path):
     """The standalone net, BN recalibrated as the search did, has the search's held-out accuracy."""
     entry = _search(run, tmp_path / "e", targets=[Target(macs="60%")])["targets"][0]
-    net = stages.extract(run, tmp_path / "n.pt", search_dir=tmp_path / "e").model.eval()
+    done = stages.extract(run, tmp_path / "n.pt", search_dir=tmp_path / "e")
+    net = done.model.eval()
     supernet, record = load_supernet(run / "supernet.pt")
     held = held_out(supernet, record["holdout"], HeldOutScoring(**SCORING))
     hits = sum((net(x).argmax(1) == y).sum().item() for x, y in held.batches("eval"))
-    assert hits / len(held.eval) == pytest.approx(entry["top1"])
+    assert hits / len(held.eval) == pytest.approx(entry["top1"]) == pytest.approx(done.heldout_top1)
+    provenance = torch.load(tmp_path / "n.pt", weights_only=True)["provenance"]
+    assert provenance["heldout_top1_extracted"] == pytest.approx(provenance["heldout_top1"])
 
 
 def test_evolution_is_seeded_and_resumes_without_reevaluating(run, tmp_path):
