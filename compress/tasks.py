@@ -160,44 +160,57 @@ class _TopK:
                 **({"fidelity_top1": same / n} if self.teacher else {})}
 
 
-class _IoU:
+class _Paired:
+    """A metric against the truth and the same against a teacher's predictions (fidelity), with
+    the mean loss beside them; sums across torchrun ranks when asked."""
+
+    def __init__(self, truth, fidelity, device):
+        self.truth, self.fidelity = truth.to(device), fidelity.to(device)
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, images
+        self.teacher = False
+
+    def _add_loss(self, loss: torch.Tensor, images: int) -> None:
+        self.sums += torch.stack([loss.double() * images, torch.tensor(float(images), dtype=torch.float64,
+                                                                        device=self.sums.device)])
+
+    def _totals(self, distributed_sum: bool) -> dict:
+        for metric in (self.truth, self.fidelity):
+            metric.sync_on_compute = distributed_sum
+        if distributed_sum and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+        loss, n = self.sums.tolist()
+        return {"loss": loss / max(n, 1.0), "images": int(n)}
+
+
+class _IoU(_Paired):
     """mIoU and pixel accuracy from a confusion matrix (torchmetrics), the mean taken over
     the classes that occur in the truth or the predictions; with a teacher, the same against
     the teacher's predictions (fidelity)."""
 
     def __init__(self, num_classes: int, device):
         from torchmetrics.classification import MulticlassConfusionMatrix
-        self.truth = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE).to(device)
-        self.fidelity = MulticlassConfusionMatrix(num_classes).to(device)
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, images
-        self.teacher = False
+        super().__init__(MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE),
+                         MulticlassConfusionMatrix(num_classes), device)
 
     def update(self, logits: torch.Tensor, masks: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                images: torch.Tensor | None = None) -> None:
         logits = logits.float()
         preds = logits.argmax(1)
         self.truth.update(preds, masks)
-        loss = nn.functional.cross_entropy(logits, masks, ignore_index=IGNORE)
-        self.sums += torch.stack([loss.double() * len(masks), torch.tensor(float(len(masks)), dtype=torch.float64,
-                                                                            device=self.sums.device)])
+        self._add_loss(nn.functional.cross_entropy(logits, masks, ignore_index=IGNORE), len(masks))
         if teacher_logits is not None:
             self.teacher = True
             self.fidelity.update(preds, teacher_logits.argmax(1))
 
     def result(self, distributed_sum: bool) -> dict:
-        for metric in (self.truth, self.fidelity):
-            metric.sync_on_compute = distributed_sum
-        if distributed_sum and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums)
-        loss, n = self.sums.tolist()
-        out = {**_miou(self.truth.compute()), "loss": loss / max(n, 1.0), "images": int(n)}
+        out = {**self._totals(distributed_sum), **_miou(self.truth.compute())}
         if self.teacher:
             fidelity = _miou(self.fidelity.compute())
             out.update(fidelity_miou=fidelity["miou"], fidelity_pixel_acc=fidelity["pixel_acc"])
         return out
 
 
-class _MAP:
+class _MAP(_Paired):
     """COCO mAP of the decoded detections (torchmetrics' MeanAveragePrecision); with a teacher,
     the same against its detections scoring at least FIDELITY_SCORE (fidelity)."""
 
@@ -205,22 +218,18 @@ class _MAP:
 
     def __init__(self, model: nn.Module, device):
         from torchmetrics.detection import MeanAveragePrecision
-        self.model = model
-        self.truth = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(device)
-        self.fidelity = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(device)
+        super().__init__(MeanAveragePrecision(box_format="xyxy", iou_type="bbox"),
+                         MeanAveragePrecision(box_format="xyxy", iou_type="bbox"), device)
         for metric in (self.truth, self.fidelity):  # COCO scores each image's top 100, as intended
             metric.warn_on_many_detections = False
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, images
-        self.teacher = False
+        self.model = model
 
     def update(self, outputs: dict, targets: list[dict], teacher_outputs: dict | None = None,
                images: torch.Tensor | None = None) -> None:
         outputs = {k: v.float() for k, v in outputs.items()}
         found = self.model.detections(outputs, images)
         self.truth.update(found, targets)
-        loss = self.model.loss(outputs, targets, images)
-        self.sums += torch.stack([loss.double() * len(targets), torch.tensor(float(len(targets)), dtype=torch.float64,
-                                                                              device=self.sums.device)])
+        self._add_loss(self.model.loss(outputs, targets, images), len(targets))
         if teacher_outputs is not None:
             self.teacher = True
             reference = self.model.detections({k: v.float() for k, v in teacher_outputs.items()}, images)
@@ -229,14 +238,9 @@ class _MAP:
                                          for d in reference])
 
     def result(self, distributed_sum: bool) -> dict:
-        for metric in (self.truth, self.fidelity):
-            metric.sync_on_compute = distributed_sum
-        if distributed_sum and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums)
-        loss, n = self.sums.tolist()
+        out = self._totals(distributed_sum)
         found = self.truth.compute()  # -1 where there is no box to find
-        out = {"map": max(float(found["map"]), 0.0), "map_50": max(float(found["map_50"]), 0.0),
-               "loss": loss / max(n, 1.0), "images": int(n)}
+        out.update(map=max(float(found["map"]), 0.0), map_50=max(float(found["map_50"]), 0.0))
         if self.teacher:
             fidelity = float(self.fidelity.compute()["map"])
             out["fidelity_map"] = fidelity if fidelity >= 0 else None  # the teacher was sure of nothing
