@@ -171,3 +171,23 @@ def test_an_ssdlite_detector_prunes_recovers_evaluates_and_exports_its_raw_head(
     report = stages.export(recovered, "onnx", tmp_path / "det.onnx", data=data.spec)
     assert report["outputs"] == ["bbox_regression", "cls_logits"]
     assert all(r["max_abs_diff"] <= 1e-3 * max(1.0, r["max_abs_logit"]) for r in report["parity"]["outputs"].values())
+
+
+def test_coco_format_folder_reads_boxes_and_category_ids(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    Image.fromarray(np.zeros((50, 80, 3), np.uint8)).save(tmp_path / "val" / "a.jpg")
+    coco = {"images": [{"id": 7, "file_name": "a.jpg", "width": 80, "height": 50}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 5, 20, 30], "area": 600,
+                             "iscrowd": 0},
+                            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 80, 50], "area": 4000,
+                             "iscrowd": 1}],  # a crowd region is no box to find
+            "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "c"}]}
+    (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(coco))
+    image, target = split(f"coco:{tmp_path}", False, 40, (0.5,) * 3, (0.5,) * 3)[0]
+    assert image.shape == (3, 40, 40) and target["labels"].tolist() == [3]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[5.0, 4.0, 15.0, 28.0]]))  # x by 40/80, y by 40/50
+    with pytest.raises(CompressError, match="box label 3; labels run from 1 to 2"):
+        eval_set(f"coco:{tmp_path}", 40, (0.5,) * 3, (0.5,) * 3, 3)
+    with pytest.raises(CompressError, match="instances_train.json"):
+        build_dataset(f"coco:{tmp_path}", True)
