@@ -480,7 +480,8 @@ def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
     spatial = {}
     def positions(module, inputs, output):  # where a layer is applied: pixels of a conv, leading dims of a linear
         channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
-        spatial[module] = output[0].numel() // channels
+        # summed over calls: a head shared by the levels of a feature pyramid runs once per level
+        spatial[module] = spatial.get(module, 0) + output[0].numel() // channels
 
     hooks = [m.register_forward_hook(positions) for m in model.modules() if isinstance(m, COUNTED)]
     with torch.no_grad():

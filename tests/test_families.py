@@ -172,3 +172,29 @@ def test_a_long_step_without_progress_of_its_own_says_it_is_still_running(caplog
         time.sleep(0.2)
     beats = [r.message for r in caplog.records if "still running" in r.message]
     assert beats and all(m.startswith("the dependency graph: still running after") for m in beats)
+
+
+class SharedHead(nn.Module):
+    """A feature pyramid's head: one conv tower run on every level, as FCOS and RetinaNet do."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.tower = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU())
+        self.cls = nn.Conv2d(32, 5, 3, padding=1)
+
+    def forward(self, x):
+        p3 = self.stem(x)
+        p4 = self.down(p3)
+        return [self.cls(self.tower(level)) for level in (p3, p4)]
+
+
+def test_a_head_shared_by_pyramid_levels_is_counted_once_per_level():
+    torch.manual_seed(0)
+    model = SharedHead().eval()
+    space = _space(model)
+    config = {g.name: g.widths[len(g.widths) // 2] for g in space.groups}
+    pruned = prune(model, config, space)
+    assert (space.macs(config), space.params(config)) == count(pruned, SIZE)
+    assert space.macs(space.max()) == count(model, SIZE)[0]
