@@ -135,7 +135,10 @@ def row(source: str, classes: int | None, size: int, tmp: Path, rounds: int) -> 
 def table(cells: list[dict], size: int) -> str:
     lines = [f"Every architecture built from its model source, pruned to 50% of its MACs at {size}x{size} "
              "(global, weight magnitude), then run, one distillation step, exported and timed. 'refused' is the "
-             "CompressError a user gets (its start); 'RAW' would be an unhandled exception.", "",
+             "CompressError a user gets (its start); 'RAW' would be an unhandled exception. 'count exact': the "
+             "space's closed-form MACs equal thop's count of the pruned model; 'held groups': channel groups kept at "
+             "full width because their channels reach a split, chunk or channel slice (GhostNet's sliced ghost "
+             "modules). Latency on random weights at batch 1, float files.", "",
              "| model | MACs | pruned (x unpruned) | count exact | held groups | forward | recovery step | "
              "ONNX max diff (x max output) | TFLite max diff (x max output) | TFLite latency (x unpruned) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

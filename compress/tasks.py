@@ -124,10 +124,10 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
         return Segment(label_smoothing)
     if callable(getattr(model, "loss", None)) and callable(getattr(model, "detections", None)):
         return Detect(model)
-    raise CompressError(f"{type(model).__name__} is a detector compress prunes and exports (its raw outputs, with "
-                        "per-output parity), but it trains and evaluates detectors whose raw head outputs it has "
-                        "(torchvision's SSD and SSDlite, or a model with loss(outputs, targets, images) and "
-                        "detections(outputs, images) methods).")
+    raise CompressError(f"{type(model).__name__} is a detector compress prunes but cannot train or evaluate: that "
+                        "takes a detector up to its raw head outputs (torchvision's SSD and SSDlite are built that way, "
+                        "or give your model loss(outputs, targets, images) and detections(outputs, images) methods). "
+                        "Its post-processing (NMS) does not export either; export the network before it.")
 
 
 class _TopK:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -96,15 +97,18 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
     names = output_names(source, x, quantize)
     if names != ["logits"]:
         source = FlatOutputs(source).eval()
+    # batch 2: torch.export specializes a dimension of size 1, so a batch of 1 could not stay dynamic (ConvNeXt)
+    traced = x.expand(2, -1, -1, -1).contiguous() if dynamic_batch else x
     with tempfile.TemporaryDirectory() as tmp:
         written = Path(tmp) / "float.onnx"
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(source, (x,), str(written), dynamo=True, opset_version=opset, verbose=False,
+                torch.onnx.export(source, (traced,), str(written), dynamo=True, opset_version=opset, verbose=False,
                                   input_names=["input"], output_names=names, external_data=False,
                                   dynamic_shapes=({0: batch},) if dynamic_batch else None)
         except Exception as exc:
-            raise CompressError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:600]}") from None
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch.export colours its messages
+            raise CompressError(f"ONNX export failed: {type(exc).__name__}: {text[:600]}") from None
         float_bytes = written.stat().st_size
         if quantize:
             quantize_onnx(written, Path(tmp) / "int8.onnx", calib_images.numpy())
