@@ -21,7 +21,8 @@ Methods: `compress` (our default for a pretrained net, `chansearch prune --data`
 BN re-estimated instead of the refit (`compress-norefit`), with `--strategy uniform`
 (`compress-uniform`), weight magnitude with BN re-estimated (`compress-l1-global`), our supernet
 path (`compress-slimmable`: a slimmable supernet trained from the teacher, distilled from it, then
-greedy search), Torch-Pruning 1.6's MetaPruner at its defaults (global magnitude, its pruning
+greedy search; `compress-slimmable-teacher`: the searched widths cut from the teacher's own
+weights and refitted, `extract --teacher`), Torch-Pruning 1.6's MetaPruner at its defaults (global magnitude, its pruning
 ratio searched to the MAC target; `tp` round_to=None, `tp-r8` round_to=8) and NVIDIA Model
 Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
 
@@ -64,8 +65,8 @@ SIZES = {  # recovery steps and batch, lrs tried; images: plain loop's pool, tes
                 greedy=0.05),
     "quick": dict(steps=3, batch=16, lrs=(0.005, 0.001), pool=64, test=64, score=64, supernet=3, greedy=0.3),
 }
-METHODS = ("compress", "compress-norefit", "compress-uniform", "compress-l1-global", "compress-slimmable", "tp",
-           "tp-r8", "fastnas")
+METHODS = ("compress", "compress-norefit", "compress-uniform", "compress-l1-global", "compress-slimmable",
+           "compress-slimmable-teacher", "tp", "tp-r8", "fastnas")
 PROTOCOLS = ("finetune", "plain")
 
 
@@ -90,11 +91,13 @@ def ours(teacher, target, data, settings: PruneSettings):
     return stages.prune(teacher, settings, macs=target, data=data, progress=True).model
 
 
-def slimmable(teacher, target: float, ctx: dict, cells: Path) -> nn.Module:
+def slimmable(teacher, target: float, ctx: dict, cells: Path, from_teacher: bool = False) -> nn.Module:
     """Ours, the supernet path: a slimmable supernet trained from the teacher (every width
-    distilled from it, at a transfer lr), greedy-searched to the target on held-out training
-    images, the config extracted with BN recalibrated. The supernet is trained once, for the
-    first target that asks (its time counts there), and the greedy path is shared."""
+    distilled from it, at a transfer lr, its channels ordered as `prune --data` ranks them),
+    greedy-searched to the target on held-out training images, the config extracted with BN
+    recalibrated (`from_teacher`: cut from the teacher's own weights and refitted, as
+    `extract --teacher` does). The supernet is trained once, for the first target that asks
+    (its time counts there), and the greedy path is shared by both methods."""
     run, size = cells / "slimmable", ctx["size"]
     scoring = dict(recal_images=min(256, size["score"]), eval_images=size["score"])
     if not (run / "supernet.pt").exists():
@@ -107,7 +110,8 @@ def slimmable(teacher, target: float, ctx: dict, cells: Path) -> nn.Module:
                               **scoring)
     stages.search(run, settings, out=search)
     with tempfile.TemporaryDirectory() as work:
-        return stages.extract(run, Path(work) / "net.pt", f"{target:.0%}", search).model
+        return stages.extract(run, Path(work) / "net.pt", f"{target:.0%}", search,
+                              teacher=teacher if from_teacher else None).model
 
 
 def torch_pruning(teacher, target, round_to):
@@ -248,8 +252,8 @@ def prune_with(method: str, teacher, target: float, ctx: dict, cells: Path) -> n
                      "compress-l1-global": PruneSettings(importance="l1", strategy="global", reconstruct_images=0)}
     if method in ours_settings:
         return ours(teacher, f"{target:.0%}", ctx["data"], ours_settings[method])
-    if method == "compress-slimmable":
-        return slimmable(teacher, target, ctx, cells)
+    if method.startswith("compress-slimmable"):
+        return slimmable(teacher, target, ctx, cells, from_teacher=method.endswith("-teacher"))
     if method in ("tp", "tp-r8"):
         return torch_pruning(teacher, target, None if method == "tp" else 8)
     return fastnas(teacher, target, ctx["calib"], ctx["score"], cells)

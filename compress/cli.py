@@ -238,11 +238,16 @@ def cmd_search(args) -> int:
 
 def cmd_extract(args) -> int:
     from compress import stages
+    teacher = None
+    if args.teacher:
+        from compress.checkpoint import load_target
+        teacher = load_target(str(args.teacher))
     done = stages.extract(args.run_dir, args.output, target=args.target, search_dir=args.search,
-                          provenance={"created_by": "chansearch extract"})
+                          provenance={"created_by": "chansearch extract"}, teacher=teacher)
     t = done.target
+    source = f"cut from {args.teacher} and refitted" if teacher is not None else "extracted"
     print(f"{t['label']}: {t['macs'] / 1e6:.2f}M MACs, {t['params'] / 1e6:.2f}M params, held-out "
-          f"top-1 {t['top1']:.2%} in the supernet, {done.heldout_top1:.2%} extracted; saved {args.output}")
+          f"top-1 {t['top1']:.2%} in the supernet, {done.heldout_top1:.2%} {source}; saved {args.output}")
     return 0
 
 
@@ -471,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of `chansearch supernet`")
     p.add_argument("--target", help="which budget of the search: its label or MAC target (e.g. 150M)")
     p.add_argument("--search", default=None, help="search folder (default: the one RUN_DIR/search-* folder)")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="the unpruned checkpoint the supernet was trained from: cut the searched widths from its "
+                        "weights the way `prune --data` does (refit included) instead of taking the supernet's")
     p.add_argument("-o", "--output", required=True, type=Path, help="output checkpoint (.pt)")
     p.set_defaults(func=cmd_extract)
     return parser

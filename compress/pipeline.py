@@ -122,7 +122,9 @@ class Pipeline:
             nets = self.stage("prune", {"model": r.model, "prune": r.prune}, start, self._prune)
             upstream = ["prune"]
         else:
-            self.stage("supernet", {"model": r.model, "data": r.data, "supernet": r.supernet, "seed": r.seed}, start,
+            # a pretrained supernet's channels are ordered as the prune section ranks them
+            self.stage("supernet", {"model": r.model, "data": r.data, "supernet": r.supernet, "seed": r.seed,
+                                    "ranking": r.prune.model_dump(exclude={"targets"})}, start,
                        self._supernet, everywhere=True)
             search_up = ["supernet"]
             if any(t.latency_ms for t in targets):
@@ -130,7 +132,8 @@ class Pipeline:
                 search_up.append("lut")
             self.stage("search", {"search": r.search.model_dump(exclude={"lut"})}, search_up, self._search,
                        everywhere=True)
-            nets = self.stage("extract", {}, ["search"], self._extract)
+            nets = self.stage("extract", {"extract": r.extract, "prune": r.prune.model_dump(exclude={"targets"})},
+                              ["search"], self._extract)
             upstream = ["extract"]
         tuned = self.stage("finetune", {"finetune": r.finetune, "data": r.data}, upstream, self._finetune,
                            everywhere=True)
@@ -190,7 +193,7 @@ class Pipeline:
         torch.manual_seed(r.supernet.seed)
         trained_before = r.model.pretrained is not None or r.transfer is not None
         done = stages.train_supernet(self._model(), r.data, r.supernet, folder, scoring=_scoring(r.search),
-                                     pretrained=trained_before, resume=resume, quiet=self.quiet)
+                                     pretrained=trained_before, resume=resume, quiet=self.quiet, ranking=r.prune)
         return {"supernet": str(done.checkpoint), "summary": done.summary} if distributed.is_main() else {}
 
     def _lut(self, folder: Path) -> dict:
@@ -216,19 +219,34 @@ class Pipeline:
                 "targets": done.result["targets"], "full": done.result["full"]}
 
     def _extract(self, folder: Path) -> dict:
-        search = self.records["search"]["outputs"]
+        r, search = self.recipe, self.records["search"]["outputs"]
+        # extract.weights teacher: the searched widths are cut from the model the supernet was
+        # trained from, which then teaches their fine-tune; else the supernet's full config teaches
+        unpruned = self._unpruned(folder) if r.extract.weights == "teacher" else None
         nets = {}
-        for target, entry in zip(self.recipe.search.targets, search["targets"]):
+        for target, entry in zip(r.search.targets, search["targets"]):
             path = folder / f"{target.tag()}.pt"
             if not path.exists():
+                teacher_flags = ["--teacher", unpruned] if unpruned else []
                 self.command("extract", [self.dir / "supernet"], [],
-                             ["--search", self.dir / "search", "--target", entry["label"], "-o", path])
-                stages.extract(self.dir / "supernet", path, target=entry["label"], search_dir=self.dir / "search")
+                             ["--search", self.dir / "search", "--target", entry["label"], *teacher_flags, "-o", path])
+                stages.extract(self.dir / "supernet", path, target=entry["label"], search_dir=self.dir / "search",
+                               teacher=self._load(str(unpruned)) if unpruned else None, prune_settings=r.prune)
             nets[target.tag()] = {"path": str(path), "label": entry["label"], "heldout_top1": entry["top1"]}
-        teacher = folder / "teacher.pt"
-        if self.recipe.finetune.distill and not teacher.exists():  # the supernet's full config teaches
-            stages.supernet_teacher(self.dir / "supernet", _scoring(self.recipe.search), teacher)
-        return {"nets": nets, "teacher": str(teacher) if self.recipe.finetune.distill else None}
+        teacher = unpruned or folder / "teacher.pt"
+        if r.finetune.distill and not teacher.exists():
+            stages.supernet_teacher(self.dir / "supernet", _scoring(r.search), teacher)
+        return {"nets": nets, "teacher": str(teacher) if r.finetune.distill else None}
+
+    def _unpruned(self, folder: Path) -> Path:
+        """The model the supernet was trained from, as a checkpoint: the transfer stage's, or a copy
+        of the recipe's pretrained model saved here."""
+        if self.recipe.transfer is not None:
+            return Path(self.records["transfer"]["outputs"]["model"])
+        path = folder / "unpruned.pt"
+        if not path.exists():
+            save_checkpoint(path, self._given_model(), provenance={"created_by": "chansearch run (unpruned model)"})
+        return path
 
     def _prune(self, folder: Path) -> dict:
         r, p = self.recipe, self.recipe.prune

@@ -10,9 +10,9 @@ import yaml
 from pydantic import BaseModel, ValidationError, model_validator
 
 from compress.errors import CompressError
-from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, LatencySettings, LutSettings,
-                               ModelSettings, PruneSettings, SearchSettings, Settings, SupernetSettings, Target,
-                               TransferSettings)
+from compress.settings import (DataSettings, ExportSettings, ExtractSettings, FinetuneSettings, LatencySettings,
+                               LutSettings, ModelSettings, PruneSettings, SearchSettings, Settings, SupernetSettings,
+                               Target, TransferSettings)
 
 
 class SearchSection(SearchSettings):
@@ -30,6 +30,7 @@ class Recipe(Settings):
     transfer: TransferSettings | None = None  # train the model on the data first (a pretrained one)
     supernet: SupernetSettings = SupernetSettings()
     search: SearchSection = SearchSection()
+    extract: ExtractSettings = ExtractSettings()
     prune: PruneSettings = PruneSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     export: ExportSettings = ExportSettings()
@@ -65,6 +66,11 @@ class Recipe(Settings):
                 raise ValueError("prune.targets take MAC targets only (macs: 150M or 50%)")
         elif not self.search.targets:
             raise ValueError("give search.targets (e.g. - macs: 50%), or set supernet.method: none and prune.targets")
+        if self.extract.weights == "teacher" and (self.supernet.method != "slimmable" or
+                                                  (self.model.pretrained is None and self.transfer is None)):
+            raise ValueError("extract.weights: teacher cuts the searched widths from the pretrained model the "
+                             "supernet was trained from: it needs supernet.method: slimmable and a pretrained model "
+                             "(model.pretrained) or a transfer section")
         if any(t.latency_ms for t in self.search.targets) and self.search.lut is None:
             raise ValueError("latency_ms targets need search.lut (backend, threads) to predict latency")
         return self

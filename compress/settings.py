@@ -208,6 +208,15 @@ class PruneSettings(Settings):
     targets: list[Target] = Field([], description="MAC targets, one pruned model per target")
 
 
+class ExtractSettings(Settings):
+    """Turning a searched config into a standalone network."""
+    weights: Literal["supernet", "teacher"] = Field(
+        "supernet", description="where a searched config's weights come from: the supernet's shared weights, or "
+        "the pretrained model the supernet was trained from, cut to the searched widths and refitted the way "
+        "`prune` does with data (the prune section's settings; needs a pretrained or transferred model and a "
+        "slimmable supernet, whose channels are then ordered as `prune` ranks them)")
+
+
 class TransferSettings(TrainSettings):
     """Training a pretrained model on the recipe's data before it is compressed (a new head
     for the data's classes, then every layer at a low lr)."""

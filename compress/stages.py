@@ -113,12 +113,14 @@ class SupernetRun:
 
 def train_supernet(model: nn.Module, data: DataSettings, settings: SupernetSettings, out: str | Path,
                    scoring: HeldOutScoring = HeldOutScoring(), pretrained: bool = False, resume: bool = False,
-                   quiet: bool = False, record: dict | None = None) -> SupernetRun:
+                   quiet: bool = False, record: dict | None = None,
+                   ranking: PruneSettings = PruneSettings()) -> SupernetRun:
     """Wrap `model` as a slimmable network or PruningNet and train it on `data` (holding out
     `settings.holdout` training images for the search); then score its max and min configs.
-    `pretrained` starts from the model's weights (slimmable: most important channels first,
-    every config distilled from the frozen pretrained model when `settings.distill`; PruningNet:
-    hypernetworks fitted to reproduce them)."""
+    `pretrained` starts from the model's weights (slimmable: most important channels first, as
+    `prune` with `ranking` and `data` ranks them, every config distilled from the frozen
+    pretrained model when `settings.distill`; PruningNet: hypernetworks fitted to reproduce
+    them)."""
     if settings.method == "none":
         raise CompressError("supernet `method` none trains no supernet; choose slimmable or pruningnet.")
     if settings.holdout <= 0:
@@ -130,7 +132,9 @@ def train_supernet(model: nn.Module, data: DataSettings, settings: SupernetSetti
                                   hidden=settings.hidden, affine_bn=pretrained)
         if settings.method == "slimmable":
             if pretrained and settings.reorder:
-                reorder_channels(supernet)
+                # ordered as `prune --data` ranks them, on its images: a searched config can then
+                # be cut from the pretrained model keeping the channels the supernet scored
+                reorder_channels(supernet, ranking.importance_for(True), pruning_batch(model, ranking, data.spec))
             step = sandwich_step(supernet, num_random=settings.num_random, uniform=settings.uniform,
                                  distill=settings.distill, label_smoothing=settings.label_smoothing, teacher=teacher)
         else:
@@ -281,33 +285,46 @@ class Extracted:
     model: nn.Module
     checkpoint: Path
     target: dict  # the search's entry: label, budget, config, MACs, held-out top-1
-    heldout_top1: float  # the extracted net's own, on the same held-out images: what the search said, or a note
+    heldout_top1: float  # the extracted net's own on the same held-out images (the search's score, cut
+    # from the supernet; its own, cut from the teacher)
 
 
 def extract(run: str | Path, output: str | Path, target: str | None = None,
-            search_dir: str | Path | None = None, provenance: dict | None = None) -> Extracted:
+            search_dir: str | Path | None = None, provenance: dict | None = None,
+            teacher: nn.Module | None = None, prune_settings: PruneSettings = PruneSettings()) -> Extracted:
     """The searched config of `target` as a standalone pruned checkpoint: BN recalibrated on
-    the search's held-out images, outputs equal to the supernet's at that config."""
+    the search's held-out images, outputs equal to the supernet's at that config. With
+    `teacher` (the unpruned pretrained model the supernet was trained from), the config is
+    cut from the teacher's own weights instead, the way `prune --data` cuts a config
+    (`prune_settings`, on the supernet's training data): the search chose the widths, the
+    teacher keeps its weights."""
     folder = find_search(run, search_dir)
     result = json.loads((folder / RESULT_FILE).read_text())
     entry = search_target(result, target, str(folder / RESULT_FILE))
     scoring = HeldOutScoring(recal_images=result["evaluation"]["recal_images"],
                              eval_images=result["evaluation"]["eval_images"])
     supernet, record, evaluator = open_search(run, scoring, folder)
-    recalibrate_bn(supernet, entry["config"], evaluator.held_out.batches("recal"))
+    held = evaluator.held_out
+    provenance = {"created_by": "extract", "supernet": str(run), "method": record["method"], "search": str(folder),
+                  "target": entry["label"], "heldout_top1": entry["top1"], **(provenance or {})}
+    if teacher is not None:
+        cut = prune(teacher, prune_settings, config=entry["config"], data=result["evaluation"]["data"])
+        model = cut.model
+        scored = evaluate(model, held.batches("eval"), evaluator.device, distributed_sum=False)["top1"]
+        save_checkpoint(output, model, provenance={**provenance, **cut.restored, "weights": "teacher",
+                                                   "heldout_top1_extracted": scored})
+        return Extracted(model, Path(output), entry, scored)
+    recalibrate_bn(supernet, entry["config"], held.batches("recal"))
     model = supernet.extract(entry["config"])
     # the extracted net must score what the search said it would, on the same images
-    scored = evaluate(model, evaluator.held_out.batches("eval"), evaluator.device, distributed_sum=False)["top1"]
-    images = len(evaluator.held_out.eval)
+    scored = evaluate(model, held.batches("eval"), evaluator.device, distributed_sum=False)["top1"]
+    images = len(held.eval)
     noise = 3 * math.sqrt(max(entry["top1"] * (1 - entry["top1"]), 1e-4) / max(images, 1)) + 0.005
     if abs(scored - entry["top1"]) > noise:
         notes.warning(f"the extracted net of {entry['label']} scores {scored:.2%} held-out top-1, where the search "
                       f"scored its config at {entry['top1']:.2%} on the same {images} images: the supernet's "
                       "shared weights at this config are not the extracted net's. Report this with the run folder.")
-    save_checkpoint(output, model, provenance={
-        "created_by": "extract", "supernet": str(run), "method": record["method"], "search": str(folder),
-        "target": entry["label"], "heldout_top1": entry["top1"], "heldout_top1_extracted": scored,
-        **(provenance or {})})
+    save_checkpoint(output, model, provenance={**provenance, "heldout_top1_extracted": scored})
     return Extracted(model, Path(output), entry, scored)
 
 
@@ -342,14 +359,8 @@ def prune(model: nn.Module, settings: PruneSettings, macs: str | int | None = No
     measured on its training images and the pruned layers are refitted to the unpruned outputs
     on them (or BN re-estimated; `restore_outputs`). Saved to `output` if given."""
     importance = settings.importance_for(bool(data))
-    batch, restored = None, {}
-    wanted = max(settings.reconstruct_images, settings.recal_images)
-    if data and (wanted or importance in DATA_DRIVEN):
-        card = card_of(model)
-        check_task(data, card.task)
-        batch = sample_labelled(data, True, wanted or 256, card.input_size, card.mean, card.std, seed=0)
-        device = next(model.parameters()).device
-        batch = (batch[0].to(device), to_device(batch[1], device))
+    restored = {}
+    batch = pruning_batch(model, settings, data) if data else None
     pruned, info = prune_target(model, config=config, macs=macs, width=width, importance=importance,
                                 strategy=settings.strategy, divisor=settings.divisor, batch=batch)
     if batch is not None:
@@ -364,6 +375,19 @@ def prune(model: nn.Module, settings: PruneSettings, macs: str | int | None = No
                                 count(pruned, card_of(pruned).input_size))
     return Pruned(pruned, Path(output) if output else None, info["macs_before"], info["params_before"],
                   macs_after, params_after, restored)
+
+
+def pruning_batch(model: nn.Module, settings: PruneSettings, data: str):
+    """The training images (and labels) `prune` measures importance and refits on, or None
+    when `settings` needs none; seeded, so every caller sees the same ones."""
+    wanted = max(settings.reconstruct_images, settings.recal_images)
+    if not (wanted or settings.importance_for(True) in DATA_DRIVEN):
+        return None
+    card = card_of(model)
+    check_task(data, card.task)
+    images, labels = sample_labelled(data, True, wanted or 256, card.input_size, card.mean, card.std, seed=0)
+    device = next(model.parameters()).device
+    return images.to(device), to_device(labels, device)
 
 
 # ---- export / latency -----------------------------------------------------------------------

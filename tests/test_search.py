@@ -14,7 +14,7 @@ from compress import CompressError
 from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
 from compress.search.strategies import evolution, greedy
 from compress import stages
-from compress.settings import HeldOutScoring, SearchSettings, Target
+from compress.settings import HeldOutScoring, PruneSettings, SearchSettings, Target
 from compress.stages import held_out
 from compress.supernet import load_supernet
 from compress.data import build_dataset, transforms
@@ -71,6 +71,22 @@ def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
     assert compress.count(net, 16)[0] == result["targets"][1]["macs"]
     record = torch.load(tmp_path / "net.pt", weights_only=True)
     assert record["provenance"]["created_by"] == "chansearch extract"
+
+    # the same widths cut from the unpruned model's own weights, as `prune --config --data` cuts them
+    torch.manual_seed(0)
+    teacher = compress.build("mobilenet_v3_small_cifar", num_classes=10, input_size=16)
+    compress.save_checkpoint(tmp_path / "teacher.pt", teacher)
+    cut = run_cli("extract", run, "--search", tmp_path / "g", "--target", "45%", "--teacher", tmp_path / "teacher.pt",
+                  "-o", tmp_path / "cut.pt")
+    assert cut.returncode == 0, cut.stderr
+    assert "cut from" in cut.stdout
+    net = compress.load(tmp_path / "cut.pt")
+    assert net.card.config == result["targets"][1]["config"]
+    direct = stages.prune(compress.load(tmp_path / "teacher.pt"), PruneSettings(), config=net.card.config,
+                          data="synthetic:128").model
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(net(x), direct(x), atol=1e-5)
+    assert torch.load(tmp_path / "cut.pt", weights_only=True)["provenance"]["weights"] == "teacher"
 
 
 def test_extracted_net_scores_what_the_search_scored(run, tmp_path):

@@ -15,7 +15,7 @@ from compress import CompressError
 from compress.models import ZOO
 from compress.space import example_input
 from compress.profile import count
-from compress.prune import group_scores
+from compress.prune import group_scores, prune
 from compress.space import ChannelSpace
 from compress.supernet import PruningNet, Slimmable, Supernet, build_supernet, load_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
@@ -72,6 +72,21 @@ def test_full_config_is_the_pretrained_model_and_reordering_keeps_its_function()
     assert torch.allclose(supernet(x), want, atol=1e-5)
     for name, scores in group_scores(supernet.plain_copy(), supernet.space, "l1").items():
         assert np.all(np.diff(scores) <= 1e-6), name  # most important channels first
+
+
+def test_ordered_by_the_pruning_ranking_a_width_slices_the_channels_prune_keeps():
+    # a config searched on the supernet can then be cut from the pretrained model itself
+    model = _model("mobilenet_v2_cifar")
+    images = torch.randn(32, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    batch = (images, torch.arange(32) % 10)
+    supernet = build_supernet(copy.deepcopy(model), "slimmable")
+    reorder_channels(supernet, "energy", batch)
+    space = ChannelSpace.from_model(model, example_input(SIZE, model))
+    x = torch.randn(4, 3, SIZE, SIZE)
+    for seed in range(3):
+        config = supernet.space.sample(np.random.default_rng(seed))
+        cut = prune(model, config, space, importance="energy", batch=batch)
+        assert torch.allclose(supernet.eval().extract(config)(x), cut(x), atol=1e-5), seed
 
 
 def test_bn_recalibration_equals_cumulative_statistics_of_the_extracted_model():

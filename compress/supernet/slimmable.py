@@ -74,11 +74,13 @@ def sandwich_step(supernet: Slimmable, num_random: int = 2, uniform: bool = Fals
 
 
 @torch.no_grad()
-def reorder_channels(supernet: Supernet, importance: str = "l1") -> None:
+def reorder_channels(supernet: Supernet, importance: str = "l1", batch=None) -> None:
     """Permute each group's channels by importance, most important first, so that the
     first-k slices of a pretrained model keep what matters. The full model's function is
-    unchanged (every coupled layer is permuted alike)."""
-    scores = group_scores(supernet.plain_copy(), supernet.space, importance)
+    unchanged (every coupled layer is permuted alike). With the importance and images
+    `prune` measures on (`batch`), a width-k slice holds exactly the channels `prune` keeps
+    at width k, so a searched config can be cut from the unpruned model instead."""
+    scores = group_scores(supernet.plain_copy(), supernet.space, importance, batch)
     perms = [np.argsort(-scores[g.name], kind="stable") for g in supernet.space.groups]
     for (name, kind), dim in supernet.layer_dims.items():
         module = supernet.model.get_submodule(name)
