@@ -346,6 +346,22 @@ def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
     return "\n".join(rows)
 
 
+def family(cells: list[dict]) -> str:
+    """What serving every target costs each method: its pruning times summed over the targets
+    (a supernet method pays for its supernet once, in the first target it ran), beside the
+    top-1 each target recovers to."""
+    rows = ["| method | targets | pruning wall time, all targets | top-1 after `finetune` per target |",
+            "|---|---|---|---|"]
+    for method in METHODS:
+        firsts = sorted((c for c in cells if c["method"] == method and c["seed"] == 0 and "pruning_s" in c),
+                        key=lambda c: -c["target"])
+        if len(firsts) < 2:
+            continue
+        after = ", ".join(f"{c['target']:.0%}: {_best([c], 'finetune').split(' (')[0]}" for c in firsts)
+        rows.append(f"| {method} | {len(firsts)} | {sum(c['pruning_s'] for c in firsts):.0f} s | {after} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="the pretrained, transferred checkpoint (.pt); its card gives "
@@ -395,7 +411,10 @@ def main() -> None:
         "median of 3 interleaved rounds. Rows with several recovery seeds show mean ± std over them; the seeds share "
         "one pruned net and the later ones run at the lr the first did best with. The cells may come from several "
         "runs of the script (it resumes per cell); `--table-only` rewrites the table from all of them.", "",
-        table(stored, teacher_top1, teacher_macs)]))
+        table(stored, teacher_top1, teacher_macs), "",
+        "A family of models, one per target: each method's pruning times over the targets it ran (the supernet "
+        "rows' include one supernet's training, in the first target that asked for it, and a search and an "
+        "extraction per target):", "", family(stored)]))
 
 
 if __name__ == "__main__":

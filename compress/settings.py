@@ -81,6 +81,9 @@ class TrainSettings(Settings):
 class HeldOutScoring(Settings):
     recal_images: int = Field(2000, ge=1, description="held-out images to recalibrate BN per config")
     eval_images: int = Field(5000, ge=1, description="held-out images to score each config")
+    score_size: int | None = Field(None, ge=8, description="score configs at this input size instead of the "
+                                   "model's: a cheaper search (benchmarks/bench_search_cost.py measures how far it "
+                                   "changes the ranking); extracted nets are recalibrated at the model's own")
 
 
 class SupernetSettings(TrainSettings):

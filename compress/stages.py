@@ -165,8 +165,8 @@ def held_out(supernet: Supernet, holdout: dict, scoring: HeldOutScoring, data: s
         raise CompressError("this supernet was trained without held-out images (`holdout` 0); the search "
                             "scores configs on held-out training images. Retrain with `holdout` > 0.")
     card = card_of(supernet)
-    _, held, _ = train_holdout(data or holdout["data"], card.input_size, card.mean, card.std, card.num_classes,
-                               holdout["count"], holdout["seed"])
+    _, held, _ = train_holdout(data or holdout["data"], scoring.score_size or card.input_size, card.mean, card.std,
+                               card.num_classes, holdout["count"], holdout["seed"])
     return HeldOut(held, scoring.recal_images, scoring.eval_images, seed=holdout["seed"])
 
 
@@ -194,7 +194,8 @@ def open_search(run: str | Path, scoring: HeldOutScoring, folder: Path, data: st
     supernet, record = load_supernet(path)
     fingerprint = {"supernet": _digest(path), "data": data or record["holdout"]["data"],
                    "holdout": record["holdout"]["count"], "holdout_seed": record["holdout"]["seed"],
-                   "recal_images": scoring.recal_images, "eval_images": scoring.eval_images}
+                   "recal_images": scoring.recal_images, "eval_images": scoring.eval_images,
+                   **({"score_size": scoring.score_size} if scoring.score_size else {})}
     latency = None
     if lut:
         latency = latency_predictor(lut, supernet.space)
@@ -301,26 +302,29 @@ def extract(run: str | Path, output: str | Path, target: str | None = None,
     folder = find_search(run, search_dir)
     result = json.loads((folder / RESULT_FILE).read_text())
     entry = search_target(result, target, str(folder / RESULT_FILE))
-    scoring = HeldOutScoring(recal_images=result["evaluation"]["recal_images"],
-                             eval_images=result["evaluation"]["eval_images"])
-    supernet, record, evaluator = open_search(run, scoring, folder)
-    held = evaluator.held_out
+    evaluation = result["evaluation"]
+    # recalibrated and scored at the model's own input size, whatever size the search scored at
+    scoring = HeldOutScoring(recal_images=evaluation["recal_images"], eval_images=evaluation["eval_images"])
+    supernet, record = load_supernet(supernet_file(run))
+    same_size = evaluation.get("score_size") in (None, supernet.card.input_size)
+    held = held_out(supernet, record["holdout"], scoring, evaluation["data"])
+    supernet.to(device())
     provenance = {"created_by": "extract", "supernet": str(run), "method": record["method"], "search": str(folder),
                   "target": entry["label"], "heldout_top1": entry["top1"], **(provenance or {})}
     if teacher is not None:
-        cut = prune(teacher, prune_settings, config=entry["config"], data=result["evaluation"]["data"])
+        cut = prune(teacher, prune_settings, config=entry["config"], data=evaluation["data"])
         model = cut.model
-        scored = evaluate(model, held.batches("eval"), evaluator.device, distributed_sum=False)["top1"]
+        scored = evaluate(model, held.batches("eval"), device(), distributed_sum=False)["top1"]
         save_checkpoint(output, model, provenance={**provenance, **cut.restored, "weights": "teacher",
                                                    "heldout_top1_extracted": scored})
         return Extracted(model, Path(output), entry, scored)
-    recalibrate_bn(supernet, entry["config"], held.batches("recal"))
+    recalibrate_bn(supernet, entry["config"], held.batches("recal"), device())
     model = supernet.extract(entry["config"])
     # the extracted net must score what the search said it would, on the same images
-    scored = evaluate(model, held.batches("eval"), evaluator.device, distributed_sum=False)["top1"]
+    scored = evaluate(model, held.batches("eval"), device(), distributed_sum=False)["top1"]
     images = len(held.eval)
     noise = 3 * math.sqrt(max(entry["top1"] * (1 - entry["top1"]), 1e-4) / max(images, 1)) + 0.005
-    if abs(scored - entry["top1"]) > noise:
+    if same_size and abs(scored - entry["top1"]) > noise:
         notes.warning(f"the extracted net of {entry['label']} scores {scored:.2%} held-out top-1, where the search "
                       f"scored its config at {entry['top1']:.2%} on the same {images} images: the supernet's "
                       "shared weights at this config are not the extracted net's. Report this with the run folder.")
@@ -332,7 +336,7 @@ def supernet_teacher(run: str | Path, scoring: HeldOutScoring, output: str | Pat
     """The supernet's full config as a standalone checkpoint (BN recalibrated): the teacher
     its extracted nets distil from."""
     supernet, record = load_supernet(supernet_file(run))
-    held = held_out(supernet, record["holdout"], scoring)
+    held = held_out(supernet, record["holdout"], scoring.model_copy(update={"score_size": None}))  # its own size
     recalibrate_bn(supernet, supernet.space.max(), held.batches("recal"))
     save_checkpoint(output, supernet.extract(supernet.space.max()),
                     provenance={"created_by": "supernet full config", "supernet": str(run)})

@@ -16,7 +16,7 @@ from compress.search.strategies import evolution, greedy
 from compress import stages
 from compress.settings import HeldOutScoring, PruneSettings, SearchSettings, Target
 from compress.stages import held_out
-from compress.supernet import load_supernet
+from compress.supernet import load_supernet, recalibrate_bn
 from compress.data import build_dataset, transforms
 from conftest import ROOT, run_cli
 
@@ -100,6 +100,28 @@ def test_extracted_net_scores_what_the_search_scored(run, tmp_path):
     assert hits / len(held.eval) == pytest.approx(entry["top1"]) == pytest.approx(done.heldout_top1)
     provenance = torch.load(tmp_path / "n.pt", weights_only=True)["provenance"]
     assert provenance["heldout_top1_extracted"] == pytest.approx(provenance["heldout_top1"])
+
+
+def test_a_search_scored_at_a_smaller_input_size_extracts_at_the_models_own(run, tmp_path):
+    settings = SearchSettings(method="random", samples=3, score_size=8, **SCORING)
+    entry = _search(run, tmp_path / "s", settings, targets=[Target(macs="60%")])["targets"][0]
+    supernet, record = load_supernet(run / "supernet.pt")
+
+    def top1(net, held):
+        return sum((net(x).argmax(1) == y).sum().item() for x, y in held.batches("eval")) / len(held.eval)
+
+    small = held_out(supernet, record["holdout"], HeldOutScoring(**SCORING, score_size=8))
+    assert next(iter(small.batches("eval")))[0].shape[-2:] == (8, 8)
+    recalibrate_bn(supernet, entry["config"], small.batches("recal"))
+    assert top1(supernet, small) == pytest.approx(entry["top1"])  # the search scored at 8 px
+
+    full = held_out(supernet, record["holdout"], HeldOutScoring(**SCORING))
+    recalibrate_bn(supernet, entry["config"], full.batches("recal"))
+    want = supernet.extract(entry["config"])  # BN statistics of 16-px images
+    done = stages.extract(run, tmp_path / "n.pt", search_dir=tmp_path / "s")
+    for a, b in zip(want.buffers(), done.model.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    assert done.heldout_top1 == pytest.approx(top1(done.model.eval(), full))
 
 
 def test_evolution_is_seeded_and_resumes_without_reevaluating(run, tmp_path):
