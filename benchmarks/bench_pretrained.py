@@ -296,10 +296,11 @@ def _after(protocol: str, lr: float) -> str:
 
 
 def _lrs(first: dict, protocol: str, size: dict, later: bool) -> tuple[float, ...]:
-    """The first seed runs every lr of the grid; later seeds the one it did best with."""
+    """The first seed runs every lr of the grid; later seeds the one it did best with (of all
+    it ran, whatever grid this run has)."""
     if not later:
         return size["lrs"]
-    tried = {lr: first[_after(protocol, lr)] for lr in size["lrs"] if _after(protocol, lr) in first}
+    tried = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith(f"after_{protocol}@")}
     return (max(tried, key=tried.get),) if tried else ()
 
 
@@ -372,11 +373,15 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
     ap.add_argument("--protocols", default=",".join(PROTOCOLS), help="recoveries, comma-separated, of: "
                     + ", ".join(PROTOCOLS))
+    ap.add_argument("--lrs", default=None, help="recovery lrs the first seed tries, comma-separated (default: the "
+                    "size's grid); fewer lrs, less time, and a row that shows the lr it ran at")
     ap.add_argument("--seeds", type=int, default=1, help="recovery seeds per cell")
     ap.add_argument("--cells", type=Path, default=Path("runs/bench_pretrained"), help="where finished cells are kept")
     ap.add_argument("--table-only", action="store_true", help="write the table from the finished cells, run none")
     args = ap.parse_args()
-    size = SIZES[args.size]
+    size = dict(SIZES[args.size])
+    if args.lrs:
+        size["lrs"] = tuple(float(lr) for lr in args.lrs.split(","))
     if set(args.protocols.split(",")) - set(PROTOCOLS):
         ap.error(f"--protocols takes {', '.join(PROTOCOLS)}, comma-separated; got '{args.protocols}'")
     teacher = load(args.teacher).eval()

@@ -203,8 +203,10 @@ def cmd_supernet(args) -> int:
     args = _resumed(args, "supernet")
     settings = settings_from(SupernetSettings, args)
     torch.manual_seed(settings.seed)
+    from compress.checkpoint import is_checkpoint_path
+    trained = args.pretrained is not None or is_checkpoint_path(args.target)  # a checkpoint holds trained weights
     done = stages.train_supernet(_load(args), _data(args), settings, args.out,
-                                 scoring=settings_from(HeldOutScoring, args), pretrained=args.pretrained is not None,
+                                 scoring=settings_from(HeldOutScoring, args), pretrained=trained,
                                  resume=bool(args.resume), quiet=args.quiet, record=_record(args))
     if distributed.is_main():
         print(f"saved {done.checkpoint}")

@@ -191,7 +191,7 @@ class Pipeline:
         self.command("supernet", [name], [*model_flags, r.data, r.supernet, _scoring(r.search)],
                      ["--data", r.data.spec, "--out", folder])
         torch.manual_seed(r.supernet.seed)
-        trained_before = r.model.pretrained is not None or r.transfer is not None
+        trained_before = r.trained_before()
         done = stages.train_supernet(self._model(), r.data, r.supernet, folder, scoring=_scoring(r.search),
                                      pretrained=trained_before, resume=resume, quiet=self.quiet, ranking=r.prune)
         return {"supernet": str(done.checkpoint), "summary": done.summary} if distributed.is_main() else {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError, model_validator
 
+from compress.checkpoint import is_checkpoint_path
 from compress.errors import CompressError
 from compress.settings import (DataSettings, ExportSettings, ExtractSettings, FinetuneSettings, LatencySettings,
                                LutSettings, ModelSettings, PruneSettings, SearchSettings, Settings, SupernetSettings,
@@ -66,14 +67,18 @@ class Recipe(Settings):
                 raise ValueError("prune.targets take MAC targets only (macs: 150M or 50%)")
         elif not self.search.targets:
             raise ValueError("give search.targets (e.g. - macs: 50%), or set supernet.method: none and prune.targets")
-        if self.extract.weights == "teacher" and (self.supernet.method != "slimmable" or
-                                                  (self.model.pretrained is None and self.transfer is None)):
+        if self.extract.weights == "teacher" and (self.supernet.method != "slimmable" or not self.trained_before()):
             raise ValueError("extract.weights: teacher cuts the searched widths from the pretrained model the "
-                             "supernet was trained from: it needs supernet.method: slimmable and a pretrained model "
-                             "(model.pretrained) or a transfer section")
+                             "supernet was trained from: it needs supernet.method: slimmable and a trained model "
+                             "(model.pretrained, a checkpoint as model.name, or a transfer section)")
         if any(t.latency_ms for t in self.search.targets) and self.search.lut is None:
             raise ValueError("latency_ms targets need search.lut (backend, threads) to predict latency")
         return self
+
+    def trained_before(self) -> bool:
+        """Whether the model to compress arrives trained: pretrained weights, a checkpoint, or
+        the transfer stage's model."""
+        return self.model.pretrained is not None or self.transfer is not None or is_checkpoint_path(self.model.name)
 
     def targets(self) -> list[Target]:
         return self.prune.targets if self.supernet.method == "none" else self.search.targets
