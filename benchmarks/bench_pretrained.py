@@ -320,6 +320,11 @@ def _pruning_time(group: list[dict]) -> str:
     return f"{first['pruning_s']:.0f} s" if "pruning_s" in first else "-"
 
 
+def _tried(cells: list[dict]) -> list[float]:
+    """Every recovery lr the cells ran, largest first."""
+    return sorted({float(k.split("@")[1]) for c in cells for k in c if k.startswith("after_")}, reverse=True)
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -406,8 +411,8 @@ def main() -> None:
     write_section(f"Pruning a pretrained net, side by side ({card.input_size} px)", "\n".join([
         f"Teacher `{args.teacher}` (a pretrained net transferred to {data.split(':')[0]}, {card.input_size} "
         f"px); top-1 on {size['test']} test images. The same two recoveries for every row, {size['steps']} steps of "
-        f"{size['batch']} images at lr {' and '.join(f'{lr:g}' for lr in size['lrs'])}, each row showing its better "
-        "lr: `finetune` is `chansearch finetune --teacher`'s (its defaults: distillation, warm-up, the best state "
+        f"{size['batch']} images at lr {' and '.join(f'{lr:g}' for lr in _tried(stored))} (a row shows the better of "
+        "those its first seed ran, `--lrs`): `finetune` is `chansearch finetune --teacher`'s (its defaults: distillation, warm-up, the best state "
         f"on 500 held-out training images kept), the plain loop a user's own (SGD, cosine, flips, KD T=4 weight "
         f"0.7, BN in train mode, on {size['pool']} training images). Sharpness: the cross-entropy's gradient norm "
         "on one batch of 32 training images over the teacher's. Pruning with data (ours, FastNAS) uses 512 other "
