@@ -223,15 +223,18 @@ class Pipeline:
         # extract.weights teacher: the searched widths are cut from the model the supernet was
         # trained from, which then teaches their fine-tune; else the supernet's full config teaches
         unpruned = self._unpruned(folder) if r.extract.weights == "teacher" else None
+        teacher_flags = ["--teacher", unpruned] if unpruned else []
+        source = None  # the unpruned model, loaded once for every target that needs it
         nets = {}
         for target, entry in zip(r.search.targets, search["targets"]):
             path = folder / f"{target.tag()}.pt"
             if not path.exists():
-                teacher_flags = ["--teacher", unpruned] if unpruned else []
                 self.command("extract", [self.dir / "supernet"], [],
                              ["--search", self.dir / "search", "--target", entry["label"], *teacher_flags, "-o", path])
+                if unpruned and source is None:
+                    source = self._load(str(unpruned))
                 stages.extract(self.dir / "supernet", path, target=entry["label"], search_dir=self.dir / "search",
-                               teacher=self._load(str(unpruned)) if unpruned else None, prune_settings=r.prune)
+                               teacher=source, prune_settings=r.prune)
             nets[target.tag()] = {"path": str(path), "label": entry["label"], "heldout_top1": entry["top1"]}
         teacher = unpruned or folder / "teacher.pt"
         if r.finetune.distill and not teacher.exists():

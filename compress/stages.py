@@ -308,7 +308,6 @@ def extract(run: str | Path, output: str | Path, target: str | None = None,
     supernet, record = load_supernet(supernet_file(run))
     same_size = evaluation.get("score_size") in (None, supernet.card.input_size)
     held = held_out(supernet, record["holdout"], scoring, evaluation["data"])
-    supernet.to(device())
     provenance = {"created_by": "extract", "supernet": str(run), "method": record["method"], "search": str(folder),
                   "target": entry["label"], "heldout_top1": entry["top1"], **(provenance or {})}
     if teacher is not None:
@@ -318,6 +317,7 @@ def extract(run: str | Path, output: str | Path, target: str | None = None,
         save_checkpoint(output, model, provenance={**provenance, **cut.restored, "weights": "teacher",
                                                    "heldout_top1_extracted": scored})
         return Extracted(model, Path(output), entry, scored)
+    supernet.to(device())
     recalibrate_bn(supernet, entry["config"], held.batches("recal"), device())
     model = supernet.extract(entry["config"])
     # the extracted net must score what the search said it would, on the same images
