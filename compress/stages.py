@@ -311,6 +311,10 @@ def extract(run: str | Path, output: str | Path, target: str | None = None,
     provenance = {"created_by": "extract", "supernet": str(run), "method": record["method"], "search": str(folder),
                   "target": entry["label"], "heldout_top1": entry["top1"], **(provenance or {})}
     if teacher is not None:
+        if card_of(teacher).arch != supernet.card.arch or card_of(teacher).pruned:
+            raise CompressError(f"--teacher must be the unpruned model the supernet '{run}' was trained from "
+                                f"({supernet.card.arch}); got {card_of(teacher).arch}"
+                                f"{' (pruned)' if card_of(teacher).pruned else ''}. Pass that model's checkpoint.")
         cut = prune(teacher, prune_settings, config=entry["config"], data=evaluation["data"])
         model = cut.model
         scored = evaluate(model, held.batches("eval"), device(), distributed_sum=False)["top1"]

@@ -88,6 +88,12 @@ def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
     assert torch.allclose(net(x), direct(x), atol=1e-5)
     assert torch.load(tmp_path / "cut.pt", weights_only=True)["provenance"]["weights"] == "teacher"
 
+    compress.save_checkpoint(tmp_path / "other.pt", compress.build("mobilenet_v2_cifar", num_classes=10, input_size=16))
+    wrong = run_cli("extract", run, "--search", tmp_path / "g", "--target", "45%", "--teacher", tmp_path / "other.pt",
+                    "-o", tmp_path / "wrong.pt")
+    assert wrong.returncode == 2 and "unpruned model the supernet" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert not (tmp_path / "wrong.pt").exists()
+
 
 def test_extracted_net_scores_what_the_search_scored(run, tmp_path):
     """The standalone net, BN recalibrated as the search did, has the search's held-out accuracy."""
