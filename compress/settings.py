@@ -97,7 +97,8 @@ class SupernetSettings(TrainSettings):
     distill: bool = Field(True, description="slimmable: distillation: from the pretrained model itself (frozen) "
                           "when the supernet starts from one, so the shared weights keep what it knew; else in-place, "
                           "from the max config")
-    reorder: bool = Field(True, description="slimmable: most important channels of a pretrained model first")
+    reorder: bool = Field(True, description="most important channels of a pretrained model first (as `prune` "
+                          "ranks them), so a width-k slice holds the channels `prune` keeps")
     hidden: int = Field(32, ge=1, description="pruningnet: hidden units of each layer's hypernetwork")
     holdout: int = Field(5000, ge=0, description="training images held out to score configs in the search")
 

@@ -41,7 +41,7 @@ from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, H
 from compress.space import ChannelSpace, example_input
 from compress.supernet import Supernet, build_supernet, load_supernet, recalibrate_bn, save_supernet
 from compress.supernet.pruningnet import pruningnet_step
-from compress.supernet.slimmable import reorder_channels, sandwich_step
+from compress.supernet.slimmable import ordered_copy, sandwich_step
 from compress.train import STATE_FILE, Loaders, fit
 from compress.units import parse_count
 
@@ -128,13 +128,13 @@ def train_supernet(model: nn.Module, data: DataSettings, settings: SupernetSetti
     out = Path(out)
     with run_folder(out, resume, record):
         teacher = copy.deepcopy(model) if pretrained and settings.distill else None  # wrapped in place below
+        if pretrained and settings.reorder:
+            # ordered as `prune --data` ranks them, on its images: a searched config can then
+            # be cut from the pretrained model keeping the channels the supernet scored
+            model = ordered_copy(model, ranking.importance_for(True), pruning_batch(model, ranking, data.spec))
         supernet = build_supernet(model, settings.method, divisor=settings.divisor, min_width=settings.min_width,
                                   hidden=settings.hidden, affine_bn=pretrained)
         if settings.method == "slimmable":
-            if pretrained and settings.reorder:
-                # ordered as `prune --data` ranks them, on its images: a searched config can then
-                # be cut from the pretrained model keeping the channels the supernet scored
-                reorder_channels(supernet, ranking.importance_for(True), pruning_batch(model, ranking, data.spec))
             step = sandwich_step(supernet, num_random=settings.num_random, uniform=settings.uniform,
                                  distill=settings.distill, label_smoothing=settings.label_smoothing, teacher=teacher)
         else:

@@ -19,7 +19,7 @@ from compress.prune import group_scores, prune
 from compress.space import ChannelSpace
 from compress.supernet import PruningNet, Slimmable, Supernet, build_supernet, load_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
-from compress.supernet.slimmable import reorder_channels, sandwich_step, soft_cross_entropy
+from compress.supernet.slimmable import ordered_copy, reorder_channels, sandwich_step, soft_cross_entropy
 from conftest import ROOT, ResidualNet, run_cli
 
 BASE_MODELS = [n for n, e in ZOO.items() if not e.cifar and e.task == "classify"] + ["mobilenet_v2_cifar"]
@@ -83,10 +83,17 @@ def test_ordered_by_the_pruning_ranking_a_width_slices_the_channels_prune_keeps(
     reorder_channels(supernet, "energy", batch)
     space = ChannelSpace.from_model(model, example_input(SIZE, model))
     x = torch.randn(4, 3, SIZE, SIZE)
+    # a PruningNet generates its weights, so it is fitted to a copy ordered the same way
+    ordered = ordered_copy(model, "energy", batch)
+    assert torch.allclose(ordered(x), model.eval()(x), atol=1e-5)
+    pruningnet = build_supernet(ordered, "pruningnet", affine_bn=True)
+    pruningnet.fit_pretrained()
     for seed in range(3):
         config = supernet.space.sample(np.random.default_rng(seed))
         cut = prune(model, config, space, importance="energy", batch=batch)
         assert torch.allclose(supernet.eval().extract(config)(x), cut(x), atol=1e-5), seed
+        first = prune(pruningnet.plain_copy().eval(), config, space, importance="first")
+        assert torch.allclose(first(x), cut(x), atol=1e-4), seed
 
 
 def test_bn_recalibration_equals_cumulative_statistics_of_the_extracted_model():

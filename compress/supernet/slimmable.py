@@ -6,14 +6,16 @@ step) with in-place distillation (the max config teaches the others).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from compress.card import card_of
 from compress.prune import group_scores
-from compress.space import ChannelConfig, ChannelSpace
+from compress.space import ChannelConfig, ChannelSpace, example_input
 from compress.supernet.dynamic import Supernet
 from compress.train import Step
 
@@ -93,6 +95,18 @@ def reorder_channels(supernet: Supernet, importance: str = "l1", batch=None) -> 
                 moved = tensor[tuple(index)].clone()
                 index[axis] = dst
                 tensor[tuple(index)] = moved
+
+
+@torch.no_grad()
+def ordered_copy(model: nn.Module, importance: str, batch) -> nn.Module:
+    """A copy of `model` (function unchanged) with each group's channels most important
+    first, as `reorder_channels` orders a slimmable supernet: what a PruningNet is fitted to
+    (it generates weights, so it cannot be reordered after wrapping), so that either kind of
+    supernet scores the channels `prune` keeps and a searched config can be cut from `model`."""
+    space = ChannelSpace.from_model(model, example_input(card_of(model).input_size, model))
+    supernet = Slimmable(copy.deepcopy(model), space)
+    reorder_channels(supernet, importance, batch)
+    return supernet.plain_copy().eval()
 
 
 def _channel_tensors(module: nn.Module, kind: str):
