@@ -22,7 +22,9 @@ BN re-estimated instead of the refit (`compress-norefit`), with `--strategy unif
 (`compress-uniform`), weight magnitude with BN re-estimated (`compress-l1-global`), our supernet
 path (`compress-slimmable`: a slimmable supernet trained from the teacher, distilled from it, then
 greedy search; `compress-slimmable-teacher`: the searched widths cut from the teacher's own
-weights and refitted, `extract --teacher`), Torch-Pruning 1.6's MetaPruner at its defaults (global magnitude, its pruning
+weights and refitted, `extract --teacher`; `compress-pruningnet-teacher`: the same from
+MetaPruning's PruningNet fitted to the teacher and evolution; `--supernet-steps`, `--score-size`),
+Torch-Pruning 1.6's MetaPruner at its defaults (global magnitude, its pruning
 ratio searched to the MAC target; `tp` round_to=None, `tp-r8` round_to=8) and NVIDIA Model
 Optimizer's FastNAS (`fastnas`; `pip install -e .[benchmark]`).
 
@@ -57,16 +59,23 @@ from compress.settings import (DataSettings, FinetuneSettings, HeldOutScoring, P
                                SupernetSettings, Target)
 from compress.train import fit
 
-SIZES = {  # recovery steps and batch, lrs tried; images: plain loop's pool, test, FastNAS/greedy scoring;
-    # supernet training steps, greedy step (share of the MACs)
-    "cpu": dict(steps=150, batch=64, lrs=(0.005, 0.001), pool=6400, test=2000, score=512, supernet=300, greedy=0.1),
-    "cpu224": dict(steps=45, batch=32, lrs=(0.01, 0.001), pool=1440, test=500, score=256, supernet=100, greedy=0.1),
+# evolution on 2 cores: 16 + 4 x 16 candidates scored, not MetaPruning's 50 + 20 x 50
+SMALL_EVOLUTION = dict(population=16, parents=4, mutations=8, crossovers=8, iterations=4)
+SIZES = {  # recovery steps and batch, lrs tried; images: plain loop's pool, test, FastNAS/search scoring;
+    # supernet training steps, greedy step (share of the MACs), evolution settings
+    "cpu": dict(steps=150, batch=64, lrs=(0.005, 0.001), pool=6400, test=2000, score=512, supernet=300, greedy=0.1,
+                evolution=SMALL_EVOLUTION),
+    "cpu224": dict(steps=45, batch=32, lrs=(0.01, 0.001), pool=1440, test=500, score=256, supernet=100, greedy=0.1,
+                   evolution=SMALL_EVOLUTION),
     "gpu": dict(steps=1000, batch=128, lrs=(0.01, 0.002), pool=25000, test=10000, score=2000, supernet=3000,
-                greedy=0.05),
-    "quick": dict(steps=3, batch=16, lrs=(0.005, 0.001), pool=64, test=64, score=64, supernet=3, greedy=0.3),
+                greedy=0.05, evolution={}),  # MetaPruning's search at SearchSettings' defaults
+    "quick": dict(steps=3, batch=16, lrs=(0.005, 0.001), pool=64, test=64, score=64, supernet=3, greedy=0.3,
+                  evolution=dict(population=4, parents=2, mutations=2, crossovers=2, iterations=1)),
 }
 METHODS = ("compress", "compress-norefit", "compress-uniform", "compress-l1-global", "compress-slimmable",
-           "compress-slimmable-teacher", "tp", "tp-r8", "fastnas")
+           "compress-slimmable-teacher", "compress-pruningnet-teacher", "tp", "tp-r8", "fastnas")
+SUPERNET_ROWS = {"compress-slimmable": "slimmable", "compress-slimmable-teacher": "slimmable",
+                 "compress-pruningnet-teacher": "pruningnet"}  # the supernet each row searches
 PROTOCOLS = ("finetune", "plain")
 
 
@@ -91,23 +100,27 @@ def ours(teacher, target, data, settings: PruneSettings):
     return stages.prune(teacher, settings, macs=target, data=data, progress=True).model
 
 
-def slimmable(teacher, target: float, ctx: dict, cells: Path, from_teacher: bool = False) -> nn.Module:
-    """Ours, the supernet path: a slimmable supernet trained from the teacher (every width
-    distilled from it, at a transfer lr, its channels ordered as `prune --data` ranks them),
-    greedy-searched to the target on held-out training images, the config extracted with BN
-    recalibrated (`from_teacher`: cut from the teacher's own weights and refitted, as
-    `extract --teacher` does). The supernet is trained once, for the first target that asks
-    (its time counts there), and the greedy path is shared by both methods."""
-    run, size = cells / "slimmable", ctx["size"]
-    scoring = dict(recal_images=min(256, size["score"]), eval_images=size["score"])
+def supernet_path(teacher, target: float, ctx: dict, cells: Path, kind: str, from_teacher: bool) -> nn.Module:
+    """Ours, the supernet path: a supernet trained from the teacher, its channels ordered as
+    `prune --data` ranks them (`slimmable`: every width distilled from the teacher at a transfer
+    lr, then AutoSlim's greedy search; `pruningnet`: MetaPruning's hypernetworks fitted to the
+    teacher, then evolution), searched to the target on held-out training images, the config
+    extracted with BN recalibrated (`from_teacher`: cut from the teacher's own weights and
+    refitted, as `extract --teacher` does). Each supernet is trained once, for the first target
+    that asks (its time counts there), and its search is shared by its rows."""
+    run, size = cells / kind, ctx["size"]
+    scoring = dict(recal_images=min(256, size["score"]), eval_images=size["score"], score_size=ctx["score_size"])
     if not (run / "supernet.pt").exists():
-        settings = SupernetSettings(epochs=1, steps_per_epoch=size["supernet"], lr=0.005, warmup_epochs=0.1,
-                                    weight_decay=4e-5, holdout=2000, val_images=size["score"], num_random=2)
+        settings = SupernetSettings(method=kind, epochs=1, steps_per_epoch=size["supernet"], lr=0.005,
+                                    warmup_epochs=0.1, weight_decay=4e-5, holdout=2000, val_images=size["score"],
+                                    num_random=2)
         stages.train_supernet(copy.deepcopy(teacher), DataSettings(spec=ctx["data"], batch_size=size["batch"]),
-                              settings, run, HeldOutScoring(**scoring), pretrained=True, resume=run.exists())
-    search = run / "search-greedy"
-    settings = SearchSettings(method="greedy", greedy_step=size["greedy"], targets=[Target(macs=f"{target:.0%}")],
-                              **scoring)
+                              settings, run, HeldOutScoring(**scoring), pretrained=True, resume=run.exists(),
+                              record={"supernet_steps": size["supernet"]})
+    method = "greedy" if kind == "slimmable" else "evolution"
+    search = run / f"search-{method}"
+    settings = SearchSettings(method=method, greedy_step=size["greedy"], targets=[Target(macs=f"{target:.0%}")],
+                              **size["evolution"], **scoring)
     stages.search(run, settings, out=search)
     with tempfile.TemporaryDirectory() as work:
         return stages.extract(run, Path(work) / "net.pt", f"{target:.0%}", search,
@@ -233,6 +246,9 @@ def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: d
             atomic_save(pruned.state_dict(), shared)
         if "before" not in cell:
             macs, params = count(pruned, ctx["input_size"])
+            if method in SUPERNET_ROWS:  # the supernet and search its row came from
+                trained = json.loads((cells / SUPERNET_ROWS[method] / stages.ARGS_FILE).read_text())
+                cell.update(supernet_steps=trained["supernet_steps"], score_size=ctx["score_size"])
             cell.update(method=method, target=target, seed=seed, macs=macs, params=params,
                         before=top1(pruned, *ctx["test"]), sharpness=grad_norm(pruned, *ctx["batch"]) / ctx["sharp"],
                         latency=latency_ratio(pruned, ctx["teacher_file"], ctx["input_size"], work))
@@ -252,8 +268,8 @@ def prune_with(method: str, teacher, target: float, ctx: dict, cells: Path) -> n
                      "compress-l1-global": PruneSettings(importance="l1", strategy="global", reconstruct_images=0)}
     if method in ours_settings:
         return ours(teacher, f"{target:.0%}", ctx["data"], ours_settings[method])
-    if method.startswith("compress-slimmable"):
-        return slimmable(teacher, target, ctx, cells, from_teacher=method.endswith("-teacher"))
+    if method in SUPERNET_ROWS:
+        return supernet_path(teacher, target, ctx, cells, SUPERNET_ROWS[method], method.endswith("-teacher"))
     if method in ("tp", "tp-r8"):
         return torch_pruning(teacher, target, None if method == "tp" else 8)
     return fastnas(teacher, target, ctx["calib"], ctx["score"], cells)
@@ -345,11 +361,20 @@ def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
                 continue
             pick = lambda k: [c[k] for c in group if k in c]  # noqa: E731
             sharp = f"{statistics.mean(pick('sharpness')):.1f}x" if pick("sharpness") else "-"
-            rows.append(f"| {target:.0%} | {method} | {group[0]['macs'] / teacher_macs:.1%} | "
+            rows.append(f"| {target:.0%} | {_label(group[0])} | {group[0]['macs'] / teacher_macs:.1%} | "
                         f"{statistics.mean(pick('params')) / 1e6:.2f}M | {mean_std(pick('before'))} | {sharp} | "
                         f"{_best(group, 'finetune')} | {_best(group, 'plain')} | {len(group)} | "
                         f"{statistics.median(pick('latency')):.2f}x | {_pruning_time(group)} |")
     return "\n".join(rows)
+
+
+def _label(cell: dict) -> str:
+    """The method, and for a supernet row how long its supernet trained and at what size its
+    search scored (the two settings that trade its cost against its choice)."""
+    if "supernet_steps" not in cell:
+        return cell["method"]
+    scored = f", scored at {cell['score_size']} px" if cell.get("score_size") else ""
+    return f"{cell['method']} (supernet {cell['supernet_steps']} steps{scored})"
 
 
 def family(cells: list[dict]) -> str:
@@ -382,9 +407,17 @@ def main() -> None:
                     "size's grid); fewer lrs, less time, and a row that shows the lr it ran at")
     ap.add_argument("--seeds", type=int, default=1, help="recovery seeds per cell")
     ap.add_argument("--cells", type=Path, default=Path("runs/bench_pretrained"), help="where finished cells are kept")
+    ap.add_argument("--supernet-steps", type=int, default=None, help="training steps of the supernet rows' "
+                    "supernet (default: the size's); used when --cells has no supernet yet")
+    ap.add_argument("--score-size", type=int, default=None, help="input size the supernet rows' greedy search "
+                    "scores at (default: the teacher's; `search --score-size`, a cheaper search)")
     ap.add_argument("--table-only", action="store_true", help="write the table from the finished cells, run none")
+    ap.add_argument("--section", default=None, help="RESULTS.md section to write (default: 'Pruning a pretrained "
+                    "net, side by side (SIZE px)'); another name keeps a separate run's table beside it")
     args = ap.parse_args()
     size = dict(SIZES[args.size])
+    if args.supernet_steps is not None:
+        size["supernet"] = args.supernet_steps
     if args.lrs:
         size["lrs"] = tuple(float(lr) for lr in args.lrs.split(","))
     if set(args.protocols.split(",")) - set(PROTOCOLS):
@@ -397,6 +430,7 @@ def main() -> None:
         export_tflite(teacher, teacher_file, card.input_size)
     sample = lambda train, n, seed: sample_labelled(data, train, n, card.input_size, card.mean, card.std, seed=seed)  # noqa: E731
     ctx = {"data": data, "size": size, "input_size": card.input_size, "teacher_file": teacher_file,
+           "score_size": args.score_size,
            "protocols": args.protocols.split(","), "test": sample(False, size["test"], 1),
            "pool": sample(True, size["pool"], 3), "calib": sample(True, 512, 0), "score": sample(True, size["score"], 2),
            "batch": sample(True, 32, 4)}
@@ -408,7 +442,7 @@ def main() -> None:
             for seed in range(args.seeds):
                 run_cell(args.cells, method, target, seed, teacher, ctx)
     stored = [json.loads(p.read_text()) for p in sorted(args.cells.glob("*.json"))]
-    write_section(f"Pruning a pretrained net, side by side ({card.input_size} px)", "\n".join([
+    write_section(args.section or f"Pruning a pretrained net, side by side ({card.input_size} px)", "\n".join([
         f"Teacher `{args.teacher}` (a pretrained net transferred to {data.split(':')[0]}, {card.input_size} "
         f"px); top-1 on {size['test']} test images. The same two recoveries for every row, {size['steps']} steps of "
         f"{size['batch']} images at lr {' and '.join(f'{lr:g}' for lr in _tried(stored))} (a row shows the better of "
