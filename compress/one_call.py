@@ -23,7 +23,7 @@ from compress.settings import FinetuneSettings, PruneSettings, SearchSettings, S
 from compress.space import ChannelSpace
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
-from compress.supernet.slimmable import reorder_channels, sandwich_step
+from compress.supernet.slimmable import ordered_copy, sandwich_step
 from compress.tasks import task_of
 from compress.train import KEEP_BEST_SHARE, Loaders, fit, kept_best
 from compress.units import human
@@ -184,10 +184,11 @@ def _search(model, space, method, budget, train_loader, val_loader, device, supe
     """Train a supernet from `model` on `train_loader`, search it under `budget`, and return
     the extracted net of the best config with that config."""
     teacher = copy.deepcopy(model) if supernet.distill else None  # the supernet wraps `model` in place
+    if supernet.reorder:  # largest channels first, so the narrow configs start from what the model knew
+        model = ordered_copy(model, "l1", None)
     net = build_supernet(model, method, divisor=space.divisor, min_width=space.min_ratio, hidden=supernet.hidden,
                          affine_bn=True)
     if method == "slimmable":
-        reorder_channels(net)
         step = sandwich_step(net, num_random=supernet.num_random, uniform=supernet.uniform, distill=supernet.distill,
                              label_smoothing=supernet.label_smoothing, teacher=teacher)
     else:
