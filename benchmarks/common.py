@@ -5,6 +5,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def cpu() -> str:
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section `## name` of RESULTS.md with `body`, stamped with
     the command that produced it, the date and the machine."""
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], RESULTS.parent.parent), *sys.argv[1:]])
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0], RESULTS.parent.parent), *sys.argv[1:]])
     stamp = datetime.date.today().isoformat()
     section = (f"## {name}\n\nCommand: `{command}`  \nDate: {stamp}  \nMachine: {machine()}\n\n"
                f"{body.strip()}\n")
