@@ -12,10 +12,12 @@ from compress.tasks import Classify, task_of
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progress: bool = False,
-             distributed_sum: bool = True, teacher: nn.Module | None = None, task=None) -> dict:
+             distributed_sum: bool = True, teacher: nn.Module | None = None, task=None,
+             per_image: bool = False) -> dict:
     """With `distributed_sum`, under torchrun, each rank passes its share of the data and
     all get the totals; without, each rank's result is its own. `task`: the model's own (its
-    card's), or classification for a model without a card (a supernet)."""
+    card's), or classification for a model without a card (a supernet). `per_image`: a
+    classifier's result also holds `correct`, this rank's top-1 hit per image in loader order."""
     task = task or (task_of(model) if isinstance(getattr(model, "card", None), ModelCard) else Classify())
     model.eval()
     if teacher is not None:
@@ -26,7 +28,11 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progr
         logits = task.logits(model(images))
         meter = meter or task.meter(logits, device)
         meter.update(logits, targets, task.logits(teacher(images)) if teacher is not None else None, images)
-    return (meter or task.meter(torch.zeros(1, 1), device)).result(distributed_sum)
+    meter = meter or task.meter(torch.zeros(1, 1), device)
+    result = meter.result(distributed_sum)
+    if per_image and getattr(meter, "correct", None):
+        result["correct"] = torch.cat(meter.correct)
+    return result
 
 
 def to_device(targets, device):

@@ -242,7 +242,8 @@ class FinetuneSettings(TrainSettings):
     holdout: int = Field(500, ge=0, description="training images held out to pick the best state (keep_best; "
                          "at most a tenth of the training set)")
     keep_best: bool = Field(True, description="evaluate on the held-out training images as fine-tuning goes (from "
-                            "the start) and return the best state, never worse than the pruned one")
+                            "the start) and return the best state, never worse than the pruned one (a classifier's "
+                            "later state must beat it by more than one standard error of the paired difference)")
 
     @model_validator(mode="after")
     def _scratch(self):

@@ -132,16 +132,19 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
 
 class _TopK:
     """Loss, top-1 and top-5 of classification logits (summed across torchrun ranks); with a
-    teacher, the share of images whose top-1 is the teacher's (fidelity)."""
+    teacher, the share of images whose top-1 is the teacher's (fidelity). `correct`: this
+    rank's per-image top-1 hits in loader order, for a paired comparison of two states."""
 
     def __init__(self, device):
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, same as teacher
         self.teacher = False
+        self.correct: list[torch.Tensor] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                images: torch.Tensor | None = None) -> None:
         logits = logits.float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        self.correct.append(hit[:, 0])
         same = torch.zeros((), device=logits.device)
         if teacher_logits is not None:
             self.teacher = True

@@ -208,6 +208,37 @@ def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
     assert evaluate(tuned, held)["top1"] == record["top1"]  # the images it chose on, held out of training
 
 
+def test_keep_best_takes_a_later_state_only_for_a_gain_beyond_noise(tmp_path):
+    """A later state replaces the best only when it gets more held-out images right by more
+    than one standard error of the paired difference: one image more, or three gained for one
+    lost, leaves the start in place (a plain higher top-1 would have taken both); six more
+    replaces it. Each held-out image is a one-hot vector, so a linear layer's columns set
+    exactly which images each state gets right."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.tasks import Classify
+    from compress.train import Best
+    images = 100
+    loader = DataLoader(TensorDataset(torch.eye(images), torch.zeros(images, dtype=torch.long)), batch_size=16)
+
+    def right_on(*ranges):
+        model = torch.nn.Linear(images, 2, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[0.0, 1.0]]).T.expand(2, images))  # class 1: wrong
+            for lo, hi in ranges:
+                model.weight[:, lo:hi] = torch.tensor([[1.0], [0.0]])
+        return model
+
+    best = Best(tmp_path / "best.pt", loader, "cpu", True, Classify())
+    best.start(right_on((0, 60)), resumed=False)
+    assert best.check(right_on((0, 61)), 1)["best_step"] == 0  # +1 image
+    assert best.check(right_on((1, 63)), 2)["best_step"] == 0  # +3 -1
+    assert best.check(right_on((0, 66)), 3) == {"holdout_top1": 0.66, "best_holdout_top1": 0.66, "best_step": 3}
+    resumed = Best(tmp_path / "best.pt", loader, "cpu", True, Classify())
+    resumed.start(right_on((0, 10)), resumed=True)  # knows the kept state's hits, not the current model's
+    assert resumed.check(right_on((0, 67)), 4)["best_step"] == 3
+    assert resumed.check(right_on((0, 72)), 5)["best_step"] == 5
+
+
 def test_quantization_aware_epochs_train_the_int8_net_and_return_a_plain_one(tmp_path, cifar_dir):
     """The last epoch runs through int8 arithmetic: BN statistics stay frozen, keep_best scores
     the int8 net from a calibrated start, and the returned model is a plain module (its
