@@ -57,7 +57,7 @@ from compress.files import atomic_save, atomic_write_json
 from compress.profile import count
 from compress.settings import (DataSettings, FinetuneSettings, HeldOutScoring, PruneSettings, SearchSettings,
                                SupernetSettings, Target)
-from compress.train import fit
+from compress.train import fit, kept_best
 
 # evolution on 2 cores: 16 + 4 x 16 candidates scored, not MetaPruning's 50 + 20 x 50
 SMALL_EVOLUTION = dict(population=16, parents=4, mutations=8, crossovers=8, iterations=4)
@@ -169,20 +169,24 @@ def fastnas(teacher, target, calib, score_set, cells: Path):
 
 
 # ---- the recoveries, the same for every row ------------------------------------------------------
-def recover_finetune(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, seed: int) -> nn.Module:
+def recover_finetune(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, seed: int
+                     ) -> tuple[nn.Module, dict]:
     """What `chansearch finetune PRUNED --teacher TEACHER --epochs 1 --steps-per-epoch N --lr LR`
-    runs: FinetuneSettings' defaults otherwise."""
+    runs: FinetuneSettings' defaults otherwise. With the step of the state keep-best returned
+    (0: the pruned net as it was)."""
     size = ctx["size"]
     student = copy.deepcopy(student)
     student.card = teacher.card  # a peer's pruned net: fit reads the card for the data's input size
     settings = FinetuneSettings(epochs=1, steps_per_epoch=size["steps"], lr=lr, seed=seed)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as run:
-        return fit(student, DataSettings(spec=ctx["data"], batch_size=size["batch"], workers=1), settings, run,
-                   teacher=teacher, validate=False, quiet=True).eval()
+        tuned = fit(student, DataSettings(spec=ctx["data"], batch_size=size["batch"], workers=1), settings, run,
+                    teacher=teacher, validate=False, quiet=True).eval()
+        return tuned, {"kept_step": kept_best(Path(run))["step"]}
 
 
-def recover_plain(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, seed: int) -> nn.Module:
+def recover_plain(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, seed: int
+                  ) -> tuple[nn.Module, dict]:
     """A user's own loop: SGD with Nesterov momentum, cosine lr, random flips, 0.7 KD (T=4) on
     the teacher's logits + 0.3 cross-entropy, BN in train mode."""
     size, (images, labels) = ctx["size"], ctx["pool"]
@@ -206,7 +210,7 @@ def recover_plain(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, 
         loss.backward()
         opt.step()
         sched.step()
-    return student.eval()
+    return student.eval(), {}
 
 
 RECOVER = {"finetune": recover_finetune, "plain": recover_plain}
@@ -254,8 +258,10 @@ def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: d
                         latency=latency_ratio(pruned, ctx["teacher_file"], ctx["input_size"], work))
             atomic_write_json(path, cell)
         for protocol, lr in todo:
-            student = RECOVER[protocol](pruned, teacher, ctx, lr, seed)
+            student, choice = RECOVER[protocol](pruned, teacher, ctx, lr, seed)
             cell[_after(protocol, lr)] = top1(student, *ctx["test"])
+            if "kept_step" in choice:
+                cell[f"kept_step_{protocol}@{lr:g}"] = choice["kept_step"]
             atomic_write_json(path, cell)
     print(json.dumps(cell), flush=True)
     return cell
@@ -327,7 +333,9 @@ def _best(group: list[dict], protocol: str) -> str:
     if not tried:
         return "-"
     lr = max(tried, key=tried.get)
-    return f"{mean_std([c[_after(protocol, lr)] for c in group if _after(protocol, lr) in c])} (lr {lr:g})"
+    kept = [c[f"kept_step_{protocol}@{lr:g}"] for c in group if f"kept_step_{protocol}@{lr:g}" in c]
+    starts = f", start kept {sum(step == 0 for step in kept)}/{len(kept)}" if kept else ""
+    return f"{mean_std([c[_after(protocol, lr)] for c in group if _after(protocol, lr) in c])} (lr {lr:g}{starts})"
 
 
 def _pruning_time(group: list[dict]) -> str:
@@ -447,7 +455,8 @@ def main() -> None:
         f"px); top-1 on {size['test']} test images. The same two recoveries for every row, {size['steps']} steps of "
         f"{size['batch']} images at lr {' and '.join(f'{lr:g}' for lr in _tried(stored))} (a row shows the better of "
         "those its first seed ran, `--lrs`): `finetune` is `chansearch finetune --teacher`'s (its defaults: distillation, warm-up, the best state "
-        f"on 500 held-out training images kept), the plain loop a user's own (SGD, cosine, flips, KD T=4 weight "
+        "on 500 held-out training images kept; 'start kept k/n': in k of n seeds that was the pruned net as it "
+        f"was), the plain loop a user's own (SGD, cosine, flips, KD T=4 weight "
         f"0.7, BN in train mode, on {size['pool']} training images). Sharpness: the cross-entropy's gradient norm "
         "on one batch of 32 training images over the teacher's. Pruning with data (ours, FastNAS) uses 512 other "
         f"training images; FastNAS scores its candidates on {size['score']} more and its sensitivity pass, in the "
