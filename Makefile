@@ -19,7 +19,7 @@ $(BIN)/chansearch: setup.py requirements-ci.txt
 env: $(BIN)/chansearch
 
 demo: env
-	overrides=$$($(BIN)/python -m compress.demo) && $(BIN)/chansearch run recipes/quickstart.yaml $$overrides
+	overrides=$$($(BIN)/python -m compress.app.demo) && $(BIN)/chansearch run recipes/quickstart.yaml $$overrides
 
 test: env
 	$(BIN)/python -m pytest -q tests

@@ -4,10 +4,7 @@ setup(
     name="compress",
     version="0.1.0",
     description="Make CNNs small and fast for edge devices: channel search, pruning, export, latency checks.",
-    # export/ keeps its top-level folder but installs as compress.export: a top-level
-    # package named `export` would collide with any other project's.
-    packages=find_packages(include=["compress", "compress.*"]) + ["compress.export"],
-    package_dir={"compress.export": "export"},
+    packages=find_packages(include=["compress", "compress.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "torchvision>=0.19", "torch-pruning>=1.5", "thop", "numpy", "PyYAML",
@@ -19,5 +16,5 @@ setup(
                     # the peers benchmarks/bench_pretrained.py compares with (modelopt 0.47 needs
                     # torchprofile's 0.0.x API)
                     "benchmark": ["nvidia-modelopt==0.47.0", "torchprofile==0.0.4"]},
-    entry_points={"console_scripts": ["chansearch=compress.cli:main"]},
+    entry_points={"console_scripts": ["chansearch=compress.app.cli:main"]},
 )

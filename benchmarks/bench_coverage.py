@@ -37,8 +37,8 @@ import torch
 from common import write_section
 from compress import ChannelSpace, CompressError, build, count, prune_target
 from compress.export import export_onnx, export_tflite, measure
-from compress.space import example_input
-from compress.tasks import task_of
+from compress.pruning.space import example_input
+from compress.training.tasks import task_of
 
 UNET = "benchmarks/unet.py:unet"  # a user's own file: run from the repository root
 ARCHS = [  # (source, num_classes): None keeps the source's own

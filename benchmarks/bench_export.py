@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from common import write_section
-from compress import ChannelSpace, build, config_for_macs, prune
+from compress import ChannelSpace, build, config_for_macs
+from compress.pruning import prune
 from compress.models import ZOO
 from compress.export import export_onnx, export_tflite, measure
 

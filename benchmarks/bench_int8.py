@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import CIFAR, write_section
 from compress import build, load
-from compress.data import sample_labelled
+from compress.data.specs import sample_labelled
 from compress.export import export_onnx, export_tflite, measure
 from compress.logs import quiet_runtimes
 from compress.settings import ExportSettings

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from common import write_section
-from compress import ChannelSpace, build, count, prune
+from compress import ChannelSpace, build, count
+from compress.pruning import prune
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ MobileNetV2 of ../shared/pretrained trained on CIFAR-10 at 96 or 224 px, see RES
 card gives the resolution). Every method prunes it to each MAC target; every pruned net then
 gets the *same* recoveries, two protocols at each lr of the size's grid (the row shows its best):
 
-- `finetune`: ours, what `chansearch finetune --teacher` runs (compress.train.fit with
+- `finetune`: ours, what `chansearch finetune --teacher` runs (compress.training.loop.fit with
   FinetuneSettings' defaults: distillation, warm-up, keep-best on held-out training images);
 - `plain`: the loop a user writes: SGD (Nesterov), cosine, random flips, KD from the teacher
   (T=4, weight 0.7) plus cross-entropy, BN in train mode, on a fixed pool of training images.
@@ -50,14 +50,14 @@ from torch.nn import functional as F
 
 from common import CIFAR, write_section
 from compress import load, stages
-from compress.data import sample_labelled
+from compress.data.specs import sample_labelled
 from compress.export.latency import measure
 from compress.export.tflite import export_tflite
 from compress.files import atomic_save, atomic_write_json
-from compress.profile import count
+from compress.pruning.profile import count
 from compress.settings import (DataSettings, FinetuneSettings, HeldOutScoring, PruneSettings, SearchSettings,
                                SupernetSettings, Target)
-from compress.train import fit, kept_best
+from compress.training.loop import fit, kept_best
 
 # evolution on 2 cores: 16 + 4 x 16 candidates scored, not MetaPruning's 50 + 20 x 50
 SMALL_EVOLUTION = dict(population=16, parents=4, mutations=8, crossovers=8, iterations=4)

@@ -3,7 +3,7 @@
 What `chansearch prune MODEL --macs 50% --data DATA` does: energy scores (one forward pass
 with moments hooked on every channel-mixing layer), the global MAC allocation, the cut
 (torch-pruning), and the least-squares refit of every layer from the first pruned one on
-(one lockstep pass of both nets, compress.reconstruct). The refit is also run the way it was
+(one lockstep pass of both nets, compress.pruning.reconstruct). The refit is also run the way it was
 before, one forward pass from the input per layer and batch, on the same pruned net and images
 (`--baseline-images` of them: it is quadratic in depth), and both refits must give the same
 weights. Target: MobileNetV2 at 224 px on 512 images in <= 120 s on 2 cores.
@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from common import CIFAR, write_section
-from compress.batchnorm import fold_statistics
-from compress.data import sample_labelled
+from compress.pruning.batchnorm import fold_statistics
+from compress.data.specs import sample_labelled
 from compress.models import build
-from compress.prune import config_for_macs, group_scores, prune_with_map
-from compress.reconstruct import mixes_channels, reconstruct
-from compress.space import ChannelSpace, example_input
+from compress.pruning.prune import config_for_macs, group_scores, prune_with_map
+from compress.pruning.reconstruct import mixes_channels, reconstruct
+from compress.pruning.space import ChannelSpace, example_input
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "pretrained" / "mobilenet_v2_imagenet.pth"
 SIZES = {"cpu": dict(images=(128, 256, 512, 1024), baseline=64),

@@ -22,11 +22,11 @@ from pathlib import Path
 from bench_int8 import time_all
 from common import CIFAR, write_section
 from compress import load
-from compress.data import sample_labelled
+from compress.data.specs import sample_labelled
 from compress.export import export_tflite
 from compress.logs import quiet_runtimes
 from compress.settings import DataSettings, ExportSettings, FinetuneSettings
-from compress.train import fit
+from compress.training.loop import fit
 
 SIZES = {"cpu": dict(steps=100, eval_images=500, calib_images=200, batch_size=64),
          "gpu": dict(steps=1000, eval_images=10000, calib_images=1000, batch_size=128)}

@@ -16,10 +16,10 @@ import torch
 
 from common import CIFAR, write_section
 from compress import build, count, save_checkpoint
-from compress.data import eval_set, loader
-from compress.evaluate import evaluate
+from compress.data.specs import eval_set, loader
+from compress.training.evaluate import evaluate
 from compress.settings import DataSettings, TrainSettings
-from compress.train import STATE_FILE, fit
+from compress.training.loop import STATE_FILE, fit
 
 SIZES = {  # epochs, batch, lr
     "cpu": dict(epochs=5, batch_size=128, lr=0.1),

@@ -21,7 +21,7 @@ import torch
 from scipy.stats import kendalltau
 
 from common import write_section
-from compress.evaluate import evaluate
+from compress.training.evaluate import evaluate
 from compress.settings import HeldOutScoring
 from compress.stages import held_out, supernet_file
 from compress.supernet import load_supernet, recalibrate_bn

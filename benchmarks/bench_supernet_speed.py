@@ -33,7 +33,7 @@ from compress.search import Evaluator, HeldOut
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.slimmable import random_config, sandwich_step
 from compress.settings import TrainSettings
-from compress.train import standard_step
+from compress.training.loop import standard_step
 
 SIZES = {"cpu": dict(batch=64, rounds=5, steps=3), "gpu": dict(batch=256, rounds=7, steps=10),
          "quick": dict(batch=16, rounds=2, steps=1)}

@@ -22,9 +22,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from common import CIFAR, write_section
 from compress import build
-from compress.data import train_holdout
+from compress.data.specs import train_holdout
 from compress.settings import DataSettings, TrainSettings
-from compress.train import fit, lr_lambda, param_groups
+from compress.training.loop import fit, lr_lambda, param_groups
 
 
 def bare_loop(model, loader, cfg, steps, device):

@@ -7,19 +7,19 @@ training loop.
 """
 import importlib
 
-from compress.card import ModelCard, card_of, describe
+from compress.models.card import ModelCard, card_of, describe
 from compress.checkpoint import load, load_target, save_checkpoint
 from compress.errors import CheckFailed, CompressError
 from compress.models import build
-from compress.profile import count
-from compress.prune import config_for_macs, prune, prune_target
+from compress.pruning.profile import count
+from compress.pruning.prune import config_for_macs, prune, prune_target
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, LatencySettings, PruneSettings,
                                SearchSettings, SupernetSettings, Target, TrainSettings)
-from compress.space import ChannelConfig, ChannelGroup, ChannelSpace
+from compress.pruning.space import ChannelConfig, ChannelGroup, ChannelSpace
 
 __version__ = "0.1.0"
 
-_LAZY = {"compress": "compress.one_call", "CompressReport": "compress.one_call", "Loaders": "compress.train"}
+_LAZY = {"compress": "compress.app.one_call", "CompressReport": "compress.app.one_call", "Loaders": "compress.training.loop"}
 __all__ = ["ChannelConfig", "ChannelGroup", "ChannelSpace", "CheckFailed", "CompressError", "CompressReport",
            "DataSettings", "ExportSettings", "FinetuneSettings", "LatencySettings", "Loaders", "ModelCard",
            "PruneSettings", "SearchSettings", "SupernetSettings", "Target", "TrainSettings", "build", "card_of",

@@ -1,5 +1,5 @@
 import sys
 
-from compress.cli import main
+from compress.app.cli import main
 
 sys.exit(main())

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from torch import nn
 
-from compress.card import ModelCard, card_of
+from compress.models.card import ModelCard, card_of
 from compress.errors import CompressError
 from compress.files import CHECKPOINT_FORMAT, atomic_save, safe_torch_load
 from compress.models import build
 from compress.models.sources import is_code
 from compress.models.zoo import build_model
-from compress.profile import count
-from compress.prune import prune
-from compress.space import ChannelSpace, example_input
+from compress.pruning.profile import count
+from compress.pruning.prune import prune
+from compress.pruning.space import ChannelSpace, example_input
 
 FORMAT = CHECKPOINT_FORMAT
 VERSION = 1

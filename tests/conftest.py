@@ -55,7 +55,7 @@ def run_cli(*args, cwd=None, env=None, fresh=False):
         full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
         return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True,
                               text=True, cwd=cwd or ROOT, env=full_env, timeout=600)
-    from compress.cli import main
+    from compress.app.cli import main
     out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()
     os.chdir(cwd or ROOT)

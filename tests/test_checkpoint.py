@@ -11,9 +11,9 @@ from compress.checkpoint import load_target, save_checkpoint
 from compress.files import safe_torch_load
 from compress.logs import notes
 from compress.models import build
-from compress.prune import prune_target
-from compress.space import widths_of
-from compress.space import ChannelSpace
+from compress.pruning.prune import prune_target
+from compress.pruning.space import widths_of
+from compress.pruning.space import ChannelSpace
 
 
 def test_round_trip_gives_identical_outputs_and_loads_weights_only(tmp_path):

@@ -56,7 +56,7 @@ def test_prune_re_estimates_bn_statistics_on_the_data(tmp_path, cifar_dir):
     assert out.returncode == 0 and "BN statistics re-estimated on 128 training images" in out.stdout, out.stderr
     pruned = compress.load(tmp_path / "p.pt")
     stale = compress.stages.prune(compress.load(trained), compress.settings.PruneSettings(), width=0.75).model
-    from compress.data import sample_images
+    from compress.data.specs import sample_images
     images = sample_images(data, True, 128, 32, pruned.card.mean, pruned.card.std, seed=0)
     with torch.no_grad():
         y = [pruned.features[0][0](half) for half in images.split(64)]  # the stem conv, before its BN
@@ -167,8 +167,8 @@ def test_a_transfer_says_its_new_head_in_one_plain_line(tmp_path):
 
 def test_equivalent_commands_reproduce_the_settings():
     """What a run report prints, parsed by the CLI, gives back the very settings the run used."""
-    from compress.cli import build_parser
-    from compress.flags import command_line, settings_from
+    from compress.app.cli import build_parser
+    from compress.app.flags import command_line, settings_from
     from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, LatencySettings, PruneSettings,
                                    SearchSettings, SupernetSettings)
     cases = [

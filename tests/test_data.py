@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from compress import CompressError
-from compress.data import build_dataset, eval_set, train_holdout, transforms
+from compress.data.specs import build_dataset, eval_set, train_holdout, transforms
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -99,7 +99,7 @@ def test_small_images_upsampled_for_a_pretrained_net_are_not_cropped_like_photos
     resized (not a center crop that cuts 12% of a tiny picture) and training pads and crops
     rather than random-resized-cropping down to 8% of it."""
     from torchvision.transforms import v2
-    from compress.data import split
+    from compress.data.specs import split
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), y=np.arange(4))
     evaluation = split(f"npz:{tmp_path / 'd.npz'}", False, 96, MEAN, STD)
@@ -114,9 +114,9 @@ def test_small_images_upsampled_for_a_pretrained_net_are_not_cropped_like_photos
 
 
 def test_demo_finds_data_and_weights_from_env_then_beside_the_checkout(tmp_path, monkeypatch):
-    """`make demo` runs the quickstart with what `python -m compress.demo` names: the user's
+    """`make demo` runs the quickstart with what `python -m compress.app.demo` names: the user's
     own paths first, then the workplace's copies beside the checkout, then the downloads."""
-    from compress.demo import demo_cifar10, demo_pretrained
+    from compress.app.demo import demo_cifar10, demo_pretrained
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     monkeypatch.chdir(checkout)

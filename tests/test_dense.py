@@ -11,10 +11,10 @@ from torchvision import models as tvm
 
 import compress
 from compress import CompressError
-from compress.data import build_dataset, check_task, eval_set, loader, split
-from compress.dense_data import shapes
-from compress.evaluate import evaluate
-from compress.tasks import IGNORE, Segment, softened_kl
+from compress.data.specs import build_dataset, check_task, eval_set, loader, split
+from compress.data.dense import shapes
+from compress.training.evaluate import evaluate
+from compress.training.tasks import IGNORE, Segment, softened_kl
 from conftest import run_cli
 
 
@@ -152,7 +152,7 @@ def test_an_ssdlite_detector_prunes_recovers_evaluates_and_exports_its_raw_head(
     unpruned net) -> mAP and fidelity -> ONNX with parity on both head outputs."""
     from compress import stages
     from compress.settings import DataSettings, PruneSettings, TrainSettings
-    from compress.train import fit
+    from compress.training.loop import fit
     torch.manual_seed(0)
     model = compress.build("torchvision:ssdlite320_mobilenet_v3_large", num_classes=4, input_size=96)
     assert model.card.task == "detect" and model.card.mean == (0.5, 0.5, 0.5)

@@ -82,7 +82,7 @@ def test_pruned_odd_widths_export_to_both_formats_and_time_on_both_runtimes(tmp_
 
 
 def _cifar_images(cifar_dir, model):
-    from compress.data import sample_images
+    from compress.data.specs import sample_images
     mean, std = model.card.mean, model.card.std
     return (sample_images(f"cifar10:{cifar_dir}", True, 40, 32, mean, std),
             sample_images(f"cifar10:{cifar_dir}", False, 40, 32, mean, std))
@@ -134,7 +134,7 @@ def test_int8_modes_agree_with_float_on_real_images(trained, tmp_path, cifar_dir
     latency = run_cli("latency", tmp_path / "int8_io.tflite", "--runs", "3", "--warmup", "1", "--json")
     assert latency.returncode == 0 and json.loads(latency.stdout)["median_ms"] > 0
     meta = {p.key: p.value for p in onnx.load(tmp_path / "int8.onnx").metadata_props}
-    assert meta["compress.quantize"] == "int8" and json.loads(meta["compress.card"])["num_classes"] == 10
+    assert meta["compress.quantize"] == "int8" and json.loads(meta["compress.models.card"])["num_classes"] == 10
 
 
 def test_quantization_aware_net_computes_what_the_int8_file_does(trained, tmp_path, cifar_dir):
@@ -144,10 +144,10 @@ def test_quantization_aware_net_computes_what_the_int8_file_does(trained, tmp_pa
     the same images, is a model of that file: its logits are closer to the file's than the
     float net's are, and it predicts the file's top-1 at least as often."""
     import copy
-    from compress.data import sample_images
+    from compress.data.specs import sample_images
     from compress.export.litert import open_interpreter, run_inputs
     from compress.export.quantize import calibrate, quantize_tflite
-    from compress.qat import quantization_aware
+    from compress.training.qat import quantization_aware
     calib = sample_images(f"cifar10:{cifar_dir}", True, 64, 32, trained.card.mean, trained.card.std)
     images = sample_images(f"cifar10:{cifar_dir}", False, 100, 32, trained.card.mean, trained.card.std)
     export_tflite(trained, tmp_path / "f.tflite", images=images[:2])

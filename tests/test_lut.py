@@ -6,7 +6,7 @@ from torch import nn
 
 import compress
 from compress import CompressError
-from compress.space import ChannelSpace, example_input
+from compress.pruning.space import ChannelSpace, example_input
 from compress.search.latency_table import LatencyTable, _interpolate, _layers, _width
 from conftest import run_cli
 

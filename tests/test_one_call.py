@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import compress
 from compress import CompressError, FinetuneSettings, SearchSettings, SupernetSettings
-from compress.evaluate import evaluate
-from compress.space import widths_of
+from compress.training.evaluate import evaluate
+from compress.pruning.space import widths_of
 from conftest import ROOT, ResidualNet
 
 
@@ -93,7 +93,7 @@ def test_one_call_takes_a_segmenter_its_loaders_and_the_users_loss(tmp_path):
     """A segmentation model of the user's (per-pixel logits in a dict), DataLoaders of masks, and
     the user's own loss for the recovery: mIoU before and after, fidelity to the original."""
     from torch.utils.data import DataLoader
-    from compress.data import split
+    from compress.data.specs import split
     torch.manual_seed(0)
 
     class Seg(torch.nn.Module):

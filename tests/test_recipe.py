@@ -11,10 +11,10 @@ import torch
 
 import compress
 from compress import CompressError
-from compress.cli import build_parser
-from compress.flags import settings_from
-from compress.profile import count
-from compress.recipe import load_recipe
+from compress.app.cli import build_parser
+from compress.app.flags import settings_from
+from compress.pruning.profile import count
+from compress.app.recipe import load_recipe
 from compress.settings import FinetuneSettings, SupernetSettings
 from compress.units import human
 from conftest import ROOT, run_cli
@@ -233,8 +233,8 @@ def test_direct_recipe_transfers_prunes_and_reports_against_the_unpruned_model(t
     """The main job as a recipe: pretrained weights learn the data first (the transfer stage);
     the transferred net is pruned with its data (energy, refit), and the report compares the
     target with it: top-1 on the same test images, MAC share, measured latency ratio."""
-    from compress.data import eval_set, loader, random_subset
-    from compress.evaluate import evaluate
+    from compress.data.specs import eval_set, loader, random_subset
+    from compress.training.evaluate import evaluate
     weights = tmp_path / "pretrained.pth"  # a trained net's weights, as a torchvision-style state_dict
     torch.save(compress.load(ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt").state_dict(), weights)
     recipe = tmp_path / "direct.yaml"

@@ -10,10 +10,10 @@ from torch import nn
 
 import compress
 from compress.models import build
-from compress.prune import group_scores, prune_with_map
-from compress.reconstruct import mixes_channels, reconstruct
+from compress.pruning.prune import group_scores, prune_with_map
+from compress.pruning.reconstruct import mixes_channels, reconstruct
 from compress.settings import PruneSettings
-from compress.space import ChannelSpace
+from compress.pruning.space import ChannelSpace
 
 TRAINED = Path(__file__).resolve().parent / "data" / "mobilenet_v2_cifar_w035_trained.pt"
 
@@ -91,7 +91,7 @@ def test_energy_importance_ignores_how_weights_are_scaled():
 def test_pruning_with_data_keeps_more_accuracy_than_weight_magnitude(cifar_dir):
     """The default with data (energy importance, layers refitted) against the weight-magnitude
     prune with BN re-estimated, on the trained fixture at 40% of its MACs, 500 test images."""
-    from compress.data import sample_labelled
+    from compress.data.specs import sample_labelled
     data = f"cifar10:{cifar_dir}"
     model = compress.load(TRAINED).eval()
     images, labels = sample_labelled(data, False, 500, 32, model.card.mean, model.card.std, seed=1)
@@ -111,8 +111,8 @@ def test_a_pruned_checkpoint_prunes_again_and_reloads_exactly(tmp_path, cifar_di
     """Iterative pruning: a pruned net is pruned further within its own widths (refitted to
     its own outputs); the result is saved, rebuilt from its card and equal to the net in memory,
     its widths a config of the unpruned space whose analytic MACs equal the layer-by-layer count."""
-    from compress.profile import count
-    from compress.space import widths_of
+    from compress.pruning.profile import count
+    from compress.pruning.space import widths_of
     settings = PruneSettings(reconstruct_images=64)
     data = f"cifar10:{cifar_dir}"
     first = compress.stages.prune(compress.load(TRAINED), settings, macs="70%", output=tmp_path / "a.pt", data=data)
@@ -172,7 +172,7 @@ def test_a_small_activation_cache_lets_images_join_as_activations_shrink():
 def test_sampled_rows_are_the_convs_own_patches(options):
     """Each sampled row, times the conv's weight, is the conv's output at that position: padding
     (zeros, reflect, same, valid), stride and dilation as the conv applies them."""
-    from compress.reconstruct import _sample
+    from compress.pruning.reconstruct import _sample
     conv = nn.Conv2d(6, 5, bias=False, **options)
     x = torch.randn(3, 6, 11, 13)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_sampled_rows_are_the_convs_own_patches(options):
 def test_channel_moments_over_uneven_batches_equal_one_float64_pass():
     """Energy scores and the BN fold read per-channel moments merged batch by batch; they must be
     those of all images at once, for conv (channels on dim 1) and linear (last dim) activations."""
-    from compress.moments import ChannelMoments
+    from compress.pruning.moments import ChannelMoments
     torch.manual_seed(0)
     for shape, last in (((37, 6, 5, 7), False), ((37, 9), True)):
         x = torch.randn(*shape) * torch.linspace(0.1, 30, shape[-1 if last else 1]).reshape(
@@ -202,7 +202,7 @@ def test_folded_statistics_keep_the_function_and_describe_the_net():
     """fold_statistics leaves the eval-mode function as it was, sets each BN's running statistics
     to its input's real moments, so a train-mode forward on a large batch now computes (nearly)
     the eval-mode function (before: the stale statistics of a pruned net made them differ)."""
-    from compress.batchnorm import fold_statistics
+    from compress.pruning.batchnorm import fold_statistics
     model = compress.load(TRAINED).eval()
     space = ChannelSpace.from_model(model, torch.randn(1, 3, 32, 32))
     pruned, _ = prune_with_map(model, space.uniform(0.5), space, importance="l1")
@@ -252,7 +252,7 @@ def test_a_refitted_net_gains_from_a_plain_fine_tune(cifar_dir):
     statistics folded) of the trained fixture, then one epoch of a plain loop (SGD at lr 0.01,
     BN in train mode, KD from the unpruned net), loses no top-1 on 500 test images. The refit of
     before (a fixed ridge, stale BN statistics) ended at 19% from 49% in this loop."""
-    from compress.data import sample_labelled
+    from compress.data.specs import sample_labelled
     from torch.nn import functional as F
     data = f"cifar10:{cifar_dir}"
     model = compress.load(TRAINED).eval()

@@ -17,7 +17,7 @@ from compress import stages
 from compress.settings import HeldOutScoring, PruneSettings, SearchSettings, Target
 from compress.stages import held_out
 from compress.supernet import load_supernet, recalibrate_bn
-from compress.data import build_dataset, transforms
+from compress.data.specs import build_dataset, transforms
 from conftest import ROOT, run_cli
 
 IMAGES = ["--recal-images", "16", "--eval-images", "24"]

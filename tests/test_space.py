@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from compress import ChannelConfig, ChannelSpace, CompressError, config_for_macs, count, prune
+from compress import ChannelConfig, ChannelSpace, CompressError, config_for_macs, count
+
+from compress.pruning import prune
 from compress.models import ZOO, build
-from compress.prune import group_scores
-from compress.space import widths_of
+from compress.pruning.prune import group_scores
+from compress.pruning.space import widths_of
 
 # ImageNet models are checked at 64x64 to keep CPU tests fast; the counts are exact at any size.
 SIZES = {name: (32 if e.cifar else 64) for name, e in ZOO.items()}

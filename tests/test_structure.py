@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = {"compress": ROOT / "compress", "compress.export": ROOT / "export"}
+PACKAGES = {"compress": ROOT / "compress"}
 
 
 def _modules() -> dict[str, Path]:
@@ -60,8 +60,8 @@ def test_the_import_graph_has_no_cycle():
         if node not in state:
             visit(node)
     # the front ends stand on top: only `python -m compress` imports the CLI, only the CLI the recipe runner
-    assert [n for n, deps in graph.items() if "compress.cli" in deps] == ["compress.__main__"]
-    assert [n for n, deps in graph.items() if "compress.pipeline" in deps] == ["compress.cli"]
+    assert [n for n, deps in graph.items() if "compress.app.cli" in deps] == ["compress.__main__"]
+    assert [n for n, deps in graph.items() if "compress.app.pipeline" in deps] == ["compress.app.cli"]
 
 
 def test_no_module_reads_another_modules_private_names():
@@ -80,4 +80,4 @@ def test_export_installs_inside_compress(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     where, spec = out.stdout.split()[0], out.stdout.split()[-1]
-    assert Path(where).resolve() == (ROOT / "export" / "__init__.py").resolve() and spec == "None"
+    assert Path(where).resolve() == (ROOT / "compress" / "export" / "__init__.py").resolve() and spec == "None"

@@ -13,10 +13,10 @@ from torch import nn
 import compress
 from compress import CompressError
 from compress.models import ZOO
-from compress.space import example_input
-from compress.profile import count
-from compress.prune import group_scores, prune
-from compress.space import ChannelSpace
+from compress.pruning.space import example_input
+from compress.pruning.profile import count
+from compress.pruning.prune import group_scores, prune
+from compress.pruning.space import ChannelSpace
 from compress.supernet import PruningNet, Slimmable, Supernet, build_supernet, load_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import ordered_copy, reorder_channels, sandwich_step, soft_cross_entropy

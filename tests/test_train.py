@@ -12,8 +12,8 @@ import torch
 import compress
 from compress import CompressError
 from compress.settings import DataSettings, TrainSettings
-from compress.tasks import softened_kl as kd_loss
-from compress.train import fit, lr_lambda, param_groups
+from compress.training.tasks import softened_kl as kd_loss
+from compress.training.loop import fit, lr_lambda, param_groups
 from conftest import ROOT, run_cli
 
 TINY = ["--input-size", "16", "--data", "synthetic:96", "--batch-size", "16", "--val-images", "32", "--workers", "0",
@@ -189,9 +189,9 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
 def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
     """A trained net fine-tuned at an lr that wrecks it: every held-out check is worse than the
     start, so fit returns the starting weights exactly, and says so in keep_best.json."""
-    from compress.evaluate import evaluate
+    from compress.training.evaluate import evaluate
     from compress.settings import FinetuneSettings
-    from compress.train import spec_loaders
+    from compress.training.loop import spec_loaders
     trained = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
     model = compress.load(trained)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -215,8 +215,8 @@ def test_keep_best_takes_a_later_state_only_for_a_gain_beyond_noise(tmp_path):
     replaces it. Each held-out image is a one-hot vector, so a linear layer's columns set
     exactly which images each state gets right."""
     from torch.utils.data import DataLoader, TensorDataset
-    from compress.tasks import Classify
-    from compress.train import Best
+    from compress.training.tasks import Classify
+    from compress.training.loop import Best
     images = 100
     loader = DataLoader(TensorDataset(torch.eye(images), torch.zeros(images, dtype=torch.long)), batch_size=16)
 

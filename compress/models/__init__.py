@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from compress.card import ModelCard, attach, classes_of, infer_task
+from compress.models.card import ModelCard, attach, classes_of, infer_task
 from compress.models.entry import ZooEntry
 from compress.models.zoo import ZOO, build_model, zoo_entry
 

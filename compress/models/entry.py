@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from compress.card import IMAGENET_MEAN, IMAGENET_STD
+from compress.models.card import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

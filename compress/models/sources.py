@@ -23,7 +23,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.detection.ssd import SSD
 
-from compress.card import IMAGENET_MEAN, IMAGENET_STD
+from compress.models.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
 from compress.models.detection import RawSSD
 from compress.models.entry import ZooEntry

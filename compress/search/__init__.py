@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress import distributed
+from compress.training import distributed
 from compress.errors import CompressError
 from compress.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from compress.search.constraints import Budget, budgets_for, parse_budgets, targets_from_lists

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from compress.errors import CompressError
 from compress.settings import Target
-from compress.space import ChannelConfig, ChannelSpace
+from compress.pruning.space import ChannelConfig, ChannelSpace
 from compress.units import human, parse_count
 
 

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from compress import distributed
+from compress.training import distributed
 from compress.errors import CompressError
-from compress.evaluate import evaluate
+from compress.training.evaluate import evaluate
 from compress.files import atomic_write_json
-from compress.space import ChannelConfig
+from compress.pruning.space import ChannelConfig
 from compress.supernet.dynamic import Supernet, recalibrate_bn
 
 PRELOAD_BYTES = 2 << 30  # held-out images kept in memory up to this size

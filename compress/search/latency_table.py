@@ -25,8 +25,8 @@ from tqdm import tqdm
 from compress.errors import CompressError
 from compress.export.latency import measure
 from compress.export.tflite import convert
-from compress.prune import prune
-from compress.space import ChannelConfig, ChannelSpace, example_input
+from compress.pruning.prune import prune
+from compress.pruning.space import ChannelConfig, ChannelSpace, example_input
 from compress.supernet.dynamic import Supernet
 
 FORMAT = "compress.lut"

@@ -12,7 +12,7 @@ import numpy as np
 from compress.errors import CompressError
 from compress.search.constraints import Budget, CandidateSampler
 from compress.search.evaluator import Evaluator
-from compress.space import ChannelConfig, ChannelSpace
+from compress.pruning.space import ChannelConfig, ChannelSpace
 
 Progress = Callable[[str], None]
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.batchnorm import recalibrate
+from compress.pruning.batchnorm import recalibrate
 from compress.errors import CompressError
-from compress.prune import prune
-from compress.space import ChannelSpace, dependency_graph, example_input, pruning_group
+from compress.pruning.prune import prune
+from compress.pruning.space import ChannelSpace, dependency_graph, example_input, pruning_group
 
 
 def _take(t: torch.Tensor | None, sel, dim: int) -> torch.Tensor | None:

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from compress.card import card_of
-from compress.prune import group_scores
-from compress.space import ChannelConfig, ChannelSpace, example_input
+from compress.models.card import card_of
+from compress.pruning.prune import group_scores
+from compress.pruning.space import ChannelConfig, ChannelSpace, example_input
 from compress.supernet.dynamic import Supernet
-from compress.train import Step
+from compress.training.loop import Step
 
 
 class Slimmable(Supernet):

@@ -11,7 +11,7 @@ import torch
 
 import compress
 from compress.settings import DataSettings, TrainSettings
-from compress.train import fit
+from compress.training.loop import fit
 
 HERE = Path(__file__).resolve().parent
 CIFAR = HERE.parents[2] / "shared" / "data" / "cifar10"

@@ -26,15 +26,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from compress import distributed
-from compress.card import ModelCard, card_of
-from compress.data import check_task, collate_of, eval_set, random_subset, train_holdout
+from compress.training import distributed
+from compress.models.card import ModelCard, card_of
+from compress.data.specs import check_task, collate_of, eval_set, random_subset, train_holdout
 from compress.errors import CompressError
-from compress.evaluate import evaluate, to_device
+from compress.training.evaluate import evaluate, to_device
 from compress.files import atomic_save, atomic_write_json, atomic_write_text, safe_torch_load
-from compress.qat import QuantizationAware, quantization_aware
+from compress.training.qat import QuantizationAware, quantization_aware
 from compress.settings import DataSettings, TrainSettings
-from compress.tasks import Classify, UserLoss, task_of
+from compress.training.tasks import Classify, UserLoss, task_of
 
 STATE_FILE = "last.pt"
 BEST_FILE = "best.pt"  # keep_best: the best state so far, with its held-out scores
@@ -162,7 +162,7 @@ def fit(model: nn.Module, data: DataSettings | Loaders | DataLoader | str, cfg: 
     """Train `model` (carrying a card) on `data`: a data spec (DataSettings, or its spec string)
     or a user's own `Loaders(train, val)`. Returns the trained module (the EMA weights when
     EMA is on). `run_dir` receives last.pt every epoch and metrics.jsonl; `resume=True`
-    continues from run_dir/last.pt exactly. The loss is the model's task's (compress.tasks),
+    continues from run_dir/last.pt exactly. The loss is the model's task's (compress.training.tasks),
     or `loss(outputs, targets)` when given, plus distillation from `teacher`."""
     if cfg.epochs < 1:
         raise CompressError(f"training needs `epochs` >= 1, got {cfg.epochs}.")

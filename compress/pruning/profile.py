@@ -10,9 +10,9 @@ from thop.profile import register_hooks
 from thop.vision.basic_hooks import zero_ops
 from torch import nn
 
-from compress.card import card_of
+from compress.models.card import card_of
 from compress.models.zoo import build_model
-from compress.space import ChannelSpace, example_input, widths_of
+from compress.pruning.space import ChannelSpace, example_input, widths_of
 
 # The papers' convention counts conv and linear MACs only: thop's rules for
 # normalization, activation and pooling layers are replaced by zero.

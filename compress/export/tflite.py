@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.card import card_of
+from compress.models.card import card_of
 from compress.errors import CompressError
 from compress.export.bias_correction import int8_ready
 from compress.export.litert import io_of, run_tflite
@@ -22,7 +22,7 @@ from compress.export.parity import (check_agreement, compare_outputs, output_nam
 from compress.export.quantize import calibrate, op_label, quantize_tflite, sensitive_ops
 from compress.files import atomic_write_bytes
 from compress.logs import native_stderr_muted, runtime
-from compress.outputs import FlatOutputs
+from compress.export.outputs import FlatOutputs
 
 
 def convert(module: nn.Module, args: tuple, **kwargs):

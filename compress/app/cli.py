@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from compress.errors import CheckFailed, CompressError
-from compress.flags import add_flags, settings_from, word_for_cli
+from compress.app.flags import add_flags, settings_from, word_for_cli
 from compress.logs import quiet_runtimes, show_notes
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, HeldOutScoring, LatencySettings,
                                LutSettings, ModelSettings, PruneSettings, SearchSettings, SupernetSettings,
@@ -78,7 +78,7 @@ def _resumed(args, command: str) -> argparse.Namespace:
 # ---- models / profile -----------------------------------------------------------------------
 def cmd_models(args) -> int:
     from compress.models import ZOO, build
-    from compress.profile import count
+    from compress.pruning.profile import count
     from compress.units import human
     rows = []
     for name, entry in ZOO.items():
@@ -97,7 +97,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from compress.profile import profile_model
+    from compress.pruning.profile import profile_model
     from compress.units import human
     report = profile_model(_load(args), divisor=args.divisor)
     if args.json:
@@ -140,8 +140,8 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from compress.data import eval_set, loader, random_subset
-    from compress.evaluate import evaluate
+    from compress.data.specs import eval_set, loader, random_subset
+    from compress.training.evaluate import evaluate
     if args.images < 0:
         raise CompressError(f"--images {args.images}: give a number of images to evaluate, or 0 for all.")
     model = _load(args)
@@ -199,7 +199,8 @@ def cmd_finetune(args) -> int:
 
 def cmd_supernet(args) -> int:
     import torch
-    from compress import distributed, stages
+    from compress import stages
+    from compress.training import distributed
     args = _resumed(args, "supernet")
     settings = settings_from(SupernetSettings, args)
     torch.manual_seed(settings.seed)
@@ -218,7 +219,8 @@ def cmd_supernet(args) -> int:
 
 # ---- search / extract / lut -----------------------------------------------------------------
 def cmd_search(args) -> int:
-    from compress import distributed, stages
+    from compress import stages
+    from compress.training import distributed
     from compress.search import targets_from_lists
     settings = settings_from(SearchSettings, args, targets=targets_from_lists(args.macs, args.params, args.latency_ms))
     done = stages.search(args.run_dir, settings, out=args.out, lut=args.lut, data=args.data, quiet=args.quiet)
@@ -323,8 +325,8 @@ def cmd_latency(args) -> int:
 
 # ---- run ------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from compress.pipeline import run_recipe
-    from compress.recipe import dump, load_recipe
+    from compress.app.pipeline import run_recipe
+    from compress.app.recipe import dump, load_recipe
     if args.print_config:
         print(dump(load_recipe(args.recipe, args.overrides)), end="")
         return 0

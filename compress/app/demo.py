@@ -1,4 +1,4 @@
-"""`python -m compress.demo`: the recipe overrides `make demo` runs `recipes/quickstart.yaml`
+"""`python -m compress.app.demo`: the recipe overrides `make demo` runs `recipes/quickstart.yaml`
 with, so the demo finds its data and pretrained weights on this machine or downloads them."""
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from compress.card import card_of
+from compress.models.card import card_of
 from compress.errors import CompressError
 from compress.export.bias_correction import int8_ready
 from compress.export.parity import (check_agreement, compare_outputs, output_names, reference_inputs,
@@ -29,8 +29,8 @@ from compress.export.parity import (check_agreement, compare_outputs, output_nam
 from compress.export.quantize import quantize_onnx
 from compress.files import atomic_write_bytes
 from compress.logs import runtime
-from compress.outputs import FlatOutputs
-from compress.profile import count
+from compress.export.outputs import FlatOutputs
+from compress.pruning.profile import count
 
 DEFAULT_OPSET = 18
 
@@ -52,7 +52,7 @@ def metadata(model: nn.Module) -> dict[str, str]:
     preprocessing, classes), cost."""
     card = card_of(model)
     macs, params = count(model, card.input_size)
-    return {"compress.card": json.dumps(card.to_dict()), "compress.arch": json.dumps(card.arch),
+    return {"compress.models.card": json.dumps(card.to_dict()), "compress.arch": json.dumps(card.arch),
             "compress.config": json.dumps(card.config), "compress.macs": str(macs), "compress.params": str(params),
             "compress.input_size": str(card.input_size), "compress.num_classes": str(card.num_classes),
             "compress.mean": json.dumps(list(card.mean)), "compress.std": json.dumps(list(card.std))}

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from compress.card import card_of
+from compress.models.card import card_of
+from compress.data.dense import IGNORE
 from compress.errors import CompressError
 
-IGNORE = 255  # a pixel label that counts for nothing (VOC's object borders)
 
 
 def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.moments import ChannelMoments
-from compress.reconstruct import mixes_channels
-from compress.space import ChannelSpace, dependency_graph, example_input, pruning_group
+from compress.pruning.moments import ChannelMoments
+from compress.pruning.reconstruct import mixes_channels
+from compress.pruning.space import ChannelSpace, dependency_graph, example_input, pruning_group
 
 
 def _reads_channels(module: nn.Module) -> bool:

@@ -10,14 +10,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.batchnorm import fold_statistics, recalibrate
-from compress.card import card_of
-from compress.energy import energy_scores
+from compress.pruning.batchnorm import fold_statistics, recalibrate
+from compress.models.card import card_of
+from compress.pruning.energy import energy_scores
 from compress.errors import CompressError
 from compress.logs import notes
 from compress.models.zoo import build_model
-from compress.reconstruct import mixes_channels, reconstruct
-from compress.space import ChannelConfig, ChannelGroup, ChannelSpace, dependency_graph, example_input, pruning_group
+from compress.pruning.reconstruct import mixes_channels, reconstruct
+from compress.pruning.space import ChannelConfig, ChannelGroup, ChannelSpace, dependency_graph, example_input, pruning_group
 from compress.units import human, parse_count
 
 IMPORTANCES = ("l1", "l2", "first", "taylor", "bn", "energy")
@@ -46,7 +46,7 @@ def _taylor_gradients(model: nn.Module, batch) -> None:
 def group_scores(model: nn.Module, space: ChannelSpace, importance: str = "l1",
                  batch=None) -> dict[str, np.ndarray]:
     """Per-channel importance of every group (torch-pruning's group importance, or `energy`:
-    measured on the images of `batch`, see compress.energy)."""
+    measured on the images of `batch`, see compress.pruning.energy)."""
     model = copy.deepcopy(model).eval()
     return _scores(model, space, importance, batch)
 
@@ -270,8 +270,8 @@ def _unpruned_space(card) -> ChannelSpace:
 def restore_outputs(original: nn.Module, pruned: nn.Module, kept: dict, images: torch.Tensor,
                     reconstruct_images: int, recal_images: int, progress: bool = False) -> dict:
     """After pruning, on real training images: refit the pruned layers by least squares
-    (compress.reconstruct) on `reconstruct_images` of them and make every BN's statistics those
-    of the refitted net, its function unchanged (compress.batchnorm.fold_statistics), so that a
+    (compress.pruning.reconstruct) on `reconstruct_images` of them and make every BN's statistics those
+    of the refitted net, its function unchanged (compress.pruning.batchnorm.fold_statistics), so that a
     fine-tune's train-mode BN starts where the net is; else re-estimate BN statistics on
     `recal_images` (the removed channels took their share of every later layer's input with
     them). Returns what was done, for the checkpoint's provenance."""

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.card import card_of
+from compress.models.card import card_of
 from compress.errors import CheckFailed, CompressError
-from compress.outputs import named_tensors
+from compress.export.outputs import named_tensors
 
 
 def reference_inputs(model: nn.Module, images: torch.Tensor | None, count: int = 8, seed: int = 0) -> torch.Tensor:

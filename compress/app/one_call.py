@@ -12,20 +12,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from compress import distributed
-from compress.card import card_of, describe
-from compress.data import holdout_indices
+from compress.training import distributed
+from compress.models.card import card_of, describe
+from compress.data.specs import holdout_indices
 from compress.errors import CompressError
-from compress.evaluate import evaluate, to_device
-from compress.prune import config_for_macs, group_scores, prune_with_map, restore_outputs
+from compress.training.evaluate import evaluate, to_device
+from compress.pruning.prune import config_for_macs, group_scores, prune_with_map, restore_outputs
 from compress.search import Evaluator, HeldOut, budgets_for, run_search
 from compress.settings import FinetuneSettings, PruneSettings, SearchSettings, SupernetSettings, Target
-from compress.space import ChannelSpace
+from compress.pruning.space import ChannelSpace
 from compress.supernet import build_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import ordered_copy, sandwich_step
-from compress.tasks import task_of
-from compress.train import KEEP_BEST_SHARE, Loaders, fit, kept_best
+from compress.training.tasks import task_of
+from compress.training.loop import KEEP_BEST_SHARE, Loaders, fit, kept_best
 from compress.units import human
 
 DIRECT = ("uniform", "global")
@@ -92,7 +92,7 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
     smaller nn.Module (with its card) and a report; the run folder `out` keeps the training
     checkpoints. A model without a card is described from `example_input` (a square image
     batch) and its output: a classifier, a segmenter (per-pixel logits, or {"out": ...}) or a
-    detector with raw head outputs (see compress.tasks). `loss(outputs, targets)`: your own
+    detector with raw head outputs (see compress.training.tasks). `loss(outputs, targets)`: your own
     task loss for the recovery, in place of the task's.
     """
     if method not in DIRECT + SUPERNETS:

@@ -22,20 +22,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import distributed, stages
-from compress.card import card_of
+from compress import stages
+
+from compress.training import distributed
+from compress.models.card import card_of
 from compress.checkpoint import load_target, save_checkpoint
 from compress.models.sources import is_code
-from compress.data import DataSpec, check_task, eval_set, loader, random_subset
+from compress.data.specs import DataSpec, check_task, eval_set, loader, random_subset
 from compress.errors import CheckFailed, CompressError
-from compress.evaluate import evaluate
+from compress.training.evaluate import evaluate
 from compress.files import RunLock, atomic_write_json, atomic_write_text
-from compress.flags import command_line, flag
-from compress.profile import count
-from compress.recipe import Recipe, dump, load_recipe
-from compress.report import UNPRUNED, write_report
+from compress.app.flags import command_line, flag
+from compress.pruning.profile import count
+from compress.app.recipe import Recipe, dump, load_recipe
+from compress.app.report import UNPRUNED, write_report
 from compress.settings import ExportSettings, HeldOutScoring, SearchSettings, TrainSettings
-from compress.train import STATE_FILE, kept_best
+from compress.training.loop import STATE_FILE, kept_best
 
 MARKER = "stage.json"
 

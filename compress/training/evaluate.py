@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from compress.card import ModelCard
-from compress.tasks import Classify, task_of
+from compress.models.card import ModelCard
+from compress.training.tasks import Classify, task_of
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.moments import ChannelMoments
+from compress.pruning.moments import ChannelMoments
 
 
 @torch.no_grad()

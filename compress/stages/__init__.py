@@ -21,28 +21,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress import distributed
-from compress.card import card_of
+from compress.training import distributed
+from compress.models.card import card_of
 from compress.checkpoint import save_checkpoint
-from compress.data import check_task, sample_images, sample_labelled, train_holdout
+from compress.data.specs import check_task, sample_images, sample_labelled, train_holdout
 from compress.errors import CompressError
-from compress.evaluate import evaluate, to_device
+from compress.training.evaluate import evaluate, to_device
 from compress.export.latency import measure, measure_adb
 from compress.export.onnx import export_onnx
 from compress.export.tflite import export_tflite
 from compress.files import RunLock, atomic_write_json
 from compress.logs import notes
-from compress.profile import count
-from compress.prune import DATA_DRIVEN, prune_target, restore_outputs
+from compress.pruning.profile import count
+from compress.pruning.prune import DATA_DRIVEN, prune_target, restore_outputs
 from compress.search import RESULT_FILE, Evaluator, HeldOut, budgets_for, run_search, write_results
 from compress.search.latency_table import LatencyTable, build_table, check_table, latency_predictor, measure_configs
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, HeldOutScoring, LatencySettings,
                                LutSettings, PruneSettings, SearchSettings, SupernetSettings, TrainSettings)
-from compress.space import ChannelSpace, example_input
+from compress.pruning.space import ChannelSpace, example_input
 from compress.supernet import Supernet, build_supernet, load_supernet, recalibrate_bn, save_supernet
 from compress.supernet.pruningnet import pruningnet_step
 from compress.supernet.slimmable import ordered_copy, sandwich_step
-from compress.train import STATE_FILE, Loaders, fit
+from compress.training.loop import STATE_FILE, Loaders, fit
 from compress.units import parse_count
 
 __all__ = ["Extracted", "Pruned", "SearchRun", "SupernetRun", "Trained", "export", "extract",

@@ -3,7 +3,7 @@
 Specs: `cifar10:DIR` (the `cifar-10-batches-py` folder, or a folder with train.npz/test.npz),
 `imagefolder:DIR` (ImageNet layout: DIR/train, DIR/val), `npz:FILE` (x uint8 (N,H,W,3) RGB,
 y integer labels), `synthetic:N` (N random images, for smoke tests); for segmentation
-`voc:DIR` and `shapes:N`, for detection `coco:DIR` and `shapeboxes:N` (compress.dense_data).
+`voc:DIR` and `shapes:N`, for detection `coco:DIR` and `shapeboxes:N` (compress.data.dense).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from compress.dense_data import (CocoFolder, DetectionSet, SegmentationSet, ShapeBoxes, ShapesSet, VOCFolder,
+from compress.data.dense import (CocoFolder, DetectionSet, SegmentationSet, ShapeBoxes, ShapesSet, VOCFolder,
                                  box_transforms)
-from compress.dense_data import transforms as dense_transforms
+from compress.data.dense import transforms as dense_transforms
 from compress.errors import CompressError
 
 SPEC_HELP = ("a data spec is cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N for classification, voc:DIR "
