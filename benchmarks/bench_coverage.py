@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 
 from common import write_section
-from compress import ChannelSpace, CompressError, build, count, prune_target
+from compress import ChannelSpace, CompressError, build, count
+from compress.pruning.prune import prune_target
 from compress.export import export_onnx, export_tflite, measure
-from compress.pruning.space import example_input
+from compress.pruning.graph import example_input
 from compress.training.tasks import task_of
 
 UNET = "benchmarks/unet.py:unet"  # a user's own file: run from the repository root

@@ -19,7 +19,7 @@ import torch
 
 from common import write_section
 from compress import ChannelSpace, build, config_for_macs
-from compress.pruning import prune
+from compress.pruning.prune import prune
 from compress.models import ZOO
 from compress.export import export_onnx, export_tflite, measure
 

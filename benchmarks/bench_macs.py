@@ -12,7 +12,7 @@ import torch
 
 from common import write_section
 from compress import ChannelSpace, build, count
-from compress.pruning import prune
+from compress.pruning.prune import prune
 
 
 def main() -> None:

@@ -57,7 +57,8 @@ from compress.files import atomic_save, atomic_write_json
 from compress.pruning.profile import count
 from compress.settings import (DataSettings, FinetuneSettings, HeldOutScoring, PruneSettings, SearchSettings,
                                SupernetSettings, Target)
-from compress.training.loop import fit, kept_best
+from compress.training.keep_best import kept_best
+from compress.training.loop import fit
 
 # evolution on 2 cores: 16 + 4 x 16 candidates scored, not MetaPruning's 50 + 20 x 50
 SMALL_EVOLUTION = dict(population=16, parents=4, mutations=8, crossovers=8, iterations=4)

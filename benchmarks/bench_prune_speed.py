@@ -24,9 +24,12 @@ from common import CIFAR, write_section
 from compress.pruning.batchnorm import fold_statistics
 from compress.data.specs import sample_labelled
 from compress.models import build
-from compress.pruning.prune import config_for_macs, group_scores, prune_with_map
+from compress.pruning.allocation import config_for_macs
+from compress.pruning.importance import group_scores
+from compress.pruning.prune import prune_with_map
 from compress.pruning.reconstruct import mixes_channels, reconstruct
-from compress.pruning.space import ChannelSpace, example_input
+from compress.pruning.space import ChannelSpace
+from compress.pruning.graph import example_input
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "pretrained" / "mobilenet_v2_imagenet.pth"
 SIZES = {"cpu": dict(images=(128, 256, 512, 1024), baseline=64),

@@ -24,7 +24,8 @@ from common import CIFAR, write_section
 from compress import build
 from compress.data.specs import train_holdout
 from compress.settings import DataSettings, TrainSettings
-from compress.training.loop import fit, lr_lambda, param_groups
+from compress.training.loop import fit
+from compress.training.optim import lr_lambda, param_groups
 
 
 def bare_loop(model, loader, cfg, steps, device):

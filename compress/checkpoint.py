@@ -15,7 +15,8 @@ from compress.models.sources import is_code
 from compress.models.zoo import build_model
 from compress.pruning.profile import count
 from compress.pruning.prune import prune
-from compress.pruning.space import ChannelSpace, example_input
+from compress.pruning.space import ChannelSpace
+from compress.pruning.graph import example_input
 
 FORMAT = CHECKPOINT_FORMAT
 VERSION = 1

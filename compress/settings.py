@@ -192,12 +192,13 @@ class LutSettings(Settings):
 
 
 class PruneSettings(Settings):
-    importance: Literal["auto", "energy", "l1", "l2", "first", "bn"] = Field(
-        "auto", description="which channels to keep in each group: energy (each channel's share of the next "
-        "layers' output, measured on real images), a weight magnitude (l1, l2), BN scale, or the first k; auto: "
-        "energy when there is data, else l1")
+    importance: str = Field(
+        "auto", description="which channels to keep in each group, by name from the importance registry: energy "
+        "(each channel's share of the next layers' output, measured on real images), l1 or l2 (weight magnitude), "
+        "bn (BN scale), taylor (first-order, on real labelled images), first (the first k), or your own "
+        "(compress.pruning.importance.register); auto: energy when there is data, else l1")
     strategy: Literal["uniform", "global"] = Field(
-        "global", description="how a MAC target spreads the cut: by importance across groups (global), or every "
+        "global", description="how a budget spreads the cut: by importance across groups (global), or every "
         "group alike (uniform)")
     divisor: int = Field(8, ge=1, description="widths are multiples of this")
     reconstruct_images: int = Field(512, ge=0, description="training images to refit each pruned layer on by "
@@ -205,11 +206,26 @@ class PruneSettings(Settings):
                                     "channels left (when there is data; 0 = off)")
     recal_images: int = Field(512, ge=0, description="training images to re-estimate BN statistics on after "
                               "pruning, when there is data and no reconstruction (0 = keep the unpruned model's)")
+    targets: list[Target] = Field([], description="budgets (macs and/or params), one pruned model per target")
+
+    @field_validator("importance")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from compress.pruning.importance import names  # the registry holds the user's own too
+        if v != "auto" and v not in names():
+            raise ValueError(f"unknown importance '{v}'; choose auto or one of {', '.join(names())}")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _direct(cls, v: list[Target]) -> list[Target]:
+        if any(t.latency_ms for t in v):
+            raise ValueError("prune targets take macs and params; a latency_ms budget is searched (search.targets)")
+        return v
 
     def importance_for(self, data: bool) -> str:
         """The importance to use, `auto` resolved: energy needs real images."""
         return self.importance if self.importance != "auto" else ("energy" if data else "l1")
-    targets: list[Target] = Field([], description="MAC targets, one pruned model per target")
 
 
 class ExtractSettings(Settings):

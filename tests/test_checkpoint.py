@@ -11,7 +11,7 @@ from compress.checkpoint import load_target, save_checkpoint
 from compress.files import safe_torch_load
 from compress.logs import notes
 from compress.models import build
-from compress.pruning.prune import prune_target
+from compress.pruning.prune import prune, prune_target
 from compress.pruning.space import widths_of
 from compress.pruning.space import ChannelSpace
 
@@ -117,7 +117,7 @@ def test_user_cnn_through_space_prune_checkpoint_load(tmp_path, user_net):
     names = [g.name for g in space.groups]
     assert names == ["stem.0", "body.0", "down.0"]  # stem and body.3 tied by the residual
     config = space.validate({"stem.0": 8, "body.0": 16, "down.0": 8})
-    pruned = compress.prune(user_net, config, space)
+    pruned = prune(user_net, config, space)
     assert widths_of(pruned, space) == config
     assert pruned.head.in_features == 8 * 8 * 8  # flatten expands the group 64x
     assert (space.macs(config), space.params(config)) == compress.count(pruned, 16)

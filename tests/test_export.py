@@ -12,6 +12,7 @@ from compress.errors import CheckFailed
 from conftest import run_cli
 from compress.export import export_onnx, export_tflite, measure
 from compress.export.latency import adb_commands, check_budget, measure_adb, parse_benchmark_model
+from compress.pruning.prune import prune
 
 SMALL = {"mobilenet_v1": 64, "mobilenet_v2": 64, "mobilenet_v3_large": 64, "mobilenet_v3_small": 64}
 
@@ -58,7 +59,7 @@ def test_pruned_odd_widths_export_to_both_formats_and_time_on_both_runtimes(tmp_
     space = compress.ChannelSpace.from_model(model, torch.randn(1, 3, 32, 32), divisor=1, min_ratio=0.3)
     config = space.sample(np.random.default_rng(7))
     assert any(w % 8 for w in config.values())  # odd widths, not multiples of 8
-    pruned = compress.prune(model, config, space)
+    pruned = prune(model, config, space)
     pruned.card = model.card.replace(config=config.to_dict(), space=space.settings())
     meta_config = json.loads({p.key: p.value for p in onnx.load(
         export_onnx(pruned, tmp_path / "p.onnx")["path"]).metadata_props}["compress.config"])

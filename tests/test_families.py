@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from compress import ChannelSpace, CompressError, count, describe, prune_target
+from compress import ChannelSpace, CompressError, count, describe
+from compress.pruning.prune import prune_target
 
-from compress.pruning import prune
+from compress.pruning.prune import prune
 from compress.pruning.space import widths_of
 
 SIZE = 64

@@ -6,7 +6,9 @@ from torch import nn
 
 import compress
 from compress import CompressError
-from compress.pruning.space import ChannelSpace, example_input
+from compress.pruning.prune import prune
+from compress.pruning.space import ChannelSpace
+from compress.pruning.graph import example_input
 from compress.search.latency_table import LatencyTable, _interpolate, _layers, _width
 from conftest import run_cli
 
@@ -19,7 +21,7 @@ def test_layer_widths_follow_the_config_exactly():
     assert [l["name"] for l in layers] == [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for seed in range(3):
         config = space.sample(np.random.default_rng(seed))
-        pruned = compress.prune(model, config, space, importance="first")
+        pruned = prune(model, config, space, importance="first")
         for layer in layers:
             m = pruned.get_submodule(layer["name"])
             real_in, real_out = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)

@@ -10,7 +10,7 @@ import compress
 from compress import CompressError, FinetuneSettings, SearchSettings, SupernetSettings
 from compress.training.evaluate import evaluate
 from compress.pruning.space import widths_of
-from conftest import ROOT, ResidualNet
+from conftest import ROOT, ResidualNet, run_cli
 
 
 def _loaders(cifar_dir, n_train=256, n_val=128):
@@ -70,10 +70,8 @@ def test_one_call_bad_input_is_named(cifar_dir):
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(CompressError, match="unknown method 'fastnas'"):
         compress.compress(net, x, {"macs": "50%"}, method="fastnas")
-    with pytest.raises(CompressError, match="constraints take 'macs'"):
+    with pytest.raises(CompressError, match="constraints take 'macs' and 'params'"):
         compress.compress(net, x, {"flops": "50%"})
-    with pytest.raises(CompressError, match="prunes to a MAC target"):
-        compress.compress(net, x, {"params": "50%"})
     with pytest.raises(CompressError, match="square image batch"):
         compress.compress(net, torch.randn(1, 3, 16, 12), {"macs": "50%"})
     with pytest.raises(CompressError, match="smallest config of this space"):
@@ -119,3 +117,46 @@ def test_one_call_takes_a_segmenter_its_loaders_and_the_users_loss(tmp_path):
                                       out=tmp_path / "run")
     assert small.card.task == "segment" and report.metric == "miou" and calls
     assert all(0 <= v <= 1 for v in (report.before, report.pruned, report.after, report.fidelity))
+
+
+def test_one_call_and_the_recipe_runner_prune_the_same_net(tmp_path, cifar_dir):
+    """compress.compress and `chansearch run` are front ends over the same prune stage: from the
+    same trained model, the same images and the same settings, the same channels and the same
+    weights, to the bit."""
+    from compress.data.specs import sample_labelled
+    source = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    spec = f"cifar10:{cifar_dir}"
+    recipe = tmp_path / "same.yaml"
+    recipe.write_text(f"name: same\nout: {tmp_path / 'runs'}\nmodel: {{name: {source}}}\n"
+                      f"data: {{spec: '{spec}', batch_size: 32, workers: 0}}\nsupernet: {{method: none}}\n"
+                      "prune: {targets: [{macs: 50%}]}\nfinetune: {epochs: 0, val_images: 32}\n"
+                      "export: {formats: []}\n")
+    out = run_cli("run", recipe, "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ran = compress.load(tmp_path / "runs" / "same" / "prune" / "macs50pct.pt")
+
+    model = compress.load(source)
+    card = model.card
+    # the images the prune stage measures and refits on, in its order, as the user's own loader
+    images, labels = sample_labelled(spec, True, 512, card.input_size, card.mean, card.std, seed=0)
+    train = DataLoader(TensorDataset(images, labels), batch_size=32)
+    small, report = compress.compress(model, torch.zeros(1, 3, card.input_size, card.input_size), {"macs": "50%"},
+                                      train, finetune=FinetuneSettings(epochs=0), out=tmp_path / "one")
+    assert small.card.config == ran.card.config == report.config
+    assert small.state_dict().keys() == ran.state_dict().keys()
+    for (name, a), b in zip(small.state_dict().items(), ran.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_direct_path_meets_macs_and_params_budgets_together(tmp_path):
+    """One prune entry point takes several budgets: the net meets both, and the tighter one is
+    met as closely as the space's widths allow."""
+    model = compress.build("mobilenet_v2_cifar", width_mult=0.5)
+    full_macs, full_params = compress.count(model, 32)
+    both = compress.prune(model, macs="60%", params="40%")
+    assert both.macs <= 0.6 * full_macs and both.params <= 0.4 * full_params
+    assert (both.macs, both.params) == compress.count(both.model, 32)
+    alone = compress.prune(model, params="40%")
+    assert alone.params <= 0.4 * full_params and alone.params > 0.37 * full_params
+    with pytest.raises(CompressError, match="no config can meet params <= 1.00K: it is below the smallest config"):
+        compress.prune(model, params=1000)

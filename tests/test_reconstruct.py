@@ -10,7 +10,8 @@ from torch import nn
 
 import compress
 from compress.models import build
-from compress.pruning.prune import group_scores, prune_with_map
+from compress.pruning.importance import group_scores
+from compress.pruning.prune import prune_with_map
 from compress.pruning.reconstruct import mixes_channels, reconstruct
 from compress.settings import PruneSettings
 from compress.pruning.space import ChannelSpace

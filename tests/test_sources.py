@@ -76,7 +76,7 @@ def test_a_users_factory_file_is_a_source_and_its_checkpoint_needs_trust(tmp_pat
 def test_a_package_factory_is_a_source():
     model = compress.build("torchvision.models:mobilenet_v3_small", num_classes=5)
     assert model.card.num_classes == 5 and model.card.arch["zoo"] == "torchvision.models:mobilenet_v3_small"
-    pruned, _ = compress.prune_target(model, width=0.5)
+    pruned = compress.prune(model, width=0.5).model
     assert pruned(torch.randn(1, 3, SIZE, SIZE)).shape == (1, 5)
 
 

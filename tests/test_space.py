@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+import compress
 from compress import ChannelConfig, ChannelSpace, CompressError, config_for_macs, count
-
-from compress.pruning import prune
+from compress.pruning.prune import prune
 from compress.models import ZOO, build
-from compress.pruning.prune import group_scores
+from compress.pruning.importance import group_scores
 from compress.pruning.space import widths_of
 
 # ImageNet models are checked at 64x64 to keep CPU tests fast; the counts are exact at any size.
@@ -150,3 +150,39 @@ def test_taylor_without_batch_is_a_clear_error():
     model, space, _ = _space("mobilenet_v2_cifar")
     with pytest.raises(CompressError, match="taylor.*needs a batch"):
         prune(model, space.uniform(0.5), space, importance="taylor")
+
+
+def test_a_registered_importance_decides_which_channels_are_kept():
+    """Importance is pluggable: a user's own object, registered by name, is what the prune stage
+    and the settings use; channels it scores highest are the ones kept."""
+    from compress.pruning.importance import Importance, register
+
+    class Last(Importance):  # later channels matter more: the opposite of `first`
+        needs_graph = False
+
+        def scores(self, model, space, graph, batch):
+            return {g.name: np.arange(g.max, dtype=np.float64) for g in space.groups}
+
+    register("last", Last())
+    model, space, _ = _space("mobilenet_v2_cifar")
+    stem = space.groups[0]
+    pruned = compress.prune(model, compress.PruneSettings(importance="last"), width=0.5).model
+    kept = pruned.card.config[stem.name]
+    conv = dict(pruned.named_modules())[stem.name]
+    full = dict(model.named_modules())[stem.name]
+    assert conv.out_channels == kept and torch.equal(conv.weight, full.weight[-kept:])
+    with pytest.raises(ValueError, match="unknown importance 'nope'"):
+        compress.PruneSettings(importance="nope")
+
+
+def test_the_old_names_warn_and_forward():
+    model, space, _ = _space("mobilenet_v2_cifar")
+    config = space.uniform(0.5)
+    with pytest.warns(DeprecationWarning, match="compress.prune\\(model, config, space, importance\\)"):
+        old = compress.prune(model, config, space, importance="l1")
+    with pytest.warns(DeprecationWarning, match="prune_target is deprecated"):
+        pruned, _ = compress.prune_target(model, config=config, importance="l1")
+    new = compress.prune(model, compress.PruneSettings(importance="l1"), config=config).model
+    for a, b in zip(old.state_dict().values(), new.state_dict().values()):
+        assert torch.equal(a, b)
+    assert pruned.card.config == new.card.config

@@ -13,9 +13,10 @@ from torch import nn
 import compress
 from compress import CompressError
 from compress.models import ZOO
-from compress.pruning.space import example_input
+from compress.pruning.graph import example_input
 from compress.pruning.profile import count
-from compress.pruning.prune import group_scores, prune
+from compress.pruning.importance import group_scores
+from compress.pruning.prune import prune
 from compress.pruning.space import ChannelSpace
 from compress.supernet import PruningNet, Slimmable, Supernet, build_supernet, load_supernet, recalibrate_bn
 from compress.supernet.pruningnet import pruningnet_step
@@ -228,7 +229,7 @@ def test_supernet_checkpoint_round_trip(tmp_path):
 
 
 def test_bad_supernet_input_is_named():
-    pruned, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), width=0.5)
+    pruned = compress.prune(compress.build("mobilenet_v3_small_cifar"), width=0.5).model
     with pytest.raises(CompressError, match="already pruned"):
         build_supernet(pruned, "slimmable")
     with pytest.raises(CompressError, match="`min_width` must be in"):

@@ -13,7 +13,8 @@ import compress
 from compress import CompressError
 from compress.settings import DataSettings, TrainSettings
 from compress.training.tasks import softened_kl as kd_loss
-from compress.training.loop import fit, lr_lambda, param_groups
+from compress.training.loop import fit
+from compress.training.optim import lr_lambda, param_groups
 from conftest import ROOT, run_cli
 
 TINY = ["--input-size", "16", "--data", "synthetic:96", "--batch-size", "16", "--val-images", "32", "--workers", "0",
@@ -97,7 +98,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 def test_finetune_with_distillation_records_parent(tmp_path):
-    pruned, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), width=0.5)
+    pruned = compress.prune(compress.build("mobilenet_v3_small_cifar"), width=0.5).model
     compress.save_checkpoint(tmp_path / "p.pt", pruned)
     out = run_cli("finetune", tmp_path / "p.pt", *TINY, "--epochs", "1", "--teacher", "mobilenet_v3_small_cifar",
                   "--kd-weight", "0.7", "-o", tmp_path / "ft.pt")
@@ -111,7 +112,7 @@ def test_finetune_with_distillation_records_parent(tmp_path):
 
 
 def test_from_scratch_retrains_the_architecture_not_the_weights(tmp_path):
-    pruned, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), width=0.5)
+    pruned = compress.prune(compress.build("mobilenet_v3_small_cifar"), width=0.5).model
     with torch.no_grad():
         for p in pruned.parameters():
             p.fill_(0.5)  # trained weights no initialisation produces
@@ -119,8 +120,8 @@ def test_from_scratch_retrains_the_architecture_not_the_weights(tmp_path):
     torch.manual_seed(7)
     fresh = compress.load(tmp_path / "p.pt", weights=False)
     torch.manual_seed(7)
-    want, _ = compress.prune_target(compress.build("mobilenet_v3_small_cifar"), config=pruned.card.config,
-                           importance="first")
+    want = compress.prune(compress.build("mobilenet_v3_small_cifar"), compress.PruneSettings(importance="first"),
+                          config=pruned.card.config).model
     assert fresh.card.config == pruned.card.config
     for (name, a), b in zip(fresh.state_dict().items(), want.state_dict().values()):
         assert torch.equal(a, b), name  # the architecture's own initialisation, cut to the config
@@ -191,7 +192,8 @@ def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
     start, so fit returns the starting weights exactly, and says so in keep_best.json."""
     from compress.training.evaluate import evaluate
     from compress.settings import FinetuneSettings
-    from compress.training.loop import spec_loaders
+    from compress.data.source import DataSource
+    from compress.training.loaders import spec_loaders
     trained = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
     model = compress.load(trained)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,7 +206,7 @@ def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
     assert record["step"] == 0 and record["top1"] == record["start"]["top1"]
     for key, value in tuned.state_dict().items():
         assert torch.equal(value, start[key]), key
-    held = spec_loaders(data, model.card, settings, validate=False)[0].holdout
+    held = spec_loaders(DataSource.of(data), model.card, settings, validate=False)[0].holdout
     assert evaluate(tuned, held)["top1"] == record["top1"]  # the images it chose on, held out of training
 
 
@@ -216,7 +218,7 @@ def test_keep_best_takes_a_later_state_only_for_a_gain_beyond_noise(tmp_path):
     exactly which images each state gets right."""
     from torch.utils.data import DataLoader, TensorDataset
     from compress.training.tasks import Classify
-    from compress.training.loop import Best
+    from compress.training.keep_best import Best
     images = 100
     loader = DataLoader(TensorDataset(torch.eye(images), torch.zeros(images, dtype=torch.long)), batch_size=16)
 

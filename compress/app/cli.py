@@ -116,7 +116,8 @@ def cmd_prune(args) -> int:
     from compress import stages
     from compress.units import human
     settings = settings_from(PruneSettings, args)
-    done = stages.prune(_load(args), settings, macs=args.macs, config=args.config, width=args.width,
+    done = stages.prune(_load(args), settings, macs=args.macs, params=args.params, config=args.config,
+                        width=args.width,
                         output=args.output, provenance={"created_by": "chansearch prune", "parent": args.target},
                         data=args.data, progress=not args.json)
     if args.json:
@@ -381,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", "prune a model to a channel config, MAC target or width")
     _model_args(p)
-    how = p.add_mutually_exclusive_group(required=True)
+    how = p.add_mutually_exclusive_group()
     how.add_argument("--config", metavar="FILE.json", help="channel config: group name -> width")
-    how.add_argument("--macs", metavar="150M", help="MAC target (150M, 1.2G, 50%% of the model)")
+    how.add_argument("--macs", metavar="150M", help="MAC budget (150M, 1.2G, 50%% of the model); with --params, "
+                     "both are met")
     how.add_argument("--width", type=float, metavar="0.75", help="uniform width multiplier")
+    p.add_argument("--params", metavar="1.2M", help="parameter budget (1.2M, 40%% of the model)")
     add_flags(p, PruneSettings)
     p.add_argument("--data", metavar="SPEC", help="training images to rank channels on (--importance auto/energy) "
                    "and to refit the pruned layers on (--reconstruct-images of them; or re-estimate BN on "

@@ -37,7 +37,8 @@ from compress.pruning.profile import count
 from compress.app.recipe import Recipe, dump, load_recipe
 from compress.app.report import UNPRUNED, write_report
 from compress.settings import ExportSettings, HeldOutScoring, SearchSettings, TrainSettings
-from compress.training.loop import STATE_FILE, kept_best
+from compress.training.keep_best import kept_best
+from compress.training.loop import STATE_FILE
 
 MARKER = "stage.json"
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from compress.pruning.moments import ChannelMoments
 from compress.pruning.reconstruct import mixes_channels
-from compress.pruning.space import ChannelSpace, dependency_graph, example_input, pruning_group
+from compress.pruning.space import ChannelSpace
+from compress.pruning.graph import dependency_graph, example_input, pruning_group
 
 
 def _reads_channels(module: nn.Module) -> bool:

@@ -12,7 +12,8 @@ from torch import nn
 
 from compress.models.card import card_of
 from compress.models.zoo import build_model
-from compress.pruning.space import ChannelSpace, example_input, widths_of
+from compress.pruning.space import ChannelSpace, widths_of
+from compress.pruning.graph import example_input
 
 # The papers' convention counts conv and linear MACs only: thop's rules for
 # normalization, activation and pooling layers are replaced by zero.

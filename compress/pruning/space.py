@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from compress.errors import CompressError
-from compress.logs import heartbeat
+from compress.pruning.closed_form import Bilinear, counters
+from compress.pruning.graph import PRUNABLE, channel_cut, channel_slices, dependency_graph, fixed_layers, misread
 from compress.units import human
 
-PRUNABLE = (nn.Conv2d, nn.Linear)
-COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)  # the layers whose MACs count (thop's convention)
 
 
 class ChannelConfig(Mapping):
@@ -126,47 +123,10 @@ def _allowed_widths(full: int, divisor: int, min_ratio: float, ratios, slices: i
     return tuple(sorted(w for w in widths if 0 < w <= full and w % slices == 0))
 
 
-class _Affine:
-    """Each row is a layer dimension written as const + sum_g coef_g * width_g."""
-
-    def __init__(self, n_groups: int):
-        self.n = n_groups
-        self.rows: list[tuple[dict[int, float], float]] = []
-
-    def add(self, coefs: dict[int, float], const: float) -> int:
-        self.rows.append((coefs, const))
-        return len(self.rows) - 1
-
-    def matrices(self) -> tuple[np.ndarray, np.ndarray]:
-        a = np.zeros((len(self.rows), self.n))
-        b = np.zeros(len(self.rows))
-        for i, (coefs, const) in enumerate(self.rows):
-            for g, c in coefs.items():
-                a[i, g] = c
-            b[i] = const
-        return a, b
-
-
-class _Bilinear:
-    """A count of the form sum_t scale_t * dim[p_t] * dim[q_t] (dim -1 means 1)."""
-
-    def __init__(self, terms: list[tuple[float, int, int]], a: np.ndarray, b: np.ndarray):
-        ones_row = len(b)
-        self.a = np.vstack([a, np.zeros((1, a.shape[1]))])
-        self.b = np.append(b, 1.0)
-        self.scale = np.array([t[0] for t in terms], dtype=np.float64)
-        self.p = np.array([t[1] if t[1] >= 0 else ones_row for t in terms], dtype=np.int64)
-        self.q = np.array([t[2] if t[2] >= 0 else ones_row for t in terms], dtype=np.int64)
-
-    def __call__(self, w: np.ndarray) -> np.ndarray:
-        dims = w @ self.a.T + self.b  # (..., n_dims)
-        return np.rint((dims[..., self.p] * dims[..., self.q]) @ self.scale).astype(np.int64)
-
-
 class ChannelSpace:
     """The channel groups of one model at one input size, and their allowed widths."""
 
-    def __init__(self, groups: list[ChannelGroup], macs_fn: _Bilinear, params_fn: _Bilinear,
+    def __init__(self, groups: list[ChannelGroup], macs_fn: Bilinear, params_fn: Bilinear,
                  input_size: tuple[int, ...], divisor: int, min_ratio: float, ratios):
         self.groups = groups
         self.by_name = {g.name: g for g in groups}
@@ -209,8 +169,8 @@ class ChannelSpace:
             # the group's channels are those of its narrowest layer: a layer concatenated with a
             # transform of itself (GhostNet) feeds each of its channels to two of the next layer's
             full, _, name = min(outs)
-            cut = next(filter(None, (_channel_cut(node) if m not in names else
-                                     _misread(graph, m, k, i, full, names[m]) for m, k, i, node in items)), None)
+            cut = next(filter(None, (channel_cut(node) if m not in names else
+                                     misread(graph, m, k, i, full, names[m]) for m, k, i, node in items)), None)
             slices = math.lcm(*(channel_slices(m) for m, _, _ in members))
             if cut or full % slices:
                 held[name] = cut or f"its {full} channels do not split into the {slices} equal slices its grouped " \
@@ -231,7 +191,7 @@ class ChannelSpace:
                 dims_of.setdefault((module, kind), {})[gi] = (n, full)
             for key, n in loose:
                 dims_of.setdefault((key, "out"), {})[gi] = (n, full)
-        macs_fn, params_fn = _counters(model, example_input, dims_of, len(groups))
+        macs_fn, params_fn = counters(model, example_input, dims_of, len(groups))
         space = cls(groups, macs_fn, params_fn, tuple(example_input.shape[1:]), divisor, min_ratio, ratios)
         space.held = dict(sorted(held.items(), key=lambda kv: order[kv[0]]))
         return space
@@ -348,181 +308,3 @@ def widths_of(model: nn.Module, space: ChannelSpace) -> ChannelConfig:
         m = model.get_submodule(g.name)
         out[g.name] = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
     return ChannelConfig(out)
-
-
-def example_input(input_size: int, like: nn.Module | None = None) -> torch.Tensor:
-    """One random RGB image of `input_size`, on the device and dtype of `like`'s weights:
-    what tracing a model (dependency graph, counting) runs on."""
-    x = torch.randn(1, 3, input_size, input_size)
-    return x if like is None else x.to(next(like.parameters()))
-
-
-def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    layers = sum(1 for m in model.modules() if isinstance(m, COUNTED))
-    try:  # torch-pruning traces through autograd; its index mapping grows with the model's concatenations
-        with torch.enable_grad(), heartbeat(f"torch-pruning's dependency graph of {layers} layers"):
-            return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
-    except Exception as exc:
-        node = _node_at_fault(exc)
-        if node is None:
-            raise CompressError(f"torch-pruning could not trace the model on an input of shape "
-                                f"{tuple(example_input.shape)}: {type(exc).__name__}: {exc}. Check "
-                                "the input size and that the model runs on it.") from None
-        raise CompressError(
-            f"torch-pruning cannot follow the channels through the op {node.grad_fn.name()} after layer "
-            f"'{_layer_before(node, model)}' ({type(exc).__name__}: {exc}): a reshape that moves channels between "
-            f"dimensions, like ShuffleNet's channel shuffle or a pixel shuffle. {type(model).__name__} cannot be "
-            "pruned as a whole; prune a part of it without that op (its backbone stages, for example), or write the "
-            "shuffle as a module of its own and keep it out of the pruned part.") from None
-
-
-def _node_at_fault(exc: BaseException):
-    """The dependency-graph node torch-pruning was mapping when it failed (None: not in its graph code)."""
-    node = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        if isinstance(frame.f_locals.get("node"), tp.dependency.Node) and "torch_pruning" in frame.f_code.co_filename:
-            node = frame.f_locals["node"]
-    return node
-
-
-def _layer_before(node, model: nn.Module) -> str:
-    """The nearest named layer upstream of a graph node (what a user can find in the model)."""
-    names = {m: n for n, m in model.named_modules()}
-    frontier, seen = [node], set()
-    while frontier:
-        current = frontier.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if current.module in names:
-            return names[current.module]
-        frontier.extend(current.inputs)
-    return "the input"
-
-
-# autograd ops that take part of the channel dimension; torch-pruning maps indices through
-# them as if they kept every channel
-_CUTS = {"SliceBackward0": "a channel slice", "AsStridedBackward0": "a channel slice",
-         "CopySlices": "a channel slice", "NarrowBackward0": "a narrow", "IndexBackward0": "an index",
-         "SelectBackward0": "a select", "UnbindBackward0": "an unbind"}
-
-
-def _channel_cut(node) -> str | None:
-    """Why a group that reaches this functional node must keep its width, if it must: a split,
-    chunk or slice of the channels (pruning changes the sizes the model's code asks for)."""
-    if node.type == tp.ops.OPTYPE.SPLIT:
-        return "its channels reach a split or chunk, whose sizes are fixed in the model's code"
-    name = node.grad_fn.name() if node.grad_fn is not None else ""
-    if name == "SliceBackward0" and getattr(node.grad_fn, "_saved_dim", 1) != 1:
-        return None  # a crop of the height or width
-    return f"its channels reach {_CUTS[name]} ({name}), which torch-pruning cannot follow" if name in _CUTS else None
-
-
-def _misread(graph: tp.DependencyGraph, module: nn.Module, kind: str, idxs, full: int, name: str) -> str | None:
-    """Why torch-pruning's indices for a layer of a group cannot be trusted, if they cannot:
-    each of the layer's channels must stand for one of the group's, and each of the group's
-    for the same number of the layer's (one, or several: a concatenation of a layer with a
-    transform of itself, a flatten before a linear layer)."""
-    pruner = graph.get_pruner_of_module(module)
-    plain = [int(getattr(i, "idx", i)) for i in idxs]
-    dim = None if pruner is None else pruner.get_out_channels(module) if kind == "out" else pruner.get_in_channels(module)
-    if len(plain) % full or len(set(plain)) != len(plain) or (dim is not None and max(plain, default=0) >= dim):
-        return (f"torch-pruning maps its {full} channels onto {len(plain)} of the {dim} "
-                f"{'outputs' if kind == 'out' else 'inputs'} of layer '{name}', which it cannot prune consistently")
-    return None
-
-
-def channel_slices(module: nn.Module) -> int:
-    """Equal slices a layer cuts its channels into: a grouped (not depthwise) conv's groups, a
-    GroupNorm's groups; 1 for every other layer."""
-    if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
-            module.groups == module.in_channels == module.out_channels):
-        return module.groups
-    return module.num_groups if isinstance(module, nn.GroupNorm) else 1
-
-
-def pruning_group(graph: tp.DependencyGraph, model: nn.Module, name: str, idxs: list[int]):
-    """torch-pruning's group of layer `name`'s output channels `idxs` (with every coupled layer)."""
-    module = model.get_submodule(name)
-    return graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs)
-
-
-def fixed_layers(model: nn.Module, graph: tp.DependencyGraph) -> list[nn.Module]:
-    """Layers whose output channels are fixed: those that reach the model's output through
-    parameter-free ops only (a classifier, a detector's or segmenter's head)."""
-    fixed = []
-    for module in model.modules():
-        if not isinstance(module, PRUNABLE) or module not in graph.module2node:
-            continue
-        frontier, seen, reaches_output = [graph.module2node[module]], set(), False
-        while frontier and not reaches_output:
-            node = frontier.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if not node.outputs:
-                reaches_output = True
-            for nxt in node.outputs:
-                if not (isinstance(nxt.module, nn.Module) and any(True for _ in nxt.module.parameters())):
-                    frontier.append(nxt)  # through parameter-free ops only
-        if reaches_output:
-            fixed.append(module)
-    return fixed
-
-
-def _counters(model: nn.Module, example_input: torch.Tensor, dims_of: dict,
-              n_groups: int) -> tuple[_Bilinear, _Bilinear]:
-    """Write MACs and params as bilinear forms in the group widths (recorded once).
-
-    A layer dimension covered by groups g (n_g of its channels at full width n_g = r_g *
-    max_g) is const + sum_g r_g * width_g; a conv's MACs are spatial * k * out * in/groups.
-    """
-    spatial = {}
-    def positions(module, inputs, output):  # where a layer is applied: pixels of a conv, leading dims of a linear
-        channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
-        # summed over calls: a head shared by the levels of a feature pyramid runs once per level
-        spatial[module] = spatial.get(module, 0) + output[0].numel() // channels
-
-    hooks = [m.register_forward_hook(positions) for m in model.modules() if isinstance(m, COUNTED)]
-    with torch.no_grad():
-        model(example_input)
-    for h in hooks:
-        h.remove()
-
-    aff = _Affine(n_groups)
-
-    def dim(module: nn.Module, kind: str, full: int) -> int:
-        cover = dims_of.get((module, kind), {})
-        return aff.add({g: n / g_full for g, (n, g_full) in cover.items()},
-                       full - sum(n for n, _ in cover.values()))
-
-    macs, params = [], []
-    for module in model.modules():  # each module's own parameters: every parameter once
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):  # thop counts both alike
-            out = dim(module, "out", module.out_channels)
-            k = module.kernel_size[0] * module.kernel_size[1]
-            if module.groups == module.in_channels == module.out_channels and module.groups > 1:
-                macs.append((spatial.get(module, 0) * k, out, -1))  # depthwise: in/groups == 1
-                params.append((k, out, -1))
-            else:
-                inp = dim(module, "in", module.in_channels)
-                macs.append((spatial.get(module, 0) * k / module.groups, out, inp))
-                params.append((k / module.groups, out, inp))
-            if module.bias is not None:
-                params.append((1, out, -1))
-        elif isinstance(module, nn.Linear):
-            out, inp = dim(module, "out", module.out_features), dim(module, "in", module.in_features)
-            macs.append((spatial.get(module, 0), out, inp))
-            params.append((1, out, inp))
-            if module.bias is not None:
-                params.append((1, out, -1))
-        else:
-            for p in module.parameters(recurse=False):
-                if (id(p), "out") in dims_of:  # a loose parameter pruned along one dimension
-                    size = sum(n for n, _ in dims_of[(id(p), "out")].values())
-                    params.append((p.numel() / size, dim(id(p), "out", size), -1))
-                    continue
-                covered = (module, "out") in dims_of and p.dim() == 1
-                params.append((1, dim(module, "out", p.numel()), -1) if covered else (p.numel(), -1, -1))
-    a, b = aff.matrices()
-    return _Bilinear(macs, a, b), _Bilinear(params, a, b)

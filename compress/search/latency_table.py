@@ -26,7 +26,8 @@ from compress.errors import CompressError
 from compress.export.latency import measure
 from compress.export.tflite import convert
 from compress.pruning.prune import prune
-from compress.pruning.space import ChannelConfig, ChannelSpace, example_input
+from compress.pruning.space import ChannelConfig, ChannelSpace
+from compress.pruning.graph import example_input
 from compress.supernet.dynamic import Supernet
 
 FORMAT = "compress.lut"

@@ -14,7 +14,8 @@ from compress.models.card import ModelCard, card_of
 from compress.errors import CompressError
 from compress.files import atomic_save, safe_torch_load
 from compress.models.zoo import build_model
-from compress.pruning.space import ChannelSpace, example_input
+from compress.pruning.space import ChannelSpace
+from compress.pruning.graph import example_input
 from compress.supernet.dynamic import Supernet, recalibrate_bn
 from compress.supernet.pruningnet import PruningNet
 from compress.supernet.slimmable import Slimmable

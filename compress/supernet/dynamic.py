@@ -18,7 +18,8 @@ from torch import nn
 from compress.pruning.batchnorm import recalibrate
 from compress.errors import CompressError
 from compress.pruning.prune import prune
-from compress.pruning.space import ChannelSpace, dependency_graph, example_input, pruning_group
+from compress.pruning.space import ChannelSpace
+from compress.pruning.graph import dependency_graph, example_input, pruning_group
 
 
 def _take(t: torch.Tensor | None, sel, dim: int) -> torch.Tensor | None:

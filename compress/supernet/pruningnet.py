@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.pruning.space import ChannelSpace, dependency_graph, example_input
+from compress.pruning.space import ChannelSpace
+from compress.pruning.graph import dependency_graph, example_input
 from compress.supernet.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, Supernet, _take
 from compress.supernet.slimmable import random_config
 from compress.training.loop import Step

@@ -14,8 +14,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from compress.models.card import card_of
-from compress.pruning.prune import group_scores
-from compress.pruning.space import ChannelConfig, ChannelSpace, example_input
+from compress.pruning.importance import group_scores
+from compress.pruning.space import ChannelConfig, ChannelSpace
+from compress.pruning.graph import example_input
 from compress.supernet.dynamic import Supernet
 from compress.training.loop import Step
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from compress.data.source import to_device
 from compress.models.card import ModelCard
 from compress.training.tasks import Classify, task_of
 
@@ -33,10 +34,3 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progr
     if per_image and getattr(meter, "correct", None):
         result["correct"] = torch.cat(meter.correct)
     return result
-
-
-def to_device(targets, device):
-    """Class labels or masks (a tensor), or boxes (a list of dicts of tensors), on `device`."""
-    if isinstance(targets, torch.Tensor):
-        return targets.to(device, non_blocking=True)
-    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]

@@ -1,0 +1,126 @@
+"""The search stage: a trained supernet's configs scored on held-out images, one chosen per
+budget by a strategy (greedy, evolution, random), resumable from its state file."""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from compress.data.source import DataSource
+from compress.errors import CompressError
+from compress.search import RESULT_FILE, Evaluator, budgets_for, run_search, write_results
+from compress.search.latency_table import LatencyTable, latency_predictor, measure_configs
+from compress.settings import HeldOutScoring, SearchSettings
+from compress.stages.folders import device, digest
+from compress.stages.supernets import held_out, supernet_file
+from compress.supernet import Supernet, load_supernet
+from compress.training import distributed
+from compress.units import parse_count
+
+
+@dataclass
+class SearchRun:
+    result: dict  # what search.json holds: per target its config, MACs, params, held-out top-1
+    folder: Path
+    evaluator: Evaluator
+
+
+def open_search(run: str | Path, scoring: HeldOutScoring, folder: Path, data=None,
+                lut: str | Path | None = None, model: nn.Module | None = None) -> tuple[Supernet, dict, Evaluator]:
+    """The supernet of run folder `run`, its record, and an Evaluator whose cache (the search
+    state) lives in `folder`, fingerprinted with everything its scores depend on."""
+    path = supernet_file(run)
+    supernet, record = load_supernet(path, model=copy.deepcopy(model))
+    source = DataSource.of(data) if data is not None else None
+    fingerprint = {"supernet": digest(path), "data": source.name if source else record["holdout"]["data"],
+                   "holdout": record["holdout"]["count"], "holdout_seed": record["holdout"]["seed"],
+                   "recal_images": scoring.recal_images, "eval_images": scoring.eval_images,
+                   **({"score_size": scoring.score_size} if scoring.score_size else {})}
+    latency = None
+    if lut:
+        latency = latency_predictor(lut, supernet.space)
+        fingerprint["lut"] = digest(Path(lut))
+    evaluator = Evaluator(supernet, held_out(supernet, record["holdout"], scoring, data), device(), latency=latency,
+                          state_path=folder / "state.json", fingerprint=fingerprint)
+    return supernet, record, evaluator
+
+
+def search(run: str | Path, settings: SearchSettings, out: str | Path | None = None, lut: str | Path | None = None,
+           data=None, quiet: bool = False, model: nn.Module | None = None) -> SearchRun:
+    """Search the supernet of run folder `run` for one config per target of `settings`;
+    results (search.json, search.csv, search.png, the resumable state.json) go to `out`
+    (default RUN/search-METHOD). With latency targets, `lut` predicts latency and the chosen
+    configs are then timed for real. `data`: the supernet's data at another path, or the
+    Loaders a supernet trained on your own loaders was trained with; `model`: the unpruned
+    model of a supernet of your own architecture (a zoo or source model is rebuilt)."""
+    run = Path(run)
+    folder = Path(out) if out else (run if run.is_dir() else run.parent) / f"search-{settings.method}"
+    if any(t.latency_ms for t in settings.targets) and not lut:
+        raise CompressError("`latency_ms` needs `lut`, a latency table of this space; build one with "
+                            "`chansearch lut`.")
+    distributed.init()
+    supernet, _, evaluator = open_search(run, settings, folder, data, lut, model)
+    budgets = budgets_for(supernet.space, settings.targets, evaluator.latency)
+    log = None if quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))
+    if log and evaluator.cache:
+        log(f"resuming: {len(evaluator.cache)} configs already scored in {folder / 'state.json'}")
+    result = run_search(evaluator, settings.method, budgets, seed=settings.seed, options=settings.strategy_options(),
+                        progress=log)
+    result.update(supernet=str(run), evaluation=evaluator.fingerprint)
+    if lut:
+        _measure_finalists(result, supernet, lut)
+    write_results(folder, result, evaluator)
+    distributed.barrier()
+    return SearchRun(result, folder, evaluator)
+
+
+def _measure_finalists(result: dict, supernet: Supernet, lut: str | Path) -> None:
+    """The latency table screened the candidates; time each chosen config for real."""
+    table = LatencyTable.load(lut, supernet.space).record
+    measured = measure_configs(supernet.plain_copy(), supernet.space, [t["config"] for t in result["targets"]],
+                               table["backend"], table["threads"])
+    for t, ms in zip(result["targets"], measured):
+        limit = t["budget"]["latency_ms"]
+        t.update(measured_ms=ms, measured_backend=table["backend"], measured_within_budget=limit is None or ms <= limit)
+        if not t["measured_within_budget"]:
+            print(f"warning: {t['label']}: measured {ms:.3f} ms on {table['backend']} is over the {limit} ms budget "
+                  f"(predicted {t['latency_ms']:.3f} ms); tighten the latency budget or rebuild the table on a quiet "
+                  "machine.", file=sys.stderr)
+
+
+def find_search(run: str | Path, search_dir: str | Path | None = None) -> Path:
+    """The one search folder of a supernet run (or `search_dir`), holding search.json."""
+    if search_dir:
+        path = Path(search_dir)
+        if not (path / RESULT_FILE).is_file():
+            raise CompressError(f"'{path}' holds no {RESULT_FILE}; run the search first.")
+        return path
+    found = sorted(p.parent for p in Path(run).glob(f"search-*/{RESULT_FILE}"))
+    if not found:
+        raise CompressError(f"'{run}' holds no search results (search-*/{RESULT_FILE}); run the search first.")
+    if len(found) > 1:
+        raise CompressError(f"'{run}' holds several searches ({', '.join(p.name for p in found)}); "
+                            "choose one (`search`).")
+    return found[0]
+
+
+def search_target(result: dict, target: str | None, where: str = RESULT_FILE) -> dict:
+    """One target of a search result, by its label (`macs<=150.00M`), its limit (`150.00M`)
+    or a MAC count / percentage within 0.1% of its MAC budget."""
+    targets = result["targets"]
+    if target is None:
+        if len(targets) != 1:
+            raise CompressError(f"{where} has {len(targets)} targets ({', '.join(t['label'] for t in targets)}); "
+                                "pick one (`target`).")
+        return targets[0]
+    wanted = [t for t in targets if target in (t["label"], t["label"].split("<=")[-1])]
+    if not wanted and all(t["budget"]["macs"] for t in targets):
+        full = result["full"]["macs"]
+        macs = parse_count(target, "MAC target", full=full)
+        wanted = [t for t in targets if abs(t["budget"]["macs"] - macs) <= 0.001 * full]
+    if not wanted:
+        raise CompressError(f"no target '{target}' in {where}; it has {', '.join(t['label'] for t in targets)}.")
+    return wanted[0]

@@ -1,0 +1,96 @@
+"""keep_best: return the best state a run reached on held-out training images, never one worse
+than it started from (`Best`), and what was returned (`kept_best`)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from compress.files import atomic_save, safe_torch_load
+from compress.training import distributed
+from compress.training.evaluate import evaluate
+from compress.training.tasks import Classify
+
+BEST_FILE = "best.pt"  # the best state so far, with its held-out scores
+BEST_INT8_FILE = "best_int8.pt"  # the same in the quantization-aware epochs (a state of another shape)
+KEPT_FILE = "keep_best.json"  # the step and held-out scores of the state fit returned
+# keep_best holds out `holdout` training images, but never more than this share of a small set
+KEEP_BEST_SHARE = 0.1
+
+
+def kept_best(run_dir: Path) -> dict | None:
+    """What keep_best chose in a finished run folder (step, held-out scores, the start's), or
+    None when it was off."""
+    path = Path(run_dir) / KEPT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class Best:
+    """keep_best: the best state so far by the task's metric on held-out training images (top-1,
+    mIoU; then by loss), the starting state included, so training never returns worse than it
+    began; kept in BEST_FILE so that a resumed run knows it. Records name the metric "top1"
+    whatever the task (the key keep_best.json and the reports read).
+
+    A classifier's later state replaces the best only when, on the same held-out images, it
+    gets more of them right than the best by more than one standard error of that paired
+    difference (the square root of the images on which the two disagree): a few images'
+    gain is noise on a held-out set of hundreds, and taking it trades a known state for one
+    as likely to be worse on new images (a pruned net fine-tuned for minutes, whose held-out
+    top-1 moves by an image or two, is the case)."""
+
+    def __init__(self, path: Path, loader: DataLoader, device: torch.device, main: bool, task: Classify):
+        self.path, self.loader, self.device, self.main, self.task = path, loader, device, main, task
+        self.state: dict | None = None
+        self.record: dict = {}  # step and scores of the best state, and of the starting one
+        self.correct: torch.Tensor | None = None  # the best state's per-image hits on this rank's share
+
+    def start(self, model: nn.Module, resumed: bool, step: int = 0) -> None:
+        if resumed and self.path.exists():
+            saved = safe_torch_load(self.path)
+            self.state, self.record = saved["state"], saved["record"]
+            kept = copy.deepcopy(model)
+            kept.load_state_dict(self.state)
+            self.correct = self._score(kept)[1]
+            return
+        scores, self.correct = self._score(model)
+        self.record = {"step": step, **scores, "start": {"step": step, **scores}}
+        self._keep(model)
+
+    def check(self, model: nn.Module, step: int) -> dict:
+        """Score the current state; keep it when it beats the best. Returns what the epoch's
+        metrics record."""
+        scores, correct = self._score(model)
+        if self._beats_best(scores, correct):
+            self.record.update(step=step, **scores)
+            self.correct = correct
+            self._keep(model)
+        return {"holdout_top1": scores["top1"], "best_holdout_top1": self.record["top1"],
+                "best_step": self.record["step"]}
+
+    def _beats_best(self, scores: dict, correct: torch.Tensor | None) -> bool:
+        if correct is None or self.correct is None:  # mIoU, mAP: no per-image hit to pair
+            return (scores["top1"], -scores["loss"]) > (self.record["top1"], -self.record["loss"])
+        gained = (correct & ~self.correct).sum()
+        lost = (~correct & self.correct).sum()
+        gained, lost = distributed.all_sum(torch.stack([gained, lost]).double()).tolist()
+        return gained - lost > math.sqrt(gained + lost)
+
+    def restore(self, model: nn.Module) -> dict:
+        model.load_state_dict(self.state)
+        return self.record
+
+    def _score(self, model: nn.Module) -> tuple[dict, torch.Tensor | None]:
+        result = evaluate(model, self.loader, self.device, task=self.task, per_image=True)
+        return {"top1": result[self.task.score], "loss": result["loss"], "metric": self.task.score}, \
+            result.get("correct")
+
+    def _keep(self, model: nn.Module) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.main:
+            atomic_save({"state": self.state, "record": self.record}, self.path)
+
