@@ -138,7 +138,7 @@ def test_a_torchvision_segmenter_recipe_prunes_recovers_evaluates_exports_and_ti
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "runs" / "seg" / "report.md").read_text()
     assert "test mIoU before fine-tune" in report and "fidelity to unpruned" in report
-    tuned = json.loads((tmp_path / "runs" / "seg" / "finetune" / "stage.json").read_text())["outputs"]["macs50pct"]
+    tuned = json.loads((tmp_path / "runs" / "seg" / "finetune" / "stage.json").read_text())["outputs"]["nets"]["macs50pct"]
     assert {"miou", "pixel_acc", "fidelity_miou"} <= set(tuned["test_after"])
     pruned = compress.load(tuned["path"])
     full = compress.build("torchvision:lraspp_mobilenet_v3_large", num_classes=4, input_size=48)

@@ -115,7 +115,7 @@ def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
     for stage in ("finetune", "export", "latency"):
         assert f"{stage}: inputs changed, re-running" in changed.stdout
         assert (run / f"{stage}.previous" / "stage.json").is_file()
-    for tag, net in json.loads((run / "finetune" / "stage.json").read_text())["outputs"].items():
+    for tag, net in json.loads((run / "finetune" / "stage.json").read_text())["outputs"]["nets"].items():
         record = torch.load(net["path"], weights_only=True)
         assert record["provenance"]["from_scratch"] and record["provenance"]["epochs"] == 1, tag
 
@@ -258,8 +258,9 @@ def test_direct_recipe_transfers_prunes_and_reports_against_the_unpruned_model(t
     assert f"| {human(count(transferred, card.input_size)[0])} |" in unpruned and f"| {top1:.2%} |" in unpruned
     target = next(line for line in report.splitlines() if line.startswith("| macs<=50% |"))
     after = float(target.split("|")[6].strip().rstrip("%")) / 100
-    timed = json.loads((run / "latency" / "stage.json").read_text())["outputs"]
-    speedup = timed["macs50pct/onnx"]["median_ms"] / timed["unpruned/onnx"]["median_ms"]
+    timed = {(t["tag"], t["variant"]): t for t in
+             json.loads((run / "latency" / "stage.json").read_text())["outputs"]["timings"]}
+    speedup = timed["macs50pct", "onnx"]["median_ms"] / timed["unpruned", "onnx"]["median_ms"]
     assert f"% MACs, {speedup:.2f}x latency, {(after - top1) * 100:+.1f} points |" in target
     assert "unpruned.onnx" in report and "x unpruned)" in report
     train = next(line for line in report.splitlines() if line.startswith("chansearch train mobilenet_v2_cifar"))

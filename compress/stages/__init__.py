@@ -10,13 +10,13 @@ over an old one (resume it instead); every file it writes is written atomically.
 """
 from compress.stages.exporting import export, latency, latency_table, lut_model_space
 from compress.stages.extraction import Extracted, extract
-from compress.stages.folders import device, run_folder
+from compress.stages.folders import ARGS_FILE, device, run_folder
 from compress.stages.pruning import Pruned, prune, pruning_batch
 from compress.stages.searching import SearchRun, find_search, open_search, search, search_target
 from compress.stages.supernets import SupernetRun, held_out, supernet_file, supernet_teacher, train_supernet
 from compress.stages.training import Trained, train
 
-__all__ = ["Extracted", "Pruned", "SearchRun", "SupernetRun", "Trained", "device", "export", "extract",
+__all__ = ["ARGS_FILE", "Extracted", "Pruned", "SearchRun", "SupernetRun", "Trained", "device", "export", "extract",
            "find_search", "held_out", "latency", "latency_table", "lut_model_space", "open_search", "prune",
            "pruning_batch", "run_folder", "search", "search_target", "supernet_file", "supernet_teacher", "train",
            "train_supernet"]
