@@ -11,7 +11,7 @@ setup(
         "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert", "litert-torch",
         "matplotlib", "torchmetrics", "pycocotools",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout", "tensorboard", "timm"],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "tensorboard", "timm"],
                     "timm": ["timm"],  # timm:NAME model sources
                     # the peers benchmarks/bench_pretrained.py compares with (modelopt 0.47 needs
                     # torchprofile's 0.0.x API)

@@ -1,3 +1,4 @@
+import pytest
 import json
 from pathlib import Path
 import shlex
@@ -143,6 +144,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
     assert not (tmp_path / "run" / "args.json").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_runtime_log_lines_stay_out_of_the_terminal(tmp_path):
     """TensorFlow/absl/XNNPACK lines are written by native code to the process's stderr: a new process shows them."""
     out = run_cli("export", "mobilenet_v3_small_cifar", "--input-size", "16", "--format", "tflite",

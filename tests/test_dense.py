@@ -131,6 +131,7 @@ latency:
 """
 
 
+@pytest.mark.slow
 def test_a_torchvision_segmenter_recipe_prunes_recovers_evaluates_exports_and_times(tmp_path):
     recipe = tmp_path / "seg.yaml"
     recipe.write_text(RECIPE.format(out=tmp_path / "runs"))
@@ -147,6 +148,7 @@ def test_a_torchvision_segmenter_recipe_prunes_recovers_evaluates_exports_and_ti
     assert "unpruned.onnx" in report
 
 
+@pytest.mark.slow
 def test_an_ssdlite_detector_prunes_recovers_evaluates_and_exports_its_raw_head(tmp_path):
     """SSDlite (MobileNetV3 backbone) through prune -> recover (its own loss, distilled from the
     unpruned net) -> mAP and fidelity -> ONNX with parity on both head outputs."""

@@ -37,6 +37,7 @@ def _confident(model):
 
 
 # (MobileNetV3-Small, the CIFAR variants and 20 more architectures: benchmarks/bench_coverage.py, and the tests below)
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large"])
 def test_onnx_export_parity_and_metadata(tmp_path, name):
     model = _confident(compress.build(name, input_size=SMALL.get(name)))
@@ -54,6 +55,7 @@ def test_onnx_export_parity_and_metadata(tmp_path, name):
     assert out.shape[0] == 3  # dynamic batch
 
 
+@pytest.mark.slow
 def test_pruned_odd_widths_export_to_both_formats_and_time_on_both_runtimes(tmp_path):
     model = _confident(compress.build("mobilenet_v3_small_cifar"))
     space = compress.ChannelSpace.from_model(model, torch.randn(1, 3, 32, 32), divisor=1, min_ratio=0.3)
@@ -89,6 +91,7 @@ def _cifar_images(cifar_dir, model):
             sample_images(f"cifar10:{cifar_dir}", False, 40, 32, mean, std))
 
 
+@pytest.mark.slow
 def test_tflite_float_nhwc(tmp_path, cifar_dir):
     model = _confident(compress.build("mobilenet_v2_cifar"))
     _, images = _cifar_images(cifar_dir, model)
@@ -115,6 +118,7 @@ AGREEMENT = {("tflite", "int8"): 0.92, ("tflite", "int8_io"): 0.92, ("tflite", "
              ("onnx", "int8"): 0.82}
 
 
+@pytest.mark.slow
 def test_int8_modes_agree_with_float_on_real_images(trained, tmp_path, cifar_dir):
     from compress import stages
     from compress.settings import ExportSettings
@@ -135,9 +139,10 @@ def test_int8_modes_agree_with_float_on_real_images(trained, tmp_path, cifar_dir
     latency = run_cli("latency", tmp_path / "int8_io.tflite", "--runs", "3", "--warmup", "1", "--json")
     assert latency.returncode == 0 and json.loads(latency.stdout)["median_ms"] > 0
     meta = {p.key: p.value for p in onnx.load(tmp_path / "int8.onnx").metadata_props}
-    assert meta["compress.quantize"] == "int8" and json.loads(meta["compress.models.card"])["num_classes"] == 10
+    assert meta["compress.quantize"] == "int8" and json.loads(meta["compress.card"])["num_classes"] == 10
 
 
+@pytest.mark.slow
 def test_quantization_aware_net_computes_what_the_int8_file_does(trained, tmp_path, cifar_dir):
     """The int8 file's input and output take the whole range they have on the calibration
     images (LiteRT's average of per-image ranges clips the top logits, tying the classes top-1
@@ -171,6 +176,7 @@ def test_quantization_aware_net_computes_what_the_int8_file_does(trained, tmp_pa
     assert (sim.argmax(1) == top1).float().mean() >= (flt.argmax(1) == top1).float().mean()
 
 
+@pytest.mark.slow
 def test_int8_keeps_the_most_sensitive_ops_in_float(trained, tmp_path, cifar_dir):
     from compress.export.quantize import op_label, weighted_ops
     calib, images = _cifar_images(cifar_dir, trained)
@@ -182,6 +188,7 @@ def test_int8_keeps_the_most_sensitive_ops_in_float(trained, tmp_path, cifar_dir
     assert set(report["keep_float"]) <= set(names) and "output layer" in names and "features.0.0" in names
 
 
+@pytest.mark.slow
 def test_broken_calibration_fails_the_agreement_check(trained, tmp_path, cifar_dir):
     """Calibrating on constant gray images clips every real activation: the agreement check
     must catch it (exit 3), with the file and its numbers still written."""
@@ -215,6 +222,7 @@ def test_export_flag_combinations_that_make_no_sense(tmp_path, flags, message):
     assert "Traceback" not in out.stderr and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_parity_failure_is_reported(tmp_path):
     model = _confident(compress.build("mobilenet_v3_small_cifar"))
     with pytest.raises(CheckFailed, match=r"outputs differ from PyTorch by up to .*tolerance 1e-20"):
@@ -291,6 +299,7 @@ def test_adb_without_adb_is_a_clear_error(tmp_path, monkeypatch):
         measure_adb(tmp_path / "m.tflite")
 
 
+@pytest.mark.slow
 def test_export_and_latency_cli(tmp_path, cifar_dir):
     out = run_cli("export", "mobilenet_v3_small_cifar", "--format", "onnx", "-o", tmp_path / "m.onnx",
                   "--calib-data", f"cifar10:{cifar_dir}", "--parity-images", "16", "--json")

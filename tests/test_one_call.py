@@ -119,6 +119,7 @@ def test_one_call_takes_a_segmenter_its_loaders_and_the_users_loss(tmp_path):
     assert all(0 <= v <= 1 for v in (report.before, report.pruned, report.after, report.fidelity))
 
 
+@pytest.mark.slow
 def test_one_call_and_the_recipe_runner_prune_the_same_net(tmp_path, cifar_dir):
     """compress.compress and `chansearch run` are front ends over the same prune stage: from the
     same trained model, the same images and the same settings, the same channels and the same

@@ -75,6 +75,7 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.targets() and recipe.name == path.stem
 
 
+@pytest.mark.slow
 def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
     recipe = _recipe(tmp_path, int8=True)
     out = run_cli("run", recipe, "--quiet")
@@ -145,6 +146,7 @@ def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
     assert f"--teacher {unpruned}" in (run / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_killed_recipe_resumes_the_interrupted_stage(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -229,6 +231,7 @@ latency:
 """
 
 
+@pytest.mark.slow
 def test_direct_recipe_transfers_prunes_and_reports_against_the_unpruned_model(tmp_path, cifar_dir):
     """The main job as a recipe: pretrained weights learn the data first (the transfer stage);
     the transferred net is pruned with its data (energy, refit), and the report compares the

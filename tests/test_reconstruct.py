@@ -89,6 +89,7 @@ def test_energy_importance_ignores_how_weights_are_scaled():
     np.testing.assert_allclose(after["energy"], before["energy"], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_pruning_with_data_keeps_more_accuracy_than_weight_magnitude(cifar_dir):
     """The default with data (energy importance, layers refitted) against the weight-magnitude
     prune with BN re-estimated, on the trained fixture at 40% of its MACs, 500 test images."""
@@ -108,6 +109,7 @@ def test_pruning_with_data_keeps_more_accuracy_than_weight_magnitude(cifar_dir):
     assert ours > magnitude + 0.05, (ours, magnitude)
 
 
+@pytest.mark.slow
 def test_a_pruned_checkpoint_prunes_again_and_reloads_exactly(tmp_path, cifar_dir):
     """Iterative pruning: a pruned net is pruned further within its own widths (refitted to
     its own outputs); the result is saved, rebuilt from its card and equal to the net in memory,
@@ -147,6 +149,7 @@ def test_lockstep_refit_equals_the_per_layer_passes(user_net):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_a_small_activation_cache_lets_images_join_as_activations_shrink():
     """With the cache bounded below what all images need at the first layers, fewer images take
     part there and the rest join later; every layer is still refitted and the refit still brings
@@ -199,6 +202,7 @@ def test_channel_moments_over_uneven_batches_equal_one_float64_pass():
         assert moments.n == flat.shape[0]
 
 
+@pytest.mark.slow
 def test_folded_statistics_keep_the_function_and_describe_the_net():
     """fold_statistics leaves the eval-mode function as it was, sets each BN's running statistics
     to its input's real moments, so a train-mode forward on a large batch now computes (nearly)
@@ -248,6 +252,7 @@ def test_the_refit_does_not_overfit_a_layer_with_more_inputs_than_images():
     assert norm["exact"] > 3 and norm["cv"] < 1.5, norm
 
 
+@pytest.mark.slow
 def test_a_refitted_net_gains_from_a_plain_fine_tune(cifar_dir):
     """What users keep is the accuracy after their own recovery: the default prune (refit, BN
     statistics folded) of the trained fixture, then one epoch of a plain loop (SGD at lr 0.01,

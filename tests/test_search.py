@@ -52,6 +52,7 @@ def _search(run, out, settings=EVOLUTION, **changes):
     return stages.search(run, settings.model_copy(update=changes), out=out, quiet=True).result
 
 
+@pytest.mark.slow
 def test_greedy_meets_every_target_and_extracts_that_config(run, tmp_path):
     result = _search(run, tmp_path / "g", SearchSettings(method="greedy", greedy_step=0.7, **SCORING),
                      targets=[Target(macs="70%"), Target(macs="45%")])
@@ -130,6 +131,7 @@ def test_a_search_scored_at_a_smaller_input_size_extracts_at_the_models_own(run,
     assert done.heldout_top1 == pytest.approx(top1(done.model.eval(), full))
 
 
+@pytest.mark.slow
 def test_evolution_is_seeded_and_resumes_without_reevaluating(run, tmp_path):
     budgets = [Target(macs="60%"), Target(macs="40%")]
     ra = _search(run, tmp_path / "a", targets=budgets, seed=5)
@@ -145,6 +147,7 @@ def test_evolution_is_seeded_and_resumes_without_reevaluating(run, tmp_path):
     assert _targets(_search(run, tmp_path / "c", targets=budgets, seed=6)) != _targets(ra)
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_uninterrupted_result(run, tmp_path):
     args = ["search", str(run), *EVO[:-1], "--iterations", "4", "--macs", "55%", "--seed", "1"]
     full = run_cli(*args, "--out", tmp_path / "full")
@@ -167,6 +170,7 @@ def test_killed_search_resumes_to_the_uninterrupted_result(run, tmp_path):
     assert result["evaluated_now"] == total - scored
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_find_the_same_configs(run, tmp_path):
     one = run_cli("search", run, *EVO, "--macs", "50%", "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr

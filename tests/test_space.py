@@ -29,6 +29,7 @@ def test_reference_counts_at_224(name, macs, params):
     assert (space.macs(space.max()), space.params(space.max())) == count(model, 224)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_analytic_counts_equal_thop_on_random_configs(name):
     model, space, size = _space(name)
@@ -46,6 +47,7 @@ def test_analytic_counts_equal_thop_on_random_configs(name):
         assert (space.macs(config), space.params(config)) == count(pruned, size), config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_identity_pruning(name):
     model, space, size = _space(name)

@@ -1,3 +1,4 @@
+import pytest
 """The module structure: imports point one way (no cycle, also not through a function-local
 import), and the library reads no other module's private names."""
 import ast
@@ -75,6 +76,7 @@ def test_no_module_reads_another_modules_private_names():
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_export_installs_inside_compress(tmp_path):
     """Away from the checkout, the package is compress.export; no top-level `export` is installed
     to collide with another project's."""

@@ -49,6 +49,7 @@ def _batches(n=2, seed=1, size=SIZE):
     return [torch.randn(8, 3, size, size, generator=g) for _ in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BASE_MODELS + ["user"])
 def test_slimmable_at_config_equals_extracted_model(name):
     model = _model(name)
@@ -75,6 +76,7 @@ def test_full_config_is_the_pretrained_model_and_reordering_keeps_its_function()
         assert np.all(np.diff(scores) <= 1e-6), name  # most important channels first
 
 
+@pytest.mark.slow
 def test_ordered_by_the_pruning_ranking_a_width_slices_the_channels_prune_keeps():
     # a config searched on the supernet can then be cut from the pretrained model itself
     model = _model("mobilenet_v2_cifar")
@@ -97,6 +99,7 @@ def test_ordered_by_the_pruning_ranking_a_width_slices_the_channels_prune_keeps(
         assert torch.allclose(first(x), cut(x), atol=1e-4), seed
 
 
+@pytest.mark.slow
 def test_bn_recalibration_equals_cumulative_statistics_of_the_extracted_model():
     model = _model("mobilenet_v2_cifar")
     space = ChannelSpace.from_model(model, example_input(SIZE, model))
@@ -118,6 +121,7 @@ def test_bn_recalibration_equals_cumulative_statistics_of_the_extracted_model():
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BASE_MODELS)
 def test_one_sandwich_step_trains_every_width(name):
     model = _model(name)
@@ -245,6 +249,7 @@ TINY = ["--input-size", "16", "--data", "synthetic:320", "--holdout", "32", "--b
         "--workers", "0", "--recal-images", "16", "--eval-images", "16", "--quiet"]
 
 
+@pytest.mark.slow
 def test_supernet_cli_sigkill_then_resume_equals_uninterrupted(tmp_path):
     args = ["supernet", "mobilenet_v3_small_cifar", "--method", "slimmable", *TINY, "--epochs", "2", "--seed", "2",
             "--deterministic", "--steps-per-epoch", "8"]

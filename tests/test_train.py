@@ -43,6 +43,7 @@ def test_train_writes_run_folder_and_checkpoint(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr  # never overwrites a run
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     args = ["train", "mobilenet_v3_small_cifar", "--input-size", "16", "--data", "synthetic:320", "--batch-size", "16",
             "--val-images", "16", "--workers", "0", "--epochs", "3", "--seed", "1", "--deterministic",
@@ -76,6 +77,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[key], b[key]), key  # bit-exact
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     common = ["train", "mobilenet_v3_small_cifar", "--input-size", "16", "--data", "synthetic:64", "--batch-size", "16",
               "--val-images", "32", "--workers", "0", "--epochs", "2", "--lr", "0.01", "--seed", "0",

@@ -52,7 +52,7 @@ def metadata(model: nn.Module) -> dict[str, str]:
     preprocessing, classes), cost."""
     card = card_of(model)
     macs, params = count(model, card.input_size)
-    return {"compress.models.card": json.dumps(card.to_dict()), "compress.arch": json.dumps(card.arch),
+    return {"compress.card": json.dumps(card.to_dict()), "compress.arch": json.dumps(card.arch),
             "compress.config": json.dumps(card.config), "compress.macs": str(macs), "compress.params": str(params),
             "compress.input_size": str(card.input_size), "compress.num_classes": str(card.num_classes),
             "compress.mean": json.dumps(list(card.mean)), "compress.std": json.dumps(list(card.std))}
