@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common import CIFAR, write_section
+from pretrained_tables import METHODS, after_key, family, table, tried
 from compress import load, stages
 from compress.data.specs import sample_labelled
 from compress.export.latency import measure
@@ -73,8 +74,6 @@ SIZES = {  # recovery steps and batch, lrs tried; images: plain loop's pool, tes
     "quick": dict(steps=3, batch=16, lrs=(0.005, 0.001), pool=64, test=64, score=64, supernet=3, greedy=0.3,
                   evolution=dict(population=4, parents=2, mutations=2, crossovers=2, iterations=1)),
 }
-METHODS = ("compress", "compress-norefit", "compress-uniform", "compress-l1-global", "compress-slimmable",
-           "compress-slimmable-teacher", "compress-pruningnet-teacher", "tp", "tp-r8", "fastnas")
 SUPERNET_ROWS = {"compress-slimmable": "slimmable", "compress-slimmable-teacher": "slimmable",
                  "compress-pruningnet-teacher": "pruningnet"}  # the supernet each row searches
 PROTOCOLS = ("finetune", "plain")
@@ -233,7 +232,7 @@ def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: d
     # later seeds recover at the lr the first seed did best with
     first = _read(_cell_path(cells, method, target, 0)) if seed else cell
     todo = [(p, lr) for p in ctx["protocols"] for lr in _lrs(first, p, ctx["size"], bool(seed))
-            if _after(p, lr) not in cell]
+            if after_key(p, lr) not in cell]
     if "before" in cell and not todo:
         return cell
     # the pruned net does not depend on the recovery seed: pruned once, under seed 0, and reused by
@@ -260,7 +259,7 @@ def run_cell(cells: Path, method: str, target: float, seed: int, teacher, ctx: d
             atomic_write_json(path, cell)
         for protocol, lr in todo:
             student, choice = RECOVER[protocol](pruned, teacher, ctx, lr, seed)
-            cell[_after(protocol, lr)] = top1(student, *ctx["test"])
+            cell[after_key(protocol, lr)] = top1(student, *ctx["test"])
             if "kept_step" in choice:
                 cell[f"kept_step_{protocol}@{lr:g}"] = choice["kept_step"]
             atomic_write_json(path, cell)
@@ -314,10 +313,6 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _after(protocol: str, lr: float) -> str:
-    return f"after_{protocol}@{lr:g}"
-
-
 def _lrs(first: dict, protocol: str, size: dict, later: bool) -> tuple[float, ...]:
     """The first seed runs every lr of the grid; later seeds the one it did best with (of all
     it ran, whatever grid this run has)."""
@@ -325,81 +320,6 @@ def _lrs(first: dict, protocol: str, size: dict, later: bool) -> tuple[float, ..
         return size["lrs"]
     tried = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith(f"after_{protocol}@")}
     return (max(tried, key=tried.get),) if tried else ()
-
-
-def _best(group: list[dict], protocol: str) -> str:
-    """The protocol's mean ± std over seeds at the lr the first seed did best with, and that lr."""
-    first = min(group, key=lambda c: c["seed"])
-    tried = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith(f"after_{protocol}@")}
-    if not tried:
-        return "-"
-    lr = max(tried, key=tried.get)
-    kept = [c[f"kept_step_{protocol}@{lr:g}"] for c in group if f"kept_step_{protocol}@{lr:g}" in c]
-    starts = f", start kept {sum(step == 0 for step in kept)}/{len(kept)}" if kept else ""
-    return f"{mean_std([c[_after(protocol, lr)] for c in group if _after(protocol, lr) in c])} (lr {lr:g}{starts})"
-
-
-def _pruning_time(group: list[dict]) -> str:
-    """The first seed's: the later ones reuse its pruned net."""
-    first = min(group, key=lambda c: c["seed"])
-    return f"{first['pruning_s']:.0f} s" if "pruning_s" in first else "-"
-
-
-def _tried(cells: list[dict]) -> list[float]:
-    """Every recovery lr the cells ran, largest first."""
-    return sorted({float(k.split("@")[1]) for c in cells for k in c if k.startswith("after_")}, reverse=True)
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1%}"
-    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%}"
-
-
-def table(cells: list[dict], teacher_top1: float, teacher_macs: int) -> str:
-    rows = ["| MAC target | method | MACs kept | params | top-1 before recovery | sharpness | after `finetune` "
-            "| after plain loop | seeds | TFLite latency vs teacher | pruning time |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-            f"| - | teacher (unpruned) | 100% | - | {teacher_top1:.1%} | 1.0x | - | - | - | 1.00x | - |"]
-    for target in sorted({c["target"] for c in cells}, reverse=True):
-        for method in METHODS:
-            group = [c for c in cells if c["target"] == target and c["method"] == method]
-            if not group:
-                continue
-            pick = lambda k: [c[k] for c in group if k in c]  # noqa: E731
-            sharp = f"{statistics.mean(pick('sharpness')):.1f}x" if pick("sharpness") else "-"
-            rows.append(f"| {target:.0%} | {_label(group[0])} | {group[0]['macs'] / teacher_macs:.1%} | "
-                        f"{statistics.mean(pick('params')) / 1e6:.2f}M | {mean_std(pick('before'))} | {sharp} | "
-                        f"{_best(group, 'finetune')} | {_best(group, 'plain')} | {len(group)} | "
-                        f"{statistics.median(pick('latency')):.2f}x | {_pruning_time(group)} |")
-    return "\n".join(rows)
-
-
-def _label(cell: dict) -> str:
-    """The method, and for a supernet row how long its supernet trained and at what size its
-    search scored (the two settings that trade its cost against its choice)."""
-    if "supernet_steps" not in cell:
-        return cell["method"]
-    scored = f", scored at {cell['score_size']} px" if cell.get("score_size") else ""
-    return f"{cell['method']} (supernet {cell['supernet_steps']} steps{scored})"
-
-
-def family(cells: list[dict]) -> str:
-    """What serving every target costs each method: its pruning times summed over the targets
-    (a supernet method pays for its supernet once, in the first target it ran), beside the
-    top-1 each target recovers to."""
-    rows = ["| method | targets | pruning wall time, all targets | top-1 after `finetune` per target |",
-            "|---|---|---|---|"]
-    for method in METHODS:
-        firsts = sorted((c for c in cells if c["method"] == method and c["seed"] == 0 and "pruning_s" in c),
-                        key=lambda c: -c["target"])
-        if len(firsts) < 2:
-            continue
-        after = ", ".join(f"{c['target']:.0%}: {_best([c], 'finetune').split(' (')[0]}" for c in firsts)
-        rows.append(f"| {method} | {len(firsts)} | {sum(c['pruning_s'] for c in firsts):.0f} s | {after} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def main() -> None:
@@ -454,7 +374,7 @@ def main() -> None:
     write_section(args.section or f"Pruning a pretrained net, side by side ({card.input_size} px)", "\n".join([
         f"Teacher `{args.teacher}` (a pretrained net transferred to {data.split(':')[0]}, {card.input_size} "
         f"px); top-1 on {size['test']} test images. The same two recoveries for every row, {size['steps']} steps of "
-        f"{size['batch']} images at lr {' and '.join(f'{lr:g}' for lr in _tried(stored))} (a row shows the better of "
+        f"{size['batch']} images at lr {' and '.join(f'{lr:g}' for lr in tried(stored))} (a row shows the better of "
         "those its first seed ran, `--lrs`): `finetune` is `chansearch finetune --teacher`'s (its defaults: distillation, warm-up, the best state "
         "on 500 held-out training images kept; 'start kept k/n': in k of n seeds that was the pruned net as it "
         f"was), the plain loop a user's own (SGD, cosine, flips, KD T=4 weight "

@@ -122,19 +122,10 @@ def _peak_child(which: str, batch: int) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=SIZES, default="cpu")
-    args = ap.parse_args()
-    p = SIZES[args.size]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    images = torch.randn(p["batch"], 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (p["batch"],), device=device)
-    plain_step = standard_step(TrainSettings())
+def _slimmable_rows(p: dict, device: torch.device, images: torch.Tensor, labels: torch.Tensor,
+                    plain_step) -> tuple[list, int, float]:
+    """The slimmable supernet against the pruned models: rows, and the greedy step's trials and time."""
     rows = []
-
-    # ---- slimmable -----------------------------------------------------------------------
     supernet = build_supernet(build("mobilenet_v2_cifar"), "slimmable").to(device)
     space = supernet.space
     torch.manual_seed(1)
@@ -169,8 +160,13 @@ def main() -> None:
     trials = [dict(space.max()) | {g.name: g.widths[-2]} for g in space.groups if len(g.widths) > 1]
     evaluator.score_many(trials)
     greedy_s = time.perf_counter() - start
+    return rows, len(trials), greedy_s
 
-    # ---- PruningNet ----------------------------------------------------------------------
+
+def _pruningnet_rows(p: dict, device: torch.device, images: torch.Tensor, labels: torch.Tensor,
+                     plain_step) -> tuple[list, dict, list]:
+    """The PruningNet against the pruned model: rows, the timings, and its trained parameters."""
+    rows = []
     pn = build_supernet(build("mobilenet_v2_cifar"), "pruningnet").to(device)
     config = pn.space.uniform(0.5)
     pn.set_config(config)
@@ -208,6 +204,22 @@ def main() -> None:
     rows.append(("PruningNet training step vs the pruned model's (same config)", t["pn_step"], t["pruned_step"], 1.5))
     rows.append(("PruningNet candidate (generate + recalibrate + evaluate) vs pruned model", t["pn_candidate"],
                  t["plain_candidate"], 1.25))
+    return rows, t, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="cpu")
+    args = ap.parse_args()
+    p = SIZES[args.size]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    images = torch.randn(p["batch"], 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (p["batch"],), device=device)
+    plain_step = standard_step(TrainSettings())
+    rows, trials, greedy_s = _slimmable_rows(p, device, images, labels, plain_step)
+    pn_rows, t, params = _pruningnet_rows(p, device, images, labels, plain_step)
+    rows += pn_rows
     hyper_share = t["hyper"] / t["pn_step"]
     per_image = t["pn_candidate"] / (3 * p["batch"])
     evolution_min = 1000 * 7000 * per_image / 60
@@ -221,8 +233,8 @@ def main() -> None:
     write_section(f"Supernet speed ({args.size})", "\n".join([
         f"mobilenet_v2_cifar, batch {p['batch']} of 32x32 images on {device.type}; medians of {p['rounds']} "
         f"interleaved rounds of {p['steps']} timed steps (after one warm-up).", "", *table, "",
-        f"- Greedy step: {len(trials)} trials (one per group), each BN recalibration on {p['batch']} and evaluation on "
-        f"{p['batch']} images: {greedy_s:.1f} s per step ({greedy_s / len(trials):.2f} s per trial); the cost "
+        f"- Greedy step: {trials} trials (one per group), each BN recalibration on {p['batch']} and evaluation on "
+        f"{p['batch']} images: {greedy_s:.1f} s per step ({greedy_s / trials:.2f} s per trial); the cost "
         "grows linearly with the number of groups and with the image counts.",
         f"- PruningNet hypernetworks (weight generation forward + backward alone) take {hyper_share:.0%} of a "
         f"training step at batch {p['batch']}; their share falls as the batch grows.",
@@ -232,7 +244,6 @@ def main() -> None:
         f"- A default evolution search (1,000 candidates, 2,000 recalibration + 5,000 evaluation images each) "
         f"costs about {evolution_min:.0f} minutes here at the measured {per_image * 1e3:.2f} ms per image "
         "(extrapolated from the candidate timing, not run end to end)."]))
-
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ torch load, and a lock that keeps two runs out of one folder."""
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pickle
@@ -44,6 +45,16 @@ def atomic_save(obj, path: str | Path) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _atomic(path, lambda f: f.write(data))
+
+
+def atomic_write_figure(path: str | Path, fig) -> None:
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

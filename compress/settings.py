@@ -208,14 +208,6 @@ class PruneSettings(Settings):
                               "pruning, when there is data and no reconstruction (0 = keep the unpruned model's)")
     targets: list[Target] = Field([], description="budgets (macs and/or params), one pruned model per target")
 
-    @field_validator("importance")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from compress.pruning.importance import names  # the registry holds the user's own too
-        if v != "auto" and v not in names():
-            raise ValueError(f"unknown importance '{v}'; choose auto or one of {', '.join(names())}")
-        return v
-
     @field_validator("targets")
     @classmethod
     def _direct(cls, v: list[Target]) -> list[Target]:

@@ -12,6 +12,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+# a small MobileNetV2 trained on CIFAR-10 (tests/fixtures/make_trained.py)
+TRAINED = ROOT / "tests" / "fixtures" / "mobilenet_v2_cifar_w035_trained.pt"
 
 
 class ResidualNet(nn.Module):

@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
 from compress.checkpoint import is_checkpoint_path
 from compress.errors import CompressError
+from compress.pruning.importance import names as importance_names
 from compress.settings import (DataSettings, ExportSettings, ExtractSettings, FinetuneSettings, LatencySettings,
                                LutSettings, ModelSettings, PruneSettings, SearchSettings, Settings, SupernetSettings,
                                Target, TransferSettings)
@@ -58,13 +59,22 @@ class Recipe(Settings):
                 data["supernet"] = {"holdout": holdout, **data.get("supernet", {})}
         return data
 
+    @field_validator("prune")
+    @classmethod
+    def _known_importance(cls, prune: PruneSettings) -> PruneSettings:
+        """Checked here, with the recipe: the registry holds the user's own importances too."""
+        if prune.importance != "auto" and prune.importance not in importance_names():
+            raise ValueError(f"unknown importance '{prune.importance}'; choose auto or one of "
+                             f"{', '.join(importance_names())}")
+        return prune
+
     @model_validator(mode="after")
     def _paths(self):
         if self.supernet.method == "none":
             if not self.prune.targets:
                 raise ValueError("with supernet.method: none (the direct path), give prune.targets")
-            if any(t.params or t.latency_ms or not t.macs for t in self.prune.targets):
-                raise ValueError("prune.targets take MAC targets only (macs: 150M or 50%)")
+            if any(t.latency_ms or not (t.macs or t.params) for t in self.prune.targets):
+                raise ValueError("prune.targets take macs and/or params budgets (macs: 150M or 50%, params: 1.2M)")
         elif not self.search.targets:
             raise ValueError("give search.targets (e.g. - macs: 50%), or set supernet.method: none and prune.targets")
         if self.extract.weights == "teacher" and (self.supernet.method != "slimmable" or not self.trained_before()):

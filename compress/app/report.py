@@ -3,14 +3,13 @@ fine-tuning, export parity, measured latency against the budget, pass/fail) and 
 from __future__ import annotations
 
 import datetime
-import io
 from pathlib import Path
 
 import torch
 
 from compress.app.results import UNPRUNED, Exported, ExportedFile, Finetuned, Nets, Timed, Timing
 from compress.app.run_context import RunContext
-from compress.files import atomic_write_bytes, atomic_write_text
+from compress.files import atomic_write_bytes, atomic_write_figure, atomic_write_text
 from compress.units import human
 
 def _pct(value) -> str:
@@ -200,8 +199,4 @@ def _plot(path: Path, points: list, metric: str) -> None:
     ax.set_ylabel(f"test {metric} (%)")
     ax.set_title("each target: before (gray) and after (blue) fine-tuning")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)

@@ -12,7 +12,7 @@ import numpy as np
 
 from compress.training import distributed
 from compress.errors import CompressError
-from compress.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from compress.files import atomic_write_figure, atomic_write_json, atomic_write_text
 from compress.search.constraints import Budget, budgets_for, parse_budgets, targets_from_lists
 from compress.search.evaluator import Evaluator, HeldOut
 from compress.search.strategies import evolution, greedy, random_search
@@ -100,8 +100,4 @@ def _plot(path: Path, entries: list[dict], front: list[dict], result: dict) -> N
     ax.set_title(f"{result['method']} search: chosen configs (stars) under each MAC budget (dashed)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)

@@ -13,7 +13,7 @@ from torch import nn
 from compress.checkpoint import save_checkpoint
 from compress.data.source import DataSource
 from compress.models.card import card_of
-from compress.pruning.importance import needs_data
+from compress.pruning.importance import importance_of, needs_data
 from compress.pruning.profile import count
 from compress.pruning.prune import prune_target, restore_outputs
 from compress.settings import PruneSettings
@@ -43,6 +43,7 @@ def prune(model: nn.Module, settings: PruneSettings = PruneSettings(), macs: str
     if given."""
     source = DataSource.of(data) if data is not None else None
     importance = settings.importance_for(source is not None)
+    importance_of(importance)  # an unknown name is refused before any work
     restored = {}
     batch = pruning_batch(model, settings, source) if source is not None else None
     pruned, info = prune_target(model, config=config, macs=macs, params=params, width=width, importance=importance,

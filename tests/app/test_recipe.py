@@ -17,7 +17,7 @@ from compress.pruning.profile import count
 from compress.app.recipe import load_recipe
 from compress.settings import FinetuneSettings, SupernetSettings
 from compress.units import human
-from conftest import ROOT, run_cli
+from conftest import ROOT, TRAINED, run_cli
 
 TINY = """\
 name: tiny
@@ -181,6 +181,8 @@ def test_recipe_errors_name_file_line_and_key(tmp_path):
     assert f"{bad}:24 search.eval_imgs: unknown key 'eval_imgs' (did you mean 'eval_images'?)" in text
     with pytest.raises(CompressError, match=r"finetune.epochs: 'two'"):
         load_recipe(_recipe(tmp_path), ["finetune.epochs=two"])
+    with pytest.raises(CompressError, match=r"prune: .*unknown importance 'magnitude'; choose auto or one of energy"):
+        load_recipe(_recipe(tmp_path), ["prune.importance=magnitude"])
     (tmp_path / "broken.yaml").write_text("name: x\nmodel: [\n")
     out = run_cli("run", tmp_path / "broken.yaml")
     assert out.returncode == 2 and "broken.yaml:3: malformed YAML" in out.stderr
@@ -239,7 +241,7 @@ def test_direct_recipe_transfers_prunes_and_reports_against_the_unpruned_model(t
     from compress.data.specs import eval_set, loader, random_subset
     from compress.training.evaluate import evaluate
     weights = tmp_path / "pretrained.pth"  # a trained net's weights, as a torchvision-style state_dict
-    torch.save(compress.load(ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt").state_dict(), weights)
+    torch.save(compress.load(TRAINED).state_dict(), weights)
     recipe = tmp_path / "direct.yaml"
     recipe.write_text(DIRECT.format(out=tmp_path / "runs", weights=weights, data=cifar_dir))
     out = run_cli("run", recipe, "--quiet")

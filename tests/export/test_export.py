@@ -9,7 +9,7 @@ import torch
 import compress
 from compress import CompressError
 from compress.errors import CheckFailed
-from conftest import run_cli
+from conftest import TRAINED, run_cli
 from compress.export import export_onnx, export_tflite, measure
 from compress.export.latency import adb_commands, check_budget, measure_adb, parse_benchmark_model
 from compress.pruning.prune import prune
@@ -100,12 +100,11 @@ def test_tflite_float_nhwc(tmp_path, cifar_dir):
     assert nhwc["input"]["shape"] == [1, 32, 32, 3] and nhwc["input"]["dtype"] == "float32"
 
 
-TRAINED = Path(__file__).resolve().parent / "data" / "mobilenet_v2_cifar_w035_trained.pt"
 
 
 @pytest.fixture(scope="session")
 def trained():
-    """A small MobileNetV2 trained on CIFAR-10 (tests/data/make_trained.py): int8 error only
+    """A small MobileNetV2 trained on CIFAR-10 (tests/fixtures/make_trained.py): int8 error only
     means something on trained weights, whose activations have real ranges."""
     return compress.load(TRAINED).eval()
 

@@ -10,7 +10,7 @@ import compress
 from compress import CompressError, FinetuneSettings, SearchSettings, SupernetSettings
 from compress.training.evaluate import evaluate
 from compress.pruning.space import widths_of
-from conftest import ROOT, ResidualNet, run_cli
+from conftest import ROOT, ResidualNet, TRAINED, run_cli
 
 
 def _loaders(cifar_dir, n_train=256, n_val=128):
@@ -125,7 +125,7 @@ def test_one_call_and_the_recipe_runner_prune_the_same_net(tmp_path, cifar_dir):
     same trained model, the same images and the same settings, the same channels and the same
     weights, to the bit."""
     from compress.data.specs import sample_labelled
-    source = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    source = TRAINED
     spec = f"cifar10:{cifar_dir}"
     recipe = tmp_path / "same.yaml"
     recipe.write_text(f"name: same\nout: {tmp_path / 'runs'}\nmodel: {{name: {source}}}\n"

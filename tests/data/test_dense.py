@@ -123,7 +123,7 @@ finetune:
   holdout: 8
   val_images: 8
 export:
-  formats: [onnx]          # TFLite's multi-output files: tests/test_export.py
+  formats: [onnx]          # TFLite's multi-output files: tests/export/test_export.py
   parity_images: 2
 latency:
   runs: 3
@@ -169,7 +169,7 @@ def test_an_ssdlite_detector_prunes_recovers_evaluates_and_exports_its_raw_head(
     ds = eval_set("shapeboxes:32", 96, model.card.mean, model.card.std, 4)
     result = evaluate(recovered, loader(ds, 4), teacher=trained)
     assert {"map", "map_50", "loss", "fidelity_map"} <= set(result) and 0 <= result["map"] <= 1
-    # TFLite writes several outputs the same way (tests/test_export.py); its SSDlite row: bench_coverage.py
+    # TFLite writes several outputs the same way (tests/export/test_export.py); its SSDlite row: bench_coverage.py
     report = stages.export(recovered, "onnx", tmp_path / "det.onnx", data=data.spec)
     assert report["outputs"] == ["bbox_regression", "cls_logits"]
     assert all(r["max_abs_diff"] <= 1e-3 * max(1.0, r["max_abs_logit"]) for r in report["parity"]["outputs"].values())

@@ -15,8 +15,8 @@ from compress.pruning.prune import prune_with_map
 from compress.pruning.reconstruct import mixes_channels, reconstruct
 from compress.settings import PruneSettings
 from compress.pruning.space import ChannelSpace
+from conftest import TRAINED
 
-TRAINED = Path(__file__).resolve().parent / "data" / "mobilenet_v2_cifar_w035_trained.pt"
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2_cifar", "mobilenet_v3_small_cifar"])

@@ -173,8 +173,8 @@ def test_a_registered_importance_decides_which_channels_are_kept():
     conv = dict(pruned.named_modules())[stem.name]
     full = dict(model.named_modules())[stem.name]
     assert conv.out_channels == kept and torch.equal(conv.weight, full.weight[-kept:])
-    with pytest.raises(ValueError, match="unknown importance 'nope'"):
-        compress.PruneSettings(importance="nope")
+    with pytest.raises(CompressError, match="unknown importance 'nope'; choose one of energy, l1, .*, last"):
+        compress.prune(model, compress.PruneSettings(importance="nope"), width=0.5)
 
 
 def test_the_old_names_warn_and_forward():

@@ -15,7 +15,7 @@ from compress.settings import DataSettings, TrainSettings
 from compress.training.tasks import softened_kl as kd_loss
 from compress.training.loop import fit
 from compress.training.optim import lr_lambda, param_groups
-from conftest import ROOT, run_cli
+from conftest import ROOT, TRAINED, run_cli
 
 TINY = ["--input-size", "16", "--data", "synthetic:96", "--batch-size", "16", "--val-images", "32", "--workers", "0",
         "--lr", "0.05", "--seed", "3", "--quiet"]
@@ -196,7 +196,7 @@ def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
     from compress.settings import FinetuneSettings
     from compress.data.source import DataSource
     from compress.training.loaders import spec_loaders
-    trained = ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    trained = TRAINED
     model = compress.load(trained)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     data = DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0)
@@ -250,14 +250,14 @@ def test_quantization_aware_epochs_train_the_int8_net_and_return_a_plain_one(tmp
     exporters quantize to."""
     from compress.int8 import bn_fold, conv_bn_pairs, weight_on_grid
     from compress.settings import FinetuneSettings
-    model = compress.load(ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt")
+    model = compress.load(TRAINED)
     data = DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0)
     settings = FinetuneSettings(epochs=2, qat_epochs=1, steps_per_epoch=3, lr=0.002, warmup_epochs=0, holdout=128,
                                 eval_every=0)
     tuned = fit(model, data, settings, tmp_path, validate=False, quiet=True)
     record = json.loads((tmp_path / "keep_best.json").read_text())
     assert record["int8"] and record["start"]["step"] == 3 and record["start"]["top1"] > 0.4  # ranges calibrated
-    assert set(tuned.state_dict()) == set(compress.load(ROOT / "tests" / "data" /
+    assert set(tuned.state_dict()) == set(compress.load(ROOT / "tests" / "fixtures" /
                                                         "mobilenet_v2_cifar_w035_trained.pt").state_dict())
     float_state = torch.load(tmp_path / "best.pt", weights_only=True)["state"]  # where the int8 epoch began
     pairs = conv_bn_pairs(tuned, torch.zeros(1, 3, 32, 32))
@@ -277,6 +277,6 @@ def test_quantization_aware_epochs_are_refused_where_they_cannot_run(cifar_dir):
     from compress.settings import FinetuneSettings
     with pytest.raises(ValueError, match="ema_decay: 0"):
         FinetuneSettings(epochs=2, qat_epochs=1, ema_decay=0.999)
-    out = run_cli("finetune", ROOT / "tests" / "data" / "mobilenet_v2_cifar_w035_trained.pt", "--data",
+    out = run_cli("finetune", TRAINED, "--data",
                   f"cifar10:{cifar_dir}", "--epochs", "1", "--qat-epochs", "2", "-o", "unused.pt")
     assert out.returncode == 2 and "--qat-epochs" in out.stderr and "at most --epochs" in out.stderr, out.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import compress
-from conftest import run_cli
+from conftest import TRAINED, run_cli
 
 
 def test_models_lists_zoo_with_counts():
@@ -50,7 +50,7 @@ def test_prune_re_estimates_bn_statistics_on_the_data(tmp_path, cifar_dir):
     """The pruned net's first BN holds the mean and variance of its own conv's outputs over
     the --recal-images training images (averaged over batches of 64, as BN's cumulative
     average does), measured independently here."""
-    trained = Path(__file__).resolve().parent / "data" / "mobilenet_v2_cifar_w035_trained.pt"
+    trained = TRAINED
     data = f"cifar10:{cifar_dir}"
     out = run_cli("prune", trained, "--width", "0.75", "--data", data, "--reconstruct-images", "0", "--recal-images", "128",
                   "--importance", "l1", "-o", tmp_path / "p.pt")
