@@ -171,8 +171,10 @@ def finetune(ctx: RunContext, folder: Path) -> Finetuned | None:
             path = Path(net.path)
         elif not path.exists():
             teacher = upstream.teacher if f.distill else None
-            # what the training loop takes; from_scratch and distill decided the model and the teacher
-            settings = TrainSettings(**f.model_dump(exclude={"from_scratch", "distill"}))
+            # from scratch, `chansearch train`'s settings (its lr unless the recipe sets one); else the
+            # fine-tune's own, whose lr (when not set) is picked by the lr trial
+            settings = (TrainSettings(**f.model_dump(exclude={"from_scratch", "distill", "lr_base", "lr_trial"},
+                                                     exclude_none=True)) if f.from_scratch else f)
             where = ["--from-scratch", "--out", run_dir] if f.from_scratch else ["-o", path, "--run-dir", run_dir]
             # the command's flags are read against its own defaults: train's, or finetune's
             shown = settings if f.from_scratch else f.model_copy(update={"distill": True})

@@ -65,6 +65,9 @@ class Best:
         """Score the current state; keep it when it beats the best. Returns what the epoch's
         metrics record."""
         scores, correct = self._score(model)
+        later = self.record.get("best_later")
+        if later is None or scores["top1"] > later["top1"]:  # what the terminal line reports
+            self.record["best_later"] = {"step": step, "top1": scores["top1"]}
         if self._beats_best(scores, correct):
             self.record.update(step=step, **scores)
             self.correct = correct
@@ -94,3 +97,15 @@ class Best:
         if self.main:
             atomic_save({"state": self.state, "record": self.record}, self.path)
 
+
+def summary(record: dict, images: int) -> str:
+    """The terminal line: which state fit returned, and why."""
+    metric = record.get("metric", "top1")
+    start, later = record["start"], record.get("best_later")
+    if record["step"] != start["step"]:
+        return (f"keep_best: returned the state after step {record['step']}: held-out {metric} "
+                f"{start['top1']:.2%} at the start -> {record['top1']:.2%} (on {images} held-out images)")
+    why = ("no later state got more of them right by more than the noise"
+           + (f" (the best, after step {later['step']}: {later['top1']:.2%})" if later else ""))
+    return (f"keep_best: returned the starting state, held-out {metric} {start['top1']:.2%} on {images} "
+            f"held-out images: {why}")

@@ -26,7 +26,7 @@ from compress.errors import CompressError
 from compress.files import atomic_save, atomic_write_json, safe_torch_load
 from compress.models.card import ModelCard, card_of
 from compress.settings import DataSettings, TrainSettings
-from compress.training import distributed
+from compress.training import distributed, keep_best, lr_trial
 from compress.training.evaluate import evaluate
 from compress.training.keep_best import BEST_FILE, BEST_INT8_FILE, KEPT_FILE, Best
 from compress.training.loaders import loaders_for
@@ -80,26 +80,19 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
     seed_everything(cfg.seed + rank, cfg.deterministic)
     (loader, val_loader, select_loader), held = loaders_for(source, card, cfg, validate)
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(cfg.steps_per_epoch, len(loader))
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if teacher is not None:
-        teacher.to(device).eval()  # run under no_grad by the step; its own flags stay the caller's
-    optim = Optimization(model, cfg, steps, device)
+    _to_device(model, teacher, cfg, device)
     step = step or standard_step(cfg, teacher, task)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
                 if cfg.amp != "none" else contextlib.nullcontext())
+    if cfg.lr is None:  # a fine-tune without an lr: the trial's, or lr_base scaled to the batch
+        run = lambda net, data, n, opt: train_epoch(net, data, n, step, opt, autocast, cfg, 0, device, True,  # noqa: E731
+                                                    None, net, "none yet")
+        cfg = cfg.model_copy(update={"lr": lr_trial.resolve(model, cfg, loader.batch_size * world, loader,
+                                                            select_loader, run_dir, main, run, device, quiet)})
+    optim = Optimization(model, cfg, steps, device)
     qat_from = cfg.epochs - cfg.qat_epochs if cfg.qat_epochs else None
-    trained: nn.Module = model  # what the epochs train: the model, or from qat_from on its int8 form
-    history, start = [], 0
-    if saved is not None:
-        if qat_from is not None and saved["epoch"] + 1 > qat_from:
-            trained = _int8_form(model, card, device)
-        trained.load_state_dict(saved["model"])
-        optim.load_state_dict(saved)
-        history, start = saved["history"], saved["epoch"] + 1
-        if world == 1:  # other ranks' generators were not saved; they reseed per rank
-            set_rng_state(saved["rng"])
+    # what the epochs train: the model, or from qat_from on its int8 form
+    trained, history, start = _resumed(saved, model, card, device, optim, qat_from, world)
     if main:
         _start_records(run_dir, recorded, source, cfg, held, history)
     final = optim.ema.module if optim.ema is not None else trained
@@ -134,6 +127,8 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
         chosen = best.restore(final)
         if main:
             atomic_write_json(run_dir / KEPT_FILE, {**chosen, "int8": trained is not model})
+            if not quiet:
+                print(keep_best.summary(chosen, len(select_loader.dataset)), flush=True)
     if trained is not model:  # the int8 epochs ran: the plain model, its weights on the grid
         final = trained.release()
     final.card = card
@@ -180,6 +175,28 @@ def train_epoch(net: nn.Module, loader: DataLoader, steps: int, step: Step, opti
     sums = distributed.all_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
     return {"epoch": epoch + 1, "train_loss": sums[0].item() / max(sums[1].item(), 1), "lr": optim.lr(),
             "seconds": round(seconds, 3), "images_per_s": round(sums[1].item() / seconds, 1)}
+
+
+def _resumed(saved: dict | None, model: nn.Module, card: ModelCard, device: torch.device, optim: Optimization,
+             qat_from: int | None, world: int) -> tuple[nn.Module, list[dict], int]:
+    """(what the epochs train, the history so far, the first epoch to run): a resumed run's
+    state as it was saved (its int8 form when it stopped in the quantization-aware epochs)."""
+    if saved is None:
+        return model, [], 0
+    trained = _int8_form(model, card, device) if qat_from is not None and saved["epoch"] + 1 > qat_from else model
+    trained.load_state_dict(saved["model"])
+    optim.load_state_dict(saved)
+    if world == 1:  # other ranks' generators were not saved; they reseed per rank
+        set_rng_state(saved["rng"])
+    return trained, saved["history"], saved["epoch"] + 1
+
+
+def _to_device(model: nn.Module, teacher: nn.Module | None, cfg: TrainSettings, device: torch.device) -> None:
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device).eval()  # run under no_grad by the step; its own flags stay the caller's
 
 
 def _task(model: nn.Module, cfg: TrainSettings, device: torch.device, loss: Callable | None) -> Classify | UserLoss:

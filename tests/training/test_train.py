@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -280,3 +281,64 @@ def test_quantization_aware_epochs_are_refused_where_they_cannot_run(cifar_dir):
     out = run_cli("finetune", TRAINED, "--data",
                   f"cifar10:{cifar_dir}", "--epochs", "1", "--qat-epochs", "2", "-o", "unused.pt")
     assert out.returncode == 2 and "--qat-epochs" in out.stderr and "at most --epochs" in out.stderr, out.stderr
+
+
+def test_the_fine_tune_lr_follows_the_batch_size(tmp_path):
+    """Without an lr, a fine-tune's lr is lr_base per 256 images at its batch size; the trial's
+    candidates are spread around that same batch-scaled lr."""
+    from compress.settings import FinetuneSettings
+    from compress.training import lr_trial
+    settings = FinetuneSettings(lr_base=0.008, lr_trial=0)
+    assert [lr_trial.scaled_lr(settings, b) for b in (32, 64, 256)] == [0.001, 0.002, 0.008]
+    net = compress.build("mobilenet_v3_small_cifar", input_size=16)
+    data = DataSettings(spec="synthetic:96", batch_size=16, workers=0)
+    trial = FinetuneSettings(epochs=1, steps_per_epoch=1, lr_trial=2, holdout=9, keep_best=True, eval_every=0)
+    fit(net, data, trial, tmp_path / "trial", quiet=True)
+    record = json.loads((tmp_path / "trial" / "lr_trial.json").read_text())
+    assert record["batch_size"] == 16 and [c["lr"] for c in record["candidates"]] == pytest.approx(
+        [0.008 * 16 / 256 * f for f in (0.25, 1, 4)])
+    assert record["lr"] in [c["lr"] for c in record["candidates"]]
+
+
+def test_the_lr_trial_picks_the_better_of_two_lrs_when_one_diverges():
+    """An lr that blows the loss up loses the trial to one that trains, whatever their order; the
+    trial leaves the caller's random state as it found it."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.settings import FinetuneSettings
+    from compress.training import lr_trial
+    from compress.training.loop import standard_step, train_epoch
+    torch.manual_seed(0)
+    net = compress.build("mobilenet_v3_small_cifar", input_size=16)
+    images, labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    train = DataLoader(TensorDataset(images[:48], labels[:48]), batch_size=16, shuffle=True)
+    held = DataLoader(TensorDataset(images[48:], labels[48:]), batch_size=16)
+    cfg = FinetuneSettings(epochs=1, channels_last=False)
+    step = standard_step(cfg)
+
+    def run(model, loader, steps, optim):
+        train_epoch(model, loader, steps, step, optim, contextlib.nullcontext(), cfg, 0, torch.device("cpu"), True,
+                    None, model, "none yet")
+
+    before = torch.get_rng_state()
+    for lrs in ([1e-3, 1e5], [1e5, 1e-3]):
+        results = lr_trial.trial(net, lrs, 4, train, held, cfg, run, torch.device("cpu"))
+        by_lr = {r["lr"]: r["heldout_loss"] for r in results}
+        assert by_lr[1e5] == float("inf") and by_lr[1e-3] < 10
+        assert lr_trial.chosen(results) == 1e-3
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_terminal_names_the_state_fine_tuning_returned(tmp_path, cifar_dir):
+    """chansearch finetune says which state it returned and why: here an lr that wrecks the net,
+    so the start, and the best later state it turned down; without --lr, the lr trial's choice."""
+    common = ["--data", f"cifar10:{cifar_dir}", "--batch-size", "32", "--workers", "0", "--epochs", "1",
+              "--steps-per-epoch", "4", "--warmup-epochs", "0", "--holdout", "64", "--eval-every", "2",
+              "--val-images", "32"]
+    out = run_cli("finetune", TRAINED, *common, "--lr", "3.0", "-o", tmp_path / "wrecked.pt")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "keep_best: returned the starting state, held-out top1" in out.stdout
+    assert "on 64 held-out images: no later state got more of them right by more than the noise" in out.stdout
+    out = run_cli("finetune", TRAINED, *common, "--lr-trial", "2", "-o", tmp_path / "tried.pt")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lr trial (2 steps each, held-out loss): 0.00025: " in out.stdout and "fine-tuning at lr" in out.stdout
+    assert "keep_best: returned the " in out.stdout

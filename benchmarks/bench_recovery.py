@@ -1,0 +1,198 @@
+"""Recovering a pruned pretrained net with the few images a user has, side by side.
+
+The teacher is a pretrained net transferred to the data at its real resolution (--teacher: the
+shared ImageNet MobileNetV2 trained on CIFAR-10 at 224 px, see RESULTS.md). It is pruned once
+per MAC target by our direct path (`chansearch prune --data`, on the same training pool). For
+each number of training images (a seeded subset of the training split, written as the user's
+own `npz:` file) and each seed, the pruned net is recovered by:
+
+- `finetune`: `chansearch finetune PRUNED --data npz:FILE --epochs E --batch-size 32 --teacher T`
+  with every other setting at its default (no lr given: the lr trial picks it);
+- `finetune-lr0.01`: the same with `--lr 0.01`, the default before the lr trial;
+- `plain`: the loop a user writes: SGD (Nesterov, momentum 0.9), cosine lr, random flips, 0.7 KD
+  (T=4) on the teacher's logits + 0.3 cross-entropy, BN in train mode, the same E epochs of
+  batch 32 over the same images; at each lr of the grid, the row showing the one the first
+  seed did best with on the test images (the user's best case).
+
+Reported per cell: top-1 on test images, fidelity (top-1 agreement with the teacher), the
+distillation loss against the teacher on the test images (KL at T=1), and wall time. Cells are
+stored under --cells as they finish, so an interrupted run continues where it stopped.
+
+    python benchmarks/bench_recovery.py --teacher runs/teacher224/model.pt --size cpu224
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common import CIFAR, write_section
+from compress import load, stages
+from compress.data.specs import sample_labelled
+from compress.files import atomic_write_json
+from compress.settings import DataSettings, FinetuneSettings, PruneSettings
+
+SIZES = {  # test images, training-image counts, MAC targets, epochs, the plain loop's lr grid
+    "quick": dict(test=64, images=(64,), macs=(0.5,), epochs=1, lrs=(0.001,)),
+    "cpu224": dict(test=500, images=(500,), macs=(0.5,), epochs=3, lrs=(0.001, 0.01)),
+    "gpu": dict(test=10000, images=(100, 500, 5000), macs=(0.7, 0.5, 0.3), epochs=3, lrs=(0.0003, 0.001, 0.003, 0.01)),
+}
+RECOVERIES = ("finetune", "finetune-lr0.01", "plain")
+
+
+@torch.no_grad()
+def scores(model: nn.Module, teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    model.eval()
+    hits, agree, kl = 0, 0, 0.0
+    for x, y in zip(images.split(100), labels.split(100)):
+        out, ref = model(x), teacher(x)
+        hits += (out.argmax(1) == y).sum().item()
+        agree += (out.argmax(1) == ref.argmax(1)).sum().item()
+        kl += F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), reduction="sum", log_target=True).item()
+    return {"top1": hits / len(labels), "fidelity": agree / len(labels), "kd_loss": kl / len(labels)}
+
+
+def user_images(cells: Path, data: str, count: int, seed: int) -> str:
+    """`count` training images picked with `seed`, as the user's own npz file."""
+    path = cells / f"train_{count}_seed{seed}.npz"
+    if not path.exists():
+        with np.load(Path(data.split(":", 1)[1]) / "train.npz") as f:
+            pick = np.random.default_rng(100 + seed).permutation(len(f["y"]))[:count]
+            np.savez(path, x=f["x"][pick], y=f["y"][pick])
+    return f"npz:{path}"
+
+
+def recover_finetune(pruned: Path, teacher: nn.Module, spec: str, epochs: int, seed: int, run: Path,
+                     lr: float | None) -> nn.Module:
+    settings = FinetuneSettings(epochs=epochs, seed=seed, **({"lr": lr} if lr else {}))
+    torch.manual_seed(seed)
+    return stages.train(load(pruned), DataSettings(spec=spec, batch_size=32, workers=0), settings, run,
+                        teacher=teacher, quiet=True).model.eval()
+
+
+def recover_plain(pruned: Path, teacher: nn.Module, pool: tuple[torch.Tensor, torch.Tensor], epochs: int, seed: int,
+                  lr: float) -> nn.Module:
+    images, labels = pool
+    student = load(pruned).train()
+    teacher.eval()
+    steps = epochs * (len(images) // 32)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    order = torch.cat([torch.randperm(len(images), generator=generator) for _ in range(epochs)])
+    for step in range(steps):
+        idx = order[step * 32:(step + 1) * 32]
+        x, y = images[idx], labels[idx]
+        x = torch.where(torch.rand(len(idx), 1, 1, 1, generator=generator) < 0.5, x.flip(3), x)
+        with torch.no_grad():
+            soft = F.log_softmax(teacher(x) / 4, 1)
+        logits = student(x)
+        kd = F.kl_div(F.log_softmax(logits / 4, 1), soft, reduction="batchmean", log_target=True) * 16
+        loss = 0.7 * kd + 0.3 * F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return student.eval()
+
+
+def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict) -> dict:
+    path = cells / f"{recovery}_{macs:.2f}_{count}_{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    teacher, size, pruned = ctx["teacher"], ctx["size"], ctx["pruned"][macs]
+    spec = user_images(cells, ctx["data"], count, seed)
+    card = teacher.card
+    began = time.perf_counter()
+    if recovery == "plain":
+        pool = sample_labelled(spec, True, count, card.input_size, card.mean, card.std, seed=0)
+        first = cells / f"plain_{macs:.2f}_{count}_{min(ctx['seeds'])}.json"
+        lrs = size["lrs"] if seed == min(ctx["seeds"]) else (json.loads(first.read_text())["lr"],)
+        results = []
+        for lr in lrs:
+            tuned = recover_plain(pruned, teacher, pool, size["epochs"], seed, lr)
+            results.append({"lr": lr, **scores(tuned, teacher, *ctx["test"])})
+        cell = max(results, key=lambda r: r["top1"]) | {"tried": results}
+    else:
+        lr = 0.01 if recovery == "finetune-lr0.01" else None
+        run = cells / "runs" / path.stem
+        tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, lr)
+        trial = run / "lr_trial.json"
+        kept = json.loads((run / "keep_best.json").read_text())
+        cell = {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else lr, "kept_step": kept["step"],
+                **scores(tuned, teacher, *ctx["test"])}
+    cell.update(recovery=recovery, macs=macs, images=count, seed=seed, seconds=round(time.perf_counter() - began, 1))
+    atomic_write_json(path, cell)
+    return cell
+
+
+def mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str:
+    if len(values) == 1:
+        return f"{values[0] * scale:.{digits}f}"
+    return f"{statistics.mean(values) * scale:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def table(cells: list[dict], before: dict) -> str:
+    rows = ["| MACs | images | recovery | top-1 % | fidelity % | KD loss vs teacher | lr | seeds | seconds |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for macs in sorted({c["macs"] for c in cells}, reverse=True):
+        b = before[macs]
+        rows.append(f"| {macs:.0%} | - | pruned, before recovery | {b['top1'] * 100:.1f} | {b['fidelity'] * 100:.1f} | "
+                    f"{b['kd_loss']:.3f} | - | - | - |")
+        for count in sorted({c["images"] for c in cells}):
+            for recovery in RECOVERIES:
+                group = [c for c in cells if (c["macs"], c["images"], c["recovery"]) == (macs, count, recovery)]
+                if not group:
+                    continue
+                lrs = sorted({f"{c['lr']:.2g}" for c in group})
+                rows.append(f"| {macs:.0%} | {count} | {recovery} | {mean_std([c['top1'] for c in group])} | "
+                            f"{mean_std([c['fidelity'] for c in group])} | "
+                            f"{mean_std([c['kd_loss'] for c in group], 1, 3)} | {', '.join(lrs)} | {len(group)} | "
+                            f"{statistics.mean(c['seconds'] for c in group):.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="the transferred teacher checkpoint")
+    ap.add_argument("--data", default=f"cifar10:{CIFAR}", help="its data (cifar10:DIR with train/test.npz)")
+    ap.add_argument("--size", choices=SIZES, default="cpu224")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--recoveries", default=",".join(RECOVERIES))
+    ap.add_argument("--cells", default="runs/bench_recovery", help="folder of finished cells (resumable)")
+    args = ap.parse_args()
+    size, cells = SIZES[args.size], Path(args.cells)
+    cells.mkdir(parents=True, exist_ok=True)
+    teacher = load(args.teacher).eval()
+    card = teacher.card
+    test = sample_labelled(args.data, False, size["test"], card.input_size, card.mean, card.std, seed=1)
+    pruned, before = {}, {}
+    for macs in size["macs"]:
+        path = cells / f"pruned_{macs:.2f}.pt"
+        if not path.exists():
+            stages.prune(copy.deepcopy(teacher), PruneSettings(), macs=f"{macs:.0%}", data=args.data, output=path)
+        pruned[macs], before[macs] = path, scores(load(path), teacher, *test)
+    ctx = {"teacher": teacher, "size": size, "pruned": pruned, "test": test, "data": args.data,
+           "seeds": range(args.seeds)}
+    done = [run_cell(cells, recovery, macs, count, seed, ctx)
+            for macs in size["macs"] for count in size["images"] for seed in range(args.seeds)
+            for recovery in args.recoveries.split(",")]
+    teacher_scores = scores(teacher, teacher, *test)
+    write_section(f"Recovery with few images ({args.size})", "\n".join([
+        f"Teacher `{args.teacher}`: {card.input_size} px, test top-1 {teacher_scores['top1']:.1%} on {size['test']} "
+        f"test images; pruned by `chansearch prune --data` (energy, global, refit); {size['epochs']} epochs of batch "
+        f"32 over the user's images; the plain loop's lr grid {', '.join(map(str, size['lrs']))}.", "",
+        table(done, before)]))
+
+
+if __name__ == "__main__":
+    main()
