@@ -8,6 +8,8 @@ own `npz:` file) and each seed, the pruned net is recovered by:
 
 - `finetune`: `chansearch finetune PRUNED --data npz:FILE --epochs E --batch-size 32 --teacher T`
   with every other setting at its default (no lr given: the lr trial picks it);
+- `finetune-features`: the same with `--feature-weight 1` (every layer also distilled from the
+  teacher's output on the channels it kept);
 - `finetune-lr0.01`: the same with `--lr 0.01`, the default before the lr trial;
 - `plain`: the loop a user writes: SGD (Nesterov, momentum 0.9), cosine lr, random flips, 0.7 KD
   (T=4) on the teacher's logits + 0.3 cross-entropy, BN in train mode, the same E epochs of
@@ -42,10 +44,11 @@ from compress.settings import DataSettings, FinetuneSettings, PruneSettings
 
 SIZES = {  # test images, training-image counts, MAC targets, epochs, the plain loop's lr grid
     "quick": dict(test=64, images=(64,), macs=(0.5,), epochs=1, lrs=(0.001,)),
+    "cpu32": dict(test=1000, images=(100, 500), macs=(0.5,), epochs=3, lrs=(0.001, 0.01)),  # a 32-px teacher
     "cpu224": dict(test=500, images=(500,), macs=(0.5,), epochs=3, lrs=(0.001, 0.01)),
     "gpu": dict(test=10000, images=(100, 500, 5000), macs=(0.7, 0.5, 0.3), epochs=3, lrs=(0.0003, 0.001, 0.003, 0.01)),
 }
-RECOVERIES = ("finetune", "finetune-lr0.01", "plain")
+RECOVERIES = ("finetune", "finetune-features", "finetune-lr0.01", "plain")
 
 
 @torch.no_grad()
@@ -71,8 +74,8 @@ def user_images(cells: Path, data: str, count: int, seed: int) -> str:
 
 
 def recover_finetune(pruned: Path, teacher: nn.Module, spec: str, epochs: int, seed: int, run: Path,
-                     lr: float | None) -> nn.Module:
-    settings = FinetuneSettings(epochs=epochs, seed=seed, **({"lr": lr} if lr else {}))
+                     lr: float | None, feature_weight: float = 0.0) -> nn.Module:
+    settings = FinetuneSettings(epochs=epochs, seed=seed, feature_weight=feature_weight, **({"lr": lr} if lr else {}))
     torch.manual_seed(seed)
     return stages.train(load(pruned), DataSettings(spec=spec, batch_size=32, workers=0), settings, run,
                         teacher=teacher, quiet=True).model.eval()
@@ -125,7 +128,8 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
     else:
         lr = 0.01 if recovery == "finetune-lr0.01" else None
         run = cells / "runs" / path.stem
-        tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, lr)
+        tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, lr,
+                                 1.0 if recovery == "finetune-features" else 0.0)
         trial = run / "lr_trial.json"
         kept = json.loads((run / "keep_best.json").read_text())
         cell = {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else lr, "kept_step": kept["step"],

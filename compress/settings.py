@@ -52,6 +52,10 @@ class TrainSettings(Settings):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights (0 = off, e.g. 0.9998)")
     kd_temperature: float = Field(4.0, gt=0, description="KD softmax temperature")
     kd_weight: float = Field(0.5, ge=0, le=1, description="share of the KD loss (with a teacher)")
+    feature_weight: float = Field(0.0, ge=0, description="with a teacher of the same architecture (the unpruned "
+                                  "model): weight of the layer-wise feature distillation added to the loss, every "
+                                  "conv/linear layer pulled towards the teacher's output on the channels it kept "
+                                  "(0 = off)")
     holdout: int = Field(0, ge=0, description="training images held out (for search, or for keep_best), picked "
                          "with the seed")
     keep_best: bool = Field(False, description="evaluate on the held-out training images as training goes (from "
@@ -72,6 +76,9 @@ class TrainSettings(Settings):
         if self.qat_epochs > self.epochs:
             raise ValueError(f"`qat_epochs` ({self.qat_epochs}) is the last part of `epochs` ({self.epochs}): "
                              "set it at most `epochs`")
+        if self.qat_epochs and self.feature_weight:
+            raise ValueError("feature distillation matches the float layers the quantization-aware epochs replace: "
+                             "set `feature_weight: 0` or `qat_epochs: 0`")
         if self.qat_epochs and self.ema_decay:
             raise ValueError("qat_epochs trains the weights the int8 file will hold; an EMA of them would not be "
                              "on the int8 grid: set `ema_decay: 0` or `qat_epochs: 0`")

@@ -28,6 +28,7 @@ from compress.models.card import ModelCard, card_of
 from compress.settings import DataSettings, TrainSettings
 from compress.training import distributed, keep_best, lr_trial
 from compress.training.evaluate import evaluate
+from compress.training.features import FeatureMatch
 from compress.training.keep_best import BEST_FILE, BEST_INT8_FILE, KEPT_FILE, Best
 from compress.training.loaders import loaders_for
 from compress.training.optim import Optimization
@@ -42,9 +43,11 @@ RANGE_BATCHES = 8  # training batches that set the int8 activation ranges before
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], torch.Tensor]
 
 
-def standard_step(cfg: TrainSettings, teacher: nn.Module | None = None, task: Classify | None = None) -> Step:
+def standard_step(cfg: TrainSettings, teacher: nn.Module | None = None, task: Classify | None = None,
+                  features: FeatureMatch | None = None) -> Step:
     """The task's loss (cross-entropy with label smoothing; per pixel for segmentation), plus
-    distillation from `teacher`'s outputs when given (KL on softened logits, per pixel)."""
+    distillation from `teacher`'s outputs when given (KL on softened logits, per pixel), plus
+    the layer-wise feature loss of `features` (after both forward passes) when given."""
     task = task or Classify(cfg.label_smoothing)
 
     def step(model, images, labels, backward):
@@ -54,6 +57,8 @@ def standard_step(cfg: TrainSettings, teacher: nn.Module | None = None, task: Cl
             with torch.no_grad():
                 target = teacher(images)
             loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * task.distill(outputs, target, cfg.kd_temperature)
+            if features is not None:
+                loss = loss + cfg.feature_weight * features.loss()
         backward(loss)
         return loss.detach()
     return step
@@ -81,7 +86,8 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
     (loader, val_loader, select_loader), held = loaders_for(source, card, cfg, validate)
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(cfg.steps_per_epoch, len(loader))
     _to_device(model, teacher, cfg, device)
-    step = step or standard_step(cfg, teacher, task)
+    features = _features(model, teacher, cfg, loader, device) if step is None else None
+    step = step or standard_step(cfg, teacher, task, features)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
                 if cfg.amp != "none" else contextlib.nullcontext())
     if cfg.lr is None:  # a fine-tune without an lr: the trial's, or lr_base scaled to the batch
@@ -123,16 +129,7 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
                          "history": history, "train_config": recorded, "card": card.to_dict()}, state_path)
             _epoch_records(run_dir, history, quiet)
         distributed.barrier()
-    if best is not None:
-        chosen = best.restore(final)
-        if main:
-            atomic_write_json(run_dir / KEPT_FILE, {**chosen, "int8": trained is not model})
-            if not quiet:
-                print(keep_best.summary(chosen, len(select_loader.dataset)), flush=True)
-    if trained is not model:  # the int8 epochs ran: the plain model, its weights on the grid
-        final = trained.release()
-    final.card = card
-    return final
+    return _finish(final, trained, trained is not model, card, best, features, run_dir, main, quiet)
 
 
 def train_epoch(net: nn.Module, loader: DataLoader, steps: int, step: Step, optim: Optimization, autocast,
@@ -189,6 +186,34 @@ def _resumed(saved: dict | None, model: nn.Module, card: ModelCard, device: torc
     if world == 1:  # other ranks' generators were not saved; they reseed per rank
         set_rng_state(saved["rng"])
     return trained, saved["history"], saved["epoch"] + 1
+
+
+def _finish(final: nn.Module, trained: nn.Module, int8: bool, card: ModelCard, best: Best | None,
+            features: FeatureMatch | None, run_dir: Path, main: bool, quiet: bool) -> nn.Module:
+    """The model fit returns: keep-best's state (and the terminal line saying which), the plain
+    model with its weights on the int8 grid when the quantization-aware epochs ran, its card."""
+    if features is not None:
+        features.remove()
+    if best is not None:
+        chosen = best.restore(final)
+        if main:
+            atomic_write_json(run_dir / KEPT_FILE, {**chosen, "int8": int8})
+            if not quiet:
+                print(keep_best.summary(chosen, len(best.loader.dataset)), flush=True)
+    if int8:
+        final = trained.release()
+    final.card = card
+    return final
+
+
+def _features(model: nn.Module, teacher: nn.Module | None, cfg: TrainSettings, loader: DataLoader,
+              device: torch.device) -> FeatureMatch | None:
+    """Layer-wise feature distillation, when asked for and there is a teacher: each layer's kept
+    channels matched on the first training batch."""
+    if teacher is None or not cfg.feature_weight:
+        return None
+    images = next(iter(loader))[0].to(device)
+    return FeatureMatch(model, teacher, images.to(memory_format=torch.channels_last) if cfg.channels_last else images)
 
 
 def _to_device(model: nn.Module, teacher: nn.Module | None, cfg: TrainSettings, device: torch.device) -> None:

@@ -342,3 +342,32 @@ def test_the_terminal_names_the_state_fine_tuning_returned(tmp_path, cifar_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "lr trial (2 steps each, held-out loss): 0.00025: " in out.stdout and "fine-tuning at lr" in out.stdout
     assert "keep_best: returned the " in out.stdout
+
+
+def test_feature_distillation_matches_each_pruned_channel_to_the_one_it_was_cut_from(tmp_path, cifar_dir):
+    """After pruning and the refit, each kept channel correlates best with the teacher channel it
+    was cut from, so feature distillation needs no channel map in the checkpoint; the feature
+    loss of a net against itself is zero; a fine-tune with it leaves no hook behind."""
+    import copy as copylib
+    from compress.data.specs import sample_labelled
+    from compress.pruning.prune import prune_target, restore_outputs
+    from compress.settings import FinetuneSettings
+    from compress.training.features import FeatureMatch
+    teacher = compress.load(TRAINED).eval()
+    card = teacher.card
+    x, y = sample_labelled(f"cifar10:{cifar_dir}", True, 256, card.input_size, card.mean, card.std, seed=0)
+    pruned, info = prune_target(teacher, macs="50%", importance="energy", batch=(x, y))
+    restore_outputs(teacher, pruned, info["kept"], x, 256, 256)
+    match = FeatureMatch(pruned, teacher, x[:64])
+    cut = {name: out for name, (out, _) in info["kept"].items()
+           if len(out) < dict(teacher.named_modules())[name].weight.shape[0]}
+    right = sum((match.channels[name] == torch.tensor(out)).sum().item() for name, out in cut.items())
+    assert cut and right >= 0.95 * sum(len(out) for out in cut.values())
+    match.remove()
+    itself = FeatureMatch(copylib.deepcopy(teacher), teacher, x[:32])  # its set-up runs both nets once
+    assert len(itself.names) == len(match.names) and itself.loss().item() == 0
+    itself.remove()
+    settings = FinetuneSettings(epochs=1, steps_per_epoch=2, lr=0.001, feature_weight=1.0, keep_best=False, holdout=0)
+    tuned = fit(pruned, DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0), settings, tmp_path,
+                teacher=teacher, validate=False, quiet=True)
+    assert all(not m._forward_hooks for m in tuned.modules()) and all(not m._forward_hooks for m in teacher.modules())
