@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from compress.app.recipe import Recipe, dump, load_recipe
 from compress.app.report import write_report
 from compress.app.results import from_json, to_json
@@ -26,6 +28,7 @@ from compress.app.stage_table import STAGES, Stage
 from compress.data.specs import DataSpec
 from compress.errors import CheckFailed, CompressError
 from compress.files import RunLock, atomic_write_json, atomic_write_text
+from compress.logs import notes
 from compress.stages.folders import move_aside
 from compress.training import distributed
 
@@ -108,9 +111,24 @@ class Pipeline:
 
 
 def run_recipe(path: str, overrides: list[str], quiet: bool = False) -> int:
-    recipe = load_recipe(path, overrides)
+    recipe = for_this_machine(load_recipe(path, overrides))
     _check_inputs(recipe)
     return Pipeline(recipe, quiet=quiet).run()
+
+
+def for_this_machine(recipe: Recipe) -> Recipe:
+    """Settings this machine cannot run fall back before any work, each with one line saying
+    so: mixed precision (`amp`) needs a CUDA device, so a GPU recipe also runs on a CPU."""
+    if torch.cuda.is_available():
+        return recipe
+    update = {}
+    for section in ("transfer", "supernet", "finetune"):
+        settings = getattr(recipe, section)
+        if settings is not None and settings.amp != "none":
+            notes.info(f"{section}.amp: {settings.amp} needs a CUDA device and this machine has none: the {section} "
+                       f"runs in float32 (set {section}.amp=none to silence this)")
+            update[section] = settings.model_copy(update={"amp": "none"})
+    return recipe.model_copy(update=update)
 
 
 def _check_inputs(recipe: Recipe) -> None:

@@ -14,6 +14,7 @@ from compress import CompressError
 from compress.app.cli import build_parser
 from compress.app.flags import settings_from
 from compress.pruning.profile import count
+from compress.app.pipeline import for_this_machine
 from compress.app.recipe import load_recipe
 from compress.settings import FinetuneSettings, SupernetSettings
 from compress.units import human
@@ -70,9 +71,18 @@ def _recipe(tmp_path, iterations=1, name="tiny.yaml", int8=False):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_validates(path):
+def test_every_shipped_recipe_validates_and_would_run_on_this_cpu(path, caplog):
     recipe = load_recipe(path)
     assert recipe.targets() and recipe.name == path.stem
+    if torch.cuda.is_available():
+        return
+    caplog.set_level("INFO", logger="compress")
+    here = for_this_machine(recipe)  # mixed precision falls back, said in one line per section
+    sections = [s for s in ("transfer", "supernet", "finetune") if getattr(recipe, s) and getattr(recipe, s).amp != "none"]
+    assert all(getattr(here, s).amp == "none" for s in sections)
+    assert [m for m in caplog.messages if ".amp: bf16 needs a CUDA device" in m] == [
+        f"{s}.amp: bf16 needs a CUDA device and this machine has none: the {s} runs in float32 (set {s}.amp=none to "
+        "silence this)" for s in sections]
 
 
 @pytest.mark.slow
