@@ -21,15 +21,48 @@ EPILOG = ("TARGET is a zoo name (`chansearch models`), a model source (torchvisi
 DATA_HELP = "cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N"
 
 
+EXAMPLES = {  # each command's help ends with these
+    "run": ["chansearch run recipes/quickstart.yaml", "chansearch run recipes/quickstart.yaml finetune.epochs=2",
+            "chansearch run recipes/quickstart.yaml --print-config"],
+    "models": ["chansearch models", "chansearch models --json"],
+    "profile": ["chansearch profile mobilenet_v2 --input-size 224", "chansearch profile half.pt --json"],
+    "prune": ["chansearch prune model.pt --macs 50% --data cifar10:../shared/data/cifar10 -o half.pt",
+              "chansearch prune model.pt --macs 60% --params 1.2M --data imagefolder:/data/train -o small.pt",
+              "chansearch prune mobilenet_v2_cifar --width 0.75 --importance l2 -o w075.pt"],
+    "eval": ["chansearch eval half.pt --data cifar10:../shared/data/cifar10"],
+    "export": ["chansearch export half.pt --format tflite -o half.tflite",
+               "chansearch export half.pt --format tflite --int8 --calib-data cifar10:../shared/data/cifar10 "
+               "-o half_int8.tflite"],
+    "latency": ["chansearch latency half.tflite --threads 2", "chansearch latency half.tflite --budget-ms 4",
+                "chansearch latency half.tflite --device adb"],
+    "train": ["chansearch train mobilenet_v2 --pretrained torchvision --num-classes 10 --input-size 224 "
+              "--data cifar10:../shared/data/cifar10 --epochs 1 --lr 0.01 --out runs/teacher",
+              "chansearch train --resume runs/teacher"],
+    "finetune": ["chansearch finetune half.pt --data cifar10:../shared/data/cifar10 --epochs 3 --teacher model.pt "
+                 "-o half_ft.pt", "chansearch finetune --resume half_ft_run"],
+    "supernet": ["chansearch supernet model.pt --data cifar10:../shared/data/cifar10 --epochs 1 --out runs/sn"],
+    "search": ["chansearch search runs/sn --method greedy --macs 50%,30%"],
+    "lut": ["chansearch lut runs/sn --backend tflite --threads 1 -o lut.json"],
+    "extract": ["chansearch extract runs/sn --target 30% -o net30.pt",
+                "chansearch extract runs/sn --target 30% --teacher model.pt -o net30.pt"],
+}
+
+
 class _Help(argparse.HelpFormatter):
-    """Shows each flag's default, unless there is none to show or the help already says it."""
+    """Shows every flag's default (0 included), unless there is none or the help already says
+    it; keeps the examples' lines as they are written."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
-                and action.option_strings):
+        if (action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+                and "default" not in text and action.option_strings):
             text += " (default: %(default)s)"
         return text
+
+    def _fill_text(self, text, width, indent):
+        prose, _, examples = text.partition("\nExamples:\n")
+        filled = super()._fill_text(prose, width, indent)
+        return filled + ("\n\nExamples:\n" + examples if examples else "")
 
 
 def _formatter(prog):
@@ -66,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str, epilog: str | None = EPILOG) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, formatter_class=_formatter, epilog=epilog)
+        examples = "\nExamples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        return sub.add_parser(name, help=help, formatter_class=_formatter, epilog=(epilog or "") + examples)
 
     for add in (_add_run, _add_model_commands, _add_file_commands, _add_training_commands, _add_search_commands):
         add(command)

@@ -195,3 +195,26 @@ def test_equivalent_commands_reproduce_the_settings():
             if isinstance(s, ExportSettings):
                 values["formats"] = s.formats
             assert settings_from(type(s), args, **values) == s, line
+
+
+def test_every_command_shows_examples_that_parse_and_every_default():
+    """Walks the parser: each subcommand's help ends with examples, each example is a command
+    line the parser accepts, and every flag with a default shows it (0 and 0.0 included)."""
+    import argparse
+    import shlex
+    from compress.app.cli import EXAMPLES, build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(EXAMPLES)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "Examples:\n" in text, name
+        for line in EXAMPLES[name]:
+            assert f"  {line}\n" in text + "\n", line
+            assert parser.parse_args(shlex.split(line)[1:]).command == name, line
+        flat = " ".join(text.split())
+        for action in sub._actions:
+            if action.option_strings and action.default is not None and action.default is not False \
+                    and action.default is not argparse.SUPPRESS and "default" not in (action.help or ""):
+                assert f"(default: {action.default})" in flat, (name, action.dest)
+    assert "--seed N random seed (default: 0)" in " ".join(commands["train"].format_help().split())
