@@ -301,6 +301,6 @@ def cmd_run(args) -> int:
     from compress.app.pipeline import run_recipe
     from compress.app.recipe import dump, load_recipe
     if args.print_config:
-        print(dump(load_recipe(args.recipe, args.overrides)), end="")
+        print(dump(load_recipe(args.recipe, args.overrides), comments=True), end="")
         return 0
     return run_recipe(args.recipe, args.overrides, quiet=args.quiet)

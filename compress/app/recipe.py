@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -205,5 +206,22 @@ def _explain(exc: ValidationError, path: Path, node, overrides) -> str:
     return "; ".join(lines[:5]) + more + ". `chansearch run --print-config RECIPE` shows every key with its default."
 
 
-def dump(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+def dump(recipe: Recipe, comments: bool = False) -> str:
+    """The recipe as YAML with every default; with `comments`, each key's description beside it
+    (what `chansearch run --print-config` shows). Either loads back as the same recipe."""
+    data = recipe.model_dump(mode="json")
+    return "".join(_commented(recipe, data, "")) if comments else yaml.safe_dump(data, sort_keys=False)
+
+
+def _commented(model: BaseModel, data: dict, pad: str) -> Iterator[str]:
+    for name, field in type(model).model_fields.items():
+        value, raw = getattr(model, name), data[name]
+        note = f"  # {field.description}" if field.description else ""
+        if isinstance(value, BaseModel):
+            yield f"{pad}{name}:{note}\n"
+            yield from _commented(value, raw, pad + "  ")
+        elif isinstance(raw, (list, dict)) and raw:
+            first, *rest = yaml.safe_dump({name: raw}, sort_keys=False).splitlines()
+            yield "".join(f"{pad}{line}\n" for line in [first + note, *rest])
+        else:
+            yield f"{pad}{yaml.safe_dump({name: raw}, width=10_000).strip().removesuffix(chr(10) + '...')}{note}\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import compress
 from compress import CompressError
@@ -207,6 +208,9 @@ def test_print_config_shows_defaults_and_overrides(tmp_path):
     out = run_cli("run", _recipe(tmp_path), "--print-config", "finetune.epochs=7", "search.targets[0].macs=60%")
     assert out.returncode == 0, out.stderr
     assert "epochs: 7" in out.stdout and "macs: 60%" in out.stdout and "kd_temperature: 4.0" in out.stdout
+    assert "  kd_temperature: 4.0  # KD softmax temperature\n" in out.stdout  # each key with its description
+    resolved = load_recipe(_recipe(tmp_path), ["finetune.epochs=7", "search.targets[0].macs=60%"])
+    assert yaml.safe_load(out.stdout) == resolved.model_dump(mode="json")  # and it loads back as the same recipe
     assert not Path(tmp_path / "runs").exists()
 
 
