@@ -130,9 +130,12 @@ def _count_text(value, what: str):
 class Target(Settings):
     """One budget: MACs and/or params (counts or % of the full model) and/or latency."""
 
-    macs: str | None = None
-    params: str | None = None
-    latency_ms: float | None = Field(None, gt=0)
+    macs: str | None = Field(None, description="MAC budget: a count (150M, 1.2G) or a share of the unpruned model "
+                             "(50%)")
+    params: str | None = Field(None, description="parameter budget: a count (1.2M) or a share of the unpruned model "
+                               "(40%)")
+    latency_ms: float | None = Field(None, gt=0, description="latency budget in ms on the latency table's runtime "
+                                     "(search targets)")
 
     @field_validator("macs", mode="before")
     @classmethod

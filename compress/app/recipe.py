@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from compress.checkpoint import is_checkpoint_path
 from compress.errors import CompressError
@@ -25,9 +25,9 @@ class SearchSection(SearchSettings):
 class Recipe(Settings):
     """A whole run: one section per stage, each the settings model that stage takes."""
 
-    name: str
-    seed: int = 0  # every stage's seed unless its section sets its own
-    out: str = "runs"
+    name: str = Field(description="the run's name: its folder is OUT/NAME")
+    seed: int = Field(0, description="every stage's seed unless its section sets its own")
+    out: str = Field("runs", description="where run folders go")
     model: ModelSettings
     data: DataSettings
     transfer: TransferSettings | None = None  # train the model on the data first (a pretrained one)

@@ -218,3 +218,12 @@ def test_every_command_shows_examples_that_parse_and_every_default():
                     and action.default is not argparse.SUPPRESS and "default" not in (action.help or ""):
                 assert f"(default: {action.default})" in flat, (name, action.dest)
     assert "--seed N random seed (default: 0)" in " ".join(commands["train"].format_help().split())
+
+
+def test_the_reference_pages_are_what_the_code_generates():
+    """docs/cli.md and docs/recipe.md are generated from the parser and the settings: a flag or a
+    recipe key added, renamed or re-described without regenerating them fails here."""
+    from compress.app.reference import DOCS, cli_reference, recipe_reference
+    for name, text in (("cli.md", cli_reference()), ("recipe.md", recipe_reference())):
+        assert (DOCS / name).read_text() == text, f"docs/{name} is stale: run `python -m compress.app.reference`"
+    assert "`finetune.lr_trial`" in recipe_reference() and "chansearch prune" in cli_reference()
