@@ -1,5 +1,5 @@
 """Old public names, kept for one release: each warns and forwards to what replaced it (see
-the README's "Python API")."""
+docs/guide.md, "Python API")."""
 from __future__ import annotations
 
 import warnings
