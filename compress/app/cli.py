@@ -36,15 +36,15 @@ EXAMPLES = {  # each command's help ends with these
     "latency": ["chansearch latency half.tflite --threads 2", "chansearch latency half.tflite --budget-ms 4",
                 "chansearch latency half.tflite --device adb"],
     "train": ["chansearch train mobilenet_v2 --pretrained torchvision --num-classes 10 --input-size 224 "
-              "--data cifar10:../shared/data/cifar10 --epochs 1 --lr 0.01 --out runs/teacher",
+              "--data cifar10:../shared/data/cifar10 --epochs 1 --lr 0.01 -o runs/teacher",
               "chansearch train --resume runs/teacher"],
     "finetune": ["chansearch finetune half.pt --data cifar10:../shared/data/cifar10 --epochs 3 --teacher model.pt "
                  "-o half_ft.pt", "chansearch finetune --resume half_ft_run"],
-    "supernet": ["chansearch supernet model.pt --data cifar10:../shared/data/cifar10 --epochs 1 --out runs/sn"],
+    "supernet": ["chansearch supernet model.pt --data cifar10:../shared/data/cifar10 --epochs 1 -o runs/sn"],
     "search": ["chansearch search runs/sn --method greedy --macs 50%,30%"],
     "lut": ["chansearch lut runs/sn --backend tflite --threads 1 -o lut.json"],
-    "extract": ["chansearch extract runs/sn --target 30% -o net30.pt",
-                "chansearch extract runs/sn --target 30% --teacher model.pt -o net30.pt"],
+    "extract": ["chansearch extract runs/sn --budget 30% -o net30.pt",
+                "chansearch extract runs/sn --budget 30% --teacher model.pt -o net30.pt"],
 }
 
 
@@ -77,7 +77,7 @@ def _model_args(p: argparse.ArgumentParser, pretrained: bool = True, resumable: 
 
 # ---- the parser -----------------------------------------------------------------------------
 def _run_flags(p: argparse.ArgumentParser, out: str, what: str) -> None:
-    p.add_argument("--out", default=out, help=f"run folder: {what}")
+    p.add_argument("-o", "--output", "--out", dest="out", default=out, help=f"run folder to write: {what}")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run folder with its own settings")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -219,7 +219,8 @@ def _add_search_commands(command) -> None:
     p.add_argument("--lut", help="latency table of this space (`chansearch lut`)")
     p.add_argument("--data", metavar="SPEC", help="the supernet's data at another path (default: as trained)")
     add_flags(p, SearchSettings)
-    p.add_argument("--out", default=None, help="results folder (default: RUN_DIR/search-METHOD)")
+    p.add_argument("-o", "--output", "--out", dest="out", default=None,
+                   help="results folder to write (default: RUN_DIR/search-METHOD)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=commands.cmd_search)
@@ -237,7 +238,8 @@ def _add_search_commands(command) -> None:
 
     p = command("extract", "materialize a searched config as a standalone pruned checkpoint", None)
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of `chansearch supernet`")
-    p.add_argument("--target", help="which budget of the search: its label or MAC target (e.g. 150M)")
+    p.add_argument("--budget", "--target", dest="target", metavar="BUDGET",
+                   help="which budget of the search: its label or MAC target (e.g. 150M)")
     p.add_argument("--search", default=None, help="search folder (default: the one RUN_DIR/search-* folder)")
     p.add_argument("--teacher", type=Path, default=None,
                    help="the unpruned checkpoint the supernet was trained from: cut the searched widths from its "

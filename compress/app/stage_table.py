@@ -57,7 +57,7 @@ def transfer(ctx: RunContext, folder: Path) -> Transferred | None:
     r = ctx.recipe
     # `chansearch train` reads its flags against TrainSettings' defaults, not the transfer's
     ctx.command("train", [r.model.name], [r.model, r.data, TrainSettings(**r.transfer.model_dump())],
-                ["--data", r.data.spec, "--out", folder])
+                ["--data", r.data.spec, "-o", folder])
     torch.manual_seed(r.transfer.seed)
     done = stages.train(ctx.given_model(), r.data, r.transfer, folder, resume=(folder / STATE_FILE).exists(),
                         quiet=ctx.quiet, provenance={"created_by": "chansearch run (transfer)", "parent": r.model.name,
@@ -92,7 +92,7 @@ def supernet(ctx: RunContext, folder: Path) -> SupernetTrained | None:
     r = ctx.recipe
     name, model_flags = ctx.source()
     ctx.command("supernet", [name], [*model_flags, r.data, r.supernet, ctx.scoring()],
-                ["--data", r.data.spec, "--out", folder])
+                ["--data", r.data.spec, "-o", folder])
     torch.manual_seed(r.supernet.seed)
     done = stages.train_supernet(ctx.model(), r.data, r.supernet, folder, scoring=ctx.scoring(),
                                  pretrained=r.trained_before(), resume=(folder / STATE_FILE).exists(),
@@ -115,7 +115,7 @@ def search(ctx: RunContext, folder: Path) -> Searched | None:
              for key in ("macs", "params", "latency_ms") if any(getattr(t, key) is not None for t in s.targets)}
     budget_flags = [x for key, value in lists.items() for x in (flag(key), value)]
     ctx.command("search", [ctx.dir / "supernet"], [SearchSettings(**s.model_dump(exclude={"lut"}))],
-                budget_flags + (["--lut", lut] if lut else []) + ["--out", folder])
+                budget_flags + (["--lut", lut] if lut else []) + ["-o", folder])
     done = stages.search(ctx.dir / "supernet", s, out=folder, lut=lut, quiet=ctx.quiet)
     if not distributed.is_main():
         return None
@@ -135,7 +135,7 @@ def extract(ctx: RunContext, folder: Path) -> Nets:
         path = folder / f"{target.tag()}.pt"
         if not path.exists():
             ctx.command("extract", [ctx.dir / "supernet"], [],
-                        ["--search", ctx.dir / "search", "--target", entry["label"], *teacher_flags, "-o", path])
+                        ["--search", ctx.dir / "search", "--budget", entry["label"], *teacher_flags, "-o", path])
             if unpruned and source is None:
                 source = ctx.load(unpruned)
             stages.extract(ctx.dir / "supernet", path, target=entry["label"], search_dir=ctx.dir / "search",
@@ -175,7 +175,7 @@ def finetune(ctx: RunContext, folder: Path) -> Finetuned | None:
             # fine-tune's own, whose lr (when not set) is picked by the lr trial
             settings = (TrainSettings(**f.model_dump(exclude={"from_scratch", "distill", "lr_base", "lr_trial"},
                                                      exclude_none=True)) if f.from_scratch else f)
-            where = ["--from-scratch", "--out", run_dir] if f.from_scratch else ["-o", path, "--run-dir", run_dir]
+            where = ["--from-scratch", "-o", run_dir] if f.from_scratch else ["-o", path, "--run-dir", run_dir]
             # the command's flags are read against its own defaults: train's, or finetune's
             shown = settings if f.from_scratch else f.model_copy(update={"distill": True})
             ctx.command(command, [net.path], [r.data, shown],
