@@ -218,6 +218,8 @@ def test_every_command_shows_examples_that_parse_and_every_default():
                     and action.default is not argparse.SUPPRESS and "default" not in (action.help or ""):
                 assert f"(default: {action.default})" in flat, (name, action.dest)
     assert "--seed N random seed (default: 0)" in " ".join(commands["train"].format_help().split())
+    for name in ("prune", "export", "train", "finetune", "supernet", "search", "lut", "extract"):  # what writes
+        assert any(a.option_strings[:2] == ["-o", "--output"] for a in commands[name]._actions), name
 
 
 def test_the_reference_pages_are_what_the_code_generates():
