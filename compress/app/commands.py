@@ -196,7 +196,8 @@ def cmd_search(args) -> int:
     from compress.training import distributed
     from compress.search import targets_from_lists
     settings = settings_from(SearchSettings, args, targets=targets_from_lists(args.macs, args.params, args.latency_ms))
-    done = stages.search(args.run_dir, settings, out=args.out, lut=args.lut, data=args.data, quiet=args.quiet)
+    done = stages.search(args.run_dir, settings, out=args.out, lut=args.lut, data=args.data,
+                         quiet=args.quiet or args.json)  # --json: stdout holds the JSON alone
     result = done.result
     if args.json:
         _print_json(result)

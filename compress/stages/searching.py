@@ -3,7 +3,9 @@ budget by a strategy (greedy, evolution, random), resumable from its state file.
 from __future__ import annotations
 
 import copy
+import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,8 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     log = None if quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))
     if log and evaluator.cache:
         log(f"resuming: {len(evaluator.cache)} configs already scored in {folder / 'state.json'}")
+    if log:
+        log(_estimate(evaluator, settings, budgets))
     result = run_search(evaluator, settings.method, budgets, seed=settings.seed, options=settings.strategy_options(),
                         progress=log)
     result.update(supernet=str(run), evaluation=evaluator.fingerprint)
@@ -75,6 +79,25 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     write_results(folder, result, evaluator)
     distributed.barrier()
     return SearchRun(result, folder, evaluator)
+
+
+def _estimate(evaluator: Evaluator, settings: SearchSettings, budgets: list) -> str:
+    """How long the search will take here, said before it starts: the candidates the method
+    scores, times one candidate's measured cost (the full config, which the search scores anyway)."""
+    began = time.perf_counter()
+    evaluator.score(evaluator.space.max())
+    each = time.perf_counter() - began
+    space, full = evaluator.space, evaluator.space.macs(evaluator.space.max())
+    # greedy: one trial per group per step, each step `greedy_step` of the MACs, down to the smallest budget
+    lowest = min((b.macs for b in budgets if b.macs), default=full // 2)
+    greedy = len(space.groups) * math.ceil(math.log(max(lowest, 1) / full) / math.log(1 - settings.greedy_step))
+    count = {"greedy": greedy, "random": settings.samples * len(budgets),
+             "evolution": (settings.population + settings.iterations * (settings.mutations + settings.crossovers))
+             * len(budgets)}
+    minutes = count[settings.method] * each / 60
+    other = "" if settings.method == "greedy" else f"; --method greedy scores about {greedy} (~{greedy * each / 60:.0f} min)"
+    return (f"search: about {count[settings.method]} candidates at {each:.1f} s each ({settings.recal_images} BN "
+            f"recalibration + {settings.eval_images} scoring images), about {minutes:.0f} min here{other}")
 
 
 def _measure_finalists(result: dict, supernet: Supernet, lut: str | Path) -> None:
