@@ -3,9 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # pip itself is pinned too: the lock is installed the same way on every machine
 PIP_VERSION := 26.3
-PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: env demo test test-fast bench lock clean
+.PHONY: env demo test test-fast bench lock lock-check clean
 
 # Every package comes from the lock file (requirements-ci.txt, all versions pinned); the
 # project itself is installed without dependencies so nothing outside the lock is resolved.
@@ -35,13 +34,27 @@ test-fast: env
 bench: env
 	$(BIN)/python benchmarks/run_all.py --quick
 
-# Regenerate the lock from setup.py's ranges (with the dev extra) and requirements-ci.in's
-# pins, newest versions allowed by both; in a venv of its own so the tool stays out of .venv.
-lock:
+# Regenerate the lock from setup.py's ranges (with the dev extra) and requirements-ci.in's pins,
+# newest versions allowed by both, as one universal lock: environment markers say which
+# packages each platform takes (the CUDA wheels Linux only); in a venv of its own so the tool
+# stays out of .venv. lock-check resolves it for each platform the README names.
+UV_VERSION := 0.13.9
+LOCK_PLATFORMS := x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu aarch64-apple-darwin
+
+.venv-lock/bin/uv:
 	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
-	.venv-lock/bin/pip-compile --upgrade --extra dev --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	.venv-lock/bin/python -m pip install pip==$(PIP_VERSION) uv==$(UV_VERSION)
+
+lock: .venv-lock/bin/uv
+	.venv-lock/bin/uv pip compile --universal --python-version 3.11 --upgrade --extra dev --no-emit-index-url \
 		--output-file requirements-ci.txt setup.py requirements-ci.in
+
+lock-check: .venv-lock/bin/uv
+	for platform in $(LOCK_PLATFORMS); do \
+		MACOSX_DEPLOYMENT_TARGET=14.0 .venv-lock/bin/uv pip compile --quiet --python-platform $$platform \
+			--python-version 3.11 --only-binary :all: --no-deps --output-file /dev/null requirements-ci.txt \
+			&& echo "$$platform: resolves" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .venv-lock runs

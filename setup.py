@@ -8,7 +8,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "torchvision>=0.19", "torch-pruning>=1.5", "thop", "numpy", "PyYAML",
-        "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert", "litert-torch",
+        "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert",
+        # the TFLite converter: its litert-converter ships no Linux aarch64 wheels (ONNX export works there)
+        "litert-torch; platform_system != 'Linux' or platform_machine != 'aarch64'",
         "matplotlib", "torchmetrics", "pycocotools",
     ],
     extras_require={"dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "tensorboard", "timm"],

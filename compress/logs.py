@@ -6,10 +6,13 @@ import contextlib
 import importlib
 import logging
 import os
+import platform
 import sys
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
+
+from compress.errors import CompressError
 
 _quiet = False
 notes = logging.getLogger("compress")  # what a run tells its user in passing (a re-initialized head)
@@ -68,7 +71,15 @@ def runtime(name: str) -> ModuleType:
     with native_stderr_muted(), warnings.catch_warnings():
         if _quiet:
             warnings.simplefilter("ignore")
-        return importlib.import_module(name)
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            raise CompressError(f"the runtime package {name.replace('_', '-')} is not installed here "
+                                f"({platform.system()} {platform.machine()}): `pip install {name.replace('_', '-')}`. "
+                                "litert-torch, the TFLite converter, ships no wheels for Linux aarch64: export ONNX "
+                                "there (--format onnx), or convert on x86_64 Linux or macOS.") from None
 
 
 @contextlib.contextmanager

@@ -355,3 +355,12 @@ def test_a_dict_output_model_exports_every_output_with_its_own_parity(tmp_path, 
         np.testing.assert_allclose(array, want[name].numpy(), atol=1e-4)
     with pytest.raises(CompressError, match="2 outputs \\(out, aux\\). Export it in float"):
         export(model, tmp_path / f"q.{fmt}", quantize="int8", calib_images=torch.randn(4, 3, 32, 32))
+
+
+def test_a_runtime_that_is_not_installed_is_named_with_the_fix():
+    """A runtime package missing on this platform (litert-torch has no Linux aarch64 wheels) is a
+    CompressError naming the package and what to do, not an ImportError traceback."""
+    from compress.logs import runtime
+    with pytest.raises(CompressError, match=r"no-such-runtime is not installed here .*pip install no-such-runtime.*"
+                                            r"export ONNX there"):
+        runtime("no_such_runtime")
