@@ -104,7 +104,8 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
     final = optim.ema.module if optim.ema is not None else trained
     best = None
     if cfg.keep_best:
-        best = Best(run_dir / (BEST_FILE if trained is model else BEST_INT8_FILE), select_loader, device, main, task)
+        best = Best(run_dir / (BEST_FILE if trained is model else BEST_INT8_FILE), select_loader, device, main, task,
+                    teacher)
         best.start(final, resumed=saved is not None)
     net = DistributedDataParallel(trained) if world > 1 else trained
     for epoch in range(start, cfg.epochs):
@@ -114,7 +115,7 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
             trained = final = _enter_int8(model, card, device, loader, best)
             net = DistributedDataParallel(trained) if world > 1 else trained
             if best is not None:  # from here the int8 net is what is scored and kept
-                best = Best(run_dir / BEST_INT8_FILE, select_loader, device, main, task)
+                best = Best(run_dir / BEST_INT8_FILE, select_loader, device, main, task, teacher)
                 best.start(final, resumed=False, step=epoch * steps)
         last_good = f"{state_path} (after epoch {len(history)})" if history else "none yet"
         record = train_epoch(net, loader, steps, step, optim, autocast, cfg, epoch, device, quiet or not main,

@@ -371,3 +371,35 @@ def test_feature_distillation_matches_each_pruned_channel_to_the_one_it_was_cut_
     tuned = fit(pruned, DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0), settings, tmp_path,
                 teacher=teacher, validate=False, quiet=True)
     assert all(not m._forward_hooks for m in tuned.modules()) and all(not m._forward_hooks for m in teacher.modules())
+
+
+def test_with_a_teacher_keep_best_takes_the_state_closest_to_it_beyond_noise(tmp_path):
+    """A fine-tune distilled from a teacher keeps the state whose held-out predictions come
+    closer to the teacher's beyond one standard error of the paired difference, whatever its
+    hits: a state with more held-out images right by chance but further from the teacher is
+    turned down; one closer on ten images and further on eight is too; one closer on every image
+    is taken."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.training.tasks import Classify
+    from compress.training.keep_best import Best, summary
+    images = 100
+    loader = DataLoader(TensorDataset(torch.eye(images), torch.zeros(images, dtype=torch.long)), batch_size=16)
+
+    def logits_on(margins):  # image i's logits (m_i, 0): column i of the weight
+        model = torch.nn.Linear(images, 2, bias=False)
+        with torch.no_grad():
+            model.weight.zero_()
+            model.weight[0] = torch.as_tensor(margins, dtype=torch.float32)
+        return model
+
+    teacher = logits_on([2.0] * images)
+    best = Best(tmp_path / "best.pt", loader, "cpu", True, Classify(), teacher=teacher)
+    best.start(logits_on([0.5] * 60 + [-0.5] * 40), resumed=False)  # 60 right
+    # more right (65) but further from the teacher on the 60 it had right
+    assert best.check(logits_on([0.1] * 65 + [-0.5] * 35), 1)["best_step"] == 0
+    # closer on ten, further on eight: within the noise of the paired difference
+    assert best.check(logits_on([0.9] * 10 + [0.1] * 8 + [0.5] * 42 + [-0.5] * 40), 2)["best_step"] == 0
+    assert best.check(logits_on([1.5] * 60 + [-0.2] * 40), 3)["best_step"] == 3  # closer on every image
+    line = summary(best.record, images)
+    assert line.startswith("keep_best: returned the state after step 3, the closest to the teacher: held-out "
+                           "divergence ") and "top1 60.00% -> 60.00% (on 100 held-out images)" in line
