@@ -1,0 +1,188 @@
+"""Recovery: the fine-tune's lr (scaled to the batch, the lr trial), keep-best (by hits, by
+divergence from a teacher, and what the terminal says of it) and feature distillation."""
+import contextlib
+import json
+
+import pytest
+import torch
+
+import compress
+from compress.settings import DataSettings
+from compress.training.loop import fit
+from conftest import TRAINED, run_cli
+
+
+def test_keep_best_never_returns_worse_than_it_started(tmp_path, cifar_dir):
+    """A trained net fine-tuned at an lr that wrecks it: every held-out check is worse than the
+    start, so fit returns the starting weights exactly, and says so in keep_best.json."""
+    from compress.training.evaluate import evaluate
+    from compress.settings import FinetuneSettings
+    from compress.data.source import DataSource
+    from compress.training.loaders import spec_loaders
+    trained = TRAINED
+    model = compress.load(trained)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0)
+    settings = FinetuneSettings(epochs=1, steps_per_epoch=6, lr=3.0, warmup_epochs=0, holdout=256, eval_every=2)
+    tuned = fit(model, data, settings, tmp_path, validate=False, quiet=True)
+    record = json.loads((tmp_path / "keep_best.json").read_text())
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["start"]["top1"] > 0.5 and metrics[-1]["holdout_top1"] < record["start"]["top1"] - 0.1
+    assert record["step"] == 0 and record["top1"] == record["start"]["top1"]
+    for key, value in tuned.state_dict().items():
+        assert torch.equal(value, start[key]), key
+    held = spec_loaders(DataSource.of(data), model.card, settings, validate=False)[0].holdout
+    assert evaluate(tuned, held)["top1"] == record["top1"]  # the images it chose on, held out of training
+
+
+def test_keep_best_takes_a_later_state_only_for_a_gain_beyond_noise(tmp_path):
+    """A later state replaces the best only when it gets more held-out images right by more
+    than one standard error of the paired difference: one image more, or three gained for one
+    lost, leaves the start in place (a plain higher top-1 would have taken both); six more
+    replaces it. Each held-out image is a one-hot vector, so a linear layer's columns set
+    exactly which images each state gets right."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.training.tasks import Classify
+    from compress.training.keep_best import Best
+    images = 100
+    loader = DataLoader(TensorDataset(torch.eye(images), torch.zeros(images, dtype=torch.long)), batch_size=16)
+
+    def right_on(*ranges):
+        model = torch.nn.Linear(images, 2, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[0.0, 1.0]]).T.expand(2, images))  # class 1: wrong
+            for lo, hi in ranges:
+                model.weight[:, lo:hi] = torch.tensor([[1.0], [0.0]])
+        return model
+
+    best = Best(tmp_path / "best.pt", loader, "cpu", True, Classify())
+    best.start(right_on((0, 60)), resumed=False)
+    assert best.check(right_on((0, 61)), 1)["best_step"] == 0  # +1 image
+    assert best.check(right_on((1, 63)), 2)["best_step"] == 0  # +3 -1
+    assert best.check(right_on((0, 66)), 3) == {"holdout_top1": 0.66, "best_holdout_top1": 0.66, "best_step": 3}
+    resumed = Best(tmp_path / "best.pt", loader, "cpu", True, Classify())
+    resumed.start(right_on((0, 10)), resumed=True)  # knows the kept state's hits, not the current model's
+    assert resumed.check(right_on((0, 67)), 4)["best_step"] == 3
+    assert resumed.check(right_on((0, 72)), 5)["best_step"] == 5
+
+
+def test_the_fine_tune_lr_follows_the_batch_size(tmp_path):
+    """Without an lr, a fine-tune's lr is lr_base per 256 images at its batch size; the trial's
+    candidates are spread around that same batch-scaled lr."""
+    from compress.settings import FinetuneSettings
+    from compress.training import lr_trial
+    settings = FinetuneSettings(lr_base=0.008, lr_trial=0)
+    assert [lr_trial.scaled_lr(settings, b) for b in (32, 64, 256)] == [0.001, 0.002, 0.008]
+    net = compress.build("mobilenet_v3_small_cifar", input_size=16)
+    data = DataSettings(spec="synthetic:96", batch_size=16, workers=0)
+    trial = FinetuneSettings(epochs=1, steps_per_epoch=1, lr_trial=2, holdout=9, keep_best=True, eval_every=0)
+    fit(net, data, trial, tmp_path / "trial", quiet=True)
+    record = json.loads((tmp_path / "trial" / "lr_trial.json").read_text())
+    assert record["batch_size"] == 16 and [c["lr"] for c in record["candidates"]] == pytest.approx(
+        [0.008 * 16 / 256 * f for f in (0.25, 1, 4)])
+    assert record["lr"] in [c["lr"] for c in record["candidates"]]
+
+
+def test_the_lr_trial_picks_the_better_of_two_lrs_when_one_diverges():
+    """An lr that blows the loss up loses the trial to one that trains, whatever their order; the
+    trial leaves the caller's random state as it found it."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.settings import FinetuneSettings
+    from compress.training import lr_trial
+    from compress.training.loop import standard_step, train_epoch
+    torch.manual_seed(0)
+    net = compress.build("mobilenet_v3_small_cifar", input_size=16)
+    images, labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    train = DataLoader(TensorDataset(images[:48], labels[:48]), batch_size=16, shuffle=True)
+    held = DataLoader(TensorDataset(images[48:], labels[48:]), batch_size=16)
+    cfg = FinetuneSettings(epochs=1, channels_last=False)
+    step = standard_step(cfg)
+
+    def run(model, loader, steps, optim):
+        train_epoch(model, loader, steps, step, optim, contextlib.nullcontext(), cfg, 0, torch.device("cpu"), True,
+                    None, model, "none yet")
+
+    before = torch.get_rng_state()
+    for lrs in ([1e-3, 1e5], [1e5, 1e-3]):
+        results = lr_trial.trial(net, lrs, 4, train, held, cfg, run, torch.device("cpu"))
+        by_lr = {r["lr"]: r["heldout_loss"] for r in results}
+        assert by_lr[1e5] == float("inf") and by_lr[1e-3] < 10
+        assert lr_trial.chosen(results) == 1e-3
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_terminal_names_the_state_fine_tuning_returned(tmp_path, cifar_dir):
+    """chansearch finetune says which state it returned and why: here an lr that wrecks the net,
+    so the start, and the best later state it turned down; without --lr, the lr trial's choice."""
+    common = ["--data", f"cifar10:{cifar_dir}", "--batch-size", "32", "--workers", "0", "--epochs", "1",
+              "--steps-per-epoch", "4", "--warmup-epochs", "0", "--holdout", "64", "--eval-every", "2",
+              "--val-images", "32"]
+    out = run_cli("finetune", TRAINED, *common, "--lr", "3.0", "-o", tmp_path / "wrecked.pt")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "keep_best: returned the starting state, held-out top1" in out.stdout
+    assert "on 64 held-out images: no later state got more of them right by more than the noise" in out.stdout
+    out = run_cli("finetune", TRAINED, *common, "--lr-trial", "2", "-o", tmp_path / "tried.pt")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lr trial (2 steps each, held-out loss): 0.00025: " in out.stdout and "fine-tuning at lr" in out.stdout
+    assert "keep_best: returned the " in out.stdout
+
+
+def test_feature_distillation_matches_each_pruned_channel_to_the_one_it_was_cut_from(tmp_path, cifar_dir):
+    """After pruning and the refit, each kept channel correlates best with the teacher channel it
+    was cut from, so feature distillation needs no channel map in the checkpoint; the feature
+    loss of a net against itself is zero; a fine-tune with it leaves no hook behind."""
+    import copy as copylib
+    from compress.data.specs import sample_labelled
+    from compress.pruning.prune import prune_target, restore_outputs
+    from compress.settings import FinetuneSettings
+    from compress.training.features import FeatureMatch
+    teacher = compress.load(TRAINED).eval()
+    card = teacher.card
+    x, y = sample_labelled(f"cifar10:{cifar_dir}", True, 256, card.input_size, card.mean, card.std, seed=0)
+    pruned, info = prune_target(teacher, macs="50%", importance="energy", batch=(x, y))
+    restore_outputs(teacher, pruned, info["kept"], x, 256, 256)
+    match = FeatureMatch(pruned, teacher, x[:64])
+    cut = {name: out for name, (out, _) in info["kept"].items()
+           if len(out) < dict(teacher.named_modules())[name].weight.shape[0]}
+    right = sum((match.channels[name] == torch.tensor(out)).sum().item() for name, out in cut.items())
+    assert cut and right >= 0.95 * sum(len(out) for out in cut.values())
+    match.remove()
+    itself = FeatureMatch(copylib.deepcopy(teacher), teacher, x[:32])  # its set-up runs both nets once
+    assert len(itself.names) == len(match.names) and itself.loss().item() == 0
+    itself.remove()
+    settings = FinetuneSettings(epochs=1, steps_per_epoch=2, lr=0.001, feature_weight=1.0, keep_best=False, holdout=0)
+    tuned = fit(pruned, DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0), settings, tmp_path,
+                teacher=teacher, validate=False, quiet=True)
+    assert all(not m._forward_hooks for m in tuned.modules()) and all(not m._forward_hooks for m in teacher.modules())
+
+
+def test_with_a_teacher_keep_best_takes_the_state_closest_to_it_beyond_noise(tmp_path):
+    """A fine-tune distilled from a teacher keeps the state whose held-out predictions come
+    closer to the teacher's beyond one standard error of the paired difference, whatever its
+    hits: a state with more held-out images right by chance but further from the teacher is
+    turned down; one closer on ten images and further on eight is too; one closer on every image
+    is taken."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.training.tasks import Classify
+    from compress.training.keep_best import Best, summary
+    images = 100
+    loader = DataLoader(TensorDataset(torch.eye(images), torch.zeros(images, dtype=torch.long)), batch_size=16)
+
+    def logits_on(margins):  # image i's logits (m_i, 0): column i of the weight
+        model = torch.nn.Linear(images, 2, bias=False)
+        with torch.no_grad():
+            model.weight.zero_()
+            model.weight[0] = torch.as_tensor(margins, dtype=torch.float32)
+        return model
+
+    teacher = logits_on([2.0] * images)
+    best = Best(tmp_path / "best.pt", loader, "cpu", True, Classify(), teacher=teacher)
+    best.start(logits_on([0.5] * 60 + [-0.5] * 40), resumed=False)  # 60 right
+    # more right (65) but further from the teacher on the 60 it had right
+    assert best.check(logits_on([0.1] * 65 + [-0.5] * 35), 1)["best_step"] == 0
+    # closer on ten, further on eight: within the noise of the paired difference
+    assert best.check(logits_on([0.9] * 10 + [0.1] * 8 + [0.5] * 42 + [-0.5] * 40), 2)["best_step"] == 0
+    assert best.check(logits_on([1.5] * 60 + [-0.2] * 40), 3)["best_step"] == 3  # closer on every image
+    line = summary(best.record, images)
+    assert line.startswith("keep_best: returned the state after step 3, the closest to the teacher: held-out "
+                           "divergence ") and "top1 60.00% -> 60.00% (on 100 held-out images)" in line
