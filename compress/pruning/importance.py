@@ -7,6 +7,7 @@ object itself. Register your own with `register("mine", MyImportance())`.
 """
 from __future__ import annotations
 
+import abc
 import copy
 
 import numpy as np
@@ -22,7 +23,7 @@ from compress.pruning.graph import dependency_graph, example_input, pruning_grou
 Batch = tuple  # (images, labels) of real training data, or None
 
 
-class Importance:
+class Importance(abc.ABC):
     """Per-channel scores of every group of `space` on `model` (unpruned numbering). Set
     `needs_data` when the scores are measured on real images (`batch`); `graph` (torch-pruning's
     dependency graph of `model`) is None when `needs_graph` is off."""
@@ -30,9 +31,10 @@ class Importance:
     needs_data = False
     needs_graph = True
 
+    @abc.abstractmethod
     def scores(self, model: nn.Module, space: ChannelSpace, graph: tp.DependencyGraph,
                batch: Batch | None) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Each group's per-channel scores, higher kept."""
 
 
 class GroupImportance(Importance):

@@ -33,4 +33,6 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progr
     result = meter.result(distributed_sum)
     if per_image and getattr(meter, "correct", None):
         result["correct"] = torch.cat(meter.correct)
+    if per_image and getattr(meter, "divergence", None):
+        result["divergence"] = torch.cat(meter.divergence)
     return result

@@ -91,7 +91,7 @@ class Best:
     def _beats_best(self, scores: dict, correct: torch.Tensor | None, divergence: torch.Tensor | None) -> bool:
         if divergence is not None and self.divergence is not None:
             d = (divergence - self.divergence).double()
-            n, total, squares = distributed.all_sum(torch.stack([torch.tensor(float(len(d))), d.sum(), (d * d).sum()])
+            n, total, squares = distributed.all_sum(torch.stack([torch.tensor(float(len(d))), d.sum().cpu(), (d * d).sum().cpu()])
                                                     .double().to(self.device)).tolist()
             mean = total / max(n, 1)
             spread = math.sqrt(max(squares / max(n, 1) - mean * mean, 0.0) / max(n, 1))
@@ -108,27 +108,16 @@ class Best:
         return self.record
 
     def _score(self, model: nn.Module) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
-        result = evaluate(model, self.loader, self.device, task=self.task, per_image=True)
+        """The held-out scores, this rank's per-image hits and, with a teacher, per-image
+        divergences from it: one pass of the model (and the teacher) over the images."""
+        result = evaluate(model, self.loader, self.device, task=self.task, per_image=True, teacher=self.teacher)
         scores = {"top1": result[self.task.score], "loss": result["loss"], "metric": self.task.score}
-        divergence = None if self.teacher is None else self._divergence(model)
+        divergence = result.get("divergence") if self.teacher is not None else None
         if divergence is not None:
-            n, total = distributed.all_sum(torch.stack([torch.tensor(float(len(divergence))), divergence.sum()])
+            n, total = distributed.all_sum(torch.stack([torch.tensor(float(len(divergence))), divergence.sum().cpu()])
                                            .double().to(self.device)).tolist()
             scores["divergence"] = total / max(n, 1)
         return scores, result.get("correct"), divergence
-
-    @torch.no_grad()
-    def _divergence(self, model: nn.Module) -> torch.Tensor:
-        """KL(teacher || model) of each held-out image on this rank's share, at temperature 1."""
-        model.eval()
-        self.teacher.eval()
-        out = []
-        for images, _ in self.loader:
-            images = images.to(self.device)
-            target = nn.functional.log_softmax(self.teacher(images).float(), 1)
-            ours = nn.functional.log_softmax(model(images).float(), 1)
-            out.append((target.exp() * (target - ours)).sum(1).cpu())
-        return torch.cat(out)
 
     def _keep(self, model: nn.Module) -> None:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
