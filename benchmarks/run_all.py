@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PRETRAINED = HERE.parents[1] / "shared" / "pretrained" / "mobilenet_v2_imagenet.pth"
 QUICK = [["bench_macs.py"], ["bench_supernet_speed.py", "--size", "quick"],
-         ["bench_lut.py", "--size", "quick", "--backends", "onnxruntime"]]
+         ["bench_lut.py", "--size", "quick"]]
 
 
 def full(size: str) -> list[list[str]]:

@@ -128,14 +128,24 @@ def _count_text(value, what: str):
 
 
 class Target(Settings):
-    """One budget: MACs and/or params (counts or % of the full model) and/or latency."""
+    """One budget: MACs, params and/or latency (counts, times, or % of the unpruned model)."""
 
     macs: str | None = Field(None, description="MAC budget: a count (150M, 1.2G) or a share of the unpruned model "
                              "(50%)")
     params: str | None = Field(None, description="parameter budget: a count (1.2M) or a share of the unpruned model "
                                "(40%)")
-    latency_ms: float | None = Field(None, gt=0, description="latency budget in ms on the latency table's runtime "
-                                     "(search targets)")
+    latency: str | None = Field(None, description="latency budget on the latency model's clock: a time (3.5ms) or "
+                                "a share of the unpruned model's measured time (60%)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_ms(cls, data):
+        """`latency_ms: 3.5` is the older spelling of `latency: 3.5ms`."""
+        if isinstance(data, dict) and data.get("latency_ms") is not None and data.get("latency") is None:
+            data = {**{k: v for k, v in data.items() if k != "latency_ms"}, "latency": f"{data['latency_ms']}ms"}
+        elif isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "latency_ms" or v is None}
+        return data
 
     @field_validator("macs", mode="before")
     @classmethod
@@ -147,15 +157,25 @@ class Target(Settings):
     def _params(cls, v):
         return _count_text(v, "parameter count")
 
+    @field_validator("latency", mode="before")
+    @classmethod
+    def _latency(cls, v):
+        if v is None:
+            return None
+        text = str(v).strip().lower().replace(" ", "")
+        if not re.fullmatch(r"\d+(\.\d+)?(ms|%)?", text) or float(re.sub("ms|%", "", text)) <= 0:
+            raise ValueError(f"'{v}' is not a latency like 3.5ms or 60%")
+        return text if text.endswith(("ms", "%")) else text + "ms"
+
     @model_validator(mode="after")
     def _some(self):
-        if self.macs is None and self.params is None and self.latency_ms is None:
-            raise ValueError("a target needs at least one of macs, params, latency_ms")
+        if self.macs is None and self.params is None and self.latency is None:
+            raise ValueError("a target needs at least one of macs, params, latency")
         return self
 
     def tag(self) -> str:
         parts = [f"macs{self.macs}" if self.macs else "", f"params{self.params}" if self.params else "",
-                 f"lat{self.latency_ms:g}ms" if self.latency_ms else ""]
+                 f"lat{self.latency}" if self.latency else ""]
         return "_".join(p for p in parts if p).replace("%", "pct").replace(".", "p")
 
 
@@ -192,13 +212,23 @@ class SearchSettings(HeldOutScoring):
 
 
 class LutSettings(Settings):
-    backend: Literal["tflite", "onnxruntime"] = Field("tflite", description="runtime to time")
+    """The latency model a latency budget is judged by: the runtime, file type and threads it
+    times, and how many whole models it is fitted on."""
+    runtime: Literal["tflite", "onnxruntime"] = Field("tflite", description="runtime that times the exported file")
     threads: int = Field(1, ge=1, description="inference threads")
-    grid: int = Field(4, ge=2, description="widths timed per layer dimension")
-    anchors: int = Field(6, ge=2, description="whole models timed to fit the table to real latency")
-    check: int = Field(0, ge=0, description="random configs timed to report the table's accuracy")
-    runs: int = Field(30, ge=1, description="timed runs per measurement")
+    int8: bool = Field(False, description="time int8 files (the export's `int8`), not float ones")
+    samples: int = Field(24, ge=4, description="whole models exported and timed to fit the latency model")
+    check: int = Field(0, ge=0, description="random configs timed to report the latency model's accuracy")
+    runs: int = Field(50, ge=1, description="timed runs per measurement")
     warmup: int = Field(5, ge=0, description="warm-up runs per measurement")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend(cls, data):
+        """`backend` is the older spelling of `runtime`."""
+        if isinstance(data, dict) and "backend" in data:
+            data = {**{k: v for k, v in data.items() if k != "backend"}, "runtime": data.get("runtime", data["backend"])}
+        return data
 
 
 class PruneSettings(Settings):
@@ -216,14 +246,8 @@ class PruneSettings(Settings):
                                     "channels left (when there is data; 0 = off)")
     recal_images: int = Field(512, ge=0, description="training images to re-estimate BN statistics on after "
                               "pruning, when there is data and no reconstruction (0 = keep the unpruned model's)")
-    targets: list[Target] = Field([], description="budgets (macs and/or params), one pruned model per target")
-
-    @field_validator("targets")
-    @classmethod
-    def _direct(cls, v: list[Target]) -> list[Target]:
-        if any(t.latency_ms for t in v):
-            raise ValueError("prune targets take macs and params; a latency_ms budget is searched (search.targets)")
-        return v
+    targets: list[Target] = Field([], description="budgets (macs, params and/or latency), one pruned model per "
+                                  "target")
 
     def importance_for(self, data: bool) -> str:
         """The importance to use, `auto` resolved: energy needs real images."""

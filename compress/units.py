@@ -32,3 +32,24 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{suffix}{unit}"
     return f"{n:.0f}{unit}"
+
+
+def parse_latency(text: str | int | float, full_ms: float | None = None) -> float:
+    """'3.5ms' or 3.5 -> 3.5 (ms); '60%' -> 60% of `full_ms` (the unpruned file's measured time)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        try:
+            if s.endswith("%"):
+                if full_ms is None:
+                    raise ValueError
+                value = full_ms * float(s[:-1]) / 100
+            else:
+                value = float(s.removesuffix("ms"))
+        except ValueError:
+            raise CompressError(f"'{text}' is not a latency like 3.5ms or 60% (of the unpruned model's measured "
+                                "time).") from None
+    if value <= 0:
+        raise CompressError(f"a latency budget must be positive, got '{text}'.")
+    return value

@@ -39,6 +39,12 @@ def user_net():
     return ResidualNet().eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _latency_cache(tmp_path_factory):
+    """Latency models measured by the tests go to a folder of their own, not the user's cache."""
+    os.environ["COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def cifar_dir():
     if not (CIFAR / "test.npz").is_file():

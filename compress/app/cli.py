@@ -27,6 +27,8 @@ EXAMPLES = {  # each command's help ends with these
     "models": ["chansearch models", "chansearch models --json"],
     "profile": ["chansearch profile mobilenet_v2 --input-size 224", "chansearch profile half.pt --json"],
     "prune": ["chansearch prune model.pt --macs 50% --data cifar10:../shared/data/cifar10 -o half.pt",
+              "chansearch prune model.pt --latency 60% --runtime tflite --int8 --data cifar10:../shared/data/cifar10 "
+              "-o fast.pt",
               "chansearch prune model.pt --macs 60% --params 1.2M --data imagefolder:/data/train -o small.pt",
               "chansearch prune mobilenet_v2_cifar --width 0.75 --importance l2 -o w075.pt"],
     "eval": ["chansearch eval half.pt --data cifar10:../shared/data/cifar10"],
@@ -42,7 +44,8 @@ EXAMPLES = {  # each command's help ends with these
                  "-o half_ft.pt", "chansearch finetune --resume half_ft_run"],
     "supernet": ["chansearch supernet model.pt --data cifar10:../shared/data/cifar10 --epochs 1 -o runs/sn"],
     "search": ["chansearch search runs/sn --method greedy --macs 50%,30%"],
-    "lut": ["chansearch lut runs/sn --backend tflite --threads 1 -o lut.json"],
+    "lut": ["chansearch lut runs/sn --runtime tflite --threads 1 -o lut.json",
+            "chansearch lut mobilenet_v2 --runtime tflite --int8 --check 50 -o lut_int8.json"],
     "extract": ["chansearch extract runs/sn --budget 30% -o net30.pt",
                 "chansearch extract runs/sn --budget 30% --teacher model.pt -o net30.pt"],
 }
@@ -130,7 +133,10 @@ def _add_model_commands(command) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (macs, params, groups)")
     p.set_defaults(func=commands.cmd_profile)
 
-    p = command("prune", "prune a model to budgets (MACs, params), a channel config or a width")
+    p = command("prune", "prune a model to budgets (MACs, params, measured latency), a channel config or a width",
+                "--latency prunes until the exported file, timed on --runtime with --threads (--int8: the int8 "
+                "file), runs within 5%% under the budget. Its latency model is built once per machine (a few "
+                "minutes) and cached under ~/.cache/compress (COMPRESS_CACHE).")
     _model_args(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--config", metavar="FILE.json", help="channel config: group name -> width")
@@ -138,7 +144,12 @@ def _add_model_commands(command) -> None:
                      "both are met")
     how.add_argument("--width", type=float, metavar="0.75", help="uniform width multiplier")
     p.add_argument("--params", metavar="1.2M", help="parameter budget (1.2M, 40%% of the model)")
+    p.add_argument("--latency", metavar="3.5ms", help="latency budget (3.5ms, or 60%% of the unpruned file's measured "
+                   "time), measured on --runtime; with --macs/--params, all are met")
+    p.add_argument("--latency-model", metavar="FILE.json", help="latency model from `chansearch lut` (default: this "
+                   "machine's cached one, built when missing)")
     add_flags(p, PruneSettings)
+    add_flags(p, LutSettings, skip=("check",), title="the clock a --latency budget is measured on")
     p.add_argument("--data", metavar="SPEC", help="training images to rank channels on (--importance auto/energy) "
                    "and to refit the pruned layers on (--reconstruct-images of them; or re-estimate BN on "
                    "--recal-images); without it channels are ranked by weight magnitude and nothing is refitted")
@@ -215,8 +226,9 @@ def _add_search_commands(command) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of `chansearch supernet` (or its supernet.pt)")
     p.add_argument("--macs", help="MAC budgets, comma-separated (150M,100M or 50%%,30%%); - = no limit for that target")
     p.add_argument("--params", help="parameter budget(s)")
-    p.add_argument("--latency-ms", help="latency budget(s) in ms, predicted with --lut")
-    p.add_argument("--lut", help="latency table of this space (`chansearch lut`)")
+    p.add_argument("--latency", "--latency-ms", dest="latency", help="latency budget(s): 3.5ms, or 60%% of the "
+                   "unpruned model's measured time; predicted with --lut")
+    p.add_argument("--lut", help="latency model of this space (`chansearch lut`)")
     p.add_argument("--data", metavar="SPEC", help="the supernet's data at another path (default: as trained)")
     add_flags(p, SearchSettings)
     p.add_argument("-o", "--output", "--out", dest="out", default=None,
@@ -225,14 +237,16 @@ def _add_search_commands(command) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=commands.cmd_search)
 
-    p = command("lut", "per-layer latency table of a channel space on a runtime (for --latency-ms search)",
+    p = command("lut", "latency model of a channel space on a runtime (for --latency budgets)",
                 "TARGET is a zoo name, an unpruned checkpoint, or a `chansearch supernet` run folder (its space is "
-                "used). Build the table on the machine the model will run on.")
+                "used). Whole models at sampled configs are exported and timed, and the time of every config "
+                "fitted from the work of its layers. Build it on the machine the model will run on.")
     _model_args(p, pretrained=False)
     add_flags(p, LutSettings)
+    p.add_argument("--backend", dest="runtime", choices=("tflite", "onnxruntime"), help=argparse.SUPPRESS)
     p.add_argument("--divisor", type=int, default=8, help="width divisor of the space (zoo/checkpoint TARGET)")
     p.add_argument("--min-width", type=float, default=0.25, help="smallest width ratio (zoo/checkpoint TARGET)")
-    p.add_argument("-o", "--output", required=True, help="table file (.json)")
+    p.add_argument("-o", "--output", required=True, help="latency model file (.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=commands.cmd_lut)
 

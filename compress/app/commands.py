@@ -89,16 +89,22 @@ def cmd_prune(args) -> int:
     from compress.units import human
     settings = settings_from(PruneSettings, args)
     done = stages.prune(_load(args), settings, macs=args.macs, params=args.params, config=args.config,
-                        width=args.width,
+                        width=args.width, latency=args.latency, clock=settings_from(LutSettings, args),
+                        latency_model=args.latency_model,
                         output=args.output, provenance={"created_by": "chansearch prune", "parent": args.target},
                         data=args.data, progress=not args.json)
     if args.json:
         _print_json({"output": str(args.output), "macs_before": done.macs_before, "params_before": done.params_before,
-                     "macs": done.macs, "params": done.params, "config": done.model.card.config})
+                     "macs": done.macs, "params": done.params, "config": done.model.card.config,
+                     **({"latency": done.latency} if done.latency else {})})
         return 0
     print(f"before: {human(done.macs_before)} MACs, {human(done.params_before)} params")
     print(f"after:  {human(done.macs)} MACs ({done.macs / done.macs_before:.1%}), "
           f"{human(done.params)} params ({done.params / done.params_before:.1%})")
+    if done.latency:
+        t = done.latency
+        print(f"latency: {t['measured_ms']:.3f} ms measured ({t['predicted_ms']:.3f} ms predicted) on {t['clock']}, "
+              f"budget {t['budget_ms']:.3f} ms, after {len(t['attempts'])} cut(s)")
     if "reconstructed_on" in done.restored:
         print(f"pruned layers refitted to the unpruned outputs on {done.restored['reconstructed_on']} training "
               f"images of {args.data}")
@@ -195,7 +201,7 @@ def cmd_search(args) -> int:
     from compress import stages
     from compress.training import distributed
     from compress.search import targets_from_lists
-    settings = settings_from(SearchSettings, args, targets=targets_from_lists(args.macs, args.params, args.latency_ms))
+    settings = settings_from(SearchSettings, args, targets=targets_from_lists(args.macs, args.params, args.latency))
     done = stages.search(args.run_dir, settings, out=args.out, lut=args.lut, data=args.data,
                          quiet=args.quiet or args.json)  # --json: stdout holds the JSON alone
     result = done.result
@@ -236,13 +242,15 @@ def cmd_lut(args) -> int:
     model, space = stages.lut_model_space(target if is_run else _load(args), args.divisor, args.min_width)
     settings = settings_from(LutSettings, args)
     record = stages.latency_table(model, space, settings, args.output, progress=not args.quiet)
-    print(f"wrote {args.output}: {len(record['layers'])} layers ({record['unique_layers']} distinct timings) on "
-          f"{settings.backend}, {settings.threads} thread(s); fit: {record['fit']['a']:.3f} x layer sum + "
-          f"{record['fit']['b']:.3f} ms")
+    print(f"wrote {args.output}: latency model of {len(record['layers'])} layers fitted on {settings.samples} "
+          f"whole models timed on {record['clock']['dtype']} {settings.runtime}, {settings.threads} thread(s) in "
+          f"{record['build_s']:.0f} s; unpruned {record['unpruned_ms']:.3f} ms, smallest config "
+          f"{record['floor_ms']:.3f} ms")
     if settings.check:
         c = record["check"]
-        print(f"check on {c['configs']} random configs: {c['within_10pct']:.0%} within +-10% of the measured latency "
-              f"(mean |error| {c['mean_abs_error_pct']:.1f}%, max {c['max_abs_error_pct']:.1f}%)")
+        print(f"check on {c['configs']} random configs: {c['within_10pct']:.0%} within +-10% and "
+              f"{c['within_5pct']:.0%} within +-5% of the measured latency (mean |error| "
+              f"{c['mean_abs_error_pct']:.1f}%, max {c['max_abs_error_pct']:.1f}%)")
     return 0
 
 

@@ -18,8 +18,8 @@ from compress.data.source import DataSource, Loaders
 from compress.errors import CompressError
 from compress.models.card import card_of, describe
 from compress.pruning.profile import count
-from compress.settings import (FinetuneSettings, HeldOutScoring, PruneSettings, SearchSettings, SupernetSettings,
-                               Target)
+from compress.settings import (FinetuneSettings, HeldOutScoring, LutSettings, PruneSettings, SearchSettings,
+                               SupernetSettings, Target)
 from compress.stages.folders import move_aside
 from compress.training import distributed
 from compress.training.evaluate import evaluate
@@ -29,7 +29,7 @@ from compress.units import human
 
 DIRECT = ("uniform", "global")
 SUPERNETS = ("slimmable", "pruningnet")
-STAGE_FOLDERS = ("supernet", "search", "extract", "finetune")
+STAGE_FOLDERS = ("supernet", "lut", "search", "extract", "finetune")
 
 
 @dataclass
@@ -63,9 +63,12 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
              val_loader: DataLoader | None = None, method: str = "global", importance: str = "auto",
              finetune: FinetuneSettings = FinetuneSettings(epochs=1), supernet: SupernetSettings | None = None,
              search: SearchSettings | None = None, out: str | Path = "runs/compress",
-             quiet: bool = True, loss=None) -> tuple[nn.Module, CompressReport]:
-    """Compress `model` to `constraints` ({"macs": "50%"}, {"params": 1_200_000}, or both) and
-    recover its accuracy on `train_loader`, distilling from the original.
+             quiet: bool = True, loss=None, clock: LutSettings = LutSettings()) -> tuple[nn.Module, CompressReport]:
+    """Compress `model` to `constraints` ({"macs": "50%"}, {"params": 1_200_000}, {"latency":
+    "3.5ms" or "60%"}, or several: all are met) and recover its accuracy on `train_loader`,
+    distilling from the original. A latency is measured on `clock` (runtime, int8, threads):
+    the direct methods prune until the exported file runs within 5% under it; the supernet
+    methods search with a latency model built on it.
 
     `method`: "global" (channels ranked by importance across groups) or "uniform" (every
     channel group scaled alike), both keeping each group's most important channels by
@@ -94,10 +97,10 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
     distributed.barrier()
     ranking = PruneSettings(importance=importance, strategy=method if method in DIRECT else "global")
     if method in DIRECT:
-        small = stages.prune(model, ranking, macs=target.macs, params=target.params, data=data,
-                             progress=not quiet).model
+        small = stages.prune(model, ranking, macs=target.macs, params=target.params, latency=target.latency,
+                             clock=clock, data=data, progress=not quiet).model
     else:
-        small = _searched(model, method, target, data, ranking, supernet, search, out, quiet)
+        small = _searched(model, method, target, data, ranking, supernet, search, out, quiet, clock)
     size = card_of(model).input_size
     report = CompressReport(method, *count(model, size), *count(small, size), dict(small.card.config))
     key = report.metric = task_of(model).score
@@ -120,10 +123,10 @@ def compress(model: nn.Module, example_input: torch.Tensor, constraints: dict, t
 def _check(constraints: dict, method: str, train_loader: DataLoader | None, val_loader: DataLoader | None) -> None:
     if method not in DIRECT + SUPERNETS:
         raise CompressError(f"unknown method '{method}'; choose one of {', '.join(DIRECT + SUPERNETS)}.")
-    unknown = set(constraints) - {"macs", "params"}
+    unknown = set(constraints) - {"macs", "params", "latency"}
     if unknown or not constraints:
-        raise CompressError(f"constraints take 'macs' and 'params' (counts or percentages of the model); got "
-                            f"{sorted(constraints)}.")
+        raise CompressError(f"constraints take 'macs', 'params' (counts or percentages of the model) and 'latency' "
+                            f"(3.5ms, or a percentage of the model's measured time); got {sorted(constraints)}.")
     if method in SUPERNETS and (train_loader is None or val_loader is None):
         raise CompressError(f"method '{method}' trains a supernet on train_loader and scores configs on val_loader; "
                             "give both.")
@@ -139,7 +142,8 @@ def _with_card(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
 
 
 def _searched(model: nn.Module, method: str, target: Target, data: DataSource, ranking: PruneSettings,
-              supernet: SupernetSettings | None, search: SearchSettings | None, out: Path, quiet: bool) -> nn.Module:
+              supernet: SupernetSettings | None, search: SearchSettings | None, out: Path, quiet: bool,
+              clock: LutSettings) -> nn.Module:
     """The supernet, search and extract stages on the user's loaders: the extracted net of the
     config the search chose for `target`."""
     settings = (supernet or SupernetSettings(epochs=1)).model_copy(update={"method": method})
@@ -148,6 +152,10 @@ def _searched(model: nn.Module, method: str, target: Target, data: DataSource, r
     scoring = HeldOutScoring(**search.model_dump(include=set(HeldOutScoring.model_fields)))
     stages.train_supernet(copy.deepcopy(model), data, settings, out / "supernet", scoring=scoring, pretrained=True,
                           quiet=quiet, ranking=ranking)
-    stages.search(out / "supernet", search, out=out / "search", data=data, quiet=quiet, model=model)
+    lut = None
+    if target.latency:
+        lut = out / "lut" / "lut.json"
+        stages.latency_table(*stages.lut_model_space(out / "supernet"), clock, lut, progress=not quiet)
+    stages.search(out / "supernet", search, out=out / "search", data=data, quiet=quiet, model=model, lut=lut)
     return stages.extract(out / "supernet", out / "extract" / "model.pt", search_dir=out / "search", data=data,
                           model=model).model

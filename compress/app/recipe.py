@@ -19,7 +19,11 @@ from compress.settings import (DataSettings, ExportSettings, ExtractSettings, Fi
 
 
 class SearchSection(SearchSettings):
-    lut: LutSettings | None = None  # how to build the latency table latency_ms targets need
+    lut: LutSettings | None = None  # how to build the latency model latency targets need
+
+
+class PruneSection(PruneSettings):
+    lut: LutSettings = LutSettings()  # the clock latency targets are measured on
 
 
 class Recipe(Settings):
@@ -34,7 +38,7 @@ class Recipe(Settings):
     supernet: SupernetSettings = SupernetSettings()
     search: SearchSection = SearchSection()
     extract: ExtractSettings = ExtractSettings()
-    prune: PruneSettings = PruneSettings()
+    prune: PruneSection = PruneSection()
     finetune: FinetuneSettings = FinetuneSettings()
     export: ExportSettings = ExportSettings()
     latency: LatencySettings = LatencySettings()
@@ -62,7 +66,7 @@ class Recipe(Settings):
 
     @field_validator("prune")
     @classmethod
-    def _known_importance(cls, prune: PruneSettings) -> PruneSettings:
+    def _known_importance(cls, prune: PruneSection) -> PruneSection:
         """Checked here, with the recipe: the registry holds the user's own importances too."""
         if prune.importance != "auto" and prune.importance not in importance_names():
             raise ValueError(f"unknown importance '{prune.importance}'; choose auto or one of "
@@ -74,16 +78,17 @@ class Recipe(Settings):
         if self.supernet.method == "none":
             if not self.prune.targets:
                 raise ValueError("with supernet.method: none (the direct path), give prune.targets")
-            if any(t.latency_ms or not (t.macs or t.params) for t in self.prune.targets):
-                raise ValueError("prune.targets take macs and/or params budgets (macs: 150M or 50%, params: 1.2M)")
+            if any(not (t.macs or t.params or t.latency) for t in self.prune.targets):
+                raise ValueError("prune.targets take macs, params and/or latency budgets (macs: 150M or 50%, params: "
+                                 "1.2M, latency: 3.5ms or 60%)")
         elif not self.search.targets:
             raise ValueError("give search.targets (e.g. - macs: 50%), or set supernet.method: none and prune.targets")
         if self.extract.weights == "teacher" and (self.supernet.method != "slimmable" or not self.trained_before()):
             raise ValueError("extract.weights: teacher cuts the searched widths from the pretrained model the "
                              "supernet was trained from: it needs supernet.method: slimmable and a trained model "
                              "(model.pretrained, a checkpoint as model.name, or a transfer section)")
-        if any(t.latency_ms for t in self.search.targets) and self.search.lut is None:
-            raise ValueError("latency_ms targets need search.lut (backend, threads) to predict latency")
+        if any(t.latency for t in self.search.targets) and self.search.lut is None:
+            raise ValueError("latency targets need search.lut (runtime, threads) to predict latency")
         return self
 
     def trained_before(self) -> bool:

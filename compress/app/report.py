@@ -176,9 +176,9 @@ def _file_row(label: str, item: ExportedFile, timing: Timing | None, float_timin
         if ratios:
             lat += f" ({', '.join(ratios)})"
         if timing.budget_ms:
-            lat += f" / budget {timing.budget_ms:g}"
+            lat += f" / budget {timing.budget_ms:.3g}"
         if not timing.ok:
-            problems.append(f"{label} {item.variant} latency {timing.median_ms:.3f} ms over the {timing.budget_ms:g} "
+            problems.append(f"{label} {item.variant} latency {timing.median_ms:.3f} ms over the {timing.budget_ms:.3g} "
                             f"ms budget ({timing.backend}, {timing.threads} thread(s))")
     return (f"| {label} | {Path(item.path).name} | {size} | {parity} | {accuracy} | {lat} | "
             f"{'FAIL' if problems else 'pass'} |"), problems

@@ -22,10 +22,11 @@ from compress.checkpoint import save_checkpoint
 from compress.errors import CheckFailed
 from compress.models.card import card_of
 from compress.pruning.profile import count
-from compress.settings import ExportSettings, SearchSettings, TrainSettings
+from compress.settings import ExportSettings, PruneSettings, SearchSettings, TrainSettings
 from compress.training import distributed
 from compress.training.keep_best import kept_best
 from compress.training.loop import STATE_FILE
+from compress.units import parse_latency
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def _direct(r: Recipe) -> bool:
 
 
 def _has_lut(r: Recipe) -> bool:
-    return not _direct(r) and any(t.latency_ms for t in r.targets())
+    return not _direct(r) and any(t.latency for t in r.targets())
 
 
 # ---- transfer, prune ------------------------------------------------------------------------
@@ -71,12 +72,14 @@ def prune(ctx: RunContext, folder: Path) -> Nets:
     name, model_flags = ctx.source()
     for target in p.targets:
         path = folder / f"{target.tag()}.pt"
-        budgets = {k: v for k, v in (("macs", target.macs), ("params", target.params)) if v is not None}
+        budgets = {k: v for k, v in (("macs", target.macs), ("params", target.params), ("latency", target.latency))
+                   if v is not None}
         if not path.exists():
-            ctx.command("prune", [name], [*model_flags, p],
+            clock = [p.lut] if target.latency else []
+            ctx.command("prune", [name], [*model_flags, PruneSettings(**p.model_dump(exclude={"lut"})), *clock],
                         [x for k, v in budgets.items() for x in (flag(k), v)] + ["--data", r.data.spec, "-o", path])
-            stages.prune(ctx.model(), p, **budgets, output=path, data=r.data.spec,
-                         provenance={"created_by": "chansearch run", "parent": name})
+            stages.prune(ctx.model(), p, **budgets, clock=p.lut, output=path, data=r.data.spec,
+                         provenance={"created_by": "chansearch run", "parent": name}, progress=not ctx.quiet)
         nets[target.tag()] = Net(str(path), " ".join(f"{k}<={v}" for k, v in budgets.items()))
     # the unpruned model teaches: the transfer stage's checkpoint as it is, else a copy saved here
     teacher = Path(name) if r.transfer is not None else folder / "teacher.pt"
@@ -112,7 +115,7 @@ def search(ctx: RunContext, folder: Path) -> Searched | None:
     s = ctx.recipe.search
     lut = ctx.dir / "lut" / "lut.json" if _has_lut(ctx.recipe) else None
     lists = {key: ",".join("-" if getattr(t, key) is None else str(getattr(t, key)) for t in s.targets)
-             for key in ("macs", "params", "latency_ms") if any(getattr(t, key) is not None for t in s.targets)}
+             for key in ("macs", "params", "latency") if any(getattr(t, key) is not None for t in s.targets)}
     budget_flags = [x for key, value in lists.items() for x in (flag(key), value)]
     ctx.command("search", [ctx.dir / "supernet"], [SearchSettings(**s.model_dump(exclude={"lut"}))],
                 budget_flags + (["--lut", lut] if lut else []) + ["-o", folder])
@@ -234,18 +237,27 @@ def export(ctx: RunContext, folder: Path) -> Exported:
 
 
 def latency(ctx: RunContext, folder: Path) -> Timed:
+    """Time every exported file; a target's latency budget (a share: of the unpruned file of
+    the same kind, timed here too) or else the latency section's `budget_ms` is checked."""
     lat = ctx.recipe.latency
-    budgets = {t.tag(): t.latency_ms or lat.budget_ms for t in ctx.recipe.targets()}
     suffix = {"tflite": ".tflite", "onnxruntime": ".onnx"}.get(lat.backend)
-    timings = []
-    for item in ctx.results["export"].files:
-        if not Path(item.path).exists() or suffix and Path(item.path).suffix != suffix:
-            continue  # a runtime times its own files; `auto` times each on its own
-        settings = lat.model_copy(update={"budget_ms": budgets.get(item.tag)})
+    files = [f for f in ctx.results["export"].files
+             if Path(f.path).exists() and not (suffix and Path(f.path).suffix != suffix)]  # a runtime times its own
+    files.sort(key=lambda f: f.tag != UNPRUNED)  # the unpruned files first: a share of their time is a budget
+    unpruned, targets, timings = {}, {t.tag(): t for t in ctx.recipe.targets()}, []
+    for item in files:
+        target = targets.get(item.tag)
+        budget = lat.budget_ms
+        if target is not None and target.latency is not None and (item.variant in unpruned or
+                                                                  target.latency.endswith("ms")):
+            budget = parse_latency(target.latency, unpruned.get(item.variant))
+        settings = lat.model_copy(update={"budget_ms": budget})
         ctx.command("latency", [item.path], [settings])
         measured = stages.latency(item.path, settings)
         ok = measured.pop("within_budget", True)
         measured.pop("budget_ms", None)
+        if item.tag == UNPRUNED:
+            unpruned[item.variant] = measured["median_ms"]
         timings.append(Timing(item.tag, item.variant, item.path, measured.pop("median_ms"), settings.budget_ms, ok,
                               measured.pop("backend"), measured.pop("threads"), measured))
     return Timed(timings)
@@ -257,7 +269,7 @@ STAGES = [
     Stage("prune", Nets, lambda r: {"model": r.model, "prune": r.prune}, _start, prune, applies=_direct),
     # a pretrained supernet's channels are ordered as the prune section ranks them
     Stage("supernet", SupernetTrained, lambda r: {"model": r.model, "data": r.data, "supernet": r.supernet,
-                                                  "seed": r.seed, "ranking": r.prune.model_dump(exclude={"targets"})},
+                                                  "seed": r.seed, "ranking": r.prune.model_dump(exclude={"targets", "lut"})},
           _start, supernet, applies=lambda r: not _direct(r), everywhere=True),
     Stage("lut", LatencyTableBuilt, lambda r: {"lut": r.search.lut}, lambda r: ["supernet"], latency_table,
           applies=_has_lut),

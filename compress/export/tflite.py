@@ -38,6 +38,13 @@ def convert(module: nn.Module, args: tuple, **kwargs):
                             f"{text.strip()[:800]}") from None
 
 
+def write_tflite(module: nn.Module, example: torch.Tensor, path: str | Path) -> None:
+    """Convert `module` and write the float file, the converter's logs muted."""
+    edge = convert(module, (example,))
+    with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
+        edge.export(str(path))
+
+
 def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = None, quantize: str | None = None,
                   calib_images: torch.Tensor | None = None, images: torch.Tensor | None = None,
                   labels: torch.Tensor | None = None, nhwc: bool = False, tolerance: float | None = 1e-4,
@@ -70,12 +77,10 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
         module = int8_ready(model, calib_images)
     if nhwc:
         module, example = litert_torch.to_channel_last_io(module, args=[0]).eval(), x.permute(0, 2, 3, 1).contiguous()
-    edge = convert(module, (example,))
     kept: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         float_file = Path(tmp) / "float.tflite"
-        with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
-            edge.export(str(float_file))
+        write_tflite(module, example, float_file)
         float_bytes = float_file.stat().st_size
         if quantize:
             calibration = None

@@ -1,6 +1,7 @@
 """How a budget spreads the cut over the channel groups: the config with the most MACs that
-meets every budget given (MACs, parameters), by importance across groups (global) or every
-group scaled alike (uniform)."""
+meets every budget given (MACs, parameters, predicted latency), by importance across groups
+(global) or every group scaled alike (uniform). Under a latency budget the global cut removes
+the channels that keep the least importance per predicted millisecond, as HALP does."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -14,10 +15,11 @@ from compress.units import human
 STRATEGIES = ("uniform", "global")
 
 
-def allocate(space: ChannelSpace, budgets: Mapping[str, int], strategy: str = "global",
-             scores: dict[str, np.ndarray] | None = None) -> ChannelConfig:
+def allocate(space: ChannelSpace, budgets: Mapping[str, float], strategy: str = "global",
+             scores: dict[str, np.ndarray] | None = None,
+             latency: Callable[[Mapping[str, int]], float] | None = None) -> ChannelConfig:
     """The config with the most MACs within every budget of `budgets` ({"macs": N, "params":
-    N}, absolute counts).
+    N, "latency": ms}; counts absolute, latency as `latency` predicts it).
 
     `uniform` scales every group by one multiplier; `global` removes, across all groups, the
     least important channels first (needs `scores`). Both then top up single groups while the
@@ -25,13 +27,19 @@ def allocate(space: ChannelSpace, budgets: Mapping[str, int], strategy: str = "g
     """
     if strategy not in STRATEGIES:
         raise CompressError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}.")
-    unknown = set(budgets) - {"macs", "params"}
+    unknown = set(budgets) - {"macs", "params", "latency"}
     if unknown or not budgets:
-        raise CompressError(f"the direct path takes `macs` and `params` budgets; got {sorted(budgets) or 'none'}.")
-    measure = {"macs": space.macs, "params": space.params}
+        raise CompressError(f"the direct path takes `macs`, `params` and `latency` budgets; got "
+                            f"{sorted(budgets) or 'none'}.")
+    if "latency" in budgets and latency is None:
+        raise CompressError("a latency budget needs a latency model to predict it.")
+    measure = {"macs": space.macs, "params": space.params, "latency": latency}
     for key, limit in budgets.items():
         floor = measure[key](space.min())
-        if limit < floor:
+        if key == "latency" and limit < floor:
+            raise CompressError(f"latency budget {limit:.3f} ms is below the {floor:.3f} ms predicted for the "
+                                "smallest config this space allows; raise it, or lower the space's min ratio.")
+        if key != "latency" and limit < floor:
             noun = "MAC" if key == "macs" else "parameter"
             raise CompressError(
                 f"{noun} target {human(limit)} is below the smallest config this space allows ({human(floor)} "
@@ -56,6 +64,7 @@ def allocate(space: ChannelSpace, budgets: Mapping[str, int], strategy: str = "g
     ranked = {g.name: np.sort(scores[g.name])[::-1] for g in space.groups}  # most important first
     widths = dict(space.max())
     while not fits(widths):
+        now = latency(widths) if "latency" in budgets else 0.0
         best, best_cost = None, np.inf
         for g in space.groups:
             w = widths[g.name]
@@ -63,6 +72,9 @@ def allocate(space: ChannelSpace, budgets: Mapping[str, int], strategy: str = "g
             if not lower:
                 continue
             cost = ranked[g.name][lower[-1]:w].mean()
+            if "latency" in budgets:  # importance per millisecond saved; a cut that saves none, last
+                saved = now - latency({**widths, g.name: lower[-1]})
+                cost = cost * (w - lower[-1]) / saved if saved > 0 else 1e30 * (1 + cost)
             if cost < best_cost:
                 best, best_cost = (g.name, lower[-1]), cost
         widths[best[0]] = best[1]

@@ -106,30 +106,38 @@ def _check_runs(pruned: nn.Module, space: ChannelSpace, config: ChannelConfig) -
                             "that feeds that op at full width in a channel config, and report the architecture.") from None
 
 
+def space_for(model: nn.Module, divisor: int | None = None) -> ChannelSpace:
+    """The channel space a carded model is pruned within: its own, or for a model pruned
+    before, the widths its unpruned architecture allows (see `within`)."""
+    card = card_of(model)
+    if card.pruned:
+        return ChannelSpace.from_model(model, example_input(card.input_size, model),
+                                       **(card.space or {})).within(_unpruned_space(card))
+    return ChannelSpace.from_model(model, example_input(card.input_size, model),
+                                   divisor=divisor or PruneSettings().divisor)
+
+
 def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, macs: str | int | None = None,
                  width: float | None = None, importance: str | Importance | None = None, strategy: str | None = None,
-                 divisor: int | None = None, batch=None, params: str | int | None = None) -> tuple[nn.Module, dict]:
+                 divisor: int | None = None, batch=None, params: str | int | None = None,
+                 space: ChannelSpace | None = None, scores: dict[str, np.ndarray] | None = None
+                 ) -> tuple[nn.Module, dict]:
     """Prune a model that carries a card to a config (or JSON file), to budgets (`macs`,
     `params`: counts or percentages of the unpruned model, together or alone) or to a uniform
     width; the result carries the card with its channel config. Unset choices take
-    PruneSettings' defaults (importance `auto`: energy with `batch`, l1 without). `info` has the
-    sizes before, the strategy and `kept` (what `prune_with_map` returns)."""
+    PruneSettings' defaults (importance `auto`: energy with `batch`, l1 without); `space` and
+    `scores`, when the caller has them, save tracing and ranking again. `info` has the sizes
+    before, the strategy and `kept` (what `prune_with_map` returns)."""
     defaults = PruneSettings()
     importance = importance or defaults.importance_for(batch is not None)
     strategy = strategy or defaults.strategy
     card = card_of(model)
-    if card.pruned:  # pruned again: within the widths its unpruned architecture allows (see `within`)
-        space = ChannelSpace.from_model(model, example_input(card.input_size, model),
-                                        **(card.space or {})).within(_unpruned_space(card))
-    else:
-        space = ChannelSpace.from_model(model, example_input(card.input_size, model),
-                                        divisor=divisor or defaults.divisor)
+    space = space or space_for(model, divisor)
     if space.held:
         notes.info(f"{len(space.held)} channel group(s) stay at full width: " + "; ".join(
             f"'{name}': {why}" for name, why in list(space.held.items())[:3]) + (" ..." if len(space.held) > 3 else ""))
     full = {"macs": space.macs(space.max()), "params": space.params(space.max())}
     info = {"macs_before": full["macs"], "params_before": full["params"], "strategy": None}
-    scores = None
     budgets = {key: parse_count(value, "MAC count" if key == "macs" else "parameter count", full=full[key])
                for key, value in (("macs", macs), ("params", params)) if value is not None}
     if sum(x is not None for x in (config, width, budgets or None)) != 1:
@@ -139,7 +147,7 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
     elif budgets:
         for key, limit in budgets.items():
             space.check_budget(key, limit)
-        scores = scores_on(copy.deepcopy(model).eval(), space, importance, batch)
+        scores = scores or scores_on(copy.deepcopy(model).eval(), space, importance, batch)
         chosen = allocate(space, budgets, strategy, scores)
         info.update(strategy=strategy, **{f"target_{key}": limit for key, limit in budgets.items()})
     else:

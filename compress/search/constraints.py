@@ -8,9 +8,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from compress.errors import CompressError
+from compress.latency.model import LatencyModel
 from compress.settings import Target
 from compress.pruning.space import ChannelConfig, ChannelSpace
-from compress.units import human, parse_count
+from compress.units import human, parse_count, parse_latency
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,14 @@ class Budget:
 
 
 def targets_from_lists(macs: str | None = None, params: str | None = None,
-                       latency_ms: str | None = None) -> list[Target]:
+                       latency: str | None = None) -> list[Target]:
     """Targets from comma lists (`--macs 150M,100M --params 2M`): one target per value, each
     also holding the other lists' limits (a single value applies to every target; lists
     must have equal lengths; '-' leaves that quantity unlimited for that target)."""
-    lists = {"macs": _split(macs), "params": _split(params), "latency_ms": _split(latency_ms)}
+    lists = {"macs": _split(macs), "params": _split(params), "latency": _split(latency)}
     n = max(len(v) for v in lists.values())
     if n == 0:
-        raise CompressError("give at least one budget: `macs` (e.g. 150M,100M or 50%), `params` or `latency_ms`.")
+        raise CompressError("give at least one budget: `macs` (e.g. 150M,100M or 50%), `params` or `latency`.")
     for key, values in lists.items():
         if len(values) not in (0, 1, n):
             raise CompressError(f"`{key}` has {len(values)} values but another budget list has "
@@ -65,29 +66,29 @@ def targets_from_lists(macs: str | None = None, params: str | None = None,
     return targets
 
 
-def budgets_for(space: ChannelSpace, targets: list[Target],
-                latency: Callable[[ChannelConfig], float] | None = None) -> list[Budget]:
-    """Each target as absolute limits in this space (percentages are of its full model);
-    a limit no config of the space can meet, or one the unpruned model already meets (its
-    latency as `latency` predicts it), is an error naming the figure to compare with."""
+def budgets_for(space: ChannelSpace, targets: list[Target], latency: LatencyModel | None = None) -> list[Budget]:
+    """Each target as absolute limits in this space (percentages are of its full model, a
+    latency share of its measured time in the `latency` model); a limit no config of the space
+    can meet, or one the unpruned model already meets, is an error naming the figure to
+    compare with."""
     if not targets:
-        raise CompressError("give at least one budget: `macs` (e.g. 150M,100M or 50%), `params` or `latency_ms`.")
+        raise CompressError("give at least one budget: `macs` (e.g. 150M,100M or 50%), `params` or `latency`.")
     full = space.max()
     budgets = [Budget(macs=None if t.macs is None else parse_count(t.macs, "MAC count", space.macs(full)),
                       params=None if t.params is None else parse_count(t.params, "parameter count", space.params(full)),
-                      latency_ms=t.latency_ms) for t in targets]
+                      latency_ms=None if t.latency is None or latency is None else
+                      parse_latency(t.latency, latency.unpruned_ms)) for t in targets]
     for b in budgets:
         space.check_budget("macs", b.macs)
         space.check_budget("params", b.params)
-        if b.latency_ms is not None and latency is not None:
-            space.check_budget("latency_ms", b.latency_ms, latency(space.max()))
+        if b.latency_ms is not None:
+            space.check_budget("latency_ms", b.latency_ms, latency.predict(space.max()))
     return budgets
 
 
-def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | None = None,
-                  latency_ms: str | None = None) -> list[Budget]:
-    """Budgets from the command line's comma lists."""
-    return budgets_for(space, targets_from_lists(macs, params, latency_ms))
+def parse_budgets(space: ChannelSpace, macs: str | None = None, params: str | None = None) -> list[Budget]:
+    """MAC and parameter budgets from the command line's comma lists."""
+    return budgets_for(space, targets_from_lists(macs, params))
 
 
 def _split(text: str | None) -> list[str]:

@@ -16,7 +16,7 @@ from compress.files import atomic_write_json
 from compress.models.card import card_of
 from compress.pruning.space import ChannelSpace
 from compress.pruning.graph import example_input
-from compress.search.latency_table import build_table, check_table
+from compress.latency import build_latency_model, check_latency_model, clock_of
 from compress.settings import ExportSettings, LatencySettings, LutSettings
 from compress.stages.supernets import supernet_file
 from compress.supernet import load_supernet
@@ -74,15 +74,15 @@ def latency(path: str | Path, settings: LatencySettings = LatencySettings()) -> 
 
 def latency_table(model: nn.Module, space: ChannelSpace, settings: LutSettings, output: str | Path,
                   progress: bool = True) -> dict:
-    """Time every layer of `space` on a width grid on this machine's runtime and fit the table
-    to whole models; with `settings.check`, report its accuracy on random configs."""
-    record = build_table(model, space, backend=settings.backend, threads=settings.threads, grid=settings.grid,
-                         anchors=settings.anchors, runs=settings.runs, warmup=settings.warmup, progress=progress)
+    """Fit the latency model of `space` on this machine's runtime (`settings`: runtime, int8,
+    threads) to whole models timed at sampled configs; with `settings.check`, report its
+    accuracy on random configs it never saw."""
+    clock = clock_of(settings)
+    fitted = build_latency_model(model, space, clock, settings.samples, progress=progress)
     if settings.check:
-        record["check"] = check_table(model, space, record, configs=settings.check, runs=settings.runs,
-                                      warmup=settings.warmup, progress=progress)
-    atomic_write_json(output, record)
-    return record
+        fitted.record["check"] = check_latency_model(model, space, fitted, clock, settings.check, progress=progress)
+    atomic_write_json(output, fitted.record)
+    return fitted.record
 
 
 def lut_model_space(target: nn.Module | str | Path, divisor: int = 8, min_width: float = 0.25

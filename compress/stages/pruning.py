@@ -1,8 +1,10 @@
-"""The prune stage: the one entry point that cuts a model to budgets (MACs, params), a channel
-config or a uniform width, ranking channels by an importance from the registry; with data,
-measured on its images and the pruned layers refitted to the unpruned outputs on them."""
+"""The prune stage: the one entry point that cuts a model to budgets (MACs, params, measured
+latency), a channel config or a uniform width, ranking channels by an importance from the
+registry; with data, measured on its images and the pruned layers refitted to the unpruned
+outputs on them."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +14,15 @@ from torch import nn
 
 from compress.checkpoint import save_checkpoint
 from compress.data.source import DataSource
+from compress.errors import CompressError
+from compress.latency import LatencyModel, cached_latency_model, clock_of
+from compress.latency.budget import latency_limit, meet_latency
 from compress.models.card import card_of
-from compress.pruning.importance import importance_of, needs_data
+from compress.pruning.importance import importance_of, needs_data, scores_on
 from compress.pruning.profile import count
-from compress.pruning.prune import prune_target, restore_outputs
-from compress.settings import PruneSettings
+from compress.pruning.prune import prune_target, restore_outputs, space_for
+from compress.settings import LutSettings, PruneSettings
+from compress.units import parse_count
 
 
 @dataclass
@@ -28,38 +34,72 @@ class Pruned:
     macs: int
     params: int
     restored: dict = field(default_factory=dict)  # what restore_outputs did
+    latency: dict = field(default_factory=dict)  # a latency budget: predicted and measured times
 
 
 def prune(model: nn.Module, settings: PruneSettings = PruneSettings(), macs: str | int | None = None,
           config: str | Path | Mapping | None = None, width: float | None = None, output: str | Path | None = None,
           provenance: dict | None = None, data=None, progress: bool = False,
-          params: str | int | None = None) -> Pruned:
+          params: str | int | None = None, latency: str | None = None, clock: LutSettings = LutSettings(),
+          latency_model: str | Path | None = None) -> Pruned:
     """Prune `model` (carrying a card) to budgets (`macs`, `params`: counts like 150M or
-    percentages of the unpruned model; both are met when both are given), a channel config (or
-    its JSON file) or a uniform width, keeping each group's most important channels
-    (`settings.importance`). With `data` (a data source: a spec, DataSettings or your own
-    Loaders), importance is measured on its training images and the pruned layers are refitted
-    to the unpruned outputs on them (or BN re-estimated; `restore_outputs`). Saved to `output`
-    if given."""
+    percentages of the unpruned model; `latency`: 3.5ms or a percentage of the unpruned file's
+    measured time on `clock`; every budget given is met), a channel config (or its JSON file) or
+    a uniform width, keeping each group's most important channels (`settings.importance`).
+
+    A latency budget is met as measured: the cut keeps the most importance per millisecond the
+    latency model predicts (`latency_model`, or this machine's cached one, built when missing),
+    the file is exported and timed, and the cut corrected until it runs within 5% under the
+    budget. With `data` (a data source: a spec, DataSettings or your own Loaders), importance
+    is measured on its training images and the pruned layers are refitted to the unpruned
+    outputs on them (or BN re-estimated; `restore_outputs`). Saved to `output` if given."""
     source = DataSource.of(data) if data is not None else None
     importance = settings.importance_for(source is not None)
     importance_of(importance)  # an unknown name is refused before any work
-    restored = {}
+    restored, timing, space, scores = {}, {}, None, None
+    if latency is not None and (config is not None or width is not None):
+        raise CompressError("a latency budget chooses the widths itself: give `latency` alone or with `macs`/"
+                            "`params`, not with a channel config or a width.")
+    if latency is not None:
+        space = space_for(model, settings.divisor)
+        fitted, limit = _latency_model(model, space, latency, clock, latency_model, progress)
     batch = pruning_batch(model, settings, source) if source is not None else None
+    if latency is not None:
+        scores = scores_on(copy.deepcopy(model).eval(), space, importance, batch)
+        full = {"macs": space.macs(space.max()), "params": space.params(space.max())}
+        others = {k: parse_count(v, k, full=full[k]) for k, v in (("macs", macs), ("params", params)) if v is not None}
+        config, timing = meet_latency(model, space, scores, limit, fitted, clock_of(clock), others, settings.strategy)
+        macs = params = None
     pruned, info = prune_target(model, config=config, macs=macs, params=params, width=width, importance=importance,
-                                strategy=settings.strategy, divisor=settings.divisor, batch=batch)
+                                strategy=settings.strategy, divisor=settings.divisor, batch=batch, space=space,
+                                scores=scores)
     if batch is not None:
         restored = restore_outputs(model, pruned, info["kept"], batch[0], settings.reconstruct_images,
                                    settings.recal_images, progress=progress)
     record = None
     if output is not None:
         record = save_checkpoint(output, pruned, provenance={
-            "created_by": "prune", "importance": importance, "strategy": info["strategy"],
-            **{k: info[k] for k in ("target_macs", "target_params") if k in info}, **restored, **(provenance or {})})
+            "created_by": "prune", "importance": importance, "strategy": info["strategy"] or (settings.strategy if timing else None),
+            **{k: info[k] for k in ("target_macs", "target_params") if k in info},
+            **({"latency": timing} if timing else {}), **restored, **(provenance or {})})
     macs_after, params_after = ((record["macs"], record["params"]) if record else
                                 count(pruned, card_of(pruned).input_size))
     return Pruned(pruned, Path(output) if output else None, info["macs_before"], info["params_before"],
-                  macs_after, params_after, restored)
+                  macs_after, params_after, restored, timing)
+
+
+def _latency_model(model: nn.Module, space, budget: str, clock: LutSettings, path: str | Path | None,
+                   progress: bool) -> tuple[LatencyModel, float]:
+    """The latency model (a file, or this machine's cache) and the budget in ms, refused
+    before any more is measured when no config can meet it."""
+    held = f"; {len(space.held)} group(s) held at full width" if space.held else ""
+    if path is not None:
+        fitted = LatencyModel.load(path, space, clock_of(clock).identity())
+        return fitted, latency_limit(budget, fitted, held)
+    limit = []
+    fitted = cached_latency_model(model, space, clock_of(clock), clock.samples, progress,
+                                  on_ends=lambda *ends: limit.append(latency_limit(budget, ends, held)))
+    return fitted, limit[0]
 
 
 def pruning_batch(model: nn.Module, settings: PruneSettings, data) -> tuple[torch.Tensor, object] | None:

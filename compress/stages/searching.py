@@ -14,7 +14,7 @@ from torch import nn
 from compress.data.source import DataSource
 from compress.errors import CompressError
 from compress.search import RESULT_FILE, Evaluator, budgets_for, run_search, write_results
-from compress.search.latency_table import LatencyTable, latency_predictor, measure_configs
+from compress.latency import LatencyModel, time_configs
 from compress.settings import HeldOutScoring, SearchSettings
 from compress.stages.folders import device, digest
 from compress.stages.supernets import held_out, supernet_file
@@ -31,9 +31,11 @@ class SearchRun:
 
 
 def open_search(run: str | Path, scoring: HeldOutScoring, folder: Path, data=None,
-                lut: str | Path | None = None, model: nn.Module | None = None) -> tuple[Supernet, dict, Evaluator]:
-    """The supernet of run folder `run`, its record, and an Evaluator whose cache (the search
-    state) lives in `folder`, fingerprinted with everything its scores depend on."""
+                lut: str | Path | None = None, model: nn.Module | None = None
+                ) -> tuple[Supernet, dict, Evaluator, LatencyModel | None]:
+    """The supernet of run folder `run`, its record, an Evaluator whose cache (the search
+    state) lives in `folder`, fingerprinted with everything its scores depend on, and the
+    latency model `lut` (or None)."""
     path = supernet_file(run)
     supernet, record = load_supernet(path, model=copy.deepcopy(model))
     source = DataSource.of(data) if data is not None else None
@@ -43,11 +45,12 @@ def open_search(run: str | Path, scoring: HeldOutScoring, folder: Path, data=Non
                    **({"score_size": scoring.score_size} if scoring.score_size else {})}
     latency = None
     if lut:
-        latency = latency_predictor(lut, supernet.space)
+        latency = LatencyModel.load(lut, supernet.space)
         fingerprint["lut"] = digest(Path(lut))
-    evaluator = Evaluator(supernet, held_out(supernet, record["holdout"], scoring, data), device(), latency=latency,
-                          state_path=folder / "state.json", fingerprint=fingerprint)
-    return supernet, record, evaluator
+    evaluator = Evaluator(supernet, held_out(supernet, record["holdout"], scoring, data), device(),
+                          latency=latency.predict if latency else None, state_path=folder / "state.json",
+                          fingerprint=fingerprint)
+    return supernet, record, evaluator, latency
 
 
 def search(run: str | Path, settings: SearchSettings, out: str | Path | None = None, lut: str | Path | None = None,
@@ -60,12 +63,12 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     model of a supernet of your own architecture (a zoo or source model is rebuilt)."""
     run = Path(run)
     folder = Path(out) if out else (run if run.is_dir() else run.parent) / f"search-{settings.method}"
-    if any(t.latency_ms for t in settings.targets) and not lut:
-        raise CompressError("`latency_ms` needs `lut`, a latency table of this space; build one with "
+    if any(t.latency for t in settings.targets) and not lut:
+        raise CompressError("a `latency` budget needs `lut`, a latency model of this space; build one with "
                             "`chansearch lut`.")
     distributed.init()
-    supernet, _, evaluator = open_search(run, settings, folder, data, lut, model)
-    budgets = budgets_for(supernet.space, settings.targets, evaluator.latency)
+    supernet, _, evaluator, latency = open_search(run, settings, folder, data, lut, model)
+    budgets = budgets_for(supernet.space, settings.targets, latency)
     log = None if quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))
     if log and evaluator.cache:
         log(f"resuming: {len(evaluator.cache)} configs already scored in {folder / 'state.json'}")
@@ -75,7 +78,7 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
                         progress=log)
     result.update(supernet=str(run), evaluation=evaluator.fingerprint)
     if lut:
-        _measure_finalists(result, supernet, lut)
+        _measure_finalists(result, supernet, latency)
     write_results(folder, result, evaluator)
     distributed.barrier()
     return SearchRun(result, folder, evaluator)
@@ -100,18 +103,17 @@ def _estimate(evaluator: Evaluator, settings: SearchSettings, budgets: list) -> 
             f"recalibration + {settings.eval_images} scoring images), about {minutes:.0f} min here{other}")
 
 
-def _measure_finalists(result: dict, supernet: Supernet, lut: str | Path) -> None:
-    """The latency table screened the candidates; time each chosen config for real."""
-    table = LatencyTable.load(lut, supernet.space).record
-    measured = measure_configs(supernet.plain_copy(), supernet.space, [t["config"] for t in result["targets"]],
-                               table["backend"], table["threads"])
+def _measure_finalists(result: dict, supernet: Supernet, fitted: LatencyModel) -> None:
+    """The latency model screened the candidates; time each chosen config for real on its clock."""
+    clock = fitted.clock()
+    measured = time_configs(supernet.plain_copy(), supernet.space, [t["config"] for t in result["targets"]], clock)
     for t, ms in zip(result["targets"], measured):
         limit = t["budget"]["latency_ms"]
-        t.update(measured_ms=ms, measured_backend=table["backend"], measured_within_budget=limit is None or ms <= limit)
+        t.update(measured_ms=ms, measured_on=clock.describe(), measured_within_budget=limit is None or ms <= limit)
         if not t["measured_within_budget"]:
-            print(f"warning: {t['label']}: measured {ms:.3f} ms on {table['backend']} is over the {limit} ms budget "
-                  f"(predicted {t['latency_ms']:.3f} ms); tighten the latency budget or rebuild the table on a quiet "
-                  "machine.", file=sys.stderr)
+            print(f"warning: {t['label']}: measured {ms:.3f} ms on {clock.describe()} is over the {limit:.3f} ms "
+                  f"budget (predicted {t['latency_ms']:.3f} ms); tighten the latency budget, or prune to it "
+                  "directly (`chansearch prune --latency`), which measures and corrects.", file=sys.stderr)
 
 
 def find_search(run: str | Path, search_dir: str | Path | None = None) -> Path:

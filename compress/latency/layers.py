@@ -1,0 +1,79 @@
+"""The layers a latency model reads: every conv / linear layer of a channel space, with how
+its input and output widths follow the group widths, and the work each does at a config.
+
+A runtime fuses each conv with its BN and activation (and, in XNNPACK, the add after it), so
+a layer's time is modelled from what that fused op computes and moves: its MACs, the elements
+it reads and the elements it writes. Kernels differ in speed by kind (a depthwise conv is
+memory-bound, a 1x1 conv a matrix product), so each kind keeps its own terms.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.pruning.graph import example_input
+from compress.pruning.space import ChannelSpace
+from compress.supernet.dynamic import Supernet
+
+KINDS = ("conv", "pointwise", "depthwise", "linear")
+TERMS = ("macs", "reads", "writes")
+FEATURES = tuple(f"{kind}_{term}" for kind in KINDS for term in TERMS)
+
+
+def layer_records(model: nn.Module, space: ChannelSpace) -> list[dict]:
+    """Every conv/linear layer: its kind, the pixels it reads and writes, and how its
+    input/output widths follow the group widths (`parts`: group, repeats)."""
+    supernet = Supernet(copy.deepcopy(model), space)
+    dims = supernet.layer_dims
+    plain = supernet.plain_copy().eval()
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, (i[0].shape, o.shape)))
+             for n, m in plain.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        plain(example_input(space.input_size[-1], plain))
+    for h in hooks:
+        h.remove()
+    layers = []
+    for name, m in plain.named_modules():
+        if name not in shapes:
+            continue
+        conv = isinstance(m, nn.Conv2d)
+        depthwise = conv and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+        def dim(kind, full):
+            d = dims.get((name, kind))
+            parts = [] if d is None else [[space.groups[g].name, len(idxs) // space.groups[g].max]
+                                          for g, idxs, _ in d.parts]
+            return {"full": full, "parts": parts}
+        seen, made = shapes[name]
+        kind = ("linear" if not conv else "depthwise" if depthwise else
+                "pointwise" if m.kernel_size == (1, 1) and m.groups == 1 else "conv")
+        layers.append({
+            "name": name, "kind": kind,
+            "pixels_in": int(np.prod(seen[2:])) if conv else 1, "pixels_out": int(np.prod(made[2:])) if conv else 1,
+            "kernel": int(np.prod(m.kernel_size)) if conv else 1, "groups": m.groups if conv else 1,
+            # a depthwise conv's input channels are its output channels
+            "in": dim("out" if depthwise else "in", m.in_channels if conv else m.in_features),
+            "out": dim("out", m.out_channels if conv else m.out_features)})
+    return layers
+
+
+def width(dim: dict, config: Mapping[str, int], space: ChannelSpace) -> int:
+    return dim["full"] - sum(reps * (space.by_name[g].max - config[g]) for g, reps in dim["parts"])
+
+
+def features(layers: list[dict], config: Mapping[str, int], space: ChannelSpace) -> np.ndarray:
+    """The work of every layer kind at `config`, in the order of FEATURES."""
+    out = dict.fromkeys(FEATURES, 0.0)
+    for layer in layers:
+        cin, cout = width(layer["in"], config, space), width(layer["out"], config, space)
+        per_out = layer["kernel"] * (1 if layer["kind"] == "depthwise" else cin // max(1, layer["groups"]))
+        kind = layer["kind"]
+        out[f"{kind}_macs"] += per_out * cout * layer["pixels_out"]
+        out[f"{kind}_reads"] += cin * layer["pixels_in"]
+        out[f"{kind}_writes"] += cout * layer["pixels_out"]
+    return np.array([out[f] for f in FEATURES])

@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import compress
+from compress import CompressError
+from compress.export.latency import measure
+from compress.latency import Clock, LatencyModel, cached_latency_model
+from compress.latency.layers import FEATURES, features, layer_records, width
+from compress.pruning.allocation import allocate
+from compress.pruning.graph import example_input
+from compress.pruning.prune import prune
+from compress.pruning.space import ChannelSpace
+from compress.settings import LutSettings
+from compress.stages import export
+from conftest import run_cli
+
+ORT = Clock("onnxruntime", runs=20)
+
+
+def _small(size=16):
+    model = compress.build("mobilenet_v3_small_cifar", input_size=size).eval()
+    return model, ChannelSpace.from_model(model, example_input(size, model))
+
+
+def test_layer_widths_follow_the_config_exactly():
+    """The width formulas give each layer's real channel counts in the pruned model."""
+    model, space = _small()
+    layers = layer_records(model, space)
+    assert [l["name"] for l in layers] == [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for seed in range(3):
+        config = space.sample(np.random.default_rng(seed))
+        pruned = prune(model, config, space, importance="first")
+        for layer in layers:
+            m = pruned.get_submodule(layer["name"])
+            real_in, real_out = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+            assert (width(layer["in"], config, space), width(layer["out"], config, space)) == (real_in, real_out)
+
+
+def test_the_work_it_reads_is_the_independent_mac_count():
+    model, space = _small(32)
+    layers = layer_records(model, space)
+    macs = [i for i, f in enumerate(FEATURES) if f.endswith("_macs")]
+    for config in (space.max(), space.min(), space.sample(np.random.default_rng(0))):
+        assert features(layers, config, space)[macs].sum() == space.macs(config)
+
+
+def test_the_fit_recovers_a_latency_that_is_linear_in_the_work():
+    model, space = _small()
+    base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
+            "layers": layer_records(model, space)}
+    truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
+    rng = np.random.default_rng(0)
+    configs = [space.sample(rng) for _ in range(30)]
+    ms = [float(truth @ features(base["layers"], c, space)) + 0.05 for c in configs]
+    fitted = LatencyModel.fit(base, space, list(zip(configs[:20], ms[:20])))
+    assert [fitted.predict(c) for c in configs[20:]] == pytest.approx(ms[20:], rel=1e-6)
+
+
+def test_a_latency_budget_keeps_the_most_importance_per_millisecond():
+    """Equal importance everywhere, time spent in one group only: the cut falls on that group."""
+    model, space = _small()
+    slow = space.groups[0]
+    scores = {g.name: np.ones(g.max) for g in space.groups}
+    clock = lambda c: 1.0 + c[slow.name] / slow.max  # noqa: E731
+    config = allocate(space, {"latency": 1.6}, "global", scores, clock)
+    assert clock(config) <= 1.6 and config[slow.name] < slow.max
+    assert all(config[g.name] == g.max for g in space.groups[1:])
+
+
+@pytest.mark.slow
+def test_lut_cli_builds_checks_and_refuses_another_clock(tmp_path):
+    out = run_cli("lut", "mobilenet_v3_small_cifar", "--input-size", "16", "--runtime", "onnxruntime", "--samples", "6",
+                  "--check", "3", "--runs", "5", "--quiet", "-o", tmp_path / "lut.json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads((tmp_path / "lut.json").read_text())
+    assert record["clock"]["runtime"] == "onnxruntime" and len(record["fit"]["samples"]) == 6
+    assert record["check"]["configs"] == 3 and "within +-10%" in out.stdout
+    model, space = _small()
+    fitted = LatencyModel.load(tmp_path / "lut.json", space)
+    assert fitted.predict(space.max()) > fitted.predict(space.min()) > 0
+    LatencyModel.load(tmp_path / "lut.json", ChannelSpace.from_model(model, example_input(16, model), min_ratio=0.5))
+    v2 = compress.build("mobilenet_v2_cifar", input_size=16)
+    with pytest.raises(CompressError, match="another channel space"):
+        LatencyModel.load(tmp_path / "lut.json", ChannelSpace.from_model(v2, example_input(16, v2)))
+    record["clock"]["machine"] = "another CPU [avx512f], 64 cores, Linux x86_64"
+    (tmp_path / "moved.json").write_text(json.dumps(record))
+    with pytest.raises(CompressError, match="another clock .*machine"):
+        LatencyModel.load(tmp_path / "moved.json", space)
+
+
+@pytest.mark.slow
+def test_prune_to_a_latency_meets_it_as_measured(tmp_path):
+    """The pruned file, exported and timed again on its own, runs under the budget; the report
+    says what was predicted and measured."""
+    model, space = _small(64)
+    unpruned = cached_latency_model(model, space, ORT, samples=8, progress=False).unpruned_ms
+    clock = LutSettings(runtime="onnxruntime", samples=8, runs=20)
+    done = compress.prune(model, latency="70%", clock=clock, output=tmp_path / "p.pt")
+    t = done.latency
+    assert t["budget_ms"] == pytest.approx(0.7 * unpruned)
+    assert 0.95 * t["budget_ms"] <= t["measured_ms"] <= t["budget_ms"] and t["predicted_ms"] > 0
+    again = export(compress.load(tmp_path / "p.pt"), "onnx", tmp_path / "p.onnx")
+    timed = min(measure(again["path"], threads=1, runs=50)["median_ms"] for _ in range(3))
+    assert timed <= 1.1 * t["budget_ms"]  # a fresh session on a shared machine: 10% for its noise
+    assert torch.load(tmp_path / "p.pt", weights_only=True)["provenance"]["latency"]["measured_ms"] == t["measured_ms"]
+
+
+@pytest.mark.slow
+def test_a_latency_below_the_floor_is_refused_before_the_model_is_sampled(tmp_path):
+    out = run_cli("prune", "mobilenet_v3_small_cifar", "--input-size", "64", "--latency", "0.001ms", "--runtime",
+                  "onnxruntime", "--samples", "30", "-o", tmp_path / "p.pt")
+    assert out.returncode == 2 and "smallest config this space allows" in out.stderr and "measures" in out.stderr
+    assert "sampled models" not in out.stderr and not (tmp_path / "p.pt").exists()
+    out = run_cli("prune", "mobilenet_v3_small_cifar", "--input-size", "64", "--latency", "2ms", "--width", "0.5",
+                  "-o", tmp_path / "q.pt")
+    assert out.returncode != 0 and "not with a channel config or a width" in out.stderr
+
+
+LATENCY_RECIPE = """
+name: fast
+out: {out}
+model: {{name: mobilenet_v3_small_cifar, input_size: 64}}
+data: {{spec: 'synthetic:96', batch_size: 16, workers: 0}}
+supernet: {{method: none}}
+prune:
+  reconstruct_images: 32
+  targets:
+    - latency: 70%
+  lut: {{runtime: onnxruntime, samples: 8, runs: 20}}
+finetune: {{epochs: 0, val_images: 16}}
+export: {{formats: [onnx]}}
+latency: {{backend: onnxruntime, runs: 20, warmup: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_a_recipe_prunes_to_a_latency_target_and_checks_the_file_against_it(tmp_path):
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text(LATENCY_RECIPE.format(out=tmp_path / "runs"))
+    out = run_cli("run", recipe, "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "fast"
+    pruned = torch.load(run / "prune" / "lat70pct.pt", weights_only=True)["provenance"]["latency"]
+    assert pruned["measured_ms"] <= pruned["budget_ms"] and "onnxruntime" in pruned["clock"]
+    report = (run / "report.md").read_text()
+    command = next(line for line in report.splitlines() if line.startswith("chansearch prune "))
+    assert "--runtime onnxruntime" in command and "--latency 70%" in command
+    timed = json.loads((run / "latency" / "stage.json").read_text())["outputs"]["timings"]
+    unpruned = next(t for t in timed if t["tag"] == "unpruned")
+    target = next(t for t in timed if t["tag"] == "lat70pct")
+    assert target["budget_ms"] == pytest.approx(0.7 * unpruned["median_ms"])  # a share of the file timed beside it
