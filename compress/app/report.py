@@ -67,6 +67,12 @@ def write_report(ctx: RunContext) -> list[str]:
         u = nets.unpruned
         table.insert(2, f"| unpruned | {human(u.macs)} | {human(u.params)} | - | {_pct(u.test[score])} | - | - | "
                         "100% MACs | - |")
+    cuts = [net.latency for net in nets.nets.values() if net.latency]
+    if cuts:
+        table += ["", f"Latency targets, as the prune stage measured its cut on {cuts[0]['clock']}: " + "; ".join(
+            f"{net.label}: {t['measured_ms']:.3f} ms measured, {t['predicted_ms']:.3f} ms predicted, budget "
+            f"{t['budget_ms']:.3f} ms, after {len(t['attempts'])} cut(s)" for net in nets.nets.values()
+            if (t := net.latency)) + "."]
     table += ["", NOTES[score]]
     file_table = ["| target | file | size (x float) | parity with PyTorch | top-1 float / file | latency ms "
                   "(x float, x unpruned) | result |", "|---|---|---|---|---|---|---|", *files]

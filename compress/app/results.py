@@ -23,6 +23,7 @@ class Net:
     path: str
     label: str  # the target's label: macs<=50%, or the search's
     heldout_top1: float | None = None  # the search's score of its config (extracted nets)
+    latency: dict | None = None  # a latency target: budget, predicted and measured ms, clock, cuts
 
 
 @dataclass

@@ -18,7 +18,7 @@ from compress.app.recipe import Recipe
 from compress.app.results import (UNPRUNED, Exported, ExportedFile, Finetuned, LatencyTableBuilt, Net, Nets, Searched,
                                   SupernetTrained, Timed, Timing, Transferred, Tuned, Unpruned)
 from compress.app.run_context import RunContext
-from compress.checkpoint import save_checkpoint
+from compress.checkpoint import read_checkpoint, save_checkpoint
 from compress.errors import CheckFailed
 from compress.models.card import card_of
 from compress.pruning.profile import count
@@ -80,7 +80,8 @@ def prune(ctx: RunContext, folder: Path) -> Nets:
                         [x for k, v in budgets.items() for x in (flag(k), v)] + ["--data", r.data.spec, "-o", path])
             stages.prune(ctx.model(), p, **budgets, clock=p.lut, output=path, data=r.data.spec,
                          provenance={"created_by": "chansearch run", "parent": name}, progress=not ctx.quiet)
-        nets[target.tag()] = Net(str(path), " ".join(f"{k}<={v}" for k, v in budgets.items()))
+        nets[target.tag()] = Net(str(path), " ".join(f"{k}<={v}" for k, v in budgets.items()),
+                                 latency=read_checkpoint(path)["provenance"].get("latency"))
     # the unpruned model teaches: the transfer stage's checkpoint as it is, else a copy saved here
     teacher = Path(name) if r.transfer is not None else folder / "teacher.pt"
     original = ctx.model()

@@ -35,15 +35,16 @@ def sample_configs(space: ChannelSpace, count: int, seed: int = 0) -> list[Chann
     return fixed + [space.sample(rng) for _ in range(count - len(fixed))]
 
 
-def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, samples: int = 30, seed: int = 0,
-                        progress: bool = True, on_ends: Callable[[float, float], None] | None = None) -> LatencyModel:
+def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, samples: int = 24, seed: int = 0,
+                        progress: bool = True, on_ends: Callable[[float, float], None] | None = None,
+                        layers: list[dict] | None = None) -> LatencyModel:
     """Time `samples` whole models of `space` on `clock` and fit. The unpruned and smallest
     configs are timed first and given to `on_ends(unpruned_ms, floor_ms)`, so a budget no
     config can meet is refused before the rest is measured."""
     began = time.perf_counter()
     base = {"format": FORMAT, "version": 1, "clock": clock.identity(), "input_size": space.input_size[-1],
             "space": space.settings(), "space_groups": [g.name for g in space.groups],
-            "layers": layer_records(model, space)}
+            "layers": layers or layer_records(model, space)}
     configs = sample_configs(space, max(samples, 4), seed)
     ends = time_configs(model, space, configs[:2], clock)
     base.update(unpruned_ms=ends[0], floor_ms=ends[1])
@@ -72,20 +73,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress") / "latency"
 
 
-def cached_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, samples: int = 30,
+def cached_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, samples: int = 24,
                          progress: bool = True, on_ends: Callable[[float, float], None] | None = None
                          ) -> LatencyModel:
     """The latency model of `space` on `clock` from this machine's cache, built and cached
     when there is none (keyed by the layers, the space, the clock's identity and `samples`)."""
-    identity = clock.identity()
+    identity, layers = clock.identity(), layer_records(model, space)
     key = {"clock": identity, "space": space.settings(), "groups": [[g.name, g.max] for g in space.groups],
-           "layers": layer_records(model, space), "samples": samples, "format": FORMAT}
+           "layers": layers, "samples": samples, "format": FORMAT}
     path = cache_dir() / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
     if path.is_file():
         fitted = LatencyModel.load(path, space, identity)
         if on_ends is not None:
             on_ends(fitted.unpruned_ms, fitted.floor_ms)
         return fitted
-    fitted = build_latency_model(model, space, clock, samples, progress=progress, on_ends=on_ends)
+    fitted = build_latency_model(model, space, clock, samples, progress=progress, on_ends=on_ends, layers=layers)
     fitted.save(path)
     return fitted

@@ -142,14 +142,29 @@ def test_a_recipe_prunes_to_a_latency_target_and_checks_the_file_against_it(tmp_
     recipe = tmp_path / "fast.yaml"
     recipe.write_text(LATENCY_RECIPE.format(out=tmp_path / "runs"))
     out = run_cli("run", recipe, "--quiet")
-    assert out.returncode == 0, out.stderr[-3000:]
+    # 3: the latency stage's fresh timing of a file cut to within 5% under the budget may land over
+    # it on a busy machine; that check is the user's, and it is what this test reads below
+    assert out.returncode in (0, 3), out.stderr[-3000:]
     run = tmp_path / "runs" / "fast"
     pruned = torch.load(run / "prune" / "lat70pct.pt", weights_only=True)["provenance"]["latency"]
     assert pruned["measured_ms"] <= pruned["budget_ms"] and "onnxruntime" in pruned["clock"]
     report = (run / "report.md").read_text()
+    assert (f"latency<=70%: {pruned['measured_ms']:.3f} ms measured, {pruned['predicted_ms']:.3f} ms predicted, "
+            f"budget {pruned['budget_ms']:.3f} ms") in report
     command = next(line for line in report.splitlines() if line.startswith("chansearch prune "))
     assert "--runtime onnxruntime" in command and "--latency 70%" in command
     timed = json.loads((run / "latency" / "stage.json").read_text())["outputs"]["timings"]
     unpruned = next(t for t in timed if t["tag"] == "unpruned")
     target = next(t for t in timed if t["tag"] == "lat70pct")
     assert target["budget_ms"] == pytest.approx(0.7 * unpruned["median_ms"])  # a share of the file timed beside it
+
+
+@pytest.mark.slow
+def test_prune_to_an_int8_tflite_latency(tmp_path, user_net):
+    """The budget is for the int8 file: the clock quantizes each cut before timing it."""
+    model = compress.describe(user_net, input_size=16)
+    clock = LutSettings(runtime="tflite", int8=True, samples=6, runs=20)
+    done = compress.prune(model, latency="75%", clock=clock, output=tmp_path / "p.pt")
+    t = done.latency
+    assert t["measured_ms"] <= t["budget_ms"] and t["clock"].startswith("int8 tflite")
+    assert done.macs < done.macs_before
