@@ -42,8 +42,8 @@ def meet_latency(model: nn.Module, space: ChannelSpace, scores: dict[str, np.nda
                  strategy: str = "global", tolerance: float = 0.05, tries: int = 5) -> tuple[ChannelConfig, dict]:
     """The config whose file measures within `tolerance` under `limit_ms` on `clock` (with the
     other `budgets` met too), and what was predicted and measured on the way there."""
-    aim, attempts = limit_ms * (1 - tolerance / 2), []
-    floor, target = fitted.predict(space.min()), limit_ms * (1 - tolerance / 2)
+    aim, attempts = limit_ms * (1 - tolerance / 2), []  # the middle of the window: a re-timing may differ a little
+    floor, target = fitted.predict(space.min()), aim
     for _ in range(tries):
         config = allocate(space, {**(budgets or {}), "latency": max(target, floor)}, strategy, scores, fitted.predict)
         predicted = fitted.predict(config)

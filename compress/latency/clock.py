@@ -55,15 +55,23 @@ class Clock:
 
     def time(self, net: nn.Module, input_size: int) -> float:
         """Median latency (ms) of `net` exported for this clock."""
+        return self.times(net, input_size, 1)[0]
+
+    def times(self, net: nn.Module, input_size: int, sessions: int) -> list[float]:
+        """The median latency (ms) of each of `sessions` sessions, one after the other, on one
+        export of `net`."""
         net = net.eval().cpu().to(memory_format=torch.contiguous_format)
         example = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"model{SUFFIX[self.runtime]}"
             self._export(net, example, path)
-            if self.device == "local":
-                return measure(path, self.runtime, threads=self.threads, warmup=self.warmup, runs=self.runs)["median_ms"]
-            return measure_adb(path, self.device.partition(":")[2] or None, threads=self.threads, warmup=self.warmup,
-                               runs=self.runs)["median_ms"]
+            return [self._measure(path) for _ in range(sessions)]
+
+    def _measure(self, path: Path) -> float:
+        if self.device == "local":
+            return measure(path, self.runtime, threads=self.threads, warmup=self.warmup, runs=self.runs)["median_ms"]
+        return measure_adb(path, self.device.partition(":")[2] or None, threads=self.threads, warmup=self.warmup,
+                           runs=self.runs)["median_ms"]
 
     def _export(self, net: nn.Module, example: torch.Tensor, path: Path) -> None:
         float_path = path.with_name("float" + path.suffix) if self.int8 else path
