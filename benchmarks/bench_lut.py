@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from common import write_section
+from compress.latency.clock import TIMING
 
 CLOCKS = {"tflite-1": ["--runtime", "tflite", "--threads", "1"],
           "tflite-int8-1": ["--runtime", "tflite", "--int8", "--threads", "1"],
@@ -64,13 +65,14 @@ def main() -> None:
             continue
         r = cell(model, clock, p, out)
         c = r["check"]
-        rows.append(f"| {model} | {r['clock']['dtype']} {r['clock']['runtime']} | {r['clock']['threads']} | "
+        star = "" if r.get("timing") == TIMING else "*"
+        rows.append(f"| {model}{star} | {r['clock']['dtype']} {r['clock']['runtime']} | {r['clock']['threads']} | "
                     f"{r['unpruned_ms']:.2f} / {r['floor_ms']:.2f} | {len(r['fit']['samples'])} | {r['build_s']:.0f} s | "
                     f"{c['within_10pct']:.0%} | {c['within_5pct']:.0%} | {c['mean_abs_error_pct']:.1f}% | "
                     f"{c['max_abs_error_pct']:.1f}% | {_retimed(c)} |")
     write_section(f"Latency model accuracy ({args.size})", "\n".join([
         f"Each model at 224 px ({'16 px: ' if args.size == 'quick' else ''}the latency model fitted on {p['samples']} whole models (the unpruned one, the "
-        "smallest, two uniform widths, random configs), exported and timed (median of 50 runs)); then checked on "
+        "smallest, two uniform widths, random configs), exported and timed (the lower of two sessions' medians of 50 runs; cells marked * by one session's median)); then checked on "
         f"{p['check']} random configs it never saw, exported and timed the same way. Build time: sampling and "
         "fitting, on this machine. nn-Meter's bar on mobile CPUs: 99% within +-10%. The per-layer table this "
         "replaced had 76% (TFLite) and 80% (ONNX Runtime) within +-10% on MobileNetV2 (section 'Latency table "
@@ -78,9 +80,8 @@ def main() -> None:
         "| model | file | threads | unpruned / smallest (ms) | fitted on | build | within +-10% | within +-5% | "
         "mean abs error | max abs error | re-timed: within +-5%, mean abs diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "Re-timed: each check file timed in a second session right after the first; how far two timings of one "
-        "file differ on this machine is the floor under any predictor's error ('-': cells run before this column "
-        "existed)."]))
+        "Re-timed: each check file timed again right after, the same way; how far two timings of one file differ on "
+        "this machine is the floor under any predictor's error ('-': cells run before this column existed)."]))
 
 
 def _retimed(check: dict) -> str:
