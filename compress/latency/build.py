@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-from compress.latency.clock import TIMING, Clock
+from compress.latency.clock import SUFFIX, TIMING, Clock
 from compress.latency.layers import layer_records
 from compress.latency.model import FORMAT, LatencyModel
 from compress.pruning.prune import prune
@@ -28,46 +29,76 @@ def time_configs(model: nn.Module, space: ChannelSpace, configs: list[ChannelCon
             for c in tqdm(configs, desc=f"timing {what} ({clock.describe()})", unit="model", disable=not progress)]
 
 
+class BesideUnpruned:
+    """Times configs as ratios to the unpruned file, timed right after each: a shared machine's
+    speed drifts by several percent over minutes (the unpruned MobileNetV2 ran at 2.95 to 3.34
+    ms in one afternoon here), which a ratio in one window cancels. Each time is reported as
+    the ratio times the unpruned file's first timing."""
+
+    def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
+        self.model, self.space, self.clock = model, space, clock
+        self.reference = folder / f"unpruned{SUFFIX[clock.runtime]}"
+        clock.export(prune(model, space.max(), space, importance="first"), space.input_size[-1], self.reference)
+        self.unpruned_ms = clock.measure_file(self.reference)
+
+    def __call__(self, config: ChannelConfig, repeats: int = 1) -> list[float]:
+        return self.net(prune(self.model, config, self.space, importance="first"), repeats)
+
+    def net(self, net: nn.Module, repeats: int = 1) -> list[float]:
+        """The times of `net` (a cut of the model), each beside the unpruned file."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"cut{SUFFIX[self.clock.runtime]}"
+            self.clock.export(net, self.space.input_size[-1], path)
+            return [self.clock.measure_file(path) * self.unpruned_ms / self.clock.measure_file(self.reference)
+                    for _ in range(repeats)]
+
+
 def sample_configs(space: ChannelSpace, count: int, seed: int = 0) -> list[ChannelConfig]:
-    """The unpruned and smallest configs, uniform widths between, then random configs."""
+    """The smallest config, uniform widths, then random configs (the unpruned one is the
+    reference every time is taken beside)."""
     rng = np.random.default_rng(seed)
-    fixed = [space.max(), space.min(), space.uniform(0.5), space.uniform(0.75)][:count]
+    fixed = [space.min(), space.uniform(0.5), space.uniform(0.75)][:count]
     return fixed + [space.sample(rng) for _ in range(count - len(fixed))]
 
 
 def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, samples: int = 24, seed: int = 0,
                         progress: bool = True, on_ends: Callable[[float, float], None] | None = None,
-                        layers: list[dict] | None = None) -> LatencyModel:
-    """Time `samples` whole models of `space` on `clock` and fit. The unpruned and smallest
-    configs are timed first and given to `on_ends(unpruned_ms, floor_ms)`, so a budget no
-    config can meet is refused before the rest is measured."""
+                        layers: list[dict] | None = None, check: int = 0) -> LatencyModel:
+    """Time `samples` whole models of `space` on `clock` (the unpruned one included) and fit.
+    The unpruned and smallest configs are timed first and given to `on_ends(unpruned_ms,
+    floor_ms)`, so a budget no config can meet is refused before the rest is measured. With
+    `check`, that many random configs the fit never saw are timed too (`record["check"]`)."""
     began = time.perf_counter()
     base = {"format": FORMAT, "version": 1, "clock": clock.identity(), "timing": TIMING,
             "input_size": space.input_size[-1],
             "space": space.settings(), "space_groups": [g.name for g in space.groups],
             "layers": layers or layer_records(model, space)}
-    configs = sample_configs(space, max(samples, 4), seed)
-    ends = time_configs(model, space, configs[:2], clock)
-    base.update(unpruned_ms=ends[0], floor_ms=ends[1])
-    if on_ends is not None:
-        on_ends(*ends)
-    rest = time_configs(model, space, configs[2:], clock, progress, "sampled models")
-    fitted = LatencyModel.fit(base, space, list(zip(configs, ends + rest)))
-    fitted.record["build_s"] = round(time.perf_counter() - began, 1)
+    configs = sample_configs(space, max(samples - 1, 3), seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = BesideUnpruned(model, space, clock, Path(tmp))
+        floor = timer(configs[0])[0]
+        base.update(unpruned_ms=timer.unpruned_ms, floor_ms=floor)
+        if on_ends is not None:
+            on_ends(timer.unpruned_ms, floor)
+        rest = [timer(c)[0] for c in tqdm(configs[1:], desc=f"timing sampled models ({clock.describe()})",
+                                       unit="model", disable=not progress)]
+        fitted = LatencyModel.fit(base, space, list(zip([space.max(), *configs], [timer.unpruned_ms, floor, *rest])))
+        fitted.record["build_s"] = round(time.perf_counter() - began, 1)
+        if check:
+            fitted.record["check"] = _check(fitted, timer, check, progress)
     return fitted
 
 
-def check_latency_model(model: nn.Module, space: ChannelSpace, fitted: LatencyModel, clock: Clock, configs: int = 50,
-                        seed: int = 1, progress: bool = True) -> dict:
+def _check(fitted: LatencyModel, timer: BesideUnpruned, configs: int, progress: bool, seed: int = 1) -> dict:
     """Predicted against measured latency on random configs the fit never saw; each file is
-    timed a second time too, to show how far the machine itself lets two timings of one file
-    differ (the floor under any prediction's error)."""
+    timed a second time too, to show how far two timings of one file differ here (the floor
+    under any prediction's error)."""
     rng = np.random.default_rng(seed)
-    sample = [space.sample(rng) for _ in range(configs)]
-    timed = np.array([clock.times(prune(model, c, space, importance="first"), space.input_size[-1], 4)
-                      for c in tqdm(sample, desc=f"timing check models ({clock.describe()})", unit="model",
-                                    disable=not progress)])
-    measured, again = timed[:, :2].min(1), timed[:, 2:].min(1)  # as `Clock.time` times, twice
+    sample = [timer.space.sample(rng) for _ in range(configs)]
+    timed = np.array([timer(c, 2) for c in tqdm(sample, desc=f"timing check models "
+                                                          f"({timer.clock.describe()})", unit="model",
+                                                          disable=not progress)])
+    measured, again = timed[:, 0], timed[:, 1]
     predicted = np.array([fitted.predict(c) for c in sample])
     err, noise = np.abs(predicted / measured - 1), np.abs(again / measured - 1)
     return {"configs": configs, "within_10pct": float(np.mean(err <= 0.10)), "within_5pct": float(np.mean(err <= 0.05)),

@@ -22,7 +22,8 @@ from compress.logs import runtime
 
 RUNTIMES = ("tflite", "onnxruntime")
 SUFFIX = {"tflite": ".tflite", "onnxruntime": ".onnx"}
-TIMING = "the lower of two sessions' medians"  # how `Clock.time` times, recorded with what it timed
+# how a latency model's samples are timed, recorded with it
+TIMING = "the lower of two sessions' medians, scaled by the unpruned file's drift timed beside it"
 CALIBRATION_IMAGES = 4  # int8 speed does not depend on the ranges, so a few random inputs calibrate
 
 
@@ -55,28 +56,28 @@ class Clock:
                 "machine": self.device if self.device != "local" else machine()}
 
     def time(self, net: nn.Module, input_size: int) -> float:
-        """Latency (ms) of `net` exported for this clock: the lower of two sessions' medians,
-        since what else runs on a machine only ever slows a timing (one session in 30 on a shared
-        2-core machine ran 1.8x slower than the next on the same file)."""
-        return min(self.times(net, input_size, 2))
-
-    def times(self, net: nn.Module, input_size: int, sessions: int) -> list[float]:
-        """The median latency (ms) of each of `sessions` sessions, one after the other, on one
-        export of `net`."""
-        net = net.eval().cpu().to(memory_format=torch.contiguous_format)
-        example = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+        """Latency (ms) of `net` exported for this clock (see `measure_file`)."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"model{SUFFIX[self.runtime]}"
-            self._export(net, example, path)
-            return [self._measure(path) for _ in range(sessions)]
+            self.export(net, input_size, path)
+            return self.measure_file(path)
 
-    def _measure(self, path: Path) -> float:
+    def measure_file(self, path: Path) -> float:
+        """The lower of two sessions' medians on the file: what else runs on a machine only ever
+        slows a timing (one session in 30 on a shared 2-core machine ran 1.8x slower than the
+        next on the same file)."""
+        return min(self._session(path) for _ in range(2))
+
+    def _session(self, path: Path) -> float:
         if self.device == "local":
             return measure(path, self.runtime, threads=self.threads, warmup=self.warmup, runs=self.runs)["median_ms"]
         return measure_adb(path, self.device.partition(":")[2] or None, threads=self.threads, warmup=self.warmup,
                            runs=self.runs)["median_ms"]
 
-    def _export(self, net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    def export(self, net: nn.Module, input_size: int, path: Path) -> None:
+        """Write `net` as this clock's file (float, or int8 quantized on random inputs)."""
+        net = net.eval().cpu().to(memory_format=torch.contiguous_format)
+        example = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
         float_path = path.with_name("float" + path.suffix) if self.int8 else path
         if self.runtime == "tflite":
             write_tflite(net, example, float_path)

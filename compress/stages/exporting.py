@@ -16,7 +16,7 @@ from compress.files import atomic_write_json
 from compress.models.card import card_of
 from compress.pruning.space import ChannelSpace
 from compress.pruning.graph import example_input
-from compress.latency import build_latency_model, check_latency_model, clock_of
+from compress.latency import build_latency_model, clock_of
 from compress.settings import ExportSettings, LatencySettings, LutSettings
 from compress.stages.supernets import supernet_file
 from compress.supernet import load_supernet
@@ -78,9 +78,7 @@ def latency_table(model: nn.Module, space: ChannelSpace, settings: LutSettings, 
     threads) to whole models timed at sampled configs; with `settings.check`, report its
     accuracy on random configs it never saw."""
     clock = clock_of(settings)
-    fitted = build_latency_model(model, space, clock, settings.samples, progress=progress)
-    if settings.check:
-        fitted.record["check"] = check_latency_model(model, space, fitted, clock, settings.check, progress=progress)
+    fitted = build_latency_model(model, space, clock, settings.samples, progress=progress, check=settings.check)
     atomic_write_json(output, fitted.record)
     return fitted.record
 

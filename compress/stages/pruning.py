@@ -62,13 +62,14 @@ def prune(model: nn.Module, settings: PruneSettings = PruneSettings(), macs: str
                             "`params`, not with a channel config or a width.")
     if latency is not None:
         space = space_for(model, settings.divisor)
-        fitted, limit = _latency_model(model, space, latency, clock, latency_model, progress)
+        fitted = _latency_model(model, space, latency, clock, latency_model, progress)
     batch = pruning_batch(model, settings, source) if source is not None else None
     if latency is not None:
         scores = scores_on(copy.deepcopy(model).eval(), space, importance, batch)
         full = {"macs": space.macs(space.max()), "params": space.params(space.max())}
         others = {k: parse_count(v, k, full=full[k]) for k, v in (("macs", macs), ("params", params)) if v is not None}
-        config, timing = meet_latency(model, space, scores, limit, fitted, clock_of(clock), others, settings.strategy)
+        config, timing = meet_latency(model, space, scores, latency, fitted, clock_of(clock), others,
+                                      settings.strategy)
         macs = params = None
     pruned, info = prune_target(model, config=config, macs=macs, params=params, width=width, importance=importance,
                                 strategy=settings.strategy, divisor=settings.divisor, batch=batch, space=space,
@@ -89,17 +90,16 @@ def prune(model: nn.Module, settings: PruneSettings = PruneSettings(), macs: str
 
 
 def _latency_model(model: nn.Module, space, budget: str, clock: LutSettings, path: str | Path | None,
-                   progress: bool) -> tuple[LatencyModel, float]:
-    """The latency model (a file, or this machine's cache) and the budget in ms, refused
-    before any more is measured when no config can meet it."""
+                   progress: bool) -> LatencyModel:
+    """The latency model (a file, or this machine's cache), after refusing a budget no config
+    can meet before any more is measured."""
     held = f"; {len(space.held)} group(s) held at full width" if space.held else ""
     if path is not None:
         fitted = LatencyModel.load(path, space, clock_of(clock).identity())
-        return fitted, latency_limit(budget, fitted, held)
-    limit = []
-    fitted = cached_latency_model(model, space, clock_of(clock), clock.samples, progress,
-                                  on_ends=lambda *ends: limit.append(latency_limit(budget, ends, held)))
-    return fitted, limit[0]
+        latency_limit(budget, fitted, held)
+        return fitted
+    return cached_latency_model(model, space, clock_of(clock), clock.samples, progress,
+                                on_ends=lambda *ends: latency_limit(budget, ends, held))
 
 
 def pruning_batch(model: nn.Module, settings: PruneSettings, data) -> tuple[torch.Tensor, object] | None:
