@@ -72,7 +72,7 @@ def main() -> None:
                     f"{c['max_abs_error_pct']:.1f}% | {_retimed(c)} |")
     write_section(f"Latency model accuracy ({args.size})", "\n".join([
         f"Each model at 224 px ({'16 px: ' if args.size == 'quick' else ''}the latency model fitted on {p['samples']} whole models (the unpruned one, the "
-        "smallest, two uniform widths, random configs), exported and timed (the lower of two sessions' medians of 50 runs; cells marked * by one session's median)); then checked on "
+        "smallest, two uniform widths, random configs), exported and timed: the lower of two sessions' medians of 50 runs, as a ratio to the unpruned file timed right after (this machine's speed drifts over minutes); cells marked * were timed by one session's median alone, before that); then checked on "
         f"{p['check']} random configs it never saw, exported and timed the same way. Build time: sampling and "
         "fitting, on this machine. nn-Meter's bar on mobile CPUs: 99% within +-10%. The per-layer table this "
         "replaced had 76% (TFLite) and 80% (ONNX Runtime) within +-10% on MobileNetV2 (section 'Latency table "

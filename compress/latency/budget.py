@@ -73,7 +73,7 @@ def meet_latency(model: nn.Module, space: ChannelSpace, scores: dict[str, np.nda
                             "busy (time it again), or the budget is near the floor: raise it.")
     chosen = max(met, key=lambda a: a["measured_ms"])
     report = {"budget_ms": limit_ms, "predicted_ms": chosen["predicted_ms"], "measured_ms": chosen["measured_ms"],
-              "clock": clock.describe(), "attempts": [{k: v for k, v in a.items() if k != "config"} for a in attempts]}
+              "unpruned_ms": timer.unpruned_ms, "clock": clock.describe(), "attempts": [{k: v for k, v in a.items() if k != "config"} for a in attempts]}
     return chosen["config"], report
 
 
