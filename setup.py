@@ -11,7 +11,7 @@ setup(
         "pydantic>=2", "tqdm", "onnx", "onnxscript", "onnxruntime", "ai-edge-litert",
         # the TFLite converter: its litert-converter ships no Linux aarch64 wheels (ONNX export works there)
         "litert-torch; platform_system != 'Linux' or platform_machine != 'aarch64'",
-        "matplotlib", "torchmetrics", "pycocotools",
+        "matplotlib", "torchmetrics", "pycocotools", "scipy",
     ],
     extras_require={"dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "tensorboard", "timm"],
                     "timm": ["timm"],  # timm:NAME model sources
