@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from compress.latency import clock as latency_clock
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # CIFAR-10 arrays beside the checkout (see ../shared/data/cifar10/README.md)
 CIFAR = os.path.relpath(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
@@ -25,15 +27,7 @@ def machine() -> str:
 def cpu() -> str:
     """The CPU and the vector extensions int8 and float kernels depend on, as the kernel
     reports them (latency ratios between int8 and float files turn on them)."""
-    flags, model = set(), platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = latency_clock.cpu()
     wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
     return f"{model} ({', '.join(wanted) or 'none of avx2/avx512/vnni/amx'})"
 

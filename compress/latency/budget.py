@@ -21,11 +21,9 @@ from compress.pruning.space import ChannelConfig, ChannelSpace
 from compress.units import parse_latency
 
 
-def latency_limit(text: str, fitted_or_ends: LatencyModel | tuple[float, float], space_note: str = "") -> float:
+def latency_limit(text: str, unpruned: float, floor: float, space_note: str = "") -> float:
     """The budget in ms (a share is of the unpruned model's measured time), refused when no
     config can meet it (below the smallest config's measured time) or nothing needs pruning."""
-    unpruned, floor = ((fitted_or_ends.unpruned_ms, fitted_or_ends.floor_ms) if isinstance(fitted_or_ends, LatencyModel)
-                       else fitted_or_ends)
     limit = parse_latency(text, unpruned)
     if limit < floor:
         raise CompressError(f"no config can meet latency <= {limit:.3f} ms ({text}): the smallest config this space "
@@ -49,7 +47,7 @@ def meet_latency(model: nn.Module, space: ChannelSpace, scores: dict[str, np.nda
     with tempfile.TemporaryDirectory() as tmp:
         timer = BesideUnpruned(model, space, clock, Path(tmp))
         drift = timer.unpruned_ms / fitted.unpruned_ms  # this machine now, against when the model was fitted
-        limit_ms = latency_limit(budget, (timer.unpruned_ms, fitted.floor_ms * drift))
+        limit_ms = latency_limit(budget, timer.unpruned_ms, fitted.floor_ms * drift)
         aim, attempts = limit_ms * (1 - tolerance / 2), []  # the middle of the window: a re-timing may differ
         floor, target = fitted.predict(space.min()), aim / drift
         for _ in range(tries):
@@ -73,7 +71,8 @@ def meet_latency(model: nn.Module, space: ChannelSpace, scores: dict[str, np.nda
                             "busy (time it again), or the budget is near the floor: raise it.")
     chosen = max(met, key=lambda a: a["measured_ms"])
     report = {"budget_ms": limit_ms, "predicted_ms": chosen["predicted_ms"], "measured_ms": chosen["measured_ms"],
-              "unpruned_ms": timer.unpruned_ms, "clock": clock.describe(), "attempts": [{k: v for k, v in a.items() if k != "config"} for a in attempts]}
+              "unpruned_ms": timer.unpruned_ms, "clock": clock.describe(),
+              "attempts": [{k: v for k, v in a.items() if k != "config"} for a in attempts]}
     return chosen["config"], report
 
 

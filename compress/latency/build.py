@@ -3,6 +3,7 @@ fit; check one on random configs; and the per-machine cache `prune --latency` re
 the channel space and the clock, so a model is measured once per machine."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ class BesideUnpruned:
     def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
         self.model, self.space, self.clock = model, space, clock
         self.reference = folder / f"unpruned{SUFFIX[clock.runtime]}"
-        clock.export(prune(model, space.max(), space, importance="first"), space.input_size[-1], self.reference)
+        clock.export(copy.deepcopy(model), space.input_size[-1], self.reference)  # export sets eval mode
         self.unpruned_ms = clock.measure_file(self.reference)
 
     def __call__(self, config: ChannelConfig, repeats: int = 1) -> list[float]:

@@ -7,7 +7,7 @@ import os
 import platform
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +93,8 @@ class Clock:
             else:
                 quantize_onnx(float_path, path, calib)
 
-    def settings(self) -> dict:
-        return asdict(self)
-
-
-def machine() -> str:
-    """This machine as a latency is tied to it: CPU model, the SIMD features that change which
-    kernels run (AVX-512, VNNI, dot-product), the core count and the OS."""
+def cpu() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags, as the kernel reports them."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,5 +105,12 @@ def machine() -> str:
                 flags = set(value.split())
     except OSError:
         pass
+    return name, flags
+
+
+def machine() -> str:
+    """This machine as a latency is tied to it: CPU model, the SIMD features that change which
+    kernels run (AVX-512, VNNI, dot-product), the core count and the OS."""
+    name, flags = cpu()
     simd = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm", "sve"})
     return f"{name} [{' '.join(simd)}], {os.cpu_count()} cores, {platform.system()} {platform.machine()}"

@@ -117,6 +117,14 @@ def space_for(model: nn.Module, divisor: int | None = None) -> ChannelSpace:
                                    divisor=divisor or PruneSettings().divisor)
 
 
+def budget_counts(space: ChannelSpace, macs: str | int | None = None, params: str | int | None = None
+                  ) -> dict[str, int]:
+    """MAC and parameter budgets as absolute counts (a percentage is of the unpruned model)."""
+    full = {"macs": space.macs(space.max()), "params": space.params(space.max())}
+    return {key: parse_count(value, "MAC count" if key == "macs" else "parameter count", full=full[key])
+            for key, value in (("macs", macs), ("params", params)) if value is not None}
+
+
 def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, macs: str | int | None = None,
                  width: float | None = None, importance: str | Importance | None = None, strategy: str | None = None,
                  divisor: int | None = None, batch=None, params: str | int | None = None,
@@ -136,10 +144,8 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
     if space.held:
         notes.info(f"{len(space.held)} channel group(s) stay at full width: " + "; ".join(
             f"'{name}': {why}" for name, why in list(space.held.items())[:3]) + (" ..." if len(space.held) > 3 else ""))
-    full = {"macs": space.macs(space.max()), "params": space.params(space.max())}
-    info = {"macs_before": full["macs"], "params_before": full["params"], "strategy": None}
-    budgets = {key: parse_count(value, "MAC count" if key == "macs" else "parameter count", full=full[key])
-               for key, value in (("macs", macs), ("params", params)) if value is not None}
+    info = {"macs_before": space.macs(space.max()), "params_before": space.params(space.max()), "strategy": None}
+    budgets = budget_counts(space, macs, params)
     if sum(x is not None for x in (config, width, budgets or None)) != 1:
         raise CompressError("give one of a channel config, budgets (MACs and/or params) or a width multiplier.")
     if config is not None:

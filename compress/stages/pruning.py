@@ -20,9 +20,8 @@ from compress.latency.budget import latency_limit, meet_latency
 from compress.models.card import card_of
 from compress.pruning.importance import importance_of, needs_data, scores_on
 from compress.pruning.profile import count
-from compress.pruning.prune import prune_target, restore_outputs, space_for
+from compress.pruning.prune import budget_counts, prune_target, restore_outputs, space_for
 from compress.settings import LutSettings, PruneSettings
-from compress.units import parse_count
 
 
 @dataclass
@@ -66,10 +65,8 @@ def prune(model: nn.Module, settings: PruneSettings = PruneSettings(), macs: str
     batch = pruning_batch(model, settings, source) if source is not None else None
     if latency is not None:
         scores = scores_on(copy.deepcopy(model).eval(), space, importance, batch)
-        full = {"macs": space.macs(space.max()), "params": space.params(space.max())}
-        others = {k: parse_count(v, k, full=full[k]) for k, v in (("macs", macs), ("params", params)) if v is not None}
-        config, timing = meet_latency(model, space, scores, latency, fitted, clock_of(clock), others,
-                                      settings.strategy)
+        config, timing = meet_latency(model, space, scores, latency, fitted, clock_of(clock),
+                                      budget_counts(space, macs, params), settings.strategy)
         macs = params = None
     pruned, info = prune_target(model, config=config, macs=macs, params=params, width=width, importance=importance,
                                 strategy=settings.strategy, divisor=settings.divisor, batch=batch, space=space,
@@ -96,10 +93,10 @@ def _latency_model(model: nn.Module, space, budget: str, clock: LutSettings, pat
     held = f"; {len(space.held)} group(s) held at full width" if space.held else ""
     if path is not None:
         fitted = LatencyModel.load(path, space, clock_of(clock).identity())
-        latency_limit(budget, fitted, held)
+        latency_limit(budget, fitted.unpruned_ms, fitted.floor_ms, held)
         return fitted
     return cached_latency_model(model, space, clock_of(clock), clock.samples, progress,
-                                on_ends=lambda *ends: latency_limit(budget, ends, held))
+                                on_ends=lambda unpruned, floor: latency_limit(budget, unpruned, floor, held))
 
 
 def pruning_batch(model: nn.Module, settings: PruneSettings, data) -> tuple[torch.Tensor, object] | None:
