@@ -22,6 +22,7 @@ from compress.pruning.importance import importance_of, needs_data, scores_on
 from compress.pruning.profile import count
 from compress.pruning.prune import budget_counts, prune_target, restore_outputs, space_for
 from compress.settings import LutSettings, PruneSettings
+from compress.units import parse_latency
 
 
 @dataclass
@@ -60,6 +61,7 @@ def prune(model: nn.Module, settings: PruneSettings = PruneSettings(), macs: str
         raise CompressError("a latency budget chooses the widths itself: give `latency` alone or with `macs`/"
                             "`params`, not with a channel config or a width.")
     if latency is not None:
+        parse_latency(latency, 1.0)  # a malformed budget is refused before anything is timed
         space = space_for(model, settings.divisor)
         fitted = _latency_model(model, space, latency, clock, latency_model, progress)
     batch = pruning_batch(model, settings, source) if source is not None else None

@@ -113,6 +113,8 @@ def test_a_latency_below_the_floor_is_refused_before_the_model_is_sampled(tmp_pa
                   "onnxruntime", "--samples", "30", "-o", tmp_path / "p.pt")
     assert out.returncode == 2 and "smallest config this space allows" in out.stderr and "measures" in out.stderr
     assert "sampled models" not in out.stderr and not (tmp_path / "p.pt").exists()
+    out = run_cli("prune", "mobilenet_v3_small_cifar", "--input-size", "64", "--latency", "fast", "-o", tmp_path / "f.pt")
+    assert out.returncode == 2 and "'fast' is not a latency like 3.5ms or 60%" in out.stderr
     out = run_cli("prune", "mobilenet_v3_small_cifar", "--input-size", "64", "--latency", "2ms", "--width", "0.5",
                   "-o", tmp_path / "q.pt")
     assert out.returncode != 0 and "not with a channel config or a width" in out.stderr
