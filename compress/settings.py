@@ -292,7 +292,9 @@ class FinetuneSettings(TrainSettings):
                          "at most a tenth of the training set)")
     keep_best: bool = Field(True, description="evaluate on the held-out training images as fine-tuning goes (from "
                             "the start) and return the best state, never worse than the pruned one (a classifier's "
-                            "later state must beat it by more than one standard error of the paired difference)")
+                            "later state must get more held-out images right by more than one standard error of the "
+                            "paired difference, or, with a teacher, come closer to it by that much or get more right "
+                            "by twice that)")
 
     @model_validator(mode="after")
     def _scratch(self):

@@ -53,3 +53,10 @@ def parse_latency(text: str | int | float, full_ms: float | None = None) -> floa
     if value <= 0:
         raise CompressError(f"a latency budget must be positive, got '{text}'.")
     return value
+
+
+def duration(seconds: float) -> str:
+    """A time for a person: 45 s, 12 min, 3.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

@@ -36,8 +36,10 @@ from compress.training.qat import QuantizationAware, quantization_aware
 from compress.training.state import (check_same_config, rng_state, seed_everything, set_rng_state, summary,
                                      tensorboard, write_metrics)
 from compress.training.tasks import Classify, UserLoss, task_of
+from compress.units import duration
 
 STATE_FILE = "last.pt"
+ESTIMATE_STEPS = (3, 13)  # a run says how long it will take from the pace between these steps (the first are slow)
 RANGE_BATCHES = 8  # training batches that set the int8 activation ranges before the quantization-aware epochs
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], torch.Tensor]
@@ -119,7 +121,7 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
                 best.start(final, resumed=False, step=epoch * steps)
         last_good = f"{state_path} (after epoch {len(history)})" if history else "none yet"
         record = train_epoch(net, loader, steps, step, optim, autocast, cfg, epoch, device, quiet or not main,
-                             best, final, last_good)
+                             best, final, last_good, left=(cfg.epochs - epoch) * steps if epoch == start else 0)
         if best is not None:
             record.update(best.check(final, (epoch + 1) * steps))
         if val_loader is not None:
@@ -135,13 +137,16 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
 
 def train_epoch(net: nn.Module, loader: DataLoader, steps: int, step: Step, optim: Optimization, autocast,
                 cfg: TrainSettings, epoch: int, device: torch.device, quiet: bool, best: Best | None,
-                final: nn.Module, last_good: str) -> dict:
+                final: nn.Module, last_good: str, left: int = 0) -> dict:
     """One epoch of `steps` steps; keep_best checks `final` every `cfg.eval_every` steps.
-    Returns the epoch's record (loss summed over ranks, lr, time, throughput)."""
+    With `left` (the steps left in the run, this epoch's included), says after a few steps how
+    long the run will take here. Returns the epoch's record (loss summed over ranks, lr, time,
+    throughput)."""
     net.train()
     world = distributed.world_size()
     loss_sum, seen = 0.0, 0
     began = time.perf_counter()
+    paced = began  # when the estimate's timed steps began
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                disable=quiet or not _tty())
     for i, (images, labels) in enumerate(loader):
@@ -164,6 +169,8 @@ def train_epoch(net: nn.Module, loader: DataLoader, steps: int, step: Step, opti
             best.check(final, epoch * steps + i + 1)
             net.train()
         loss_sum, seen = loss_sum + value * len(labels), seen + len(labels)
+        if left and not quiet:
+            paced = _pace(paced, i + 1, steps, left, cfg)
         if not bar.disable:
             bar.update()
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{optim.lr():.4f}",
@@ -173,6 +180,20 @@ def train_epoch(net: nn.Module, loader: DataLoader, steps: int, step: Step, opti
     sums = distributed.all_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
     return {"epoch": epoch + 1, "train_loss": sums[0].item() / max(sums[1].item(), 1), "lr": optim.lr(),
             "seconds": round(seconds, 3), "images_per_s": round(sums[1].item() / seconds, 1)}
+
+
+def _pace(paced: float, done: int, steps: int, left: int, cfg: TrainSettings) -> float:
+    """Time the steps between ESTIMATE_STEPS (all of them in a shorter epoch) and then say once
+    how long the run will take at that pace (evaluation aside). Returns when the timing began."""
+    first, last = (0, steps) if steps <= ESTIMATE_STEPS[1] else ESTIMATE_STEPS
+    if done == first:
+        return time.perf_counter()
+    if done == last:
+        each = (time.perf_counter() - paced) / (last - first)
+        later = " (quantization-aware steps run slower)" if cfg.qat_epochs and cfg.qat_epochs < cfg.epochs else ""
+        tqdm.write(f"{left} steps at {each:.2f} s each here: about {duration(each * left)} for the run, "
+                   f"besides evaluation{later}")
+    return paced
 
 
 def _resumed(saved: dict | None, model: nn.Module, card: ModelCard, device: torch.device, optim: Optimization,
