@@ -177,8 +177,10 @@ def main() -> None:
         if path.exists():
             cells.append(json.loads(path.read_text()))
             print(json.dumps(cells[-1]), flush=True)
-    write_section(f"Coverage: architectures through prune, recovery and export ({args.input_size} px)",
-                  table(cells, args.input_size))
+    title = f"Coverage: architectures through prune, recovery and export ({args.input_size} px)"
+    if args.only:  # a re-run of some rows gets a section of its own; the full table stays as it was
+        title += f", re-run: {', '.join(args.only)}"
+    write_section(title, table(cells, args.input_size))
 
 
 if __name__ == "__main__":

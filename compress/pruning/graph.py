@@ -3,11 +3,16 @@ groups that may be cut, the layers that must keep their width, the reshapes it c
 (named by the layer before them), and a group's pruning handle."""
 from __future__ import annotations
 
+import contextlib
+import math
 import traceback
+from collections.abc import Iterator
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch_pruning.dependency import index_mapping
 
 from compress.errors import CompressError
 from compress.logs import heartbeat
@@ -24,10 +29,15 @@ def example_input(input_size: int, like: nn.Module | None = None) -> torch.Tenso
 
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's graph of `model`; the nodes of reshapes that move channels between
+    dimensions (a channel or pixel shuffle) are marked `moves_channels`, so the groups that
+    reach them keep their width (`channel_cut`) instead of the build failing or their indices
+    being mapped as if nothing moved."""
     layers = sum(1 for m in model.modules() if isinstance(m, COUNTED))
     try:  # torch-pruning traces through autograd; its index mapping grows with the model's concatenations
-        with torch.enable_grad(), heartbeat(f"torch-pruning's dependency graph of {layers} layers"):
-            return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        with torch.enable_grad(), heartbeat(f"torch-pruning's dependency graph of {layers} layers"), \
+                _ChannelMoves() as moves, _moves_unmapped(moves):
+            graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
     except Exception as exc:
         node = _node_at_fault(exc)
         if node is None:
@@ -36,10 +46,69 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
                                 "the input size and that the model runs on it.") from None
         raise CompressError(
             f"torch-pruning cannot follow the channels through the op {node.grad_fn.name()} after layer "
-            f"'{_layer_before(node, model)}' ({type(exc).__name__}: {exc}): a reshape that moves channels between "
-            f"dimensions, like ShuffleNet's channel shuffle or a pixel shuffle. {type(model).__name__} cannot be "
-            "pruned as a whole; prune a part of it without that op (its backbone stages, for example), or write the "
-            "shuffle as a module of its own and keep it out of the pruned part.") from None
+            f"'{_layer_before(node, model)}' ({type(exc).__name__}: {exc}). {type(model).__name__} cannot be "
+            "pruned as a whole; prune a part of it without that op (its backbone stages, for example).") from None
+    return graph
+
+
+# functions whose output puts input channels in other dimensions (or other channels in them)
+_SHUFFLES = {torch.pixel_shuffle, torch.pixel_unshuffle, torch.channel_shuffle, torch.native_channel_shuffle,
+             nn.functional.pixel_shuffle, nn.functional.pixel_unshuffle, nn.functional.channel_shuffle}
+_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+
+
+class _ChannelMoves(TorchFunctionMode):
+    """Records, while a model runs, the autograd nodes of reshapes that move channels between
+    dimensions: a view of an (N, C, ...) tensor whose dimension 1 is no longer its C (a channel
+    shuffle's split into groups and its merge back), and the shuffle ops themselves. A flatten
+    (N, C, H, W) -> (N, C*H*W) before a linear layer is not one: torch-pruning maps it."""
+
+    def __init__(self):
+        super().__init__()
+        self.grad_fns: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func in _SHUFFLES or func in _RESHAPES and _moves(args[0], out)) and getattr(out, "grad_fn", None):
+            self.grad_fns.add(out.grad_fn)
+        return out
+
+
+def _moves(x: torch.Tensor, out: torch.Tensor) -> bool:
+    if not isinstance(out, torch.Tensor) or x.dim() < 3 or out.dim() < 2 or out.shape[0] != x.shape[0]:
+        return False
+    flatten = out.dim() == 2 and out.shape[1] == math.prod(x.shape[1:])
+    return out.shape[1] != x.shape[1] and not flatten
+
+
+def _sizes_known(split) -> bool:
+    """Whether torch-pruning read a split's sizes: it infers them from the layers around when
+    autograd's saved sizes have a name it does not know, and through a shuffle that goes wrong."""
+    sizes, offsets = split.module.split_sizes, split.module.offsets
+    return (sizes is not None and offsets is not None and None not in sizes
+            and len(offsets) == len(split.outputs) + 1)
+
+
+@contextlib.contextmanager
+def _moves_unmapped(moves: _ChannelMoves) -> Iterator[None]:
+    """Between torch-pruning's trace and its index mapping, mark the nodes `moves` recorded and
+    make them one-to-one ops: its reshape mapping takes any reshape for a flatten and fails on a
+    shuffle's split into groups (a division by zero), and the groups through them are held anyway.
+    Splits whose sizes it could not read map one to one too."""
+    original = index_mapping.update_index_mapping
+
+    def mapping(graph: tp.DependencyGraph) -> None:
+        for node in graph.module2node.values():
+            if node.grad_fn is not None and node.grad_fn in moves.grad_fns:
+                node.moves_channels, node.type = True, tp.ops.OPTYPE.ELEMENTWISE
+            if node.type == tp.ops.OPTYPE.SPLIT and not _sizes_known(node):
+                node.enable_index_mapping = False  # one channel to one: a group through a split is held
+        original(graph)
+    index_mapping.update_index_mapping = mapping
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
 
 
 def _node_at_fault(exc: BaseException):
@@ -78,6 +147,8 @@ def channel_cut(node) -> str | None:
     chunk or slice of the channels (pruning changes the sizes the model's code asks for)."""
     if node.type == tp.ops.OPTYPE.SPLIT:
         return "its channels reach a split or chunk, whose sizes are fixed in the model's code"
+    if getattr(node, "moves_channels", False):
+        return "its channels reach a reshape that moves them between dimensions (a channel or pixel shuffle)"
     name = node.grad_fn.name() if node.grad_fn is not None else ""
     if name == "SliceBackward0" and getattr(node.grad_fn, "_saved_dim", 1) != 1:
         return None  # a crop of the height or width

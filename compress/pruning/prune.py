@@ -142,8 +142,11 @@ def prune_target(model: nn.Module, config: str | Path | Mapping | None = None, m
     card = card_of(model)
     space = space or space_for(model, divisor)
     if space.held:
-        notes.info(f"{len(space.held)} channel group(s) stay at full width: " + "; ".join(
-            f"'{name}': {why}" for name, why in list(space.held.items())[:3]) + (" ..." if len(space.held) > 3 else ""))
+        free = sum(g.max for g in space.groups)
+        notes.info(f"{len(space.held)} channel group(s) ({space.held_channels} channels) stay at full width, "
+                   f"{len(space.groups)} ({free} channels) are free to prune: " + "; ".join(
+                       f"'{name}': {why}" for name, why in list(space.held.items())[:3])
+                   + (" ..." if len(space.held) > 3 else ""))
     info = {"macs_before": space.macs(space.max()), "params_before": space.params(space.max()), "strategy": None}
     budgets = budget_counts(space, macs, params)
     if sum(x is not None for x in (config, width, budgets or None)) != 1:

@@ -137,6 +137,7 @@ class ChannelSpace:
         self.min_ratio = min_ratio
         self.ratios = None if ratios is None else tuple(ratios)
         self.held: dict[str, str] = {}  # layers whose channels stay as they are, and why
+        self.held_channels = 0  # the channels of those groups
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
@@ -156,7 +157,7 @@ class ChannelSpace:
         order = {n: i for i, n in enumerate(names.values())}
 
         raw = []  # (name, full width, [(module, 'out'|'in', n_idxs)], slices)
-        held = {}  # group name -> why it keeps its full width
+        held, held_channels = {}, 0  # group name -> why it keeps its full width; their channels
         for group in graph.get_all_groups(ignored_layers=fixed_layers(model, graph),
                                           root_module_types=PRUNABLE):
             items = [(item.dep.target.module, "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in",
@@ -175,6 +176,7 @@ class ChannelSpace:
             if cut or full % slices:
                 held[name] = cut or f"its {full} channels do not split into the {slices} equal slices its grouped " \
                                     "convs and GroupNorms need"
+                held_channels += full
                 continue
             # parameters outside any layer that torch-pruning prunes with the group (a layer scale)
             loose = [(id(m), len(i)) for m, _, i, _ in items if isinstance(m, nn.Parameter)]
@@ -194,6 +196,7 @@ class ChannelSpace:
         macs_fn, params_fn = counters(model, example_input, dims_of, len(groups))
         space = cls(groups, macs_fn, params_fn, tuple(example_input.shape[1:]), divisor, min_ratio, ratios)
         space.held = dict(sorted(held.items(), key=lambda kv: order[kv[0]]))
+        space.held_channels = held_channels
         return space
 
     # ---- configs --------------------------------------------------------------------------
@@ -222,7 +225,7 @@ class ChannelSpace:
                   for g in self.groups]
         space = ChannelSpace(groups, self._macs, self._params, self.input_size, parent.divisor, parent.min_ratio,
                              parent.ratios)
-        space.held = self.held
+        space.held, space.held_channels = self.held, self.held_channels
         return space
 
     def sample(self, rng: np.random.Generator) -> ChannelConfig:

@@ -1,6 +1,6 @@
 """Architectures whose channels are tied in ways a plain conv chain's are not: grouped convs
 (RegNet, ResNeXt), GroupNorm, concatenation of a layer with a transform of itself (GhostNet),
-split/chunk, and channel shuffle (ShuffleNetV2). Each prunes correctly or is refused with a
+split/chunk, and channel shuffle (ShuffleNetV2, pruned inside its branches). Each prunes correctly or is refused with a
 CompressError that names the layer; no raw exception reaches the user."""
 import pytest
 import torch
@@ -143,10 +143,44 @@ def test_a_chunked_group_is_held_at_full_width_and_named():
     assert pruned(torch.randn(1, 3, SIZE, SIZE)).shape == (1, 10)
 
 
-def test_channel_shuffle_is_refused_naming_the_op_and_the_layer():
+def test_shufflenet_prunes_inside_its_branches_and_holds_what_reaches_the_shuffle(caplog):
+    """ShuffleNetV2: the groups that reach the channel shuffle (each block's output, the chunk
+    before it) keep their width and are named; the channels inside each branch (1x1 -> depthwise
+    -> 1x1) and the stem are free, and the net prunes to half its MACs, counted exactly; the
+    user is told how many channels were held and how many were free."""
+    import logging
+    torch.manual_seed(0)
     model = describe(tvm.shufflenet_v2_x0_5(num_classes=10), SIZE)
-    with pytest.raises(CompressError, match=r"ViewBackward0 after layer 'stage\d\.\d\.branch2\.\d'.*channel shuffle"):
-        prune_target(model, macs="50%")
+    space = _space(model)
+    assert any("reshape that moves them between dimensions" in why for why in space.held.values())
+    assert any("split or chunk" in why for why in space.held.values())
+    inner = [g for g in space.groups if g.name.endswith("branch2.0")]
+    assert len(inner) == 16 and all(g.members[-1].endswith("branch2.5:in") for g in inner)  # one per block
+    with caplog.at_level(logging.INFO, logger="compress"):
+        pruned, info = prune_target(model, macs="50%", strategy="global")
+    free = sum(g.max for g in space.groups)
+    assert (f"{len(space.held)} channel group(s) ({space.held_channels} channels) stay at full width, "
+            f"{len(space.groups)} ({free} channels) are free to prune: 'stage2.0.branch1.2'") in caplog.text
+    macs, params = count(pruned, SIZE)
+    assert 0.47 <= macs / info["macs_before"] <= 0.50
+    assert (space.macs(pruned.card.config), space.params(pruned.card.config)) == (macs, params)
+    assert pruned(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
+
+
+def test_a_shufflenet_branch_pruned_equals_its_cut_channels_silenced():
+    """Pruning a branch's inner channels (keeping the first ones) gives the outputs of the
+    unpruned net with those channels' weights into the branch's last 1x1 conv zeroed."""
+    torch.manual_seed(0)
+    model = tvm.shufflenet_v2_x0_5(num_classes=10).eval()
+    space = _space(model)
+    name = "stage3.1.branch2.0"
+    width = space.by_name[name].widths[0]
+    pruned = prune(model, {**space.max(), name: width}, space, importance="first")
+    with torch.no_grad():
+        model.get_submodule("stage3.1.branch2.5").weight[:, width:] = 0
+        x = torch.randn(2, 3, SIZE, SIZE)
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-4)
+    assert pruned.get_submodule(name).out_channels == width
 
 
 def test_an_op_that_breaks_after_pruning_is_a_compress_error():
