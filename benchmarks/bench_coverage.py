@@ -49,6 +49,7 @@ ARCHS = [  # (source, num_classes): None keeps the source's own
     ("torchvision:mnasnet1_0", None), ("torchvision:convnext_tiny", None), ("torchvision:densenet121", None),
     ("torchvision:shufflenet_v2_x1_0", None), ("timm:ghostnet_100", None), ("timm:mobilenetv3_large_100", None),
     ("timm:efficientnet_lite0", None), ("timm:mobilenetv4_conv_small", None), ("timm:repvgg_a0", None),
+    ("timm:rexnet_100", None),
     ("torchvision:lraspp_mobilenet_v3_large", None), ("torchvision:deeplabv3_mobilenet_v3_large", None),
     ("torchvision:ssdlite320_mobilenet_v3_large", None), ("torchvision:fcos_resnet50_fpn", None),
     ("lraspp_mobilenet_v2", 4), (UNET, 2),

@@ -48,6 +48,11 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
             f"torch-pruning cannot follow the channels through the op {node.grad_fn.name()} after layer "
             f"'{_layer_before(node, model)}' ({type(exc).__name__}: {exc}). {type(model).__name__} cannot be "
             "pruned as a whole; prune a part of it without that op (its backbone stages, for example).") from None
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT and channel_cut(node):
+            # a group that reaches this op is held whatever lies beyond it, so its search stops
+            # here: through a partial add (ReXNet's x[:, :c] += shortcut) it otherwise grows for minutes
+            node.dependencies = []
     return graph
 
 

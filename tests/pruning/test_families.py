@@ -1,7 +1,8 @@
 """Architectures whose channels are tied in ways a plain conv chain's are not: grouped convs
 (RegNet, ResNeXt), GroupNorm, concatenation of a layer with a transform of itself (GhostNet),
-split/chunk, and channel shuffle (ShuffleNetV2, pruned inside its branches). Each prunes correctly or is refused with a
-CompressError that names the layer; no raw exception reaches the user."""
+partial residual adds (ReXNet), split/chunk, and channel shuffle (ShuffleNetV2, pruned inside
+its branches). Each prunes correctly or is refused with a CompressError that names the layer;
+no raw exception reaches the user."""
 import pytest
 import torch
 from torch import nn
@@ -181,6 +182,26 @@ def test_a_shufflenet_branch_pruned_equals_its_cut_channels_silenced():
         x = torch.randn(2, 3, SIZE, SIZE)
         torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-4)
     assert pruned.get_submodule(name).out_channels == width
+
+
+@pytest.mark.timeout(60)  # what it did before: torch-pruning's grouping ran on for minutes
+def test_rexnet_partial_residuals_are_held_and_it_prunes_in_seconds():
+    """timm's ReXNet adds each block's shortcut to the first channels of its output (x[:, :c] +=
+    shortcut): the groups that reach that slice are held and named, the rest prune to half the
+    MACs, counted exactly. torch-pruning's grouping alone ran for minutes on it."""
+    import time
+    import timm
+    torch.manual_seed(0)
+    model = describe(timm.create_model("rexnet_100", num_classes=10), SIZE)
+    began = time.perf_counter()
+    space = _space(model)
+    assert time.perf_counter() - began < 30
+    assert any("channel slice" in why for why in space.held.values()) and len(space.groups) > 10
+    pruned, info = prune_target(model, macs="50%", strategy="global")
+    macs, params = count(pruned, SIZE)
+    assert 0.47 <= macs / info["macs_before"] <= 0.50
+    assert (space.macs(pruned.card.config), space.params(pruned.card.config)) == (macs, params)
+    assert pruned(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
 
 
 def test_an_op_that_breaks_after_pruning_is_a_compress_error():
