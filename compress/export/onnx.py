@@ -28,7 +28,7 @@ from compress.export.parity import (check_agreement, compare_outputs, output_nam
                                      torch_outputs)
 from compress.export.quantize import quantize_onnx
 from compress.files import atomic_write_bytes
-from compress.logs import runtime
+from compress.logs import native_stderr_muted, runtime
 from compress.export.outputs import FlatOutputs
 from compress.pruning.profile import count
 
@@ -102,7 +102,9 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         written = Path(tmp) / "float.onnx"
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            # torch.export prints the whole traced graph to stderr before it raises (thousands of
+            # lines for a detector); the error says what failed, --verbose shows the graph
+            with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
                 torch.onnx.export(source, (traced,), str(written), dynamo=True, opset_version=opset, verbose=False,
                                   input_names=["input"], output_names=names, external_data=False,
                                   dynamic_shapes=({0: batch},) if dynamic_batch else None)

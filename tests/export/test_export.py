@@ -364,3 +364,14 @@ def test_a_runtime_that_is_not_installed_is_named_with_the_fix():
     with pytest.raises(CompressError, match=r"no-such-runtime is not installed here .*pip install no-such-runtime.*"
                                             r"export ONNX there"):
         runtime("no_such_runtime")
+
+
+@pytest.mark.slow
+def test_a_refused_detector_export_says_why_in_a_few_lines(tmp_path):
+    """torch.export prints a detector's whole traced graph (thousands of lines) before it fails
+    on the post-processing; the user sees the one error, in a handful of lines, and exit 2."""
+    out = run_cli("export", "torchvision:fcos_resnet50_fpn", "--input-size", "64", "--format", "onnx",
+                  "-o", tmp_path / "fcos.onnx", fresh=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("chansearch export: error: ONNX export failed: TorchExportError")
+    assert len(out.stderr.splitlines()) <= 20 and not out.stdout
