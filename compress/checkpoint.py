@@ -100,12 +100,12 @@ def is_checkpoint_path(target: str) -> bool:
 
 def load_target(target: str, num_classes: int | None = None, width_mult: float = 1.0,
                 pretrained: str | None = None, input_size: int | None = None,
-                from_scratch: bool = False, trust_code: bool = False) -> nn.Module:
+                from_scratch: bool = False, trust_code: bool = False, task: str | None = None) -> nn.Module:
     """TARGET as the CLI takes it: a zoo name, a model source (torchvision:NAME, timm:NAME,
     file.py:factory), or the path of a compress checkpoint (`from_scratch`: its architecture
     with a fresh initialisation, not its weights; `trust_code`: see `load`)."""
     if is_checkpoint_path(target):
-        for name, value in (("num_classes", num_classes), ("pretrained", pretrained)):
+        for name, value in (("num_classes", num_classes), ("pretrained", pretrained), ("task", task)):
             if value is not None:
                 raise CompressError(f"`{name}` applies to zoo models, not to the checkpoint '{target}' "
                                     "(a checkpoint records its own).")
@@ -117,4 +117,4 @@ def load_target(target: str, num_classes: int | None = None, width_mult: float =
         raise CompressError(f"`from_scratch` retrains a checkpoint's architecture; '{target}' is a zoo "
                             "name, which starts from scratch already unless pretrained weights are given.")
     return build(target, num_classes=num_classes, width_mult=width_mult, pretrained=pretrained,
-                 input_size=input_size)
+                 input_size=input_size, task=task)

@@ -202,7 +202,7 @@ def _add_training_commands(command) -> None:
 
     p = command("finetune", "fine-tune a (pruned) checkpoint, optionally distilling from a teacher")
     p.add_argument("target", metavar="CKPT", nargs="?", help="checkpoint to fine-tune (not with --resume)")
-    add_flags(p, ModelSettings, skip=("name", "pretrained", "num_classes", "width_mult"))
+    add_flags(p, ModelSettings, skip=("name", "pretrained", "num_classes", "width_mult", "task"))
     _training_flags(p, FinetuneSettings, skip=("from_scratch", "distill"))
     p.add_argument("-o", "--output", help="fine-tuned checkpoint (.pt; required)")
     p.add_argument("--run-dir", default=None, help="run folder (default: OUTPUT's name + _run)")

@@ -18,7 +18,11 @@ def _load(args, from_scratch: bool = False):
     from compress.checkpoint import load_target
     m = settings_from(ModelSettings, args, name=args.target)
     return load_target(m.name, num_classes=m.num_classes, width_mult=m.width_mult, pretrained=m.pretrained,
-                       input_size=m.input_size, from_scratch=from_scratch, trust_code=m.trust_code)
+                       input_size=m.input_size, from_scratch=from_scratch, trust_code=m.trust_code, task=m.task)
+
+
+SCORES = {"top1": "top-1", "top5": "top-5", "miou": "mIoU", "pixel_acc": "pixel accuracy", "recall1": "recall@1",
+          "map": "mAP", "map_50": "mAP@0.5"}  # what `eval` prints of each task's metrics
 
 
 def _print_json(obj) -> None:
@@ -125,7 +129,7 @@ def cmd_eval(args) -> int:
         raise CompressError(f"--images {args.images}: give a number of images to evaluate, or 0 for all.")
     model = _load(args)
     card = model.card
-    ds = random_subset(eval_set(args.data, card.input_size, card.mean, card.std, card.num_classes),
+    ds = random_subset(eval_set(args.data, card.input_size, card.mean, card.std, card.label_classes),
                        args.images, args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), loader(ds, args.batch_size, workers=args.workers), device,
@@ -133,8 +137,8 @@ def cmd_eval(args) -> int:
     if args.json:
         _print_json(metrics)
     else:
-        print(f"{args.target} on {args.data}: top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
-              f"loss {metrics['loss']:.4f} ({metrics['images']} images)")
+        scores = ", ".join(f"{label} {metrics[key]:.2%}" for key, label in SCORES.items() if key in metrics)
+        print(f"{args.target} on {args.data}: {scores}, loss {metrics['loss']:.4f} ({metrics['images']} images)")
     return 0
 
 
@@ -280,8 +284,9 @@ def _print_export(report: dict, args) -> None:
                                               if mode else "")
     print(f"wrote {report['path']} ({mode or 'float'}, {size})")
     where = f"{p['images']} {'real' if args.calib_data else 'random'} images"
-    print(f"parity on {where}: top-1 agreement with PyTorch {p['top1_agreement']:.1%}, max |diff| "
-          f"{p['max_abs_diff']:.3g}" + (f"; top-1 accuracy {p['accuracy']['float']:.1%} float (PyTorch), "
+    nearest = f", same nearest neighbour {p['nearest_agreement']:.1%}" if "nearest_agreement" in p else ""
+    print(f"parity on {where}: {p.get('agreement_of', 'top-1')} agreement with PyTorch {p['top1_agreement']:.1%}{nearest}, "
+          f"max |diff| {p['max_abs_diff']:.3g}" + (f"; top-1 accuracy {p['accuracy']['float']:.1%} float (PyTorch), "
                                         f"{p['accuracy']['exported']:.1%} this file" if "accuracy" in p else ""))
     if report.get("keep_float"):
         print(f"kept in float (most sensitive to int8): {', '.join(report['keep_float'])}")

@@ -23,7 +23,8 @@ def _metric(tuned: Finetuned) -> tuple[str, str]:
 
 
 def _fidelity(test: dict) -> str:
-    value = next((test[k] for k in ("fidelity_miou", "fidelity_map", "fidelity_top1") if test.get(k) is not None), None)
+    value = next((test[k] for k in ("fidelity_miou", "fidelity_map", "fidelity_top1", "fidelity_recall1")
+                  if test.get(k) is not None), None)
     return "-" if value is None else f"{value:.2%}"
 
 
@@ -36,6 +37,9 @@ NOTES = {  # what the fidelity column means, per metric
            "them, as `RawSSD.detections` does.",
     "top1": "Fidelity: the share of test images on which the pruned net's top-1 is the unpruned net's, after "
             "fine-tuning.",
+    "recall1": "Fidelity: the share of test images whose nearest other image by the pruned net's embedding is the "
+               "unpruned net's nearest, after fine-tuning (the mean cosine similarity to the unpruned net's embeddings "
+               "is in the stage's results).",
 }
 
 
@@ -166,7 +170,8 @@ def _file_row(label: str, item: ExportedFile, timing: Timing | None, float_timin
     if item.bytes is not None:
         size = f"{item.bytes / 1e6:.2f} MB" + (f" ({item.bytes / item.float_bytes:.2f}x)" if item.quantize else "")
     p = item.parity
-    parity = ("-" if p is None else f"agreement {p['top1_agreement']:.1%}" if item.quantize
+    parity = ("-" if p is None else f"{p.get('agreement_of', 'top-1')} agreement {p['top1_agreement']:.1%}"
+              if item.quantize
               else f"max diff {p['max_abs_diff']:.1e}")
     accuracy = (f"{_pct(p['accuracy']['float'])} / {_pct(p['accuracy']['exported'])}"
                 if p and "accuracy" in p else "-")

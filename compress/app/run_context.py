@@ -51,7 +51,7 @@ class RunContext:
 
     def given_model(self) -> nn.Module:
         m = self.recipe.model
-        return load_target(m.name, m.num_classes, m.width_mult, m.pretrained, m.input_size)
+        return load_target(m.name, m.num_classes, m.width_mult, m.pretrained, m.input_size, task=m.task)
 
     def model(self) -> nn.Module:
         """The model to compress: the recipe's, or the transfer stage's when there is one."""
@@ -76,7 +76,7 @@ class RunContext:
         model = model if isinstance(model, nn.Module) else self.load(model)
         card, recipe = model.card, self.recipe
         check_task(recipe.data.spec, card.task)
-        ds = eval_set(recipe.data.spec, card.input_size, card.mean, card.std, card.num_classes)
+        ds = eval_set(recipe.data.spec, card.input_size, card.mean, card.std, card.label_classes)
         ds = random_subset(ds, recipe.finetune.val_images, recipe.seed)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return evaluate(model.to(device), loader(ds, 64, recipe.data.workers), device, distributed_sum=False,

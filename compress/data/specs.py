@@ -152,14 +152,16 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     return np.asarray(getattr(dataset, "targets"))
 
 
-def check_labels(dataset: Dataset, num_classes: int, source: str) -> None:
+def check_labels(dataset: Dataset, num_classes: int | None, source: str) -> None:
+    """Refuse a set with no images, or labels the model has no class for (`num_classes` None:
+    identities, any label goes)."""
     if isinstance(dataset, (SegmentationSet, DetectionSet)):
         dataset.check_classes(num_classes, source)
         return
     labels = labels_of(dataset)
     if len(labels) == 0:
         raise CompressError(f"{source} holds no images.")
-    if labels.max() >= num_classes:
+    if num_classes is not None and labels.max() >= num_classes:
         raise CompressError(f"{source} has label {labels.max()} but the model has {num_classes} "
                             "classes; set `num_classes` or use a matching model.")
 
@@ -181,11 +183,11 @@ def transforms(train: bool, input_size: int, mean, std, source_size: int | None 
                        v2.Normalize(list(mean), list(std))])
 
 
-def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int = 10, augment: bool | None = None
-          ) -> Dataset:
+def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int | None = 10,
+          augment: bool | None = None) -> Dataset:
     """A split of `spec` with the transforms that fit its images: training augmentation on
     the training split unless `augment` says otherwise."""
-    ds = build_dataset(spec, train, None, num_classes, input_size)
+    ds = build_dataset(spec, train, None, num_classes or 10, input_size)
     augment = train if augment is None else augment
     if isinstance(ds, (SegmentationSet, DetectionSet)):
         ds.transform = (dense_transforms if isinstance(ds, SegmentationSet) else box_transforms)(
@@ -199,10 +201,11 @@ def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int =
 def check_task(spec: str, task: str) -> None:
     """Refuse data whose targets are not what the model predicts (masks for a classifier)."""
     holds = TARGETS.get(DataSpec.parse(spec).kind, "classify")
-    if holds != task:
+    if holds != task and not (task == "embed" and holds == "classify"):  # class labels are identities
         what = {"classify": "class labels", "segment": "masks", "detect": "boxes"}
         wanted = {"classify": "cifar10:, imagefolder:, npz: or synthetic:", "segment": "voc:DIR or shapes:N",
-                  "detect": "coco:DIR or shapeboxes:N"}[task]
+                  "detect": "coco:DIR or shapeboxes:N",
+                  "embed": "identity-labelled images (imagefolder: with a folder per identity, cifar10:, npz:)"}[task]
         raise CompressError(f"data {spec} holds {what[holds]}, but the model is a {task} model; give it {wanted} "
                             "data.")
 
@@ -214,13 +217,13 @@ def collate_of(dataset: Dataset):
     return getattr(dataset, "collate", None)
 
 
-def eval_set(spec: str, input_size: int, mean, std, num_classes: int) -> Dataset:
+def eval_set(spec: str, input_size: int, mean, std, num_classes: int | None) -> Dataset:
     ds = split(spec, False, input_size, mean, std, num_classes)
     check_labels(ds, num_classes, f"data {spec}")
     return ds
 
 
-def train_holdout(spec: str, input_size: int, mean, std, num_classes: int, holdout: int = 0,
+def train_holdout(spec: str, input_size: int, mean, std, num_classes: int | None, holdout: int = 0,
                   seed: int = 0, max_share: float = 1.0) -> tuple[Dataset, Dataset | None, np.ndarray]:
     """The training set minus `holdout` images (at most `max_share` of it) picked with `seed`,
     those images (with eval transforms, for search), and the holdout indices (to record in the

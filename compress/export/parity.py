@@ -22,15 +22,23 @@ RTOL = 1e-4
 
 
 def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: float | None,
-            rtol: float = RTOL, labels: torch.Tensor | None = None) -> dict:
+            rtol: float = RTOL, labels: torch.Tensor | None = None, task: str = "classify") -> dict:
     """Max absolute logit difference and top-1 agreement (and, with `labels`, the top-1
-    accuracy of both). Raises CheckFailed when the difference exceeds `tolerance` + `rtol` x
-    the largest |logit|: float32 runtimes sum in different orders, so logits of size 20
-    legitimately differ by ~1e-4."""
+    accuracy of both); for an embedding (`task` embed), the agreement is the mean cosine
+    similarity, beside how often each image's nearest other image is the same. Raises
+    CheckFailed when the difference exceeds `tolerance` + `rtol` x the largest |logit|: float32
+    runtimes sum in different orders, so logits of size 20 legitimately differ by ~1e-4."""
     diff = float(np.abs(reference - exported).max())
     scale = float(np.abs(reference).max())
-    agree = float((reference.argmax(1) == exported.argmax(1)).mean())
-    report = {"max_abs_diff": diff, "max_abs_logit": scale, "top1_agreement": agree, "images": int(len(reference))}
+    report = {"max_abs_diff": diff, "max_abs_logit": scale, "images": int(len(reference))}
+    if task == "embed":  # the gate reads the mean cosine: nearest neighbours of close embeddings swap on a rounding
+        ref, got = (nn.functional.normalize(torch.from_numpy(a).float(), dim=1) for a in (reference, exported))
+        report.update(top1_agreement=float((ref * got).sum(1).mean()), agreement_of="mean cosine",
+                      nearest_agreement=float(_nearest(ref).eq(_nearest(got)).float().mean()))
+        labels = None
+    else:
+        report["top1_agreement"] = float((reference.argmax(1) == exported.argmax(1)).mean())
+    agree = report["top1_agreement"]
     if labels is not None:
         truth = labels.numpy()
         report["accuracy"] = {"float": float((reference.argmax(1) == truth).mean()),
@@ -47,15 +55,17 @@ def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: f
 
 
 def check_agreement(name: str, report: dict, floor: float, mode: str) -> None:
-    """CheckFailed (carrying `report`) when a quantized file's top-1 agreement with the
-    float model is under `floor`."""
+    """CheckFailed (carrying `report`) when a quantized file's top-1 agreement (an
+    embedding's mean cosine similarity) with the float model is under `floor`."""
     p = report["parity"]
     if p["top1_agreement"] < floor:
         accuracy = p.get("accuracy")
         drop = (f"; top-1 accuracy {accuracy['float']:.1%} float, {accuracy['exported']:.1%} {mode}"
                 if accuracy else "")
-        raise CheckFailed(f"{name}: {mode} top-1 agrees with the float model on {p['top1_agreement']:.1%} of "
-                          f"{p['images']} images, under the required {floor:.1%}{drop}. The file was written. "
+        what = ("top-1 agrees with the float model on" if "agreement_of" not in p
+                else f"{p['agreement_of']} with the float model is")
+        raise CheckFailed(f"{name}: {mode} {what} {p['top1_agreement']:.1%} of {p['images']} images, under the "
+                          f"required {floor:.1%}{drop}. The file was written. "
                           "Calibrate on more (and more representative) images (`calib_images`), keep the most "
                           "sensitive ops in float (`keep_float`), or lower `min_agreement`.", report)
 
@@ -74,8 +84,13 @@ def output_names(model: nn.Module, x: torch.Tensor, quantize: str | None) -> lis
     return names
 
 
+def _nearest(embeddings: torch.Tensor) -> torch.Tensor:
+    sims = embeddings @ embeddings.T
+    return sims.fill_diagonal_(-float("inf")).argmax(1)
+
+
 def compare_outputs(name: str, references: list[np.ndarray], exported: list[np.ndarray], names: list[str],
-                    tolerance: float | None, labels: torch.Tensor | None = None) -> dict:
+                    tolerance: float | None, labels: torch.Tensor | None = None, task: str = "classify") -> dict:
     """`compare` for each output of a model (a segmenter's "out" and "aux", a detector's head
     outputs); one output gives `compare`'s report as it is. Several give the report of the one
     furthest from PyTorch, relative to its scale, with every output's report under "outputs"."""
@@ -83,7 +98,7 @@ def compare_outputs(name: str, references: list[np.ndarray], exported: list[np.n
         raise CheckFailed(f"{name}: the file has {len(exported)} outputs, PyTorch's model {len(references)} "
                           f"({', '.join(names)}).")
     if len(names) == 1:
-        return compare(name, references[0], exported[0], tolerance, labels=labels)
+        return compare(name, references[0], exported[0], tolerance, labels=labels, task=task)
     reports = {key: compare(f"{name} output '{key}'", ref, got, tolerance)
                for key, ref, got in zip(names, references, exported)}
     worst = max(reports, key=lambda k: reports[k]["max_abs_diff"] / max(reports[k]["max_abs_logit"], 1e-30))

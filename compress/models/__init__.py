@@ -11,12 +11,13 @@ __all__ = ["ZOO", "ZooEntry", "build", "build_model", "zoo_entry"]
 
 
 def build(name: str, num_classes: int | None = None, width_mult: float = 1.0,
-          pretrained: str | None = None, input_size: int | None = None) -> nn.Module:
-    """A zoo model carrying its card (arch, input size, mean/std, classes)."""
+          pretrained: str | None = None, input_size: int | None = None, task: str | None = None) -> nn.Module:
+    """A zoo model carrying its card (arch, input size, mean/std, classes, task: read off its
+    output unless given)."""
     entry = zoo_entry(name)
     model = build_model(name, num_classes=num_classes, width_mult=width_mult, pretrained=pretrained)
     size = input_size or entry.input_size
-    task = entry.task or infer_task(model, size)
+    task = task or entry.task or infer_task(model, size)
     # a user's factory is rebuilt the way it was called: with num_classes only when it was given
     kwargs = {"num_classes": num_classes if num_classes is not None else entry.num_classes, "width_mult": width_mult}
     return attach(model, ModelCard(

@@ -101,7 +101,7 @@ def held_out(supernet: Supernet, holdout: dict, scoring: HeldOutScoring, data=No
                             "(data=Loaders(train, val)) to score its configs.")
     card = card_of(supernet)
     _, held, _ = train_holdout(spec, scoring.score_size or card.input_size, card.mean, card.std,
-                               card.num_classes, holdout["count"], holdout["seed"])
+                               card.label_classes, holdout["count"], holdout["seed"])
     return HeldOut(held, scoring.recal_images, scoring.eval_images, seed=holdout["seed"])
 
 

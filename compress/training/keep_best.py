@@ -58,7 +58,7 @@ class Best:
     def __init__(self, path: Path, loader: DataLoader, device: torch.device, main: bool, task: Classify,
                  teacher: nn.Module | None = None):
         self.path, self.loader, self.device, self.main, self.task = path, loader, device, main, task
-        self.teacher = teacher if task.name == "classify" else None
+        self.teacher = teacher if task.name in ("classify", "embed") else None
         self.state: dict | None = None
         self.record: dict = {}  # step and scores of the best state, and of the starting one
         self.correct: torch.Tensor | None = None  # the best state's per-image hits on this rank's share

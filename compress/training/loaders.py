@@ -43,7 +43,7 @@ def spec_loaders(source: DataSource, card: ModelCard, cfg: TrainSettings, valida
         raise CompressError(f"batch size {data.batch_size} does not split over {world} processes; "
                             f"use a multiple of {world}.")
     source.check_task(card.task)
-    train_set, held_set, held = train_holdout(data.spec, card.input_size, card.mean, card.std, card.num_classes,
+    train_set, held_set, held = train_holdout(data.spec, card.input_size, card.mean, card.std, card.label_classes,
                                               cfg.holdout, cfg.seed, KEEP_BEST_SHARE if cfg.keep_best else 1.0)
     per_rank = data.batch_size // world
     if len(train_set) < data.batch_size:
@@ -55,7 +55,7 @@ def spec_loaders(source: DataSource, card: ModelCard, cfg: TrainSettings, valida
                        collate_fn=collate_of(train_set))
     val = None
     if validate:
-        ds = random_subset(eval_set(data.spec, card.input_size, card.mean, card.std, card.num_classes),
+        ds = random_subset(eval_set(data.spec, card.input_size, card.mean, card.std, card.label_classes),
                            cfg.val_images, cfg.seed)
         val = _in_order(ds, per_rank, data.workers, world, rank)
     holdout = None

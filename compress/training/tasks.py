@@ -11,7 +11,12 @@ from a teacher's outputs, and the metric (with the key keep-best and the reports
   box regressions per default box); its own loss (matching, hard negatives), distillation of
   the class logits (KL per box) and of the boxes the teacher believes in, COCO mAP (torchmetrics
   on pycocotools) of the decoded, NMS-ed detections, and fidelity: mAP against the teacher's
-  detections scoring at least 0.5.
+  detections scoring at least 0.5;
+- `embed`: an embedding (N, D) compared by cosine similarity (face recognition, re-identification),
+  its labels the identities; batch-hard triplet loss, distillation of the teacher's embedding
+  direction (1 - cosine), retrieval recall@1 and mAP over the evaluation images, and fidelity:
+  the mean cosine similarity to the teacher's embeddings and how often the nearest neighbour is
+  the teacher's.
 
 Every loss takes the images too (a detector's default boxes depend on their size).
 """
@@ -24,6 +29,7 @@ from torch import nn
 from compress.models.card import card_of
 from compress.data.dense import IGNORE
 from compress.errors import CompressError
+from compress.training import retrieval
 
 
 
@@ -100,6 +106,32 @@ class Detect(Classify):
         return _MAP(self.model, device)
 
 
+class Embed(Classify):
+    name, score, label = "embed", "recall1", "recall@1"
+
+    def __init__(self, margin: float = 0.3):
+        self.margin = margin
+
+    def loss(self, outputs, targets: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch-hard triplet loss (Hermans et al. 2017) on normalised embeddings: each image's
+        farthest same-identity image against its nearest other one; 0 for a batch without a pair."""
+        emb = retrieval.normalized(outputs)
+        dist_ = torch.cdist(emb, emb)
+        same = targets[:, None].eq(targets[None, :])
+        anchors = (same.sum(1) > 1) & (~same).any(1)
+        if not anchors.any():
+            return outputs.sum() * 0.0
+        hardest_positive = (dist_ * same).max(1).values
+        hardest_negative = dist_.masked_fill(same, float("inf")).min(1).values
+        return nn.functional.relu(hardest_positive - hardest_negative + self.margin)[anchors].mean()
+
+    def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
+        return (1 - nn.functional.cosine_similarity(outputs.float(), teacher_outputs.float(), dim=1)).mean()
+
+    def meter(self, logits, device) -> "_Retrieval":
+        return _Retrieval(self, device)
+
+
 class UserLoss:
     """A task with the user's own loss, `loss(outputs, targets)`, in place of its own; the
     distillation and the metric stay the task's."""
@@ -122,6 +154,8 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
         return Classify(label_smoothing)
     if name == "segment":
         return Segment(label_smoothing)
+    if name == "embed":
+        return Embed()
     if callable(getattr(model, "loss", None)) and callable(getattr(model, "detections", None)):
         return Detect(model)
     raise CompressError(f"{type(model).__name__} is a detector compress prunes but cannot train or evaluate: that "
@@ -165,6 +199,57 @@ class _TopK:
         n = max(n, 1.0)
         return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "images": int(n),
                 **({"fidelity_top1": same / n} if self.teacher else {})}
+
+
+class _Retrieval:
+    """recall@1 and mAP of the embeddings over every evaluated image (each a query against the
+    others, gathered across torchrun ranks); the task's loss per batch; with a teacher, the mean
+    cosine similarity to its embeddings and the share of queries whose nearest neighbour is the
+    teacher's (fidelity). `correct` (this rank's queries' recall@1 hits) and `divergence` (1 -
+    cosine to the teacher, per image) pair two states for keep-best."""
+
+    def __init__(self, task: Embed, device):
+        self.task, self.device = task, device
+        self.embeddings, self.labels, self.teacher_embeddings = [], [], []
+        self.loss_sum, self.count = 0.0, 0
+        self.correct: list[torch.Tensor] = []
+        self.divergence: list[torch.Tensor] = []
+
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor, teacher_embeddings: torch.Tensor | None = None,
+               images: torch.Tensor | None = None) -> None:
+        self.embeddings.append(retrieval.normalized(embeddings).cpu())
+        self.labels.append(labels.cpu())
+        self.loss_sum += float(self.task.loss(embeddings.float(), labels)) * len(labels)
+        self.count += len(labels)
+        if teacher_embeddings is not None:
+            self.teacher_embeddings.append(retrieval.normalized(teacher_embeddings).cpu())
+            self.divergence.append(1 - (self.embeddings[-1] * self.teacher_embeddings[-1]).sum(1))
+
+    def result(self, distributed_sum: bool) -> dict:
+        mine = [torch.cat(x) if x else torch.zeros(0) for x in (self.embeddings, self.labels, self.teacher_embeddings)]
+        parts, offset = [mine], 0
+        if distributed_sum and dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+            offset = sum(len(p[0]) for p in parts[:dist.get_rank()])
+        gallery, labels, teacher = (torch.cat([p[i] for p in parts]) for i in range(3))
+        queries = mine[0]
+        found = retrieval.nearest(queries, gallery, offset)
+        hits = labels[found].eq(mine[1])
+        self.correct = [hits]
+        ap = retrieval.average_precision(queries, mine[1], gallery, labels, offset)
+        n = max(len(gallery), 1)
+        totals = torch.tensor([hits.sum(), ap.sum(), self.loss_sum, len(queries)], dtype=torch.float64)
+        if len(teacher):
+            same = found.eq(retrieval.nearest(mine[2], teacher, offset)).sum()
+            totals = torch.cat([totals, torch.tensor([float(same), float((queries * mine[2]).sum())],
+                                                     dtype=torch.float64)])
+        if len(parts) > 1:
+            dist.all_reduce(totals)
+        out = {"recall1": float(totals[0]) / n, "map": float(totals[1]) / n, "loss": float(totals[2]) / n, "images": n}
+        if len(teacher):
+            out.update(fidelity_recall1=float(totals[4]) / n, fidelity_cosine=float(totals[5]) / n)
+        return out
 
 
 class _Paired:
