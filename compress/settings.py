@@ -24,9 +24,10 @@ class ModelSettings(Settings):
                                    "state_dict (default: random init)",
                                    json_schema_extra={"metavar": "torchvision|timm|PATH"})
     num_classes: int | None = Field(None, ge=1, description="classes (zoo models and sources; default: the model's)")
-    task: Literal["classify", "segment", "detect", "embed"] | None = Field(
+    task: Literal["classify", "segment", "detect", "embed", "restore"] | None = Field(
         None, description="what the model's output is (zoo models and sources; default: read off its output on one "
-        "image); embed (an embedding compared by cosine similarity) must be declared, its labels are identities")
+        "image); embed (an embedding compared by cosine similarity, its labels identities) and restore (an image, "
+        "e.g. super-resolution, trained on sr:SPEC:xN pairs) must be declared")
     width_mult: float = Field(1.0, gt=0, description="width multiplier (zoo models)")
     input_size: int | None = Field(None, ge=8, description="input height/width (default: the model's, "
                                    "224 or 32 for *_cifar)")

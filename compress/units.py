@@ -60,3 +60,12 @@ def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def format_score(key: str, value: float | None) -> str:
+    """A metric as people read it: a share as a percentage, PSNR in dB, SSIM as it is."""
+    if value is None:
+        return "-"
+    if key.endswith("psnr"):
+        return f"{value:.2f} dB"
+    return f"{value:.4f}" if key.endswith("ssim") else f"{value:.2%}"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from compress.app.flags import settings_from
+from compress.units import format_score
 from compress.errors import CheckFailed, CompressError
 from compress.settings import (DataSettings, ExportSettings, FinetuneSettings, HeldOutScoring, LatencySettings,
                                LutSettings, ModelSettings, PruneSettings, SearchSettings, SupernetSettings,
@@ -22,7 +23,7 @@ def _load(args, from_scratch: bool = False):
 
 
 SCORES = {"top1": "top-1", "top5": "top-5", "miou": "mIoU", "pixel_acc": "pixel accuracy", "recall1": "recall@1",
-          "map": "mAP", "map_50": "mAP@0.5"}  # what `eval` prints of each task's metrics
+          "map": "mAP", "map_50": "mAP@0.5", "psnr": "PSNR", "ssim": "SSIM"}  # what `eval` prints of each task's metrics
 
 
 def _print_json(obj) -> None:
@@ -137,7 +138,7 @@ def cmd_eval(args) -> int:
     if args.json:
         _print_json(metrics)
     else:
-        scores = ", ".join(f"{label} {metrics[key]:.2%}" for key, label in SCORES.items() if key in metrics)
+        scores = ", ".join(f"{label} {format_score(key, metrics[key])}" for key, label in SCORES.items() if key in metrics)
         print(f"{args.target} on {args.data}: {scores}, loss {metrics['loss']:.4f} ({metrics['images']} images)")
     return 0
 

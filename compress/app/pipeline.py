@@ -133,7 +133,7 @@ def for_this_machine(recipe: Recipe) -> Recipe:
 
 def _check_inputs(recipe: Recipe) -> None:
     """Fail before any work on inputs that do not exist."""
-    spec = DataSpec.parse(recipe.data.spec)
+    spec = DataSpec.parse(recipe.data.spec).images
     if spec.kind not in ("synthetic", "shapes", "shapeboxes") and not Path(spec.location).exists():
         raise CompressError(f"data.spec: '{spec.location}' does not exist (from {recipe.data.spec}); fix the path "
                             "in the recipe or override it: data.spec=cifar10:/path/to/cifar10.")

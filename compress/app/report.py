@@ -10,22 +10,24 @@ import torch
 from compress.app.results import UNPRUNED, Exported, ExportedFile, Finetuned, Nets, Timed, Timing
 from compress.app.run_context import RunContext
 from compress.files import atomic_write_bytes, atomic_write_figure, atomic_write_text
-from compress.units import human
+from compress.units import format_score, human
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
 def _metric(tuned: Finetuned) -> tuple[str, str]:
-    """The test metric's key and name: mIoU for segmentation, mAP for detection, top-1."""
+    """The test metric's key and name: recall@1 for embeddings (before their mAP), PSNR for
+    restoration, mIoU for segmentation, mAP for detection, top-1."""
     test = next(iter(tuned.nets.values())).test_after if tuned.nets else {}
-    return next(((key, name) for key, name in (("miou", "mIoU"), ("map", "mAP")) if key in test), ("top1", "top-1"))
+    return next(((key, name) for key, name in (("recall1", "recall@1"), ("psnr", "PSNR"), ("miou", "mIoU"),
+                                               ("map", "mAP")) if key in test), ("top1", "top-1"))
 
 
 def _fidelity(test: dict) -> str:
-    value = next((test[k] for k in ("fidelity_miou", "fidelity_map", "fidelity_top1", "fidelity_recall1")
-                  if test.get(k) is not None), None)
-    return "-" if value is None else f"{value:.2%}"
+    key = next((k for k in ("fidelity_miou", "fidelity_map", "fidelity_top1", "fidelity_recall1", "fidelity_psnr")
+                if test.get(k) is not None), None)
+    return "-" if key is None else format_score(key, test[key])
 
 
 NOTES = {  # what the fidelity column means, per metric
@@ -37,6 +39,8 @@ NOTES = {  # what the fidelity column means, per metric
            "them, as `RawSSD.detections` does.",
     "top1": "Fidelity: the share of test images on which the pruned net's top-1 is the unpruned net's, after "
             "fine-tuning.",
+    "psnr": "Fidelity: the PSNR of the pruned net's output images against the unpruned net's (no targets needed), "
+            "after fine-tuning.",
     "recall1": "Fidelity: the share of test images whose nearest other image by the pruned net's embedding is the "
                "unpruned net's nearest, after fine-tuning (the mean cosine similarity to the unpruned net's embeddings "
                "is in the stage's results).",
@@ -69,7 +73,7 @@ def write_report(ctx: RunContext) -> list[str]:
                   "net there): " + "; ".join(notes) + "."]
     if nets.unpruned:
         u = nets.unpruned
-        table.insert(2, f"| unpruned | {human(u.macs)} | {human(u.params)} | - | {_pct(u.test[score])} | - | - | "
+        table.insert(2, f"| unpruned | {human(u.macs)} | {human(u.params)} | - | {format_score(score, u.test[score])} | - | - | "
                         "100% MACs | - |")
     cuts = [net.latency for net in nets.nets.values() if net.latency]
     if cuts:
@@ -86,7 +90,7 @@ def write_report(ctx: RunContext) -> list[str]:
              "parity is the largest logit difference for float files and the top-1 agreement for quantized ones, on "
              "the evaluation images; latency is the median on the recipe's runtime and threads.", "", *file_table, "",
              *_search_lines(ctx)]
-    _plot(run_dir / "report.png", points, metric)
+    _plot(run_dir / "report.png", points, metric, score)
     lines += [f"![test {metric} vs MACs before and after fine-tuning](report.png)", "",
               "## Commands", "", "The stages, as the equivalent `chansearch` commands:", "", "```",
               *ctx.commands, "```", ""]
@@ -135,16 +139,17 @@ def _target(tag: str, nets: Nets, tuned: Finetuned, exported: Exported, timed: T
     before, after = done.test_before[score], done.test_after[score]
     u = nets.unpruned
     versus = "-" if not u else (f"{record['macs'] / u.macs:.0%} MACs, " + (f"{speedup:.2f}x latency, " if speedup else "")
-                                + f"{(after - u.test[score]) * 100:+.1f} points")
+                                + (f"{after - u.test[score]:+.2f} dB" if score == "psnr"
+                                   else f"{(after - u.test[score]) * 100:+.1f} points"))
     row = (f"| {net.label} | {human(record['macs'])} | {human(record['params'])} | {_pct(net.heldout_top1)} | "
-           f"{_pct(before)} | {_pct(after)} | {_fidelity(done.test_after)} | {versus} | "
+           f"{format_score(score, before)} | {format_score(score, after)} | {_fidelity(done.test_after)} | {versus} | "
            f"{'FAIL' if failures else 'pass'} |")
     note = None
     if done.kept_best:
         kept = done.kept_best
         where = "at the start of the quantization-aware epochs, int8 net" if kept.get("int8") else "before fine-tuning"
-        note = (f"{net.label}: the state after step {kept['step']}, held-out {metric} {kept['start']['top1']:.2%} "
-                f"{where} -> {kept['top1']:.2%}")
+        note = (f"{net.label}: the state after step {kept['step']}, held-out {metric} "
+                f"{format_score(score, kept['start']['top1'])} {where} -> {format_score(score, kept['top1'])}")
     return row, (record["macs"], before, after, net.label), note, rows, failures
 
 
@@ -195,19 +200,20 @@ def _file_row(label: str, item: ExportedFile, timing: Timing | None, float_timin
             f"{'FAIL' if problems else 'pass'} |"), problems
 
 
-def _plot(path: Path, points: list, metric: str) -> None:
+def _plot(path: Path, points: list, metric: str, score: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    scale, unit = (1, "dB") if score == "psnr" else (100, "%")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for macs, before, after, label in points:
-        ax.annotate("", xy=(macs / 1e6, 100 * after), xytext=(macs / 1e6, 100 * before),
+        ax.annotate("", xy=(macs / 1e6, scale * after), xytext=(macs / 1e6, scale * before),
                     arrowprops={"arrowstyle": "->", "color": "tab:blue"})
-        ax.scatter([macs / 1e6], [100 * after], color="tab:blue", zorder=3)
-        ax.scatter([macs / 1e6], [100 * before], color="tab:gray", zorder=3)
-        ax.annotate(label, (macs / 1e6, 100 * after), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.scatter([macs / 1e6], [scale * after], color="tab:blue", zorder=3)
+        ax.scatter([macs / 1e6], [scale * before], color="tab:gray", zorder=3)
+        ax.annotate(label, (macs / 1e6, scale * after), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("MACs (M)")
-    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_ylabel(f"test {metric} ({unit})")
     ax.set_title("each target: before (gray) and after (blue) fine-tuning")
     ax.grid(alpha=0.3)
     atomic_write_figure(path, fig)

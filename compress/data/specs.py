@@ -3,7 +3,9 @@
 Specs: `cifar10:DIR` (the `cifar-10-batches-py` folder, or a folder with train.npz/test.npz),
 `imagefolder:DIR` (ImageNet layout: DIR/train, DIR/val), `npz:FILE` (x uint8 (N,H,W,3) RGB,
 y integer labels), `synthetic:N` (N random images, for smoke tests); for segmentation
-`voc:DIR` and `shapes:N`, for detection `coco:DIR` and `shapeboxes:N` (compress.data.dense).
+`voc:DIR` and `shapes:N`, for detection `coco:DIR` and `shapeboxes:N` (compress.data.dense),
+for super-resolution `sr:SPEC:xN` (any of those image sets as low/high-resolution pairs,
+compress.data.pairs).
 """
 from __future__ import annotations
 
@@ -20,11 +22,14 @@ from torchvision.transforms import v2
 from compress.data.dense import (CocoFolder, DetectionSet, SegmentationSet, ShapeBoxes, ShapesSet, VOCFolder,
                                  box_transforms)
 from compress.data.dense import transforms as dense_transforms
+from compress.data.pairs import PairSet, parse_scale
 from compress.errors import CompressError
 
 SPEC_HELP = ("a data spec is cifar10:DIR, imagefolder:DIR, npz:FILE or synthetic:N for classification, voc:DIR "
-             "or shapes:N for segmentation, coco:DIR or shapeboxes:N for detection (e.g. cifar10:../shared/data/cifar10)")
-TARGETS = {"voc": "segment", "shapes": "segment", "coco": "detect", "shapeboxes": "detect"}  # else class labels
+             "or shapes:N for segmentation, coco:DIR or shapeboxes:N for detection, sr:SPEC:xN for super-resolution "
+             "(e.g. cifar10:../shared/data/cifar10, sr:imagefolder:/data/div2k:x2)")
+TARGETS = {"voc": "segment", "shapes": "segment", "coco": "detect", "shapeboxes": "detect",
+           "sr": "restore"}  # else class labels
 
 
 class ArrayDataset(Dataset):
@@ -97,7 +102,14 @@ class DataSpec:
             raise CompressError(f"bad data spec '{spec}': {SPEC_HELP}.")
         if kind in ("synthetic", "shapes", "shapeboxes") and not loc.isdigit():
             raise CompressError(f"bad data spec '{spec}': {kind}:N takes an image count, e.g. {kind}:64.")
+        if kind == "sr":
+            cls.parse(parse_scale(loc)[0])
         return cls(kind, loc)
+
+    @property
+    def images(self) -> "DataSpec":
+        """The spec of the images themselves (an sr: spec's inner one)."""
+        return DataSpec.parse(parse_scale(self.location)[0]).images if self.kind == "sr" else self
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.location}"
@@ -108,6 +120,9 @@ def build_dataset(spec: str | DataSpec, train: bool, transform=None, num_classes
     """The train or evaluation split of a data spec, with `transform` applied."""
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     loc = Path(spec.location)
+    if spec.kind == "sr":
+        inner, scale = parse_scale(spec.location)
+        return PairSet(build_dataset(inner, train, None, num_classes, image_size), scale)
     if spec.kind in ("shapes", "shapeboxes"):
         return (ShapesSet if spec.kind == "shapes" else ShapeBoxes)(int(spec.location), image_size, train)
     if spec.kind == "synthetic":
@@ -158,6 +173,10 @@ def check_labels(dataset: Dataset, num_classes: int | None, source: str) -> None
     if isinstance(dataset, (SegmentationSet, DetectionSet)):
         dataset.check_classes(num_classes, source)
         return
+    if isinstance(dataset, PairSet):
+        if len(dataset) == 0:
+            raise CompressError(f"{source} holds no images.")
+        return
     labels = labels_of(dataset)
     if len(labels) == 0:
         raise CompressError(f"{source} holds no images.")
@@ -189,6 +208,9 @@ def split(spec: str, train: bool, input_size: int, mean, std, num_classes: int |
     the training split unless `augment` says otherwise."""
     ds = build_dataset(spec, train, None, num_classes or 10, input_size)
     augment = train if augment is None else augment
+    if isinstance(ds, PairSet):
+        ds.configure(augment, input_size, mean, std)
+        return ds
     if isinstance(ds, (SegmentationSet, DetectionSet)):
         ds.transform = (dense_transforms if isinstance(ds, SegmentationSet) else box_transforms)(
             augment, input_size, mean, std)
@@ -202,10 +224,12 @@ def check_task(spec: str, task: str) -> None:
     """Refuse data whose targets are not what the model predicts (masks for a classifier)."""
     holds = TARGETS.get(DataSpec.parse(spec).kind, "classify")
     if holds != task and not (task == "embed" and holds == "classify"):  # class labels are identities
-        what = {"classify": "class labels", "segment": "masks", "detect": "boxes"}
+        what = {"classify": "class labels", "segment": "masks", "detect": "boxes",
+                "restore": "low/high-resolution image pairs"}
         wanted = {"classify": "cifar10:, imagefolder:, npz: or synthetic:", "segment": "voc:DIR or shapes:N",
                   "detect": "coco:DIR or shapeboxes:N",
-                  "embed": "identity-labelled images (imagefolder: with a folder per identity, cifar10:, npz:)"}[task]
+                  "embed": "identity-labelled images (imagefolder: with a folder per identity, cifar10:, npz:)",
+                  "restore": "sr:SPEC:xN (any image set as low/high-resolution pairs)"}[task]
         raise CompressError(f"data {spec} holds {what[holds]}, but the model is a {task} model; give it {wanted} "
                             "data.")
 

@@ -78,6 +78,10 @@ def output_names(model: nn.Module, x: torch.Tensor, quantize: str | None) -> lis
     if not names:
         raise CompressError(f"{type(model).__name__} returns no tensor (a tensor, or a dict, list or tuple of them) "
                             "for an image batch; there is nothing to export.")
+    task = getattr(getattr(model, "card", None), "task", "classify")
+    if quantize and task == "restore":  # its agreement would be an argmax over colour channels
+        raise CompressError(f"`{quantize}` export checks a classifier's top-1 (a segmenter's per-pixel) agreement or "
+                            "an embedding's cosine similarity with the float model; a restore model exports in float.")
     if quantize and names != ["logits"]:
         raise CompressError(f"`{quantize}` export checks a classifier's logits by top-1 agreement; this model returns "
                             f"{len(names)} outputs ({', '.join(names[:6])}). Export it in float.")

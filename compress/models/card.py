@@ -12,7 +12,7 @@ from compress.errors import CompressError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TASKS = ("classify", "segment", "detect", "embed")  # what the model's outputs are (compress.training.tasks reads them)
+TASKS = ("classify", "segment", "detect", "embed", "restore")  # what the model's outputs are (compress.training.tasks reads them)
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,9 @@ class ModelCard:
     @property
     def label_classes(self) -> int | None:
         """The count the data's labels must stay under: the classes, or None for an embedding
-        (its labels are identities, its num_classes the embedding's dimension)."""
-        return None if self.task == "embed" else self.num_classes
+        (its labels are identities, its num_classes the embedding's dimension) or a restore
+        model (its targets are images, its num_classes their channels)."""
+        return None if self.task in ("embed", "restore") else self.num_classes
 
     @property
     def pruned(self) -> bool:
@@ -94,7 +95,7 @@ def describe(model: nn.Module, input_size: int, num_classes: int | None = None, 
              std=IMAGENET_STD, task: str | None = None) -> nn.Module:
     """Attach a card to a user's own CNN: its input size, class count (read off the last
     Linear layer, or a dense model's output channels, when not given), the mean/std its inputs
-    are normalised with, and its task (classify, segment, detect or embed; read off its output on one
+    are normalised with, and its task (classify, segment, detect, embed or restore; read off its output on one
     image when not given)."""
     task = task or infer_task(model, input_size)
     if num_classes is None:
@@ -106,7 +107,7 @@ def describe(model: nn.Module, input_size: int, num_classes: int | None = None, 
 def classes_of(model: nn.Module, input_size: int, task: str, name: str | None = None) -> int:
     """A model's class count: a dense model's output channels or an embedding's dimension, else
     its last Linear layer's outputs (`name`: what the error calls the model)."""
-    if task in ("segment", "embed"):
+    if task in ("segment", "embed", "restore"):
         with torch.no_grad():
             out = model.eval()(torch.zeros(1, 3, input_size, input_size))
         return int((out["out"] if isinstance(out, dict) else out).shape[1])

@@ -15,6 +15,7 @@ from compress.files import atomic_save, safe_torch_load
 from compress.training import distributed
 from compress.training.evaluate import evaluate
 from compress.training.tasks import Classify
+from compress.units import format_score
 
 BEST_FILE = "best.pt"  # the best state so far, with its held-out scores
 BEST_INT8_FILE = "best_int8.pt"  # the same in the quantization-aware epochs (a state of another shape)
@@ -144,10 +145,12 @@ def summary(record: dict, images: int) -> str:
         return _summary_by_teacher(record, start, later, metric, images)
     if record["step"] != start["step"]:
         return (f"keep_best: returned the state after step {record['step']}: held-out {metric} "
-                f"{start['top1']:.2%} at the start -> {record['top1']:.2%} (on {images} held-out images)")
+                f"{format_score(metric, start['top1'])} at the start -> {format_score(metric, record['top1'])} "
+                f"(on {images} held-out images)")
     why = ("no later state got more of them right by more than the noise"
-           + (f" (the best, after step {later['step']}: {later['top1']:.2%})" if later else ""))
-    return (f"keep_best: returned the starting state, held-out {metric} {start['top1']:.2%} on {images} "
+           + (f" (the best, after step {later['step']}: {format_score(metric, later['top1'])})" if later else ""))
+    return (f"keep_best: returned the starting state, held-out {metric} {format_score(metric, start['top1'])} on "
+            f"{images} "
             f"held-out images: {why}")
 
 
@@ -156,10 +159,11 @@ def _summary_by_teacher(record: dict, start: dict, later: dict | None, metric: s
         why = ("the closest to the teacher" if record.get("taken_for") == "teacher"
                else "more held-out images right by more than twice the noise")
         return (f"keep_best: returned the state after step {record['step']}, {why}: held-out {metric} "
-                f"{start['top1']:.2%} at the start -> {record['top1']:.2%}, divergence from the teacher "
+                f"{format_score(metric, start['top1'])} at the start -> {format_score(metric, record['top1'])}, "
+                f"divergence from the teacher "
                 f"{start['divergence']:.4f} -> {record['divergence']:.4f} (on {images} held-out images)")
     why = ("no later state came closer to the teacher's predictions by more than the noise, or got more "
            "of them right by more than twice the noise"
            + (f" (the closest, after step {later['step']}: {later['divergence']:.4f})" if later else ""))
     return (f"keep_best: returned the starting state, held-out divergence from the teacher {start['divergence']:.4f} "
-            f"and {metric} {start['top1']:.2%} on {images} held-out images: {why}")
+            f"and {metric} {format_score(metric, start['top1'])} on {images} held-out images: {why}")

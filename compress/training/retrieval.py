@@ -6,6 +6,7 @@ similarity to them and how often its nearest neighbour is the teacher's."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 CHUNK = 1024  # queries scored at a time: a (CHUNK, gallery) similarity matrix, not (gallery, gallery)
@@ -42,3 +43,54 @@ def average_precision(queries: torch.Tensor, labels: torch.Tensor, gallery: torc
         precision = hits.cumsum(1) / ranks
         out.append((precision * hits).sum(1) / hits.sum(1).clamp(min=1))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+class RetrievalMeter:
+    """recall@1 and mAP of the embeddings over every evaluated image (each a query against the
+    others, gathered across torchrun ranks); the task's loss per batch; with a teacher, the mean
+    cosine similarity to its embeddings and the share of queries whose nearest neighbour is the
+    teacher's (fidelity). `correct` (this rank's queries' recall@1 hits) and `divergence` (1 -
+    cosine to the teacher, per image) pair two states for keep-best."""
+
+    def __init__(self, task, device):
+        self.task, self.device = task, device  # the task scores each batch's loss
+        self.embeddings, self.labels, self.teacher_embeddings = [], [], []
+        self.loss_sum, self.count = 0.0, 0
+        self.correct: list[torch.Tensor] = []
+        self.divergence: list[torch.Tensor] = []
+
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor, teacher_embeddings: torch.Tensor | None = None,
+               images: torch.Tensor | None = None) -> None:
+        self.embeddings.append(normalized(embeddings).cpu())
+        self.labels.append(labels.cpu())
+        self.loss_sum += float(self.task.loss(embeddings.float(), labels)) * len(labels)
+        self.count += len(labels)
+        if teacher_embeddings is not None:
+            self.teacher_embeddings.append(normalized(teacher_embeddings).cpu())
+            self.divergence.append(1 - (self.embeddings[-1] * self.teacher_embeddings[-1]).sum(1))
+
+    def result(self, distributed_sum: bool) -> dict:
+        mine = [torch.cat(x) if x else torch.zeros(0) for x in (self.embeddings, self.labels, self.teacher_embeddings)]
+        parts, offset = [mine], 0
+        if distributed_sum and dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+            offset = sum(len(p[0]) for p in parts[:dist.get_rank()])
+        gallery, labels, teacher = (torch.cat([p[i] for p in parts]) for i in range(3))
+        queries = mine[0]
+        found = nearest(queries, gallery, offset)
+        hits = labels[found].eq(mine[1])
+        self.correct = [hits]
+        ap = average_precision(queries, mine[1], gallery, labels, offset)
+        n = max(len(gallery), 1)
+        totals = torch.tensor([hits.sum(), ap.sum(), self.loss_sum, len(queries)], dtype=torch.float64)
+        if len(teacher):
+            same = found.eq(nearest(mine[2], teacher, offset)).sum()
+            totals = torch.cat([totals, torch.tensor([float(same), float((queries * mine[2]).sum())],
+                                                     dtype=torch.float64)])
+        if len(parts) > 1:
+            dist.all_reduce(totals)
+        out = {"recall1": float(totals[0]) / n, "map": float(totals[1]) / n, "loss": float(totals[2]) / n, "images": n}
+        if len(teacher):
+            out.update(fidelity_recall1=float(totals[4]) / n, fidelity_cosine=float(totals[5]) / n)
+        return out

@@ -16,7 +16,10 @@ from a teacher's outputs, and the metric (with the key keep-best and the reports
   its labels the identities; batch-hard triplet loss, distillation of the teacher's embedding
   direction (1 - cosine), retrieval recall@1 and mAP over the evaluation images, and fidelity:
   the mean cosine similarity to the teacher's embeddings and how often the nearest neighbour is
-  the teacher's.
+  the teacher's;
+- `restore`: an output image (super-resolution: N, 3, rH, rW) against the high-resolution
+  target in [0, 1]; L1 loss, L1 distillation of the teacher's image, PSNR and SSIM, and
+  fidelity: the PSNR of the output against the teacher's.
 
 Every loss takes the images too (a detector's default boxes depend on their size).
 """
@@ -29,7 +32,7 @@ from torch import nn
 from compress.models.card import card_of
 from compress.data.dense import IGNORE
 from compress.errors import CompressError
-from compress.training import retrieval
+from compress.training import restoration, retrieval
 
 
 
@@ -128,8 +131,24 @@ class Embed(Classify):
     def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
         return (1 - nn.functional.cosine_similarity(outputs.float(), teacher_outputs.float(), dim=1)).mean()
 
-    def meter(self, logits, device) -> "_Retrieval":
-        return _Retrieval(self, device)
+    def meter(self, logits, device) -> retrieval.RetrievalMeter:
+        return retrieval.RetrievalMeter(self, device)
+
+
+class Restore(Classify):
+    name, score, label = "restore", "psnr", "PSNR"
+
+    def logits(self, outputs) -> torch.Tensor:
+        return outputs["out"] if isinstance(outputs, dict) else outputs
+
+    def loss(self, outputs, targets: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        return nn.functional.l1_loss(self.logits(outputs), targets)
+
+    def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
+        return nn.functional.l1_loss(self.logits(outputs), self.logits(teacher_outputs))
+
+    def meter(self, logits, device) -> restoration.RestoreMeter:
+        return restoration.RestoreMeter(device)
 
 
 class UserLoss:
@@ -156,6 +175,8 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
         return Segment(label_smoothing)
     if name == "embed":
         return Embed()
+    if name == "restore":
+        return Restore()
     if callable(getattr(model, "loss", None)) and callable(getattr(model, "detections", None)):
         return Detect(model)
     raise CompressError(f"{type(model).__name__} is a detector compress prunes but cannot train or evaluate: that "
@@ -199,57 +220,6 @@ class _TopK:
         n = max(n, 1.0)
         return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "images": int(n),
                 **({"fidelity_top1": same / n} if self.teacher else {})}
-
-
-class _Retrieval:
-    """recall@1 and mAP of the embeddings over every evaluated image (each a query against the
-    others, gathered across torchrun ranks); the task's loss per batch; with a teacher, the mean
-    cosine similarity to its embeddings and the share of queries whose nearest neighbour is the
-    teacher's (fidelity). `correct` (this rank's queries' recall@1 hits) and `divergence` (1 -
-    cosine to the teacher, per image) pair two states for keep-best."""
-
-    def __init__(self, task: Embed, device):
-        self.task, self.device = task, device
-        self.embeddings, self.labels, self.teacher_embeddings = [], [], []
-        self.loss_sum, self.count = 0.0, 0
-        self.correct: list[torch.Tensor] = []
-        self.divergence: list[torch.Tensor] = []
-
-    def update(self, embeddings: torch.Tensor, labels: torch.Tensor, teacher_embeddings: torch.Tensor | None = None,
-               images: torch.Tensor | None = None) -> None:
-        self.embeddings.append(retrieval.normalized(embeddings).cpu())
-        self.labels.append(labels.cpu())
-        self.loss_sum += float(self.task.loss(embeddings.float(), labels)) * len(labels)
-        self.count += len(labels)
-        if teacher_embeddings is not None:
-            self.teacher_embeddings.append(retrieval.normalized(teacher_embeddings).cpu())
-            self.divergence.append(1 - (self.embeddings[-1] * self.teacher_embeddings[-1]).sum(1))
-
-    def result(self, distributed_sum: bool) -> dict:
-        mine = [torch.cat(x) if x else torch.zeros(0) for x in (self.embeddings, self.labels, self.teacher_embeddings)]
-        parts, offset = [mine], 0
-        if distributed_sum and dist.is_available() and dist.is_initialized():
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, mine)
-            offset = sum(len(p[0]) for p in parts[:dist.get_rank()])
-        gallery, labels, teacher = (torch.cat([p[i] for p in parts]) for i in range(3))
-        queries = mine[0]
-        found = retrieval.nearest(queries, gallery, offset)
-        hits = labels[found].eq(mine[1])
-        self.correct = [hits]
-        ap = retrieval.average_precision(queries, mine[1], gallery, labels, offset)
-        n = max(len(gallery), 1)
-        totals = torch.tensor([hits.sum(), ap.sum(), self.loss_sum, len(queries)], dtype=torch.float64)
-        if len(teacher):
-            same = found.eq(retrieval.nearest(mine[2], teacher, offset)).sum()
-            totals = torch.cat([totals, torch.tensor([float(same), float((queries * mine[2]).sum())],
-                                                     dtype=torch.float64)])
-        if len(parts) > 1:
-            dist.all_reduce(totals)
-        out = {"recall1": float(totals[0]) / n, "map": float(totals[1]) / n, "loss": float(totals[2]) / n, "images": n}
-        if len(teacher):
-            out.update(fidelity_recall1=float(totals[4]) / n, fidelity_cosine=float(totals[5]) / n)
-        return out
 
 
 class _Paired:
