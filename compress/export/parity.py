@@ -24,14 +24,23 @@ RTOL = 1e-4
 def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: float | None,
             rtol: float = RTOL, labels: torch.Tensor | None = None, task: str = "classify") -> dict:
     """Max absolute logit difference and top-1 agreement (and, with `labels`, the top-1
-    accuracy of both); for an embedding (`task` embed), the agreement is the mean cosine
-    similarity, beside how often each image's nearest other image is the same. Raises
+    accuracy of both); for a segmenter, the agreement is the mIoU of the file's per-pixel
+    predictions taking the float model's as the truth; for an embedding (`task` embed), the
+    mean cosine similarity, beside how often each image's nearest other image is the same. Raises
     CheckFailed when the difference exceeds `tolerance` + `rtol` x the largest |logit|: float32
     runtimes sum in different orders, so logits of size 20 legitimately differ by ~1e-4."""
     diff = float(np.abs(reference - exported).max())
     scale = float(np.abs(reference).max())
     report = {"max_abs_diff": diff, "max_abs_logit": scale, "images": int(len(reference))}
-    if task == "embed":  # the gate reads the mean cosine: nearest neighbours of close embeddings swap on a rounding
+    if task == "segment":  # the gate reads the mIoU of the file's pixels against the float model's
+        ref, got = reference.argmax(1).ravel(), exported.argmax(1).ravel()
+        classes = reference.shape[1]
+        confusion = np.bincount(ref * classes + got, minlength=classes * classes).reshape(classes, classes)
+        hits, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+        report.update(top1_agreement=float((hits[union > 0] / union[union > 0]).mean()),
+                      agreement_of="mIoU", pixel_agreement=float((ref == got).mean()))
+        labels = None
+    elif task == "embed":  # the gate reads the mean cosine: nearest neighbours of close embeddings swap on a rounding
         ref, got = (nn.functional.normalize(torch.from_numpy(a).float(), dim=1) for a in (reference, exported))
         report.update(top1_agreement=float((ref * got).sum(1).mean()), agreement_of="mean cosine",
                       nearest_agreement=float(_nearest(ref).eq(_nearest(got)).float().mean()))
@@ -72,7 +81,8 @@ def check_agreement(name: str, report: dict, floor: float, mode: str) -> None:
 
 def output_names(model: nn.Module, x: torch.Tensor, quantize: str | None) -> list[str]:
     """The names of `model`'s output tensors ("logits" for a classifier); a quantized file
-    is checked by top-1 agreement, which takes a classifier's single output."""
+    is checked against the float model on one output: a classifier's top-1, a segmenter's
+    per-pixel predictions, an embedding's direction."""
     with torch.no_grad():
         names = [name for name, _ in named_tensors(model.eval()(x))]
     if not names:
@@ -82,9 +92,10 @@ def output_names(model: nn.Module, x: torch.Tensor, quantize: str | None) -> lis
     if quantize and task == "restore":  # its agreement would be an argmax over colour channels
         raise CompressError(f"`{quantize}` export checks a classifier's top-1 (a segmenter's per-pixel) agreement or "
                             "an embedding's cosine similarity with the float model; a restore model exports in float.")
-    if quantize and names != ["logits"]:
-        raise CompressError(f"`{quantize}` export checks a classifier's logits by top-1 agreement; this model returns "
-                            f"{len(names)} outputs ({', '.join(names[:6])}). Export it in float.")
+    if quantize and (len(names) != 1 or task not in ("classify", "segment", "embed")):
+        raise CompressError(f"`{quantize}` export checks one output against the float model (a classifier's top-1, a "
+                            f"segmenter's mIoU, an embedding's cosine); this {task} model returns {len(names)} outputs "
+                            f"({', '.join(names[:6])}). Export it in float.")
     return names
 
 
