@@ -158,6 +158,7 @@ class ChannelSpace:
 
         raw = []  # (name, full width, [(module, 'out'|'in', n_idxs)], slices)
         held, held_channels = {}, 0  # group name -> why it keeps its full width; their channels
+        cut_ops = set()  # the ops that hold groups, by id: a group on either side of one is held once
         for group in graph.get_all_groups(ignored_layers=fixed_layers(model, graph),
                                           root_module_types=PRUNABLE):
             items = [(item.dep.target.module, "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in",
@@ -170,8 +171,12 @@ class ChannelSpace:
             # the group's channels are those of its narrowest layer: a layer concatenated with a
             # transform of itself (GhostNet) feeds each of its channels to two of the next layer's
             full, _, name = min(outs)
-            cut = next(filter(None, (channel_cut(node) if m not in names else
-                                     misread(graph, m, k, i, full, names[m]) for m, k, i, node in items)), None)
+            op = next((node for m, _, _, node in items if m not in names and channel_cut(node)), None)
+            if op is not None and id(op) in cut_ops:
+                continue  # held already, as the other side of the same op (a group's search stops at it)
+            cut = channel_cut(op) if op is not None else next(
+                filter(None, (misread(graph, m, k, i, full, names[m]) for m, k, i, _ in items if m in names)), None)
+            cut_ops.add(id(op))
             slices = math.lcm(*(channel_slices(m) for m, _, _ in members))
             if cut or full % slices:
                 held[name] = cut or f"its {full} channels do not split into the {slices} equal slices its grouped " \
