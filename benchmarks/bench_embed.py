@@ -131,7 +131,6 @@ def main() -> None:
     size, root = SIZES[args.size], Path(args.data)
     cells = Path(args.cells) / args.size
     cells.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     teacher = train_teacher(args.pretrained, size, root, cells)
     done = [run_cell(cells, "unpruned", 1.0, 0, teacher, root, size)]
     for target in (float(t) for t in args.targets.split(",")):

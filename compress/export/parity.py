@@ -8,6 +8,8 @@ from torch import nn
 from compress.models.card import card_of
 from compress.errors import CheckFailed, CompressError
 from compress.export.outputs import named_tensors
+from compress.training.retrieval import nearest
+from compress.training.tasks import miou
 
 
 def reference_inputs(model: nn.Module, images: torch.Tensor | None, count: int = 8, seed: int = 0) -> torch.Tensor:
@@ -35,15 +37,14 @@ def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: f
     if task == "segment":  # the gate reads the mIoU of the file's pixels against the float model's
         ref, got = reference.argmax(1).ravel(), exported.argmax(1).ravel()
         classes = reference.shape[1]
-        confusion = np.bincount(ref * classes + got, minlength=classes * classes).reshape(classes, classes)
-        hits, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
-        report.update(top1_agreement=float((hits[union > 0] / union[union > 0]).mean()),
-                      agreement_of="mIoU", pixel_agreement=float((ref == got).mean()))
+        scores = miou(torch.from_numpy(np.bincount(ref * classes + got, minlength=classes * classes)
+                                       .reshape(classes, classes)))
+        report.update(top1_agreement=scores["miou"], agreement_of="mIoU", pixel_agreement=scores["pixel_acc"])
         labels = None
     elif task == "embed":  # the gate reads the mean cosine: nearest neighbours of close embeddings swap on a rounding
         ref, got = (nn.functional.normalize(torch.from_numpy(a).float(), dim=1) for a in (reference, exported))
         report.update(top1_agreement=float((ref * got).sum(1).mean()), agreement_of="mean cosine",
-                      nearest_agreement=float(_nearest(ref).eq(_nearest(got)).float().mean()))
+                      nearest_agreement=float(nearest(ref, ref, 0).eq(nearest(got, got, 0)).float().mean()))
         labels = None
     else:
         report["top1_agreement"] = float((reference.argmax(1) == exported.argmax(1)).mean())
@@ -97,11 +98,6 @@ def output_names(model: nn.Module, x: torch.Tensor, quantize: str | None) -> lis
                             f"segmenter's mIoU, an embedding's cosine); this {task} model returns {len(names)} outputs "
                             f"({', '.join(names[:6])}). Export it in float.")
     return names
-
-
-def _nearest(embeddings: torch.Tensor) -> torch.Tensor:
-    sims = embeddings @ embeddings.T
-    return sims.fill_diagonal_(-float("inf")).argmax(1)
 
 
 def compare_outputs(name: str, references: list[np.ndarray], exported: list[np.ndarray], names: list[str],

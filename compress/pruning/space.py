@@ -171,12 +171,14 @@ class ChannelSpace:
             # the group's channels are those of its narrowest layer: a layer concatenated with a
             # transform of itself (GhostNet) feeds each of its channels to two of the next layer's
             full, _, name = min(outs)
-            op = next((node for m, _, _, node in items if m not in names and channel_cut(node)), None)
-            if op is not None and id(op) in cut_ops:
-                continue  # held already, as the other side of the same op (a group's search stops at it)
-            cut = channel_cut(op) if op is not None else next(
-                filter(None, (misread(graph, m, k, i, full, names[m]) for m, k, i, _ in items if m in names)), None)
-            cut_ops.add(id(op))
+            op, cut = next(((node, why) for m, _, _, node in items if m not in names and (why := channel_cut(node))),
+                           (None, None))
+            if op is not None:
+                if id(op) in cut_ops:
+                    continue  # held already, as the other side of the same op (a group's search stops at it)
+                cut_ops.add(id(op))
+            cut = cut or next(filter(None, (misread(graph, m, k, i, full, names[m]) for m, k, i, _ in items
+                                            if m in names)), None)
             slices = math.lcm(*(channel_slices(m) for m, _, _ in members))
             if cut or full % slices:
                 held[name] = cut or f"its {full} channels do not split into the {slices} equal slices its grouped " \

@@ -16,33 +16,36 @@ def normalized(embeddings: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize(embeddings.float(), dim=1)
 
 
-def nearest(queries: torch.Tensor, gallery: torch.Tensor, offset: int) -> torch.Tensor:
-    """Index in `gallery` of each query's most similar other image (the query itself is
-    gallery row `offset + i` and is left out). Inputs are normalised embeddings."""
-    found = []
+def _similarities(queries: torch.Tensor, gallery: torch.Tensor, offset: int):
+    """(first query's index, its chunk's similarities to the gallery), the query itself (gallery
+    row `offset + i`) at -inf so it is never its own neighbour. Inputs are normalised embeddings."""
     for start in range(0, len(queries), CHUNK):
         sims = queries[start:start + CHUNK] @ gallery.T
         rows = torch.arange(len(sims), device=sims.device)
         sims[rows, offset + start + rows] = -float("inf")
-        found.append(sims.argmax(1))
+        yield start, sims
+
+
+def nearest(queries: torch.Tensor, gallery: torch.Tensor, offset: int) -> torch.Tensor:
+    """Index in `gallery` of each query's most similar other image."""
+    found = [sims.argmax(1) for _, sims in _similarities(queries, gallery, offset)]
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
 
 
-def average_precision(queries: torch.Tensor, labels: torch.Tensor, gallery: torch.Tensor,
-                      gallery_labels: torch.Tensor, offset: int) -> torch.Tensor:
-    """Each query's average precision over the gallery's other images of its identity (0 for
-    an identity seen once)."""
-    out = []
-    for start in range(0, len(queries), CHUNK):
-        sims = queries[start:start + CHUNK] @ gallery.T
-        rows = torch.arange(len(sims), device=sims.device)
-        sims[rows, offset + start + rows] = -float("inf")
+def ranked(queries: torch.Tensor, labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor,
+           offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's nearest other image and its average precision over the gallery's other
+    images of its identity (0 for an identity seen once), from one ranking."""
+    found, ap = [], []
+    for start, sims in _similarities(queries, gallery, offset):
         order = sims.argsort(1, descending=True)[:, :-1]  # the query itself ranks last
         hits = gallery_labels[order].eq(labels[start:start + CHUNK, None]).float()
         ranks = torch.arange(1, hits.shape[1] + 1, device=hits.device)
-        precision = hits.cumsum(1) / ranks
-        out.append((precision * hits).sum(1) / hits.sum(1).clamp(min=1))
-    return torch.cat(out) if out else torch.zeros(0)
+        found.append(order[:, 0])
+        ap.append((hits.cumsum(1) / ranks * hits).sum(1) / hits.sum(1).clamp(min=1))
+    if not found:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return torch.cat(found), torch.cat(ap)
 
 
 class RetrievalMeter:
@@ -78,10 +81,9 @@ class RetrievalMeter:
             offset = sum(len(p[0]) for p in parts[:dist.get_rank()])
         gallery, labels, teacher = (torch.cat([p[i] for p in parts]) for i in range(3))
         queries = mine[0]
-        found = nearest(queries, gallery, offset)
+        found, ap = ranked(queries, mine[1], gallery, labels, offset)
         hits = labels[found].eq(mine[1])
         self.correct = [hits]
-        ap = average_precision(queries, mine[1], gallery, labels, offset)
         n = max(len(gallery), 1)
         totals = torch.tensor([hits.sum(), ap.sum(), self.loss_sum, len(queries)], dtype=torch.float64)
         if len(teacher):

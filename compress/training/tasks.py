@@ -265,9 +265,9 @@ class _IoU(_Paired):
             self.fidelity.update(preds, teacher_logits.argmax(1))
 
     def result(self, distributed_sum: bool) -> dict:
-        out = {**self._totals(distributed_sum), **_miou(self.truth.compute())}
+        out = {**self._totals(distributed_sum), **miou(self.truth.compute())}
         if self.teacher:
-            fidelity = _miou(self.fidelity.compute())
+            fidelity = miou(self.fidelity.compute())
             out.update(fidelity_miou=fidelity["miou"], fidelity_pixel_acc=fidelity["pixel_acc"])
         return out
 
@@ -309,7 +309,9 @@ class _MAP(_Paired):
         return out
 
 
-def _miou(confusion: torch.Tensor) -> dict:
+def miou(confusion: torch.Tensor) -> dict:
+    """mIoU over the classes in the truth (rows) or the predictions (columns) of a confusion
+    matrix, and the pixel accuracy."""
     confusion = confusion.double()
     hits = confusion.diag()
     union = confusion.sum(0) + confusion.sum(1) - hits
