@@ -25,7 +25,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from bench_recovery import mean_std, recover_plain, scores, user_images
 from common import CIFAR, write_section

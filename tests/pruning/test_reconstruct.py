@@ -1,7 +1,6 @@
 """Pruning a trained net without wrecking it: the channel map, data-driven importance and the
 least-squares refit of the pruned layers."""
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
