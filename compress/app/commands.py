@@ -286,7 +286,9 @@ def _print_export(report: dict, args) -> None:
     print(f"wrote {report['path']} ({mode or 'float'}, {size})")
     where = f"{p['images']} {'real' if args.calib_data else 'random'} images"
     nearest = (f", same nearest neighbour {p['nearest_agreement']:.1%}" if "nearest_agreement" in p else
-               f", same class on {p['pixel_agreement']:.1%} of pixels" if "pixel_agreement" in p else "")
+               f", same class on {p['pixel_agreement']:.1%} of pixels" if "pixel_agreement" in p else
+               f", PSNR {p['psnr_db']:.1f} dB" if "psnr_db" in p else
+               f" ({p['reference_boxes']} float detections)" if "reference_boxes" in p else "")
     print(f"parity on {where}: {p.get('agreement_of', 'top-1')} agreement with PyTorch {p['top1_agreement']:.1%}{nearest}, "
           f"max |diff| {p['max_abs_diff']:.3g}" + (f"; top-1 accuracy {p['accuracy']['float']:.1%} float (PyTorch), "
                                         f"{p['accuracy']['exported']:.1%} this file" if "accuracy" in p else ""))

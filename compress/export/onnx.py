@@ -134,7 +134,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
               "quantize": quantize, "bias_correction": bool(quantize and bias_correction), "opset": opset,
               "input_size": size, "onnxruntime": runtime("onnxruntime").__version__, "outputs": names}
     report["parity"] = compare_outputs(str(path), torch_outputs(model, images), got, names,
-                                       None if quantize else tolerance, labels=labels, task=card_of(model).task)
+                                       None if quantize else tolerance, labels=labels, task=card_of(model).task,
+                                       model=model, images=images)
     if quantize and min_agreement is not None:
         check_agreement(str(path), report, min_agreement, quantize)
     return report

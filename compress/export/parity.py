@@ -8,6 +8,7 @@ from torch import nn
 from compress.models.card import card_of
 from compress.errors import CheckFailed, CompressError
 from compress.export.outputs import named_tensors
+from compress.training.restoration import psnr
 from compress.training.retrieval import nearest
 from compress.training.tasks import miou
 
@@ -28,7 +29,9 @@ def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: f
     """Max absolute logit difference and top-1 agreement (and, with `labels`, the top-1
     accuracy of both); for a segmenter, the agreement is the mIoU of the file's per-pixel
     predictions taking the float model's as the truth; for an embedding (`task` embed), the
-    mean cosine similarity, beside how often each image's nearest other image is the same. Raises
+    mean cosine similarity, beside how often each image's nearest other image is the same; for
+    an output image (`task` restore), the SSIM of the file's images against the float model's,
+    with their PSNR beside it. Raises
     CheckFailed when the difference exceeds `tolerance` + `rtol` x the largest |logit|: float32
     runtimes sum in different orders, so logits of size 20 legitimately differ by ~1e-4."""
     diff = float(np.abs(reference - exported).max())
@@ -45,6 +48,12 @@ def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: f
         ref, got = (nn.functional.normalize(torch.from_numpy(a).float(), dim=1) for a in (reference, exported))
         report.update(top1_agreement=float((ref * got).sum(1).mean()), agreement_of="mean cosine",
                       nearest_agreement=float(nearest(ref, ref, 0).eq(nearest(got, got, 0)).float().mean()))
+        labels = None
+    elif task == "restore":  # a fraction like the others, so one floor serves; PSNR says how close in dB
+        from torchmetrics.functional.image import structural_similarity_index_measure
+        ref, got = (torch.from_numpy(a).float().clamp(0, 1) for a in (reference, exported))
+        report.update(top1_agreement=float(structural_similarity_index_measure(got, ref, data_range=1.0)),
+                      agreement_of="SSIM", psnr_db=float(psnr(got, ref).mean()))
         labels = None
     else:
         report["top1_agreement"] = float((reference.argmax(1) == exported.argmax(1)).mean())
@@ -65,55 +74,92 @@ def compare(name: str, reference: np.ndarray, exported: np.ndarray, tolerance: f
 
 
 def check_agreement(name: str, report: dict, floor: float, mode: str) -> None:
-    """CheckFailed (carrying `report`) when a quantized file's top-1 agreement (an
-    embedding's mean cosine similarity) with the float model is under `floor`."""
+    """CheckFailed (carrying `report`) when a quantized file's agreement with the float model
+    (top-1, or the task's own: mIoU, mean cosine, SSIM, mAP) is under `floor`."""
     p = report["parity"]
     if p["top1_agreement"] < floor:
         accuracy = p.get("accuracy")
         drop = (f"; top-1 accuracy {accuracy['float']:.1%} float, {accuracy['exported']:.1%} {mode}"
                 if accuracy else "")
-        what = ("top-1 agrees with the float model on" if "agreement_of" not in p
-                else f"{p['agreement_of']} with the float model is")
-        raise CheckFailed(f"{name}: {mode} {what} {p['top1_agreement']:.1%} of {p['images']} images, under the "
+        what = (f"top-1 agrees with the float model on {p['top1_agreement']:.1%} of" if "agreement_of" not in p
+                else f"{p['agreement_of']} against the float model is {p['top1_agreement']:.1%} on")
+        raise CheckFailed(f"{name}: {mode} {what} {p['images']} images, under the "
                           f"required {floor:.1%}{drop}. The file was written. "
                           "Calibrate on more (and more representative) images (`calib_images`), keep the most "
                           "sensitive ops in float (`keep_float`), or lower `min_agreement`.", report)
 
 
 def output_names(model: nn.Module, x: torch.Tensor, quantize: str | None) -> list[str]:
-    """The names of `model`'s output tensors ("logits" for a classifier); a quantized file
-    is checked against the float model on one output: a classifier's top-1, a segmenter's
-    per-pixel predictions, an embedding's direction."""
+    """The names of `model`'s output tensors ("logits" for a classifier). A quantized file is
+    checked against the float model by the task's own fidelity: a classifier's top-1, a
+    segmenter's per-pixel predictions (its first output, "out"), an embedding's direction, an
+    output image's SSIM, a detector's decoded detections."""
     with torch.no_grad():
         names = [name for name, _ in named_tensors(model.eval()(x))]
     if not names:
         raise CompressError(f"{type(model).__name__} returns no tensor (a tensor, or a dict, list or tuple of them) "
                             "for an image batch; there is nothing to export.")
     task = getattr(getattr(model, "card", None), "task", "classify")
-    if quantize and task == "restore":  # its agreement would be an argmax over colour channels
-        raise CompressError(f"`{quantize}` export checks a classifier's top-1 (a segmenter's per-pixel) agreement or "
-                            "an embedding's cosine similarity with the float model; a restore model exports in float.")
-    if quantize and (len(names) != 1 or task not in ("classify", "segment", "embed")):
-        raise CompressError(f"`{quantize}` export checks one output against the float model (a classifier's top-1, a "
-                            f"segmenter's mIoU, an embedding's cosine); this {task} model returns {len(names)} outputs "
+    if quantize and task == "detect" and not callable(getattr(model, "detections", None)):
+        raise CompressError(f"`{quantize}` export of a detector checks its detections against the float model's: "
+                            f"{type(model).__name__} has no `detections(outputs, images)` method. Export it in float.")
+    if quantize and len(names) != 1 and task in ("classify", "embed", "restore"):
+        raise CompressError(f"`{quantize}` export checks one output against the float model (a classifier's top-1, an "
+                            f"embedding's cosine, an image's SSIM); this {task} model returns {len(names)} outputs "
                             f"({', '.join(names[:6])}). Export it in float.")
     return names
 
 
 def compare_outputs(name: str, references: list[np.ndarray], exported: list[np.ndarray], names: list[str],
-                    tolerance: float | None, labels: torch.Tensor | None = None, task: str = "classify") -> dict:
+                    tolerance: float | None, labels: torch.Tensor | None = None, task: str = "classify",
+                    model: nn.Module | None = None, images: torch.Tensor | None = None) -> dict:
     """`compare` for each output of a model (a segmenter's "out" and "aux", a detector's head
     outputs); one output gives `compare`'s report as it is. Several give the report of the one
-    furthest from PyTorch, relative to its scale, with every output's report under "outputs"."""
+    furthest from PyTorch, relative to its scale, with every output's report under "outputs",
+    and the task's agreement: a segmenter's mIoU on its first output, a detector's mAP of the
+    file's detections (decoded by `model.detections` on `images`) against the float model's."""
     if len(exported) != len(references):
         raise CheckFailed(f"{name}: the file has {len(exported)} outputs, PyTorch's model {len(references)} "
                           f"({', '.join(names)}).")
-    if len(names) == 1:
+    if len(names) == 1 and task != "detect":
         return compare(name, references[0], exported[0], tolerance, labels=labels, task=task)
     reports = {key: compare(f"{name} output '{key}'", ref, got, tolerance)
                for key, ref, got in zip(names, references, exported)}
     worst = max(reports, key=lambda k: reports[k]["max_abs_diff"] / max(reports[k]["max_abs_logit"], 1e-30))
-    return {**reports[worst], "output": worst, "outputs": reports}
+    report = {**reports[worst], "output": worst, "outputs": reports}
+    if task == "segment":
+        gated = compare(name, references[0], exported[0], None, task=task)
+        report.update(top1_agreement=gated["top1_agreement"], agreement_of="mIoU", gated_output=names[0],
+                      pixel_agreement=gated["pixel_agreement"])
+    elif task == "detect" and callable(getattr(model, "detections", None)):
+        report.update(detection_agreement(model, names, references, exported, images))
+    return report
+
+
+DETECTION_SCORE = 0.5
+
+
+@torch.no_grad()
+def detection_agreement(model: nn.Module, names: list[str], references: list[np.ndarray],
+                        exported: list[np.ndarray], images: torch.Tensor) -> dict:
+    """COCO mAP of the file's detections taking the float model's as the truth: those scoring
+    at least DETECTION_SCORE, or half the best score when none does (a detector still early in
+    training); the float model finding nothing there leaves nothing to agree on (0)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    def found(arrays):
+        return model.eval().detections({key: torch.from_numpy(a).float() for key, a in zip(names, arrays)}, images)
+    reference, got = found(references), found(exported)
+    best = max((float(d["scores"].max()) for d in reference if len(d["scores"])), default=0.0)
+    floor = min(DETECTION_SCORE, best / 2)
+    truth = [{"boxes": d["boxes"][d["scores"] >= floor], "labels": d["labels"][d["scores"] >= floor]}
+             for d in reference]
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    metric.warn_on_many_detections = False
+    metric.update(got, truth)
+    value = float(metric.compute()["map"]) if best > 0 else 0.0
+    return {"top1_agreement": max(value, 0.0), "agreement_of": "mAP",
+            "reference_boxes": int(sum(len(t["boxes"]) for t in truth)), "reference_score": floor}
 
 
 @torch.no_grad()

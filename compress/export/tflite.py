@@ -104,7 +104,8 @@ def export_tflite(model: nn.Module, path: str | Path, input_size: int | None = N
     report.update(io_of(path), normalize={"mean": list(model.card.mean), "std": list(model.card.std)})
     report["outputs"] = names
     report["parity"] = compare_outputs(str(path), reference, got, names, None if quantize else tolerance,
-                                       labels=labels, task=card_of(model).task)
+                                       labels=labels, task=card_of(model).task,
+                                       model=model, images=images)
     if quantize and min_agreement is not None:
         check_agreement(str(path), report, min_agreement, quantize)
     return report

@@ -352,8 +352,15 @@ def test_a_dict_output_model_exports_every_output_with_its_own_parity(tmp_path, 
         got = run_tflite(tmp_path / "m.tflite", x)
     for name, array in zip(report["outputs"], got):
         np.testing.assert_allclose(array, want[name].numpy(), atol=1e-4)
+    # int8 keeps both outputs and gates a segmenter on its first ("out"); the mIoU's arithmetic:
+    # tests/export/test_task_export.py
+    quantized = export(model, tmp_path / f"q.{fmt}", quantize="int8", calib_images=torch.randn(16, 3, 32, 32))
+    p = quantized["parity"]
+    assert quantized["outputs"] == ["out", "aux"] and set(p["outputs"]) == {"out", "aux"}
+    assert p["gated_output"] == "out" and p["agreement_of"] == "mIoU" and 0 <= p["top1_agreement"] <= 1
+    one_image = compress.describe(TwoHeads().eval(), 32, num_classes=5, task="restore")  # one image to compare
     with pytest.raises(CompressError, match="2 outputs \\(out, aux\\). Export it in float"):
-        export(model, tmp_path / f"q.{fmt}", quantize="int8", calib_images=torch.randn(4, 3, 32, 32))
+        export(one_image, tmp_path / f"r.{fmt}", quantize="int8", calib_images=torch.randn(4, 3, 32, 32))
 
 
 def test_a_runtime_that_is_not_installed_is_named_with_the_fix():

@@ -12,8 +12,9 @@ from conftest import run_cli
 def test_a_refused_detector_export_says_why_in_a_few_lines(tmp_path):
     """torch.export prints a detector's whole traced graph (thousands of lines) before it fails
     on the post-processing; the user sees the one error, in a handful of lines, and exit 2."""
-    out = run_cli("export", "torchvision:fcos_resnet50_fpn", "--input-size", "64", "--format", "onnx",
-                  "-o", tmp_path / "fcos.onnx", fresh=True)
+    out = run_cli("export", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", "--input-size", "64",
+                  "--format", "onnx",
+                  "-o", tmp_path / "frcnn.onnx", fresh=True)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith("chansearch export: error: ONNX export failed: TorchExportError")
     assert len(out.stderr.splitlines()) <= 20 and not out.stdout
@@ -52,3 +53,19 @@ def test_a_segmenters_agreement_is_the_miou_of_its_pixels_against_the_float_ones
     p = compare("seg", reference, exported, None, task="segment")
     # class 0: 1/1, class 1: 0/1, class 2: 2/3 -> mIoU 5/9; 3 of 4 pixels agree
     assert p["agreement_of"] == "mIoU" and p["top1_agreement"] == pytest.approx(5 / 9) and p["pixel_agreement"] == 0.75
+
+
+def test_a_segmenter_with_an_aux_head_is_gated_on_its_out_output():
+    """deeplabv3/FCN with aux_loss return {"out", "aux"}: both are compared with PyTorch, the
+    int8 gate reads the mIoU of "out" alone."""
+    from compress.export.parity import compare_outputs
+    out = np.zeros((1, 2, 2, 2), np.float32)
+    out[0, 1, 0, :] = 1  # top row class 1, bottom row class 0
+    aux = np.random.default_rng(0).normal(size=(1, 2, 2, 2)).astype(np.float32)
+    exported_out = out.copy()
+    exported_out[0, 1, 0, 1] = -1  # one class-1 pixel read as class 0
+    p = compare_outputs("seg", [out, aux], [exported_out, aux + 0.5], ["out", "aux"], None, task="segment")
+    # class 0: 2 hits of 3 -> 2/3, class 1: 1/2 -> mIoU 7/12; 3 of 4 pixels agree
+    assert p["gated_output"] == "out" and p["agreement_of"] == "mIoU"
+    assert p["top1_agreement"] == pytest.approx(7 / 12) and p["pixel_agreement"] == 0.75
+    assert set(p["outputs"]) == {"out", "aux"} and p["outputs"]["aux"]["max_abs_diff"] == pytest.approx(0.5)
