@@ -36,7 +36,7 @@ NOTES = {  # what the fidelity column means, per metric
     "map": "Fidelity: the mAP of the pruned net's detections taking the unpruned net's detections scoring at least "
            "0.5 as the truth (no labels needed), after fine-tuning. The exported files hold the network up to its raw "
            "head outputs (class logits and box regressions per default box); decoding the boxes and NMS run outside "
-           "them, as `RawSSD.detections` does.",
+           "them, as `RawDetector.detections` does.",
     "top1": "Fidelity: the share of test images on which the pruned net's top-1 is the unpruned net's, after "
             "fine-tuning.",
     "psnr": "Fidelity: the PSNR of the pruned net's output images against the unpruned net's (no targets needed), "

@@ -1,59 +1,87 @@
-"""A torchvision SSD / SSDlite up to its raw head outputs: the network compress prunes, trains,
-evaluates and exports for detection.
+"""A torchvision one-stage detector (SSD, SSDlite, RetinaNet, FCOS) up to its raw head
+outputs: the network compress prunes, trains, evaluates and exports for detection.
 
 torchvision's detectors resize and normalise inside `forward` and end in data-dependent
 post-processing (box decoding, per-class top-k, NMS) that an exported file cannot hold as
-plain tensor ops. `RawSSD` takes images already resized to its input size and normalised
-with its card's mean/std, and returns the head's outputs: `cls_logits` (N, anchors, classes)
-and `bbox_regression` (N, anchors, 4). The exported ONNX and TFLite files compute exactly
-those; decoding against the anchors and NMS (`detections`) run outside the file, the way
-torchvision's own post-processing does them.
+plain tensor ops. `RawDetector` takes images already resized to its input size and normalised
+with its card's mean/std, and returns the head's outputs, every pyramid level's locations
+concatenated: `cls_logits` (N, locations, classes) and `bbox_regression` (N, locations, 4),
+and FCOS's `bbox_ctrness` (N, locations, 1). The exported ONNX and TFLite files compute exactly
+those; decoding against the anchors and NMS (`detections`) run outside the file, with
+torchvision's own post-processing, and the losses are torchvision's own.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
+FAMILIES = (SSD, RetinaNet, FCOS)
 
-class RawSSD(nn.Module):
-    def __init__(self, ssd: SSD):
+
+class RawDetector(nn.Module):
+    """`detector` (an SSD, RetinaNet or FCOS) without its transform and post-processing.
+    `sigmoid_classes`: its classes are scored one sigmoid each (RetinaNet, FCOS: focal loss,
+    no background class) rather than by a softmax with a background class (SSD)."""
+
+    def __init__(self, detector: nn.Module):
         super().__init__()
-        self.backbone, self.head = ssd.backbone, ssd.head
-        # what SSD.compute_loss and SSD.postprocess_detections read off their model
-        self.anchor_generator, self.box_coder, self.proposal_matcher = (ssd.anchor_generator, ssd.box_coder,
-                                                                        ssd.proposal_matcher)
-        self.neg_to_pos_ratio, self.score_thresh, self.nms_thresh = (ssd.neg_to_pos_ratio, ssd.score_thresh,
-                                                                     ssd.nms_thresh)
-        self.detections_per_img, self.topk_candidates = ssd.detections_per_img, ssd.topk_candidates
-        self.image_mean, self.image_std = tuple(ssd.transform.image_mean), tuple(ssd.transform.image_std)
-        self._anchors: dict[tuple, torch.Tensor] = {}
+        self.family = next(f for f in FAMILIES if isinstance(detector, f))
+        self.backbone, self.head, self.anchor_generator = detector.backbone, detector.head, detector.anchor_generator
+        # what the family's compute_loss and postprocess_detections read off their model: matcher,
+        # box coder, thresholds, top-k
+        for key, value in vars(detector).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        self.image_mean, self.image_std = tuple(detector.transform.image_mean), tuple(detector.transform.image_std)
+        self.sigmoid_classes = self.family is not SSD
+        self._anchors: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(list(self.backbone(images).values()))
 
-    def anchors(self, images: torch.Tensor) -> torch.Tensor:
-        """The default boxes for images of this size (pixel coordinates), made once per size."""
+    def anchors(self, images: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The anchors (or FCOS's points, as boxes) for images of this size, in pixel
+        coordinates, and how many of them each pyramid level holds; made once per size."""
         key = (tuple(images.shape[-2:]), images.device)
         if key not in self._anchors:
-            with torch.no_grad():
-                one = images[:1]
-                features = list(self.backbone(one).values())
-                self._anchors[key] = self.anchor_generator(ImageList(one, [tuple(one.shape[-2:])]), features)[0]
+            was_training = self.backbone.training
+            try:  # in eval mode: one image must not move the BatchNorm statistics (nor fail on a 1x1 level)
+                with torch.no_grad():
+                    one = images[:1]
+                    features = list(self.backbone.eval()(one).values())
+                    anchors = self.anchor_generator(ImageList(one, [tuple(one.shape[-2:])]), features)[0]
+            finally:
+                self.backbone.train(was_training)
+            locations = [f.shape[-2] * f.shape[-1] for f in features]
+            per_location = anchors.shape[0] // sum(locations)
+            self._anchors[key] = anchors, [n * per_location for n in locations]
         return self._anchors[key]
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: list[dict], images: torch.Tensor) -> torch.Tensor:
-        """torchvision's SSD loss (matched default boxes, smooth L1 on boxes, cross-entropy with
-        hard negative mining) on raw outputs."""
-        anchors = self.anchors(images)
-        matched = [self.proposal_matcher(box_ops.box_iou(t["boxes"], anchors)) if t["boxes"].numel() else
-                   torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device) for t in targets]
-        losses = SSD.compute_loss(self, targets, outputs, [anchors] * len(targets), matched)
-        return losses["bbox_regression"] + losses["classification"]
+        """torchvision's loss of the family on raw outputs: SSD's matched default boxes with hard
+        negative mining, RetinaNet's focal loss, FCOS's focal, GIoU and centerness losses."""
+        anchors, levels = self.anchors(images)
+        every = [anchors] * len(targets)
+        if self.family is SSD:
+            matched = [self.proposal_matcher(box_ops.box_iou(t["boxes"], anchors)) if t["boxes"].numel() else
+                       torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device) for t in targets]
+            losses = SSD.compute_loss(self, targets, outputs, every, matched)
+        elif self.family is FCOS:
+            losses = FCOS.compute_loss(self, targets, outputs, every, levels)
+        else:
+            losses = RetinaNet.compute_loss(self, targets, outputs, every)
+        return sum(losses.values())
 
     def detections(self, outputs: dict[str, torch.Tensor], images: torch.Tensor) -> list[dict]:
         """Boxes, scores and labels per image: the anchors decoded, NMS per class."""
-        size = tuple(images.shape[-2:])
-        return SSD.postprocess_detections(self, outputs, [self.anchors(images)] * len(images), [size] * len(images))
+        anchors, levels = self.anchors(images)
+        sizes = [tuple(images.shape[-2:])] * len(images)
+        if self.family is SSD:
+            return SSD.postprocess_detections(self, outputs, [anchors] * len(images), sizes)
+        per_level = {k: list(v.split(levels, dim=1)) for k, v in outputs.items()}
+        return self.family.postprocess_detections(self, per_level, [list(anchors.split(levels))] * len(images), sizes)

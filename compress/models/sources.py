@@ -21,11 +21,10 @@ from typing import Callable
 
 from torch import nn
 from torchvision import models as tvm
-from torchvision.models.detection.ssd import SSD
 
 from compress.models.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
-from compress.models.detection import RawSSD
+from compress.models.detection import FAMILIES, RawDetector
 from compress.models.entry import ZooEntry
 
 PREFIXES = ("torchvision:", "timm:")
@@ -89,15 +88,15 @@ def _torchvision(arch: str) -> tuple:
         if "weights_backbone" in params:  # its default downloads ImageNet weights
             kwargs["weights_backbone"] = None
         model = builder(**kwargs)
-        # an SSD up to its raw head outputs: resizing, normalising and NMS stay outside (RawSSD)
-        return RawSSD(model) if isinstance(model, SSD) else model
+        # a one-stage detector up to its raw head outputs: resizing, normalising and NMS stay outside
+        return RawDetector(model) if isinstance(model, FAMILIES) else model
 
     module = next((t for t in ("segmentation", "detection", "video", "optical_flow", "quantization")
                    if arch in tvm.list_models(module=getattr(tvm, t))), "classification")
     task = {"segmentation": "segment", "detection": "detect"}.get(module, "classify")
     if task == "detect":  # the detector normalises inside; its raw network takes what its transform gives
         probe = build(None)
-        if isinstance(probe, RawSSD):
+        if isinstance(probe, RawDetector):
             mean, std = probe.image_mean, probe.image_std
     return (_fixed_width(build, f"torchvision:{arch}"), input_size, num_classes,
             None if weights is None else str(weights), False, f"torchvision {arch} ({module})", mean, std, task)
@@ -174,7 +173,7 @@ def _code(name: str) -> tuple:
         if not isinstance(model, nn.Module):
             raise CompressError(f"model source '{name}': {factory_name}() returned a {type(model).__name__}, not an "
                                 "nn.Module.")
-        return model
+        return RawDetector(model) if isinstance(model, FAMILIES) else model
 
     return (_fixed_width(build, name), 224, None, None, False, f"{factory_name} from {module_name}", IMAGENET_MEAN,
             IMAGENET_STD, None)

@@ -7,11 +7,12 @@ from a teacher's outputs, and the metric (with the key keep-best and the reports
   cross-entropy ignoring label 255 (VOC's borders), per-pixel KL, mIoU from a confusion matrix
   (torchmetrics), and against a teacher its fidelity: the mIoU of the model's pixels taking the
   teacher's predictions as the truth, which needs no labels;
-- `detect`: a detector's raw head outputs (compress.models.detection.RawSSD: class logits and
-  box regressions per default box); its own loss (matching, hard negatives), distillation of
-  the class logits (KL per box) and of the boxes the teacher believes in, COCO mAP (torchmetrics
-  on pycocotools) of the decoded, NMS-ed detections, and fidelity: mAP against the teacher's
-  detections scoring at least 0.5;
+- `detect`: a detector's raw head outputs (compress.models.detection.RawDetector: class logits
+  and box regressions per anchor or point); its own loss (torchvision's: SSD's matching and hard
+  negatives, RetinaNet's and FCOS's focal losses), distillation of the class scores (KL per box:
+  over a softmax with a background class, or per class over sigmoids) and of the boxes the
+  teacher believes in, COCO mAP (torchmetrics on pycocotools) of the decoded, NMS-ed
+  detections, and fidelity: mAP against the teacher's detections scoring at least 0.5;
 - `embed`: an embedding (N, D) compared by cosine similarity (face recognition, re-identification),
   its labels the identities; batch-hard triplet loss, distillation of the teacher's embedding
   direction (1 - cosine), retrieval recall@1 and mAP over the evaluation images, and fidelity:
@@ -43,6 +44,16 @@ def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     kl = nn.functional.kl_div(nn.functional.log_softmax(student / t, 1), nn.functional.log_softmax(teacher / t, 1),
                               reduction="none", log_target=True).sum(1)
     return kl.mean() * t * t
+
+
+def sigmoid_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The KL between the teacher's and the student's softened Bernoulli per class (the last
+    dim), summed over the classes, averaged over the other positions, scaled by T^2."""
+    s, t = student / temperature, teacher / temperature
+    p = t.sigmoid()
+    kl = (p * (nn.functional.logsigmoid(t) - nn.functional.logsigmoid(s))
+          + (1 - p) * (nn.functional.logsigmoid(-t) - nn.functional.logsigmoid(-s)))
+    return kl.sum(-1).mean() * temperature * temperature
 
 
 class Classify:
@@ -97,12 +108,16 @@ class Detect(Classify):
         return self.model.loss(outputs, targets, images)
 
     def distill(self, outputs, teacher_outputs, temperature: float) -> torch.Tensor:
-        kl = softened_kl(outputs["cls_logits"].transpose(1, 2), teacher_outputs["cls_logits"].transpose(1, 2),
-                         temperature)
-        # boxes where the teacher sees an object, weighted by how sure it is
-        objectness = 1 - teacher_outputs["cls_logits"].softmax(-1)[..., 0]
-        boxes = nn.functional.smooth_l1_loss(outputs["bbox_regression"], teacher_outputs["bbox_regression"],
-                                             reduction="none").sum(-1)
+        student, teacher = outputs["cls_logits"], teacher_outputs["cls_logits"]
+        if getattr(self.model, "sigmoid_classes", False):  # focal-loss heads: one binary KL per class
+            kl = sigmoid_kl(student, teacher, temperature)
+            objectness = teacher.sigmoid().amax(-1)
+        else:
+            kl = softened_kl(student.transpose(1, 2), teacher.transpose(1, 2), temperature)
+            objectness = 1 - teacher.softmax(-1)[..., 0]
+        # the boxes (and FCOS's centerness) where the teacher sees an object, weighted by how sure it is
+        boxes = sum(nn.functional.smooth_l1_loss(outputs[key], teacher_outputs[key], reduction="none").sum(-1)
+                    for key in outputs if key != "cls_logits")
         return kl + (boxes * objectness).sum() / objectness.sum().clamp(min=1.0)
 
     def meter(self, logits, device) -> "_MAP":
@@ -180,7 +195,7 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
     if callable(getattr(model, "loss", None)) and callable(getattr(model, "detections", None)):
         return Detect(model)
     raise CompressError(f"{type(model).__name__} is a detector compress prunes but cannot train or evaluate: that "
-                        "takes a detector up to its raw head outputs (torchvision's SSD and SSDlite are built that way, "
+                        "takes a detector up to its raw head outputs (torchvision's SSD, SSDlite, RetinaNet and FCOS are built that way, "
                         "or give your model loss(outputs, targets, images) and detections(outputs, images) methods). "
                         "Its post-processing (NMS) does not export either; export the network before it.")
 
