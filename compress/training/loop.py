@@ -254,9 +254,6 @@ def _task(model: nn.Module, cfg: TrainSettings, device: torch.device, loss: Call
     if cfg.amp != "none" and device.type != "cuda":
         raise CompressError(f"`amp` {cfg.amp} needs a CUDA device; this run is on {device}. Use amp none.")
     task = task_of(model, cfg.label_smoothing)
-    if cfg.qat_epochs and task.name != "classify":
-        raise CompressError(f"quantization-aware recovery (`qat_epochs`) trains a classifier towards its int8 file; "
-                            f"this is a {task.name} model, whose int8 export is not built: set `qat_epochs: 0`.")
     return UserLoss(task, loss) if loss is not None else task
 
 

@@ -1,6 +1,7 @@
 """Super-resolution (the restore task): low/high-resolution pairs made from any image set
 (`sr:SPEC:xN`), PSNR/SSIM and fidelity, and an ESPCN-style net through prune -> recover ->
 evaluate -> ONNX and TFLite with parity, its pixel-shuffle input held."""
+import json
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from torchvision.transforms import v2
 
 import compress
 from compress import CompressError
+from compress.errors import CheckFailed
 from compress.data.specs import DataSpec, eval_set, loader, random_subset, split
 from compress.training.evaluate import evaluate
 from compress.training.restoration import psnr
@@ -82,8 +84,13 @@ def test_an_espcn_prunes_recovers_scores_psnr_and_exports_with_parity(tmp_path, 
     for fmt in ("onnx", "tflite"):
         report = stages.export(recovered, fmt, tmp_path / f"sr.{fmt}", data=spec)
         assert report["parity"]["max_abs_diff"] <= 1e-4 + 1e-4 * report["parity"]["max_abs_logit"]
-    with pytest.raises(CompressError, match="a restore model exports in float"):
-        stages.export(recovered, "onnx", tmp_path / "sr_int8.onnx", ExportSettings(int8=True), data=spec)
+        int8 = stages.export(recovered, fmt, tmp_path / f"sr_int8.{fmt}", ExportSettings(int8=True, calib_images=64),
+                             data=spec)  # the gate: SSIM against the float model's images >= 0.98
+        p = int8["parity"]
+        assert p["agreement_of"] == "SSIM" and 0.98 <= p["top1_agreement"] < 1 and 25 < p["psnr_db"] < 60, p
+    with pytest.raises(CheckFailed, match="SSIM against the float model is"):  # a floor no rounding can meet
+        stages.export(recovered, "onnx", tmp_path / "sr_strict.onnx",
+                      ExportSettings(int8=True, calib_images=64, min_agreement=1.0), data=spec)
 
 
 def test_the_cli_evaluates_a_declared_restore_model(tmp_path, cifar_dir):
@@ -113,3 +120,27 @@ def test_the_shipped_sr_recipe_runs_end_to_end(tmp_path, cifar_dir):
     assert re.search(r"\| \d+\.\d\d dB \| \d+\.\d\d dB \| \d+\.\d\d dB \| \d+% MACs, .*, [+-]\d+\.\d\d dB \| pass \|$", row)
     files = [line for line in report.splitlines() if ".onnx |" in line or ".tflite |" in line]
     assert len(files) == 4 and all(line.endswith("| pass |") for line in files)
+
+
+def test_a_restore_model_recovers_quantization_aware_and_its_int8_file_passes_the_gate(tmp_path, cifar_dir):
+    """Quantization-aware epochs serve every task: the ESPCN's last epoch runs through int8
+    arithmetic (keep-best scoring PSNR), its weights come back on the per-channel int8 grid, and
+    the int8 file's images keep an SSIM of at least 0.98 against the float model's."""
+    from compress import stages
+    from compress.int8 import bn_fold, conv_bn_pairs, weight_on_grid
+    from compress.settings import DataSettings, ExportSettings, FinetuneSettings
+    from compress.training.loop import fit
+    torch.manual_seed(0)
+    model = compress.describe(ESPCN(), 16, task="restore", mean=(0, 0, 0), std=(1, 1, 1))
+    spec = f"sr:cifar10:{cifar_dir}:x2"
+    settings = FinetuneSettings(epochs=2, qat_epochs=1, steps_per_epoch=10, lr=0.001, optimizer="adamw",
+                                weight_decay=0.0, warmup_epochs=0, holdout=64, val_images=64, eval_every=0,
+                                channels_last=False)
+    tuned = fit(model, DataSettings(spec=spec, batch_size=32, workers=0), settings, tmp_path / "qat", quiet=True)
+    assert json.loads((tmp_path / "qat" / "keep_best.json").read_text())["int8"]
+    pairs = conv_bn_pairs(tuned, torch.zeros(1, 3, 16, 16))
+    assert len(pairs) == 4 and all(torch.allclose(weight_on_grid(m.weight, bn_fold(m.weight, bn)), m.weight,
+                                                  rtol=1e-5, atol=1e-7) for m, bn in pairs)
+    report = stages.export(tuned, "tflite", tmp_path / "sr_int8.tflite", ExportSettings(int8=True, calib_images=64),
+                           data=spec)
+    assert report["parity"]["agreement_of"] == "SSIM" and report["parity"]["top1_agreement"] >= 0.98
