@@ -87,8 +87,9 @@ def write_report(ctx: RunContext) -> list[str]:
     file_table += ["", *[f"The unpruned model's quantized file is a baseline, not a target of the recipe: {p}"
                          for p in baseline]] if baseline else []
     lines = [*_header(ctx), "", *table, "", "Exported files: float, and quantized beside it when the recipe asks; "
-             "parity is the largest logit difference for float files and the top-1 agreement for quantized ones, on "
-             "the evaluation images; latency is the median on the recipe's runtime and threads.", "", *file_table, "",
+             "parity is the largest logit difference for float files and, for quantized ones, the agreement with the "
+             "float model the task's gate reads (top-1; mIoU, mAP, mean cosine or SSIM), on the evaluation images; "
+             "latency is the median on the recipe's runtime and threads.", "", *file_table, "",
              *_search_lines(ctx)]
     _plot(run_dir / "report.png", points, metric, score)
     lines += [f"![test {metric} vs MACs before and after fine-tuning](report.png)", "",

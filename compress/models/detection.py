@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.detection.fcos import FCOS
+from torchvision import models as tvm
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
@@ -85,3 +88,15 @@ class RawDetector(nn.Module):
             return SSD.postprocess_detections(self, outputs, [anchors] * len(images), sizes)
         per_level = {k: list(v.split(levels, dim=1)) for k, v in outputs.items()}
         return self.family.postprocess_detections(self, per_level, [list(anchors.split(levels))] * len(images), sizes)
+
+
+def fcos_mobilenet_v2(num_classes: int = 91, width_mult: float = 1.0) -> RawDetector:
+    """FCOS (Tian et al. 2019) on torchvision's MobileNetV2 features, an edge detector whose
+    backbone an ImageNet MobileNetV2 checkpoint fills: a 64-channel feature pyramid over the
+    stride 8, 16 and 32 outputs plus a max-pooled stride-64 level, and two GroupNorm convs per
+    head tower (torchvision's FCOS on ResNet-50 has 256 channels and four)."""
+    features = tvm.mobilenet_v2(width_mult=width_mult).features
+    taps = {"6": "0", "13": "1", "18": "2"}  # the last block of strides 8, 16, 32
+    backbone = BackboneWithFPN(features, taps, [features[int(i)].out_channels for i in taps], 64)
+    points = AnchorGenerator(((8,), (16,), (32,), (64,)), ((1.0,),) * 4)  # one point per location, sized as its stride
+    return RawDetector(FCOS(backbone, num_classes, anchor_generator=points, head=FCOSHead(64, 1, num_classes, 2)))

@@ -13,14 +13,6 @@ from compress.files import CHECKPOINT_FORMAT, safe_torch_load
 from compress.logs import notes
 
 
-def classifier_name(model: nn.Module) -> str:
-    """The last Linear layer: the head whose output width is the class count."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise CompressError("the model has no nn.Linear classifier head.")
-    return names[-1]
-
-
 def torchvision_state_dict(weights_name: str) -> dict:
     weights = tvm.get_weight(weights_name)
     cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
@@ -77,6 +69,21 @@ def _backbone_transfer(own: dict, state: dict, source: str) -> bool:
     return True
 
 
+def _detector_backbone(own: dict, state: dict) -> dict | None:
+    """A classifier's weights as a torchvision detector's `backbone.body` (a MobileNet's
+    `features`, a ResNet's stem and stages), as torchvision's `weights_backbone` loads them:
+    the mapped tensors when they fill the whole body, else None."""
+    body = [k for k in own if k.startswith("backbone.body.")]
+    if not body:
+        return None
+    for mapped in ({"backbone.body." + k.partition(".")[2]: v for k, v in state.items() if k.startswith("features.")},
+                   {"backbone.body." + k: v for k, v in state.items()}):
+        fits = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+        if len(fits) == len(body):
+            return fits
+    return None
+
+
 def _tops(keys) -> set[str]:
     return {k.split(".")[0] for k in keys}
 
@@ -108,12 +115,19 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
     """Load strictly, except a classifier head whose class count differs (re-initialized), or
     a backbone under a new task's head (a classifier's weights for a segmenter)."""
     own = model.state_dict()
+    body = _detector_backbone(own, state)
+    if body is not None:
+        notes.info(f"{source}: backbone loaded into the detector's backbone.body ({len(body)} tensors); its "
+                   f"feature pyramid and head initialized.")
+        model.load_state_dict(body, strict=False)
+        return
     if _backbone_transfer(own, state, source):
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         return
-    head = classifier_name(model)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head = linear[-1] if linear else None  # a detector or segmenter has none
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    head_keys = [k for k in mismatched if k.startswith(head + ".")]
+    head_keys = [k for k in mismatched if head and k.startswith(head + ".")]
     if head_keys and len(head_keys) == len(mismatched):
         # what a transfer asks for: a note, not a warning
         notes.info(f"{source}: new classifier head '{head}' for {own[head + '.weight'].shape[0]} classes (the "

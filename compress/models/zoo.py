@@ -8,6 +8,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from compress.errors import CompressError
+from compress.models.detection import fcos_mobilenet_v2
 from compress.models.entry import ZooEntry
 from compress.models.mobilenet_v1 import MobileNetV1
 from compress.models.pretrained import load_pretrained
@@ -59,7 +60,10 @@ _ENTRIES = [
 ]
 _ENTRIES += [ZooEntry("lraspp_mobilenet_v2", _v2_segmenter, 512, 21, "MobileNet_V2_Weights.IMAGENET1K_V1",
                       description="LRASPP head on MobileNetV2 (segmentation; ImageNet weights for the backbone)",
-                      task="segment")]
+                      task="segment"),
+             ZooEntry("fcos_mobilenet_v2", fcos_mobilenet_v2, 320, 91, "MobileNet_V2_Weights.IMAGENET1K_V1",
+                      description="FCOS on MobileNetV2, a 64-channel FPN (detection; ImageNet weights for the "
+                                  "backbone)", task="detect")]
 _ENTRIES += [
     ZooEntry(e.name + "_cifar", _v1(True) if e.name == "mobilenet_v1" else
              _tv(getattr(tvm, e.name), cifar=True), 32, 10, e.weights, cifar=True,

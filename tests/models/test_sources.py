@@ -1,6 +1,7 @@
 """Model sources: torchvision:NAME, timm:NAME, file.py:factory and package.module:factory,
 wherever a model is named (CLI, Python), recorded in the card so a checkpoint rebuilds."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,33 @@ def test_bad_sources_name_what_to_fix(name, message):
     done = run_cli("profile", name)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+IMAGENET_V2 = Path(__file__).resolve().parents[2].parent / "shared" / "pretrained" / "mobilenet_v2_imagenet.pth"
+
+
+def test_imagenet_classifier_weights_fill_a_detectors_backbone(tmp_path):
+    """The ImageNet MobileNetV2 fills fcos_mobilenet_v2's backbone.body (as torchvision's
+    weights_backbone does), the FPN and head stay initialized; a ResNet's weights fill a
+    RetinaNet's body the same way, and weights that are neither are refused."""
+    torch.manual_seed(0)
+    fresh = compress.build("fcos_mobilenet_v2", num_classes=4, input_size=SIZE)
+    torch.manual_seed(0)
+    model = compress.build("fcos_mobilenet_v2", num_classes=4, input_size=SIZE, pretrained=str(IMAGENET_V2))
+    imagenet = torch.load(IMAGENET_V2, weights_only=True)
+    state, before = model.state_dict(), fresh.state_dict()
+    body = [k for k in state if k.startswith("backbone.body.")]
+    assert len(body) == len([k for k in imagenet if k.startswith("features.")])
+    assert all(torch.equal(state[k], imagenet["features." + k.removeprefix("backbone.body.")]) for k in body)
+    assert all(torch.equal(state[k], before[k]) for k in state if not k.startswith("backbone.body."))
+    torch.save(tvm.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    retina = compress.build("torchvision:retinanet_resnet50_fpn", num_classes=4, input_size=SIZE)
+    with pytest.raises(CompressError, match="do not fit the model"):  # resnet18 blocks are not resnet50's
+        compress.build("torchvision:retinanet_resnet50_fpn", num_classes=4, input_size=SIZE,
+                       pretrained=str(tmp_path / "resnet18.pth"))
+    torch.save({k.removeprefix("backbone.body."): v for k, v in retina.state_dict().items()
+                if k.startswith("backbone.body.")}, tmp_path / "resnet50_body.pth")
+    loaded = compress.build("torchvision:retinanet_resnet50_fpn", num_classes=4, input_size=SIZE,
+                            pretrained=str(tmp_path / "resnet50_body.pth"))
+    conv1 = "backbone.body.conv1.weight"
+    assert torch.equal(loaded.state_dict()[conv1], retina.state_dict()[conv1])
