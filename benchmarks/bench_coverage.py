@@ -8,8 +8,8 @@ is needed to check the mechanics), and then:
   closed-form count equals thop's exactly;
 - forward: the pruned model runs and its outputs (a tensor, a dict or a list of them) are finite;
 - recovery step: one SGD step of the task's distillation from the unpruned model's outputs
-  (KL on logits, per pixel, per default box and the boxes; train mode), after which the
-  outputs are still finite;
+  (KL on logits, per pixel, per box and the boxes; the embedding's cosine; the image's L1; train
+  mode), after which the outputs are still finite;
 - ONNX and TFLite: the float file's largest output difference from PyTorch, over the largest
   output (random weights make outputs of any scale);
 - latency: the pruned TFLite file's median time over the unpruned one's (LiteRT, 1 thread,
@@ -42,7 +42,8 @@ from compress.pruning.graph import example_input
 from compress.training.tasks import task_of
 
 UNET = "benchmarks/unet.py:unet"  # a user's own file: run from the repository root
-ARCHS = [  # (source, num_classes): None keeps the source's own
+ESPCN = "benchmarks/espcn.py:espcn"
+ARCHS = [  # (source, num_classes[, task]): None keeps the source's own; a task is declared, not read off
     ("torchvision:mobilenet_v2", None), ("torchvision:mobilenet_v3_large", None),
     ("torchvision:mobilenet_v3_small", None), ("torchvision:efficientnet_b0", None), ("torchvision:resnet50", None),
     ("torchvision:resnext50_32x4d", None), ("torchvision:regnet_y_400mf", None), ("torchvision:regnet_x_400mf", None),
@@ -52,7 +53,8 @@ ARCHS = [  # (source, num_classes): None keeps the source's own
     ("timm:rexnet_100", None),
     ("torchvision:lraspp_mobilenet_v3_large", None), ("torchvision:deeplabv3_mobilenet_v3_large", None),
     ("torchvision:ssdlite320_mobilenet_v3_large", None), ("torchvision:fcos_resnet50_fpn", None),
-    ("lraspp_mobilenet_v2", 4), (UNET, 2),
+    ("torchvision:retinanet_resnet50_fpn_v2", None),
+    ("lraspp_mobilenet_v2", 4), (UNET, 2), ("torchvision:mobilenet_v2", 128, "embed"), (ESPCN, None, "restore"),
 ]
 
 
@@ -88,11 +90,11 @@ def recovery_step(pruned: torch.nn.Module, teacher: torch.nn.Module, size: int) 
     return "ok" if ok and math.isfinite(loss.item()) else "non-finite"
 
 
-def row(source: str, classes: int | None, size: int, tmp: Path, rounds: int) -> dict:
-    cell = {"source": source}
+def row(source: str, classes: int | None, task: str | None, size: int, tmp: Path, rounds: int) -> dict:
+    cell = {"source": source + (f" ({task})" if task else "")}  # the row's label
     began = time.perf_counter()
     try:
-        model = build(source, num_classes=classes, input_size=size).eval()
+        model = build(source, num_classes=classes, input_size=size, task=task).eval()
         pruned, info = prune_target(model, macs="50%", strategy="global")
     except Exception as exc:
         return {**cell, "prune": failure(exc)}
@@ -159,7 +161,8 @@ def table(cells: list[dict], size: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input-size", type=int, default=224, help="input height/width for every model")
-    ap.add_argument("--only", nargs="*", help="these sources only (default: all)")
+    ap.add_argument("--only", nargs="*", help="these rows only, by label: the source, with ' (task)' where "
+                    "declared (default: all)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     ap.add_argument("--cells", default="runs/coverage", help="folder keeping each finished row")
     ap.add_argument("--table-only", action="store_true", help="write the table from the stored rows")
@@ -167,14 +170,16 @@ def main() -> None:
     folder = Path(args.cells) / str(args.input_size)
     folder.mkdir(parents=True, exist_ok=True)
     cells = []
-    for source, classes in ARCHS:
-        if args.only and source not in args.only:
+    for source, classes, *declared in ARCHS:
+        task = declared[0] if declared else None
+        label = source + (f" ({task})" if task else "")
+        if args.only and label not in args.only:
             continue
-        path = folder / (source.replace(":", "_").replace("/", "_") + ".json")
+        path = folder / (source.replace(":", "_").replace("/", "_") + (f"_{task}" if task else "") + ".json")
         if not path.exists() and not args.table_only:
             print(f"{source} ...", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                path.write_text(json.dumps(row(source, classes, args.input_size, Path(tmp), args.rounds)))
+                path.write_text(json.dumps(row(source, classes, task, args.input_size, Path(tmp), args.rounds)))
         if path.exists():
             cells.append(json.loads(path.read_text()))
             print(json.dumps(cells[-1]), flush=True)

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 
-from bench_recovery import mean_std, recover_plain, scores, user_images
-from common import CIFAR, write_section
+from bench_recovery import recover_plain, scores, user_images
+from common import CIFAR, mean_std, write_section
 from compress import load, stages
 from compress.data.specs import sample_labelled
 from compress.files import atomic_write_json

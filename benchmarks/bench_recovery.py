@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common import CIFAR, write_section
+from common import CIFAR, mean_std, write_section
 from compress import load, stages
 from compress.data.specs import sample_labelled
 from compress.files import atomic_write_json
@@ -137,12 +137,6 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
     cell.update(recovery=recovery, macs=macs, images=count, seed=seed, seconds=round(time.perf_counter() - began, 1))
     atomic_write_json(path, cell)
     return cell
-
-
-def mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str:
-    if len(values) == 1:
-        return f"{values[0] * scale:.{digits}f}"
-    return f"{statistics.mean(values) * scale:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def table(cells: list[dict], before: dict) -> str:

@@ -1,8 +1,10 @@
-"""Shared by the benchmark scripts: the machine description and RESULTS.md section updates."""
+"""Shared by the benchmark scripts: the machine description, RESULTS.md section updates, and
+the timing of a pruned net's float and int8 files beside the unpruned net's."""
 from __future__ import annotations
 
 import datetime
 import os
+import statistics
 import platform
 import re
 import shlex
@@ -11,7 +13,11 @@ from pathlib import Path
 
 import torch
 
+from compress import stages
+from compress.errors import CheckFailed
+from compress.export import measure
 from compress.latency import clock as latency_clock
+from compress.settings import ExportSettings
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # CIFAR-10 arrays beside the checkout (see ../shared/data/cifar10/README.md)
@@ -44,3 +50,41 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text.rstrip() + "\n")
     print(section)
+
+
+def mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str:
+    if len(values) == 1:
+        return f"{values[0] * scale:.{digits}f}"
+    return f"{statistics.mean(values) * scale:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def column(cells: list[dict], key: str, scale: float = 100, digits: int = 1) -> str:
+    """`key`'s mean ± std over the cells that have it (across seeds), "-" where none does."""
+    values = [c[key] for c in cells if c.get(key) is not None]
+    return mean_std(values, scale, digits) if values else "-"
+
+
+def timed_files(net: torch.nn.Module, unpruned: torch.nn.Module, data: str, px: int, folder: Path,
+                rounds: int = 3) -> dict:
+    """Float and int8 TFLite files of `net` and `unpruned` at a `px` input, each of `net`'s timed
+    in interleaved rounds beside `unpruned`'s of the same kind (LiteRT, 1 thread): the median
+    ms and its ratio; the int8 files calibrated on 64 images of `data`, and `net`'s int8 parity
+    report (its gate: the task's agreement with the float model) under "int8_parity"."""
+    out: dict = {}
+    for kind, options in (("float", ExportSettings()), ("int8", ExportSettings(int8=True, calib_images=64))):
+        paths = {}
+        for name, model in (("unpruned", unpruned), ("pruned", net)):
+            paths[name] = folder / f"{name}_{kind}.tflite"
+            try:
+                report = stages.export(model, "tflite", paths[name], options, data=data, input_size=px)
+            except CheckFailed as failed:  # written, but under the gate: timed, and the gate reported
+                report = failed.report
+            if name == "pruned" and kind == "int8":
+                out["int8_parity"] = {k: v for k, v in report["parity"].items() if not isinstance(v, dict)}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(rounds):
+            for name, path in paths.items():
+                times[name].append(measure(path, "tflite", threads=1, warmup=3, runs=20)["median_ms"])
+        out[f"{kind}_ms"] = statistics.median(times["pruned"])
+        out[f"{kind}_x"] = statistics.median(times["pruned"]) / statistics.median(times["unpruned"])
+    return out
