@@ -167,8 +167,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--recoveries", default=",".join(RECOVERIES))
     ap.add_argument("--cells", default="runs/bench_recovery", help="folder of finished cells (resumable)")
+    ap.add_argument("--macs", help="MAC targets in place of the size's, e.g. 0.7,0.5,0.3")
     args = ap.parse_args()
     size, cells = SIZES[args.size], Path(args.cells)
+    if args.macs:
+        size = {**size, "macs": tuple(float(m) for m in args.macs.split(","))}
     cells.mkdir(parents=True, exist_ok=True)
     teacher = load(args.teacher).eval()
     card = teacher.card

@@ -324,7 +324,7 @@ class ExportSettings(Settings):
     parity_images: int = Field(100, ge=1, description="images compared with PyTorch")
     tolerance: float = Field(1e-4, ge=0, description="max absolute logit difference (float exports)")
     min_agreement: float | None = Field(None, ge=0, le=1, description="fail a quantized export under this agreement "
-                                        "with the float model: top-1, or the task's own (mIoU, mAP, mean cosine, "
+                                        "with the float model: top-1, or the task's own (mIoU, mAP@50, mean cosine, "
                                         "SSIM); default 0.98 when checked on real images")
     nhwc: bool = Field(False, description="TFLite input in NHWC layout")
     opset: int = Field(18, ge=7, description="ONNX opset")

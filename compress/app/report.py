@@ -35,7 +35,7 @@ NOTES = {  # what the fidelity column means, per metric
             "labels needed), after fine-tuning.",
     "map": "Fidelity: the mAP of the pruned net's detections taking the unpruned net's detections scoring at least "
            "0.5 as the truth (no labels needed), after fine-tuning. The exported files hold the network up to its raw "
-           "head outputs (class logits and box regressions per default box); decoding the boxes and NMS run outside "
+           "head outputs (class logits and box regressions per anchor or point); decoding the boxes and NMS run outside "
            "them, as `RawDetector.detections` does.",
     "top1": "Fidelity: the share of test images on which the pruned net's top-1 is the unpruned net's, after "
             "fine-tuning.",
@@ -88,7 +88,7 @@ def write_report(ctx: RunContext) -> list[str]:
                          for p in baseline]] if baseline else []
     lines = [*_header(ctx), "", *table, "", "Exported files: float, and quantized beside it when the recipe asks; "
              "parity is the largest logit difference for float files and, for quantized ones, the agreement with the "
-             "float model the task's gate reads (top-1; mIoU, mAP, mean cosine or SSIM), on the evaluation images; "
+             "float model the task's gate reads (top-1; mIoU, mAP@50, mean cosine or SSIM), on the evaluation images; "
              "latency is the median on the recipe's runtime and threads.", "", *file_table, "",
              *_search_lines(ctx)]
     _plot(run_dir / "report.png", points, metric, score)
