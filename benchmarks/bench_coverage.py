@@ -54,7 +54,8 @@ ARCHS = [  # (source, num_classes[, task]): None keeps the source's own; a task 
     ("torchvision:lraspp_mobilenet_v3_large", None), ("torchvision:deeplabv3_mobilenet_v3_large", None),
     ("torchvision:ssdlite320_mobilenet_v3_large", None), ("torchvision:fcos_resnet50_fpn", None),
     ("torchvision:retinanet_resnet50_fpn_v2", None),
-    ("lraspp_mobilenet_v2", 4), (UNET, 2), ("torchvision:mobilenet_v2", 128, "embed"), (ESPCN, None, "restore"),
+    ("lraspp_mobilenet_v2", 4), ("fcos_mobilenet_v2", 4), (UNET, 2), ("torchvision:mobilenet_v2", 128, "embed"),
+    (ESPCN, None, "restore"),
 ]
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pretrained import torch_pruning  # noqa: E402
-from common import column, timed_files, write_section  # noqa: E402
+from common import column, retime, timed_files, write_section  # noqa: E402
 
 import compress  # noqa: E402
 from compress import stages  # noqa: E402
@@ -76,8 +76,13 @@ def train_teacher(pretrained: str, size: dict, root: Path, cells: Path) -> torch
     return model
 
 
+def tag(cell: dict) -> str:
+    return f"{cell['method']}_{int(cell['target'] * 100)}_{cell['seed']}"
+
+
 def run_cell(cells: Path, method: str, target: float, seed: int, teacher, root: Path, size: dict) -> dict:
-    path = cells / f"{method}_{int(target * 100)}_{seed}.json"
+    name = tag({"method": method, "target": target, "seed": seed})
+    path = cells / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
     loaders, gallery = data(root, size, teacher.card)
@@ -91,7 +96,7 @@ def run_cell(cells: Path, method: str, target: float, seed: int, teacher, root: 
         settings = TrainSettings(epochs=1, steps_per_epoch=size["recover"], lr=0.01, warmup_epochs=0.05, kd_weight=0.7,
                                  keep_best=True, eval_every=50, val_images=0, channels_last=False, seed=seed,
                                  weight_decay=4e-5)
-        net = fit(pruned, loaders, settings, cells / f"run_{method}_{int(target * 100)}_{seed}", teacher=teacher,
+        net = fit(pruned, loaders, settings, cells / f"run_{name}", teacher=teacher,
                   validate=False, quiet=True)
         seconds = time.perf_counter() - began
     scores = evaluate(net, gallery, teacher=None if net is teacher else teacher)
@@ -99,7 +104,7 @@ def run_cell(cells: Path, method: str, target: float, seed: int, teacher, root: 
     cell = {"method": method, "target": target, "seed": seed, "macs": macs, "seconds": round(seconds, 1),
             **{k: scores.get(k) for k in ("recall1", "map", "fidelity_recall1", "fidelity_cosine")}}
     if method != "unpruned":
-        folder = cells / f"files_{method}_{int(target * 100)}_{seed}"
+        folder = cells / f"files_{name}"
         folder.mkdir(exist_ok=True)
         timed = timed_files(net, teacher, f"cifar10:{root}", size["px"], folder)
         cell.update(timed, int8_cosine=timed.pop("int8_parity")["top1_agreement"])
@@ -132,6 +137,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/cifar10", help="folder with CIFAR-10's train.npz and test.npz")
     ap.add_argument("--pretrained", default="../shared/pretrained/mobilenet_v2_imagenet.pth")
     ap.add_argument("--cells", default="runs/bench_embed", help="folder keeping each finished cell")
+    ap.add_argument("--retime", action="store_true", help="time the stored cells' files again (a quiet machine)")
     args = ap.parse_args()
     size, root = SIZES[args.size], Path(args.data)
     cells = Path(args.cells) / args.size
@@ -143,6 +149,8 @@ def main() -> None:
             for method in ("ours", "torch-pruning"):
                 done.append(run_cell(cells, method, target, seed, teacher, root, size))
                 print(json.dumps(done[-1]), flush=True)
+    if args.retime:
+        retime(cells, done, tag)
     note = (f"ImageNet MobileNetV2 (`{args.pretrained}`) with a 128-d embedding head, {size['px']} px, trained "
             f"{size['teacher']} steps of {size['batch']} with the embed task's triplet loss on CIFAR-10 classes 0-5 as "
             f"identities (`{args.data}`). Pruned by us (`stages.prune`: energy, global, refit on the training images) "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import column, timed_files, write_section  # noqa: E402
+from common import column, retime, timed_files, write_section  # noqa: E402
 from espcn import ESPCN  # noqa: E402
 
 import compress  # noqa: E402
@@ -87,9 +87,14 @@ def torch_pruning(teacher: torch.nn.Module, target: float) -> torch.nn.Module:
     return best
 
 
+def tag(cell: dict) -> str:
+    return f"x{cell['scale']}_{cell['method']}_{int(cell['target'] * 100)}_{cell['seed']}"
+
+
 def run_cell(cells: Path, scale: int, method: str, target: float, seed: int, teacher, root: Path,
              size: dict) -> dict:
-    path = cells / f"x{scale}_{method}_{int(target * 100)}_{seed}.json"
+    name = tag({"scale": scale, "method": method, "target": target, "seed": seed})
+    path = cells / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
     data = spec(root, scale)
@@ -102,8 +107,8 @@ def run_cell(cells: Path, scale: int, method: str, target: float, seed: int, tea
         pruned = (stages.prune(teacher, PruneSettings(), macs=f"{target:.0%}", data=data).model if method == "ours"
                   else torch_pruning(teacher, target))
         net = fit(pruned, DataSettings(spec=data, batch_size=size["batch"], workers=0),
-                  settings(size["recover"], 0.0005, seed, kd_weight=0.5), cells / f"run_x{scale}_{method}_"
-                  f"{int(target * 100)}_{seed}", teacher=teacher, validate=False, quiet=True)
+                  settings(size["recover"], 0.0005, seed, kd_weight=0.5), cells / f"run_{name}", teacher=teacher,
+                  validate=False, quiet=True)
         seconds = time.perf_counter() - began
     scores = evaluate(net, test, teacher=None if net is teacher else teacher)
     macs = compress.count(net, INPUT[scale])[0] / compress.count(teacher, INPUT[scale])[0]
@@ -113,7 +118,7 @@ def run_cell(cells: Path, scale: int, method: str, target: float, seed: int, tea
         cell["bicubic_psnr"] = float(torch.cat([psnr(torch.nn.functional.interpolate(
             low, scale_factor=scale, mode="bicubic"), high) for low, high in test]).mean())
     else:
-        folder = cells / f"files_x{scale}_{method}_{int(target * 100)}_{seed}"
+        folder = cells / f"files_{name}"
         folder.mkdir(exist_ok=True)
         timed = timed_files(net, teacher, data, size["timed"], folder)
         gate = timed.pop("int8_parity")
@@ -148,6 +153,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/cifar10", help="a CIFAR-10 folder (train.npz/test.npz or "
                                                                       "the standard batches)")
     ap.add_argument("--cells", default="runs/bench_sr", help="folder keeping each finished cell")
+    ap.add_argument("--retime", action="store_true", help="time the stored cells' files again (a quiet machine)")
     args = ap.parse_args()
     size, root = SIZES[args.size], Path(args.data)
     cells = Path(args.cells) / args.size
@@ -161,6 +167,8 @@ def main() -> None:
                 for method in ("ours", "torch-pruning"):
                     done.append(run_cell(cells, scale, method, target, seed, teacher, root, size))
                     print(json.dumps(done[-1]), flush=True)
+    if args.retime:
+        retime(cells, done, tag)
     unpruned = {c["scale"]: c for c in done if c["method"] == "unpruned"}
     note = (f"ESPCN (`benchmarks/espcn.py`, 64-32 channels, tanh) trained {size['teacher']} steps of {size['batch']} "
             f"(AdamW lr 1e-3, L1) per scale on CIFAR-10 pairs (`{args.data}`): x2 maps 16 px to 32 px, x3 10 px to "

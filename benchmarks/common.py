@@ -3,6 +3,7 @@ the timing of a pruned net's float and int8 files beside the unpruned net's."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
 import platform
@@ -10,6 +11,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -68,19 +70,29 @@ def timed_files(net: torch.nn.Module, unpruned: torch.nn.Module, data: str, px: 
                 rounds: int = 3) -> dict:
     """Float and int8 TFLite files of `net` and `unpruned` at a `px` input, each of `net`'s timed
     in interleaved rounds beside `unpruned`'s of the same kind (LiteRT, 1 thread): the median
-    ms and its ratio; the int8 files calibrated on 64 images of `data`, and `net`'s int8 parity
-    report (its gate: the task's agreement with the float model) under "int8_parity"."""
+    ms and its ratio (`time_files`); the int8 files calibrated on 64 images of `data`, and
+    `net`'s int8 parity report (its gate: the task's agreement with the float model) under
+    "int8_parity"."""
     out: dict = {}
     for kind, options in (("float", ExportSettings()), ("int8", ExportSettings(int8=True, calib_images=64))):
-        paths = {}
         for name, model in (("unpruned", unpruned), ("pruned", net)):
-            paths[name] = folder / f"{name}_{kind}.tflite"
             try:
-                report = stages.export(model, "tflite", paths[name], options, data=data, input_size=px)
+                report = stages.export(model, "tflite", folder / f"{name}_{kind}.tflite", options, data=data,
+                                       input_size=px)
             except CheckFailed as failed:  # written, but under the gate: timed, and the gate reported
                 report = failed.report
             if name == "pruned" and kind == "int8":
                 out["int8_parity"] = {k: v for k, v in report["parity"].items() if not isinstance(v, dict)}
+    return {**out, **time_files(folder, rounds)}
+
+
+def time_files(folder: Path, rounds: int = 3) -> dict:
+    """The pruned files of `timed_files`' folder timed in interleaved rounds beside the
+    unpruned ones of the same kind: median ms and its ratio, per kind (float, int8). Run again
+    on a quiet machine (the scripts' --retime) when the first timing shared the cores."""
+    out: dict = {}
+    for kind in ("float", "int8"):
+        paths = {name: folder / f"{name}_{kind}.tflite" for name in ("unpruned", "pruned")}
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(rounds):
             for name, path in paths.items():
@@ -88,3 +100,13 @@ def timed_files(net: torch.nn.Module, unpruned: torch.nn.Module, data: str, px: 
         out[f"{kind}_ms"] = statistics.median(times["pruned"])
         out[f"{kind}_x"] = statistics.median(times["pruned"]) / statistics.median(times["unpruned"])
     return out
+
+
+def retime(cells_dir: Path, cells: list[dict], tag: Callable[[dict], str]) -> None:
+    """Time each cell's files again (`time_files`, the folder `files_TAG` beside `TAG.json`)
+    and store the cell: for a quiet machine after a run that shared its cores."""
+    for cell in cells:
+        folder = cells_dir / f"files_{tag(cell)}"
+        if folder.is_dir():
+            cell.update(time_files(folder))
+            (cells_dir / f"{tag(cell)}.json").write_text(json.dumps(cell))
