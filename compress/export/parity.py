@@ -153,7 +153,7 @@ def detection_agreement(model: nn.Module, names: list[str], references: list[np.
         return model.eval().detections({key: torch.from_numpy(a).float() for key, a in zip(names, arrays)}, images)
     reference, got = found(references), found(exported)
     best = max((float(d["scores"].max()) for d in reference if len(d["scores"])), default=0.0)
-    floor = min(DETECTION_SCORE, best / 2)
+    floor = DETECTION_SCORE if best >= DETECTION_SCORE else best / 2
     truth = [{"boxes": d["boxes"][d["scores"] >= floor], "labels": d["labels"][d["scores"] >= floor]}
              for d in reference]
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")

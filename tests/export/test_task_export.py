@@ -69,3 +69,26 @@ def test_a_segmenter_with_an_aux_head_is_gated_on_its_out_output():
     assert p["gated_output"] == "out" and p["agreement_of"] == "mIoU"
     assert p["top1_agreement"] == pytest.approx(7 / 12) and p["pixel_agreement"] == 0.75
     assert set(p["outputs"]) == {"out", "aux"} and p["outputs"]["aux"]["max_abs_diff"] == pytest.approx(0.5)
+
+
+class _Boxes(torch.nn.Module):
+    """A stand-in detector's decoding: its outputs are already boxes and scores (one label)."""
+
+    def detections(self, outputs, images):
+        return [{"boxes": b, "scores": s, "labels": torch.ones(len(s), dtype=torch.int64)}
+                for b, s in zip(outputs["boxes"], outputs["scores"])]
+
+
+def test_a_detectors_agreement_is_map50_against_the_float_models_sure_detections():
+    from compress.export.parity import detection_agreement
+    boxes = np.array([[[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]]], np.float32)
+    scores = np.array([[0.9, 0.6, 0.3]], np.float32)  # the 0.3 box is no truth: under 0.5
+    moved = boxes.copy()
+    moved[0, 1] += 15  # the file finds the second object elsewhere (IoU 0.14)
+    p = detection_agreement(_Boxes(), ["boxes", "scores"], [boxes, scores], [moved, scores], None)
+    assert p["reference_boxes"] == 2 and p["reference_score"] == 0.5
+    assert 0.4 < p["top1_agreement"] < 0.6 and p["agreement_of"] == "mAP@50"  # one of two objects found
+    unsure = scores * 0.5  # a detector early in training: its truth is what scores half its best or more
+    same = detection_agreement(_Boxes(), ["boxes", "scores"], [boxes, unsure], [boxes, unsure], None)
+    assert same["reference_boxes"] == 2 and same["reference_score"] == pytest.approx(0.225)
+    assert same["top1_agreement"] == pytest.approx(1.0) and same["map_agreement"] == pytest.approx(1.0)
