@@ -34,7 +34,7 @@ from compress.settings import PruneSettings, TrainSettings  # noqa: E402
 from compress.training.evaluate import evaluate  # noqa: E402
 from compress.training.loop import fit  # noqa: E402
 
-SIZES = {  # input px, teacher steps, recovery steps, batch, unseen-identity images scored
+SIZES = {  # input px, teacher steps (capped at one epoch), recovery steps, batch, unseen-identity images scored
     "quick": dict(px=32, teacher=20, recover=10, batch=32, gallery=300),
     "cpu": dict(px=96, teacher=400, recover=150, batch=64, gallery=2000),
     "gpu": dict(px=224, teacher=4000, recover=1500, batch=128, gallery=4000),
@@ -151,8 +151,9 @@ def main() -> None:
                 print(json.dumps(done[-1]), flush=True)
     if args.retime:
         retime(cells, done, tag)
+    steps = min(size["teacher"], len(data(root, size, teacher.card)[0].train))  # one epoch at most
     note = (f"ImageNet MobileNetV2 (`{args.pretrained}`) with a 128-d embedding head, {size['px']} px, trained "
-            f"{size['teacher']} steps of {size['batch']} with the embed task's triplet loss on CIFAR-10 classes 0-5 as "
+            f"{steps} steps of {size['batch']} with the embed task's triplet loss on CIFAR-10 classes 0-5 as "
             f"identities (`{args.data}`). Pruned by us (`stages.prune`: energy, global, refit on the training images) "
             "or by Torch-Pruning (MetaPruner, group magnitude, global, round_to 8, its ratio bisected to the MAC "
             f"target), then recovered alike: {size['recover']} steps at lr 0.01, distilled from the unpruned net "
