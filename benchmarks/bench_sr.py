@@ -3,7 +3,7 @@ brings as their own file) trained for x2 and x3 upscaling on CIFAR-10 pairs (`sr
 the target a real image crop, the input its bicubic downscaling), then pruned to 70% and 50%
 of its MACs by us (energy, global, refit) and by Torch-Pruning (global group magnitude, the
 conv feeding the PixelShuffle left whole), each recovered the same way (`fit`: L1 plus L1
-distillation from the unpruned net, keep-best on held-out training pairs), several seeds.
+distillation from the unpruned net, the last state kept), several seeds.
 Scored on CIFAR-10 test pairs: PSNR and SSIM against the high-resolution image, fidelity (PSNR
 against the unpruned net's output); float and int8 TFLite files at a 128-px input, the int8 one
 gated by its SSIM against the float model, timed beside the unpruned file.
@@ -180,7 +180,8 @@ def main() -> None:
             "training pairs) or by Torch-Pruning (MetaPruner, group magnitude, global, the conv feeding the "
             "PixelShuffle ignored, its ratio bisected to the MAC target), then recovered alike: "
             f"{size['recover']} steps at lr 5e-4, L1 plus L1 distillation from the unpruned net (weight 0.5), "
-            f"keep-best on {HOLDOUT} held-out training pairs. Scored on {size['test']} CIFAR-10 test pairs. "
+            f"the last state kept ({HOLDOUT} training pairs held out of training). Scored on {size['test']} CIFAR-10 "
+            "test pairs. "
             f"Latency (seed 0's files: the seed moves the recovery, not the cut): LiteRT, 1 thread, files at a "
             f"{size['timed']}-px input, the pruned file's median over the "
             "unpruned file's of the same kind, timed in 3 interleaved rounds; the int8 files calibrated on 64 "
