@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pretrained import torch_pruning  # noqa: E402
-from common import column, retime, timed_files, write_section  # noqa: E402
+from common import column, retime, side_by_side_arguments, timed_files, write_section  # noqa: E402
 
 import compress  # noqa: E402
 from compress import stages  # noqa: E402
@@ -131,13 +131,9 @@ def table(cells: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=SIZES, default="cpu")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--targets", default="0.7,0.5", help="MAC shares to prune to")
+    side_by_side_arguments(ap, SIZES, "runs/bench_embed")
     ap.add_argument("--data", default="../shared/data/cifar10", help="folder with CIFAR-10's train.npz and test.npz")
     ap.add_argument("--pretrained", default="../shared/pretrained/mobilenet_v2_imagenet.pth")
-    ap.add_argument("--cells", default="runs/bench_embed", help="folder keeping each finished cell")
-    ap.add_argument("--retime", action="store_true", help="time the stored cells' files again (a quiet machine)")
     args = ap.parse_args()
     size, root = SIZES[args.size], Path(args.data)
     cells = Path(args.cells) / args.size
@@ -161,8 +157,8 @@ def main() -> None:
             "test images of classes 6-9, identities no net was trained on, each a query against the others. "
             "Fidelity: the share of queries whose nearest neighbour is the unpruned net's, and the mean cosine "
             "similarity to its embeddings. Latency: LiteRT, 1 thread, the pruned file's median over the unpruned "
-            "file's of the same kind, 3 interleaved rounds; the int8 files calibrated on 64 CIFAR-10 training images and "
-            "gated by their mean cosine similarity to the float model (floor 0.98). Mean ± std over seeds (the seed "
+            "file's of the same kind, 3 interleaved rounds; the int8 files calibrated on 64 CIFAR-10 training images "
+            "and gated by their mean cosine similarity to the float model (floor 0.98). Mean ± std over seeds (the seed "
             "moves the recovery).")
     write_section(f"Embeddings: pruned side by side ({args.size})", note + "\n\n" + table(done))
 

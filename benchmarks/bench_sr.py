@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import column, retime, timed_files, write_section  # noqa: E402
+from common import column, retime, side_by_side_arguments, timed_files, write_section  # noqa: E402
 from espcn import ESPCN  # noqa: E402
 
 import compress  # noqa: E402
@@ -150,14 +150,10 @@ def table(cells: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=SIZES, default="cpu")
-    ap.add_argument("--seeds", type=int, default=3)
+    side_by_side_arguments(ap, SIZES, "runs/bench_sr")
     ap.add_argument("--scales", default="2,3", help="upscaling factors")
-    ap.add_argument("--targets", default="0.7,0.5", help="MAC shares to prune to")
     ap.add_argument("--data", default="../shared/data/cifar10", help="a CIFAR-10 folder (train.npz/test.npz or "
                                                                       "the standard batches)")
-    ap.add_argument("--cells", default="runs/bench_sr", help="folder keeping each finished cell")
-    ap.add_argument("--retime", action="store_true", help="time the stored cells' files again (a quiet machine)")
     args = ap.parse_args()
     size, root = SIZES[args.size], Path(args.data)
     cells = Path(args.cells) / args.size

@@ -102,6 +102,15 @@ def time_files(folder: Path, rounds: int = 3) -> dict:
     return out
 
 
+def side_by_side_arguments(ap, sizes: dict, cells: str) -> None:
+    """The options every side-by-side script (bench_embed, bench_sr) takes."""
+    ap.add_argument("--size", choices=sizes, default="cpu")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--targets", default="0.7,0.5", help="MAC shares to prune to")
+    ap.add_argument("--cells", default=cells, help="folder keeping each finished cell")
+    ap.add_argument("--retime", action="store_true", help="time the stored cells' files again (a quiet machine)")
+
+
 def retime(cells_dir: Path, cells: list[dict], tag: Callable[[dict], str]) -> None:
     """Time each cell's files again (`time_files`, the folder `files_TAG` beside `TAG.json`)
     and store the cell: for a quiet machine after a run that shared its cores."""
