@@ -158,8 +158,8 @@ def main() -> None:
             "Fidelity: the share of queries whose nearest neighbour is the unpruned net's, and the mean cosine "
             "similarity to its embeddings. Latency: LiteRT, 1 thread, the pruned file's median over the unpruned "
             "file's of the same kind, 3 interleaved rounds; the int8 files calibrated on 64 CIFAR-10 training images "
-            "and gated by their mean cosine similarity to the float model (floor 0.98). Mean ± std over seeds (the seed "
-            "moves the recovery).")
+            "and gated by their mean cosine similarity to the float model (floor 0.98). Mean ± std over seeds (the "
+            "seed moves the recovery).")
     write_section(f"Embeddings: pruned side by side ({args.size})", note + "\n\n" + table(done))
 
 
