@@ -22,8 +22,9 @@ def _load(args, from_scratch: bool = False):
                        input_size=m.input_size, from_scratch=from_scratch, trust_code=m.trust_code, task=m.task)
 
 
+# what `eval` prints of each task's metrics
 SCORES = {"top1": "top-1", "top5": "top-5", "miou": "mIoU", "pixel_acc": "pixel accuracy", "recall1": "recall@1",
-          "map": "mAP", "map_50": "mAP@0.5", "psnr": "PSNR", "ssim": "SSIM"}  # what `eval` prints of each task's metrics
+          "map": "mAP", "map_50": "mAP@0.5", "psnr": "PSNR", "ssim": "SSIM"}
 
 
 def _print_json(obj) -> None:
@@ -138,7 +139,8 @@ def cmd_eval(args) -> int:
     if args.json:
         _print_json(metrics)
     else:
-        scores = ", ".join(f"{label} {format_score(key, metrics[key])}" for key, label in SCORES.items() if key in metrics)
+        scores = ", ".join(f"{label} {format_score(key, metrics[key])}" for key, label in SCORES.items()
+                           if key in metrics)
         print(f"{args.target} on {args.data}: {scores}, loss {metrics['loss']:.4f} ({metrics['images']} images)")
     return 0
 
@@ -289,7 +291,8 @@ def _print_export(report: dict, args) -> None:
                f", same class on {p['pixel_agreement']:.1%} of pixels" if "pixel_agreement" in p else
                f", PSNR {p['psnr_db']:.1f} dB" if "psnr_db" in p else
                f" ({p['reference_boxes']} float detections)" if "reference_boxes" in p else "")
-    print(f"parity on {where}: {p.get('agreement_of', 'top-1')} agreement with PyTorch {p['top1_agreement']:.1%}{nearest}, "
+    print(f"parity on {where}: {p.get('agreement_of', 'top-1')} agreement with PyTorch "
+          f"{p['top1_agreement']:.1%}{nearest}, "
           f"max |diff| {p['max_abs_diff']:.3g}" + (f"; top-1 accuracy {p['accuracy']['float']:.1%} float (PyTorch), "
                                         f"{p['accuracy']['exported']:.1%} this file" if "accuracy" in p else ""))
     if report.get("keep_float"):

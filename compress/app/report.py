@@ -35,8 +35,8 @@ NOTES = {  # what the fidelity column means, per metric
             "labels needed), after fine-tuning.",
     "map": "Fidelity: the mAP of the pruned net's detections taking the unpruned net's detections scoring at least "
            "0.5 as the truth (no labels needed), after fine-tuning. The exported files hold the network up to its raw "
-           "head outputs (class logits and box regressions per anchor or point); decoding the boxes and NMS run outside "
-           "them, as `RawDetector.detections` does.",
+           "head outputs (class logits and box regressions per anchor or point); decoding the boxes and NMS run "
+           "outside them, as `RawDetector.detections` does.",
     "top1": "Fidelity: the share of test images on which the pruned net's top-1 is the unpruned net's, after "
             "fine-tuning.",
     "psnr": "Fidelity: the PSNR of the pruned net's output images against the unpruned net's (no targets needed), "
@@ -73,8 +73,8 @@ def write_report(ctx: RunContext) -> list[str]:
                   "net there): " + "; ".join(notes) + "."]
     if nets.unpruned:
         u = nets.unpruned
-        table.insert(2, f"| unpruned | {human(u.macs)} | {human(u.params)} | - | {format_score(score, u.test[score])} | - | - | "
-                        "100% MACs | - |")
+        table.insert(2, f"| unpruned | {human(u.macs)} | {human(u.params)} | - | {format_score(score, u.test[score])} "
+                        "| - | - | 100% MACs | - |")
     cuts = [net.latency for net in nets.nets.values() if net.latency]
     if cuts:
         table += ["", f"Latency targets, as the prune stage measured its cut on {cuts[0]['clock']}: " + "; ".join(

@@ -10,7 +10,7 @@ from compress.errors import CheckFailed, CompressError
 from compress.export.outputs import named_tensors
 from compress.training.restoration import psnr
 from compress.training.retrieval import nearest
-from compress.training.tasks import miou
+from compress.training.tasks import SURE_SCORE, mean_average_precision, miou, sure
 
 
 def reference_inputs(model: nn.Module, images: torch.Tensor | None, count: int = 8, seed: int = 0) -> torch.Tensor:
@@ -136,33 +136,26 @@ def compare_outputs(name: str, references: list[np.ndarray], exported: list[np.n
     return report
 
 
-DETECTION_SCORE = 0.5
-
-
 @torch.no_grad()
 def detection_agreement(model: nn.Module, names: list[str], references: list[np.ndarray],
                         exported: list[np.ndarray], images: torch.Tensor) -> dict:
     """The file's detections scored taking the float model's as the truth: those scoring at
-    least DETECTION_SCORE, or half the best score when none does (a detector still early in
+    least SURE_SCORE, or half the best score when none does (a detector still early in
     training); the float model finding nothing there leaves nothing to agree on (0). The gate
     reads mAP@50 (the same objects found, in the same places), as a classifier's reads top-1;
     mAP@[.5:.95] beside it also counts the boxes' last pixels, which int8 rounding moves."""
-    from torchmetrics.detection import MeanAveragePrecision
-
     def found(arrays):
         return model.eval().detections({key: torch.from_numpy(a).float() for key, a in zip(names, arrays)}, images)
     reference, got = found(references), found(exported)
     best = max((float(d["scores"].max()) for d in reference if len(d["scores"])), default=0.0)
-    floor = DETECTION_SCORE if best >= DETECTION_SCORE else best / 2
-    truth = [{"boxes": d["boxes"][d["scores"] >= floor], "labels": d["labels"][d["scores"] >= floor]}
-             for d in reference]
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-    metric.warn_on_many_detections = False
+    floor = SURE_SCORE if best >= SURE_SCORE else best / 2
+    truth = sure(reference, floor)
+    metric = mean_average_precision()
     metric.update(got, truth)
     scores = metric.compute() if best > 0 else {"map": 0.0, "map_50": 0.0}
     return {"top1_agreement": max(float(scores["map_50"]), 0.0), "agreement_of": "mAP@50",
-            "map_agreement": max(float(scores["map"]), 0.0), "reference_boxes": int(sum(len(t["boxes"]) for t in truth)),
-            "reference_score": floor}
+            "map_agreement": max(float(scores["map"]), 0.0),
+            "reference_boxes": int(sum(len(t["boxes"]) for t in truth)), "reference_score": floor}
 
 
 @torch.no_grad()

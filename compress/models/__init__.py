@@ -19,7 +19,8 @@ def build(name: str, num_classes: int | None = None, width_mult: float = 1.0,
     size = input_size or entry.input_size
     task = task or entry.task or infer_task(model, size)
     # a restore model takes plain [0, 1] pixels unless its entry says otherwise, as its targets are
-    mean, std = ((0.0,) * 3, (1.0,) * 3) if task == "restore" and entry.mean == IMAGENET_MEAN else (entry.mean, entry.std)
+    restore = task == "restore" and entry.mean == IMAGENET_MEAN
+    mean, std = ((0.0,) * 3, (1.0,) * 3) if restore else (entry.mean, entry.std)
     # a user's factory is rebuilt the way it was called: with num_classes only when it was given
     kwargs = {"num_classes": num_classes if num_classes is not None else entry.num_classes, "width_mult": width_mult}
     return attach(model, ModelCard(

@@ -12,7 +12,8 @@ from compress.errors import CompressError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TASKS = ("classify", "segment", "detect", "embed", "restore")  # what the model's outputs are (compress.training.tasks reads them)
+# what the model's outputs are (compress.training.tasks reads them)
+TASKS = ("classify", "segment", "detect", "embed", "restore")
 
 
 @dataclass(frozen=True)

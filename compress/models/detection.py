@@ -26,6 +26,11 @@ from torchvision.ops import boxes as box_ops
 FAMILIES = (SSD, RetinaNet, FCOS)
 
 
+def raw_form(model: nn.Module) -> nn.Module:
+    """`model` up to its raw head outputs when it is a detector of FAMILIES, else as it is."""
+    return RawDetector(model) if isinstance(model, FAMILIES) else model
+
+
 class RawDetector(nn.Module):
     """`detector` (an SSD, RetinaNet or FCOS) without its transform and post-processing.
     `sigmoid_classes`: its classes are scored one sigmoid each (RetinaNet, FCOS: focal loss,

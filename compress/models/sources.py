@@ -24,7 +24,7 @@ from torchvision import models as tvm
 
 from compress.models.card import IMAGENET_MEAN, IMAGENET_STD
 from compress.errors import CompressError
-from compress.models.detection import FAMILIES, RawDetector
+from compress.models.detection import RawDetector, raw_form
 from compress.models.entry import ZooEntry
 
 PREFIXES = ("torchvision:", "timm:")
@@ -89,7 +89,7 @@ def _torchvision(arch: str) -> tuple:
             kwargs["weights_backbone"] = None
         model = builder(**kwargs)
         # a one-stage detector up to its raw head outputs: resizing, normalising and NMS stay outside
-        return RawDetector(model) if isinstance(model, FAMILIES) else model
+        return raw_form(model)
 
     module = next((t for t in ("segmentation", "detection", "video", "optical_flow", "quantization")
                    if arch in tvm.list_models(module=getattr(tvm, t))), "classification")
@@ -173,7 +173,7 @@ def _code(name: str) -> tuple:
         if not isinstance(model, nn.Module):
             raise CompressError(f"model source '{name}': {factory_name}() returned a {type(model).__name__}, not an "
                                 "nn.Module.")
-        return RawDetector(model) if isinstance(model, FAMILIES) else model
+        return raw_form(model)
 
     return (_fixed_width(build, name), 224, None, None, False, f"{factory_name} from {module_name}", IMAGENET_MEAN,
             IMAGENET_STD, None)

@@ -150,8 +150,7 @@ def summary(record: dict, images: int) -> str:
     why = ("no later state got more of them right by more than the noise"
            + (f" (the best, after step {later['step']}: {format_score(metric, later['top1'])})" if later else ""))
     return (f"keep_best: returned the starting state, held-out {metric} {format_score(metric, start['top1'])} on "
-            f"{images} "
-            f"held-out images: {why}")
+            f"{images} held-out images: {why}")
 
 
 def _summary_by_teacher(record: dict, start: dict, later: dict | None, metric: str, images: int) -> str:
@@ -160,8 +159,8 @@ def _summary_by_teacher(record: dict, start: dict, later: dict | None, metric: s
                else "more held-out images right by more than twice the noise")
         return (f"keep_best: returned the state after step {record['step']}, {why}: held-out {metric} "
                 f"{format_score(metric, start['top1'])} at the start -> {format_score(metric, record['top1'])}, "
-                f"divergence from the teacher "
-                f"{start['divergence']:.4f} -> {record['divergence']:.4f} (on {images} held-out images)")
+                f"divergence from the teacher {start['divergence']:.4f} -> {record['divergence']:.4f} (on {images} "
+                "held-out images)")
     why = ("no later state came closer to the teacher's predictions by more than the noise, or got more "
            "of them right by more than twice the noise"
            + (f" (the closest, after step {later['step']}: {later['divergence']:.4f})" if later else ""))

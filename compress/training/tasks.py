@@ -195,8 +195,9 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
     if callable(getattr(model, "loss", None)) and callable(getattr(model, "detections", None)):
         return Detect(model)
     raise CompressError(f"{type(model).__name__} is a detector compress prunes but cannot train or evaluate: that "
-                        "takes a detector up to its raw head outputs (torchvision's SSD, SSDlite, RetinaNet and FCOS are built that way, "
-                        "or give your model loss(outputs, targets, images) and detections(outputs, images) methods). "
+                        "takes a detector up to its raw head outputs (torchvision's SSD, SSDlite, RetinaNet and FCOS "
+                        "are built that way, or give your model loss(outputs, targets, images) and "
+                        "detections(outputs, images) methods). "
                         "Its post-processing (NMS) does not export either; export the network before it.")
 
 
@@ -287,18 +288,31 @@ class _IoU(_Paired):
         return out
 
 
+SURE_SCORE = 0.5  # a reference detector's detections taken as the truth score at least this
+
+
+def mean_average_precision():
+    """torchmetrics' COCO mAP of boxes (x1, y1, x2, y2), scoring each image's top 100 as COCO
+    intends without warning that there are more."""
+    from torchmetrics.detection import MeanAveragePrecision
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    metric.warn_on_many_detections = False
+    return metric
+
+
+def sure(detections: list[dict], score: float = SURE_SCORE) -> list[dict]:
+    """Each image's detections scoring at least `score`, as the truth another detector's are
+    measured against (fidelity, the int8 gate)."""
+    return [{"boxes": d["boxes"][d["scores"] >= score], "labels": d["labels"][d["scores"] >= score]}
+            for d in detections]
+
+
 class _MAP(_Paired):
     """COCO mAP of the decoded detections (torchmetrics' MeanAveragePrecision); with a teacher,
-    the same against its detections scoring at least FIDELITY_SCORE (fidelity)."""
-
-    FIDELITY_SCORE = 0.5
+    the same against its detections scoring at least SURE_SCORE (fidelity)."""
 
     def __init__(self, model: nn.Module, device):
-        from torchmetrics.detection import MeanAveragePrecision
-        super().__init__(MeanAveragePrecision(box_format="xyxy", iou_type="bbox"),
-                         MeanAveragePrecision(box_format="xyxy", iou_type="bbox"), device)
-        for metric in (self.truth, self.fidelity):  # COCO scores each image's top 100, as intended
-            metric.warn_on_many_detections = False
+        super().__init__(mean_average_precision(), mean_average_precision(), device)
         self.model = model
 
     def update(self, outputs: dict, targets: list[dict], teacher_outputs: dict | None = None,
@@ -309,10 +323,8 @@ class _MAP(_Paired):
         self._add_loss(self.model.loss(outputs, targets, images), len(targets))
         if teacher_outputs is not None:
             self.teacher = True
-            reference = self.model.detections({k: v.float() for k, v in teacher_outputs.items()}, images)
-            self.fidelity.update(found, [{"boxes": d["boxes"][d["scores"] >= self.FIDELITY_SCORE],
-                                          "labels": d["labels"][d["scores"] >= self.FIDELITY_SCORE]}
-                                         for d in reference])
+            self.fidelity.update(found, sure(self.model.detections({k: v.float() for k, v in teacher_outputs.items()},
+                                                                   images)))
 
     def result(self, distributed_sum: bool) -> dict:
         out = self._totals(distributed_sum)
