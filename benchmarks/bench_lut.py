@@ -8,12 +8,15 @@ goes on where it stopped and `--table-only` rebuilds the table.
 
 `--size cpu`: MobileNetV2 (float and int8 TFLite at 1 thread, float at 2, ONNX Runtime),
 MobileNetV3-Large, LRASPP and ResNet-50 (float TFLite, 1 thread), 30 check configs each; `full`: every model on every clock, 50 configs; `quick`:
-a tiny model on ONNX Runtime.
+a tiny model on ONNX Runtime. `--build-time`: the MobileNetV2 float TFLite model built twice in a row,
+pinned to one core (conversions one after another) and on every core (a conversion per core), as a
+ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,15 +52,37 @@ def cell(model: str, clock: str, p: dict, out: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def build_time(out: Path, samples: int) -> None:
+    """The build on one core against the build on all of them, back to back."""
+    times = {}
+    for cores in ("one core", "every core"):
+        path = out / f"build_{cores.replace(' ', '_')}.json"
+        pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if cores == "one core" else []
+        cmd = [*pin, sys.executable, "-m", "compress", "lut", "mobilenet_v2", *CLOCKS["tflite-1"], "--samples",
+               str(samples), "--check", "0", "--quiet", "-o", str(path)]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "COMPRESS_CACHE": str(out / "no-cache")})
+        times[cores] = json.loads(path.read_text())["build_s"]
+    write_section("Latency model build time", "\n".join([
+        f"MobileNetV2 at 224 px, float TFLite at 1 thread, {samples} whole models exported and timed, built twice "
+        f"back to back: pinned to one core (`taskset`), then on the {len(os.sched_getaffinity(0))} cores this "
+        "process may use (a conversion per core; the files are all converted before any is timed).", "",
+        "| cores | build | x one core |", "|---|---|---|",
+        *[f"| {k} | {v:.0f} s | {v / times['one core']:.2f} |" for k, v in times.items()]]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="cpu")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_lut"))
     ap.add_argument("--table-only", action="store_true", help="build the table from the records already there")
+    ap.add_argument("--build-time", action="store_true", help="only the build on one core against every core")
     args = ap.parse_args()
     p = SIZES[args.size]
     out = args.out / args.size
     out.mkdir(parents=True, exist_ok=True)
+    if args.build_time:
+        return build_time(out, p["samples"])
     rows = []
     for model, clock in p["cells"]:
         path = out / f"{model.replace(':', '_')}__{clock}.json"

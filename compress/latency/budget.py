@@ -54,7 +54,7 @@ def meet_latency(model: nn.Module, space: ChannelSpace, scores: dict[str, np.nda
             config = allocate(space, {**(budgets or {}), "latency": max(target, floor)}, strategy, scores,
                               fitted.predict)
             predicted = fitted.predict(config) * drift
-            measured = timer.net(prune_with_map(model, config, space, scores=scores)[0])[0]
+            measured = timer.nets([prune_with_map(model, config, space, scores=scores)[0]])[0][0]
             attempts.append({"config": config, "target_ms": target, "predicted_ms": predicted, "measured_ms": measured})
             notes.info(f"latency: predicted {predicted:.3f} ms, measured {measured:.3f} ms on {clock.describe()} "
                        f"(budget {limit_ms:.3f} ms)")

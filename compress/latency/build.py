@@ -26,32 +26,41 @@ from compress.pruning.space import ChannelConfig, ChannelSpace
 def time_configs(model: nn.Module, space: ChannelSpace, configs: list[ChannelConfig], clock: Clock,
                  progress: bool = False, what: str = "models") -> list[float]:
     """Measured latency (ms) of each config's pruned model on `clock`."""
-    return [clock.time(prune(model, c, space, importance="first"), space.input_size[-1])
-            for c in tqdm(configs, desc=f"timing {what} ({clock.describe()})", unit="model", disable=not progress)]
+    nets = [prune(model, c, space, importance="first") for c in configs]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / f"cut{i}{SUFFIX[clock.runtime]}" for i in range(len(nets))]
+        clock.export_all(nets, space.input_size[-1], paths, f"exporting {what}" if progress else None)
+        return [clock.measure_file(p) for p in tqdm(paths, desc=f"timing {what} ({clock.describe()})",
+                                                     unit="model", disable=not progress)]
 
 
 class BesideUnpruned:
     """Times configs as ratios to the unpruned file, timed right after each: a shared machine's
     speed drifts by several percent over minutes (the unpruned MobileNetV2 ran at 2.95 to 3.34
     ms in one afternoon here), which a ratio in one window cancels. Each time is reported as
-    the ratio times the unpruned file's first timing."""
+    the ratio times the unpruned file's first timing. Files are all exported before any is
+    timed, so no conversion runs beside a timing."""
 
     def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
-        self.model, self.space, self.clock = model, space, clock
+        self.model, self.space, self.clock, self.folder = model, space, clock, folder
         self.reference = folder / f"unpruned{SUFFIX[clock.runtime]}"
         clock.export(copy.deepcopy(model), space.input_size[-1], self.reference)  # export sets eval mode
         self.unpruned_ms = clock.measure_file(self.reference)
 
-    def __call__(self, config: ChannelConfig, repeats: int = 1) -> list[float]:
-        return self.net(prune(self.model, config, self.space, importance="first"), repeats)
+    def __call__(self, configs: list[ChannelConfig], repeats: int = 1, what: str | None = None) -> list[list[float]]:
+        """The times of each config's cut (`repeats` each); `what` labels the progress bars."""
+        return self.nets([prune(self.model, c, self.space, importance="first") for c in configs], repeats, what)
 
-    def net(self, net: nn.Module, repeats: int = 1) -> list[float]:
-        """The times of `net` (a cut of the model), each beside the unpruned file."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"cut{SUFFIX[self.clock.runtime]}"
-            self.clock.export(net, self.space.input_size[-1], path)
-            return [self.clock.measure_file(path) * self.unpruned_ms / self.clock.measure_file(self.reference)
-                    for _ in range(repeats)]
+    def nets(self, nets: list[nn.Module], repeats: int = 1, what: str | None = None) -> list[list[float]]:
+        """The times of each of `nets` (cuts of the model), each beside the unpruned file."""
+        suffix = SUFFIX[self.clock.runtime]
+        with tempfile.TemporaryDirectory(dir=self.folder) as tmp:
+            paths = [Path(tmp) / f"cut{i}{suffix}" for i in range(len(nets))]
+            self.clock.export_all(nets, self.space.input_size[-1], paths, what and f"exporting {what}")
+            return [[self.clock.measure_file(p) * self.unpruned_ms / self.clock.measure_file(self.reference)
+                     for _ in range(repeats)]
+                    for p in tqdm(paths, desc=f"timing {what} ({self.clock.describe()})", unit="model",
+                                  disable=what is None)]
 
 
 def sample_configs(space: ChannelSpace, count: int, seed: int = 0) -> list[ChannelConfig]:
@@ -77,12 +86,11 @@ def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, sam
     configs = sample_configs(space, max(samples - 1, 3), seed)
     with tempfile.TemporaryDirectory() as tmp:
         timer = BesideUnpruned(model, space, clock, Path(tmp))
-        floor = timer(configs[0])[0]
+        floor = timer(configs[:1])[0][0]
         base.update(unpruned_ms=timer.unpruned_ms, floor_ms=floor)
         if on_ends is not None:
             on_ends(timer.unpruned_ms, floor)
-        rest = [timer(c)[0] for c in tqdm(configs[1:], desc=f"timing sampled models ({clock.describe()})",
-                                       unit="model", disable=not progress)]
+        rest = [t[0] for t in timer(configs[1:], what="sampled models" if progress else None)]
         fitted = LatencyModel.fit(base, space, list(zip([space.max(), *configs], [timer.unpruned_ms, floor, *rest])))
         fitted.record["build_s"] = round(time.perf_counter() - began, 1)
         if check:
@@ -96,9 +104,7 @@ def _check(fitted: LatencyModel, timer: BesideUnpruned, configs: int, progress: 
     under any prediction's error)."""
     rng = np.random.default_rng(seed)
     sample = [timer.space.sample(rng) for _ in range(configs)]
-    timed = np.array([timer(c, 2) for c in tqdm(sample, desc=f"timing check models "
-                                                          f"({timer.clock.describe()})", unit="model",
-                                                          disable=not progress)])
+    timed = np.array(timer(sample, 2, "check models" if progress else None))
     measured, again = timed[:, 0], timed[:, 1]
     predicted = np.array([fitted.predict(c) for c in sample])
     err, noise = np.abs(predicted / measured - 1), np.abs(again / measured - 1)

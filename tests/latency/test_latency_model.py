@@ -8,7 +8,7 @@ from torch import nn
 import compress
 from compress import CompressError
 from compress.export.latency import measure
-from compress.latency import LatencyModel
+from compress.latency import Clock, LatencyModel
 from compress.latency.layers import FEATURES, features, layer_records, width
 from compress.pruning.allocation import allocate
 from compress.pruning.graph import example_input
@@ -168,3 +168,18 @@ def test_prune_to_an_int8_tflite_latency(tmp_path, user_net):
     t = done.latency
     assert t["measured_ms"] <= t["budget_ms"] and t["clock"].startswith("int8 tflite")
     assert done.macs < done.macs_before
+
+
+def test_files_converted_side_by_side_are_each_their_own_net(tmp_path):
+    """export_all converts on a process per core: each int8 file is byte for byte the file of its
+    own net exported alone, in the order given."""
+    model, space = _small()
+    nets = [prune(model, c, space, importance="first") for c in (space.min(), space.uniform(0.5), space.max())]
+    clock = Clock(runtime="onnxruntime", int8=True)
+    together = [tmp_path / f"together{i}.onnx" for i in range(len(nets))]
+    clock.export_all(nets, 16, together)
+    for i, net in enumerate(nets):
+        alone = tmp_path / f"alone{i}.onnx"
+        clock.export(net, 16, alone)
+        assert together[i].read_bytes() == alone.read_bytes()
+    assert len({p.read_bytes() for p in together}) == len(nets)
