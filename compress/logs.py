@@ -44,6 +44,11 @@ def quiet_runtimes() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.utils\._pytree")
 
 
+def runtimes_quiet() -> bool:
+    """Whether quiet_runtimes() ran in this process (a worker process it starts must run it too)."""
+    return _quiet
+
+
 @contextlib.contextmanager
 def native_stderr_muted() -> Iterator[None]:
     """After quiet_runtimes(): silence what native code writes straight to file descriptor 2

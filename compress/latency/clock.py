@@ -23,7 +23,7 @@ from compress.errors import CompressError
 from compress.export.latency import measure, measure_adb
 from compress.export.quantize import quantize_onnx, quantize_tflite
 from compress.export.tflite import write_tflite
-from compress.logs import runtime
+from compress.logs import quiet_runtimes, runtime, runtimes_quiet
 
 RUNTIMES = ("tflite", "onnxruntime")
 SUFFIX = {"tflite": ".tflite", "onnxruntime": ".onnx"}
@@ -90,7 +90,8 @@ class Clock:
         bar = tqdm(total=len(nets), desc=progress, unit="model", disable=progress is None)
         left = list(range(len(nets)))
         if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _worker_setup,
+                                     (runtimes_quiet(),)) as pool:
                 jobs, left = {}, []
                 for i, net in enumerate(nets):
                     payload = _pickled(net)
@@ -135,9 +136,15 @@ def _pickled(net: nn.Module) -> bytes | None:
         return None
 
 
+def _worker_setup(quiet: bool) -> None:
+    """A conversion worker: one thread (a process per core), the runtimes as quiet as the caller's."""
+    torch.set_num_threads(1)
+    if quiet:
+        quiet_runtimes()
+
+
 def _export_in_worker(clock: Clock, net: bytes, input_size: int, path: Path) -> bool:
     """`Clock.export` in a worker process; False when the net cannot be rebuilt there."""
-    torch.set_num_threads(1)
     try:
         module = pickle.loads(net)
     except (ImportError, AttributeError):  # its class lives in a module only the parent has loaded
