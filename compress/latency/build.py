@@ -19,6 +19,7 @@ from tqdm import tqdm
 from compress.latency.clock import SUFFIX, TIMING, Clock
 from compress.latency.layers import layer_records
 from compress.latency.model import FORMAT, LatencyModel
+from compress.latency.workers import export_all
 from compress.pruning.prune import prune
 from compress.pruning.space import ChannelConfig, ChannelSpace
 
@@ -29,7 +30,7 @@ def time_configs(model: nn.Module, space: ChannelSpace, configs: list[ChannelCon
     nets = [prune(model, c, space, importance="first") for c in configs]
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"cut{i}{SUFFIX[clock.runtime]}" for i in range(len(nets))]
-        clock.export_all(nets, space.input_size[-1], paths, f"exporting {what}" if progress else None)
+        export_all(clock, nets, space.input_size[-1], paths, f"exporting {what}" if progress else None)
         return [clock.measure_file(p) for p in tqdm(paths, desc=f"timing {what} ({clock.describe()})",
                                                      unit="model", disable=not progress)]
 
@@ -56,7 +57,7 @@ class BesideUnpruned:
         suffix = SUFFIX[self.clock.runtime]
         with tempfile.TemporaryDirectory(dir=self.folder) as tmp:
             paths = [Path(tmp) / f"cut{i}{suffix}" for i in range(len(nets))]
-            self.clock.export_all(nets, self.space.input_size[-1], paths, what and f"exporting {what}")
+            export_all(self.clock, nets, self.space.input_size[-1], paths, what and f"exporting {what}")
             return [[self.clock.measure_file(p) * self.unpruned_ms / self.clock.measure_file(self.reference)
                      for _ in range(repeats)]
                     for p in tqdm(paths, desc=f"timing {what} ({self.clock.describe()})", unit="model",

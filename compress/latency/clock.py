@@ -3,27 +3,22 @@ files, a thread count, on this machine or an Android phone over adb. It exports 
 the export stage does (without parity checks: timing only) and times the file."""
 from __future__ import annotations
 
-import multiprocessing
 import os
-import pickle
 import platform
 import tempfile
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from compress.errors import CompressError
 from compress.export.latency import measure, measure_adb
 from compress.export.quantize import quantize_onnx, quantize_tflite
 from compress.export.tflite import write_tflite
-from compress.logs import quiet_runtimes, runtime, runtimes_quiet
+from compress.logs import runtime
 
 RUNTIMES = ("tflite", "onnxruntime")
 SUFFIX = {"tflite": ".tflite", "onnxruntime": ".onnx"}
@@ -79,41 +74,11 @@ class Clock:
         return measure_adb(path, self.device.partition(":")[2] or None, threads=self.threads, warmup=self.warmup,
                            runs=self.runs)["median_ms"]
 
-    def export_all(self, nets: Sequence[nn.Module], input_size: int, paths: Sequence[Path],
-                   progress: str | None = None) -> None:
-        """Write each net as this clock's file (`export`), on a process per core: converting
-        MobileNetV2 at 224 px to TFLite is 6.5 s of single-threaded Python, timing the file 0.2 s,
-        so the conversions are what a latency model's build waits for. A net whose classes only
-        this process can import (a model from the user's own file) is converted here.
-        `progress`: a progress bar's label."""
-        workers = min(len(nets), cores())
-        bar = tqdm(total=len(nets), desc=progress, unit="model", disable=progress is None)
-        left = list(range(len(nets)))
-        if workers > 1:
-            with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _worker_setup,
-                                     (runtimes_quiet(),)) as pool:
-                jobs, left = {}, []
-                for i, net in enumerate(nets):
-                    payload = _pickled(net)
-                    if payload is None:
-                        left.append(i)
-                    else:
-                        jobs[pool.submit(_export_in_worker, self, payload, input_size, paths[i])] = i
-                for job in as_completed(jobs):
-                    if job.result():
-                        bar.update()
-                    else:
-                        left.append(jobs[job])
-        for i in left:
-            self.export(nets[i], input_size, paths[i])
-            bar.update()
-        bar.close()
-
     def export(self, net: nn.Module, input_size: int, path: Path) -> None:
         """Write `net` as this clock's file (float, or int8 quantized on random inputs)."""
         net = net.eval().cpu().to(memory_format=torch.contiguous_format)
         example = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-        # a float file of its own per output: export_all converts files side by side in one folder
+        # a float file of its own per output: workers.export_all converts files side by side in one folder
         float_path = path.with_name(f"{path.stem}.float{path.suffix}") if self.int8 else path
         if self.runtime == "tflite":
             write_tflite(net, example, float_path)
@@ -128,35 +93,6 @@ class Clock:
                 quantize_tflite(float_path, path, "int8", calib)
             else:
                 quantize_onnx(float_path, path, calib)
-
-def _pickled(net: nn.Module) -> bytes | None:
-    try:
-        return pickle.dumps(net)
-    except (pickle.PicklingError, TypeError, AttributeError):  # a lambda or a local class inside it
-        return None
-
-
-def _worker_setup(quiet: bool) -> None:
-    """A conversion worker: one thread (a process per core), the runtimes as quiet as the caller's."""
-    torch.set_num_threads(1)
-    if quiet:
-        quiet_runtimes()
-
-
-def _export_in_worker(clock: Clock, net: bytes, input_size: int, path: Path) -> bool:
-    """`Clock.export` in a worker process; False when the net cannot be rebuilt there."""
-    try:
-        module = pickle.loads(net)
-    except (ImportError, AttributeError):  # its class lives in a module only the parent has loaded
-        return False
-    clock.export(module, input_size, Path(path))
-    return True
-
-
-def cores() -> int:
-    """The cores this process may run on (the affinity mask, which containers set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
 
 def cpu() -> tuple[str, set[str]]:
     """The CPU's model name and its feature flags, as the kernel reports them."""

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import compress
 from compress import CompressError
 from compress.export.latency import measure
 from compress.latency import Clock, LatencyModel
+from compress.latency.workers import export_all
 from compress.latency.layers import FEATURES, features, layer_records, width
 from compress.pruning.allocation import allocate
 from compress.pruning.graph import example_input
@@ -171,15 +174,37 @@ def test_prune_to_an_int8_tflite_latency(tmp_path, user_net):
 
 
 def test_files_converted_side_by_side_are_each_their_own_net(tmp_path):
-    """export_all converts on a process per core: each int8 file is byte for byte the file of its
+    """export_all converts on a worker per core: each int8 file is byte for byte the file of its
     own net exported alone, in the order given."""
     model, space = _small()
     nets = [prune(model, c, space, importance="first") for c in (space.min(), space.uniform(0.5), space.max())]
     clock = Clock(runtime="onnxruntime", int8=True)
     together = [tmp_path / f"together{i}.onnx" for i in range(len(nets))]
-    clock.export_all(nets, 16, together)
+    export_all(clock, nets, 16, together)
     for i, net in enumerate(nets):
         alone = tmp_path / f"alone{i}.onnx"
         clock.export(net, 16, alone)
         assert together[i].read_bytes() == alone.read_bytes()
     assert len({p.read_bytes() for p in together}) == len(nets)
+
+
+def test_a_script_without_a_main_guard_converts_on_workers_once(tmp_path):
+    """The conversion workers are fresh interpreters: a user's script that builds a latency model
+    at its top level (no `if __name__ == "__main__"`) runs once, not again in every worker."""
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import compress\n"
+        "from compress.latency import Clock\n"
+        "from compress.latency.workers import export_all\n"
+        "from compress.pruning.graph import example_input\n"
+        "from compress.pruning.prune import prune\n"
+        "from compress.pruning.space import ChannelSpace\n"
+        "print('script ran', flush=True)\n"
+        "model = compress.build('mobilenet_v3_small_cifar', input_size=16).eval()\n"
+        "space = ChannelSpace.from_model(model, example_input(16, model))\n"
+        "nets = [prune(model, c, space, importance='first') for c in (space.min(), space.max())]\n"
+        f"export_all(Clock(runtime='onnxruntime'), nets, 16, [r'{tmp_path}/a.onnx', r'{tmp_path}/b.onnx'])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("script ran") == 1
+    assert (tmp_path / "a.onnx").stat().st_size < (tmp_path / "b.onnx").stat().st_size
