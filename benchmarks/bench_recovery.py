@@ -168,10 +168,13 @@ def main() -> None:
     ap.add_argument("--recoveries", default=",".join(RECOVERIES))
     ap.add_argument("--cells", default="runs/bench_recovery", help="folder of finished cells (resumable)")
     ap.add_argument("--macs", help="MAC targets in place of the size's, e.g. 0.7,0.5,0.3")
+    ap.add_argument("--images", help="training-image counts in place of the size's, e.g. 100,500")
     args = ap.parse_args()
     size, cells = SIZES[args.size], Path(args.cells)
     if args.macs:
         size = {**size, "macs": tuple(float(m) for m in args.macs.split(","))}
+    if args.images:
+        size = {**size, "images": tuple(int(n) for n in args.images.split(","))}
     cells.mkdir(parents=True, exist_ok=True)
     teacher = load(args.teacher).eval()
     card = teacher.card
