@@ -43,12 +43,20 @@ def export_all(clock: Clock, nets: Sequence[nn.Module], input_size: int, paths: 
     left = [i for i, payload in enumerate(payloads) if payload is None]
     workers = min(len(jobs), cores())
     if jobs:
+        for i in jobs:  # progress is counted by the files that appear
+            paths[i].unlink(missing_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             running = [_start(clock, [(paths[i], payloads[i]) for i in jobs[k::workers]], input_size,
                               Path(tmp) / f"jobs{k}.pkl") for k in range(workers)]
-            while any(proc.poll() is None for proc, _ in running):
-                bar.update(sum(paths[i].exists() for i in jobs) - bar.n)
-                time.sleep(0.5)
+            try:
+                while any(proc.poll() is None for proc, _ in running):
+                    bar.update(sum(paths[i].exists() for i in jobs) - bar.n)
+                    time.sleep(0.5)
+            finally:  # on Ctrl-C no conversion goes on behind the caller's back
+                for proc, _ in running:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
             for proc, jobfile in running:
                 left += _finished(proc, jobfile, jobs, paths)
     for i in left:
