@@ -6,7 +6,7 @@ many predictions fall within +-10% and +-5% (nn-Meter's bar on mobile CPUs: 99% 
 +-10%), with the build time. Each cell's record is kept under `--out`, so an interrupted run
 goes on where it stopped and `--table-only` rebuilds the table.
 
-`--size cpu`: MobileNetV2 (float and int8 TFLite at 1 thread, float at 2, ONNX Runtime),
+`--size cpu`: MobileNetV2 (float and int8 TFLite at 1 and 2 threads, ONNX Runtime),
 MobileNetV3-Large, LRASPP and ResNet-50 (float TFLite, 1 thread), 30 check configs each; `full`: every model on every clock, 50 configs; `quick`:
 a tiny model on ONNX Runtime. `--build-time`: the MobileNetV2 float TFLite model built twice in a row,
 pinned to one core (conversions one after another) and on every core (a conversion per core), as a
@@ -34,7 +34,8 @@ MODELS = {"mobilenet_v2": [], "torchvision:mobilenet_v3_large": [], "torchvision
 SIZES = {
     "cpu": dict(cells=[("mobilenet_v2", c) for c in ("tflite-1", "tflite-int8-1", "onnxruntime-1")]
                 + [("torchvision:mobilenet_v3_large", "tflite-1"), ("torchvision:lraspp_mobilenet_v3_large", "tflite-1"),
-                   ("mobilenet_v2", "tflite-2"), ("torchvision:resnet50", "tflite-1")], check=30, samples=24),
+                   ("mobilenet_v2", "tflite-2"), ("mobilenet_v2", "tflite-int8-2"), ("torchvision:resnet50", "tflite-1")],
+                check=30, samples=24),
     "full": dict(cells=[(m, c) for m in MODELS for c in CLOCKS], check=50, samples=24),
     "gpu": dict(cells=[(m, c) for m in MODELS for c in CLOCKS], check=50, samples=24),  # a larger CPU beside it
     "quick": dict(cells=[("mobilenet_v3_small_cifar", "onnxruntime-1")], check=5, samples=6,
