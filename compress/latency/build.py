@@ -3,13 +3,14 @@ fit; check one on random configs; and the per-machine cache `prune --latency` re
 the channel space and the clock, so a model is measured once per machine."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,22 @@ from compress.pruning.prune import prune
 from compress.pruning.space import ChannelConfig, ChannelSpace
 
 
+@contextlib.contextmanager
+def exported(clock: Clock, nets: list[nn.Module], input_size: int, what: str | None = None,
+             folder: Path | None = None) -> Iterator[list[Path]]:
+    """Each of `nets` written as `clock`'s file in a temporary folder (inside `folder` when
+    given), all before the caller times any; `what` labels the progress bar."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        paths = [Path(tmp) / f"cut{i}{SUFFIX[clock.runtime]}" for i in range(len(nets))]
+        export_all(clock, nets, input_size, paths, what and f"exporting {what}")
+        yield paths
+
+
 def time_configs(model: nn.Module, space: ChannelSpace, configs: list[ChannelConfig], clock: Clock,
                  progress: bool = False, what: str = "models") -> list[float]:
     """Measured latency (ms) of each config's pruned model on `clock`."""
     nets = [prune(model, c, space, importance="first") for c in configs]
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [Path(tmp) / f"cut{i}{SUFFIX[clock.runtime]}" for i in range(len(nets))]
-        export_all(clock, nets, space.input_size[-1], paths, f"exporting {what}" if progress else None)
+    with exported(clock, nets, space.input_size[-1], what if progress else None) as paths:
         return [clock.measure_file(p) for p in tqdm(paths, desc=f"timing {what} ({clock.describe()})",
                                                      unit="model", disable=not progress)]
 
@@ -54,10 +64,7 @@ class BesideUnpruned:
 
     def nets(self, nets: list[nn.Module], repeats: int = 1, what: str | None = None) -> list[list[float]]:
         """The times of each of `nets` (cuts of the model), each beside the unpruned file."""
-        suffix = SUFFIX[self.clock.runtime]
-        with tempfile.TemporaryDirectory(dir=self.folder) as tmp:
-            paths = [Path(tmp) / f"cut{i}{suffix}" for i in range(len(nets))]
-            export_all(self.clock, nets, self.space.input_size[-1], paths, what and f"exporting {what}")
+        with exported(self.clock, nets, self.space.input_size[-1], what, self.folder) as paths:
             return [[self.clock.measure_file(p) * self.unpruned_ms / self.clock.measure_file(self.reference)
                      for _ in range(repeats)]
                     for p in tqdm(paths, desc=f"timing {what} ({self.clock.describe()})", unit="model",

@@ -1,6 +1,6 @@
 """Converting many nets to a clock's files at once, a process per core: converting MobileNetV2
-at 224 px to TFLite is 6.5 s of single-threaded Python, timing the file 0.2 s, so conversions
-are what a latency model's build waits for.
+at 224 px to TFLite is 5.7 s of single-threaded Python, timing the file 0.34 s, so conversions
+are what a latency model's build waits for (benchmarks/RESULTS.md, "Latency model build time").
 
 Each worker is a fresh `python -m compress.latency.workers JOBFILE`, not a multiprocessing
 child: those import the caller's main script again, which reruns a user's script that calls
@@ -89,7 +89,7 @@ def _finished(proc: subprocess.Popen, jobfile: Path, jobs: list[int], paths: Seq
         log = jobfile.with_suffix(".log").read_text(errors="replace").strip().splitlines()
         raise CompressError(f"a conversion worker failed ({proc.returncode}): {' '.join(log[-5:])[-800:]}")
     result = pickle.loads(done.read_bytes())
-    if result.get("error"):
+    if result["error"]:
         raise CompressError(result["error"])
     skipped = set(map(str, result["skipped"]))
     return [i for i in jobs if str(paths[i]) in skipped]
