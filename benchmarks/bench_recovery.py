@@ -7,7 +7,10 @@ each number of training images (a seeded subset of the training split, written a
 own `npz:` file) and each seed, the pruned net is recovered by:
 
 - `finetune`: `chansearch finetune PRUNED --data npz:FILE --epochs E --batch-size 32 --teacher T`
-  with every other setting at its default (no lr given: the lr trial picks it);
+  with every other setting at its default (block-wise reconstruction first; no lr given: the lr
+  trial picks it);
+- `finetune-noblocks`: the same with `--block-steps 0` (the defaults before block-wise
+  reconstruction);
 - `finetune-features`: the same with `--feature-weight 1` (every layer also distilled from the
   teacher's output on the channels it kept);
 - `finetune-lr0.01`: the same with `--lr 0.01`, the default before the lr trial;
@@ -18,7 +21,8 @@ own `npz:` file) and each seed, the pruned net is recovered by:
 
 Reported per cell: top-1 on test images, fidelity (top-1 agreement with the teacher), the
 distillation loss against the teacher on the test images (KL at T=1), and wall time. Cells are
-stored under --cells as they finish, so an interrupted run continues where it stopped.
+stored under --cells as they finish, so an interrupted run continues where it stopped; the table
+shows every finished cell there.
 
     python benchmarks/bench_recovery.py --teacher runs/teacher224/model.pt --size cpu224
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import time
@@ -48,7 +53,7 @@ SIZES = {  # test images, training-image counts, MAC targets, epochs, the plain 
     "cpu224": dict(test=500, images=(500,), macs=(0.5,), epochs=3, lrs=(0.001, 0.01)),
     "gpu": dict(test=10000, images=(100, 500, 5000), macs=(0.7, 0.5, 0.3), epochs=3, lrs=(0.0003, 0.001, 0.003, 0.01)),
 }
-RECOVERIES = ("finetune", "finetune-features", "finetune-lr0.01", "plain")
+RECOVERIES = ("finetune", "finetune-noblocks", "finetune-features", "finetune-lr0.01", "plain")
 
 
 @torch.no_grad()
@@ -74,8 +79,9 @@ def user_images(cells: Path, data: str, count: int, seed: int) -> str:
 
 
 def recover_finetune(pruned: Path, teacher: nn.Module, spec: str, epochs: int, seed: int, run: Path,
-                     lr: float | None, feature_weight: float = 0.0) -> nn.Module:
-    settings = FinetuneSettings(epochs=epochs, seed=seed, feature_weight=feature_weight, **({"lr": lr} if lr else {}))
+                     lr: float | None, feature_weight: float = 0.0, block_steps: int | None = None) -> nn.Module:
+    settings = FinetuneSettings(epochs=epochs, seed=seed, feature_weight=feature_weight, **({"lr": lr} if lr else {}),
+                                **({"block_steps": block_steps} if block_steps is not None else {}))
     torch.manual_seed(seed)
     return stages.train(load(pruned), DataSettings(spec=spec, batch_size=32, workers=0), settings, run,
                         teacher=teacher, quiet=True).model.eval()
@@ -129,7 +135,8 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
         lr = 0.01 if recovery == "finetune-lr0.01" else None
         run = cells / "runs" / path.stem
         tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, lr,
-                                 1.0 if recovery == "finetune-features" else 0.0)
+                                 1.0 if recovery == "finetune-features" else 0.0,
+                                 0 if recovery == "finetune-noblocks" else None)
         trial = run / "lr_trial.json"
         kept = json.loads((run / "keep_best.json").read_text())
         cell = {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else lr, "kept_step": kept["step"],
@@ -187,9 +194,13 @@ def main() -> None:
         pruned[macs], before[macs] = path, scores(load(path), teacher, *test)
     ctx = {"teacher": teacher, "size": size, "pruned": pruned, "test": test, "data": args.data,
            "seeds": range(args.seeds)}
-    done = [run_cell(cells, recovery, macs, count, seed, ctx)
-            for macs in size["macs"] for count in size["images"] for seed in range(args.seeds)
-            for recovery in args.recoveries.split(",")]
+    for macs, count, seed, recovery in itertools.product(size["macs"], size["images"], range(args.seeds),
+                                                         args.recoveries.split(",")):
+        run_cell(cells, recovery, macs, count, seed, ctx)
+    done = [json.loads(path.read_text()) for path in sorted(cells.glob("*.json"))]  # this run's and earlier ones'
+    for path in cells.glob("pruned_*.pt"):
+        macs = float(path.stem.split("_")[1])
+        before[macs] = before.get(macs) or scores(load(path), teacher, *test)
     teacher_scores = scores(teacher, teacher, *test)
     write_section(f"Recovery with few images ({args.size})", "\n".join([
         f"Teacher `{args.teacher}`: {card.input_size} px, test top-1 {teacher_scores['top1']:.1%} on {size['test']} "

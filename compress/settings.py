@@ -60,6 +60,11 @@ class TrainSettings(Settings):
                                   "model): weight of the layer-wise feature distillation added to the loss, every "
                                   "conv/linear layer pulled towards the teacher's output on the channels it kept "
                                   "(0 = off)")
+    block_steps: int = Field(0, ge=0, description="with a teacher of the same architecture (the unpruned model): "
+                             "before the epochs, train each block of the net alone for this many steps to reproduce "
+                             "the teacher's block output on the channels it kept, on up to `block_images` training "
+                             "images (block-wise reconstruction; 0 = off)")
+    block_images: int = Field(512, ge=2, description="training images the block-wise reconstruction runs on")
     holdout: int = Field(0, ge=0, description="training images held out (for search, or for keep_best), picked "
                          "with the seed")
     keep_best: bool = Field(False, description="evaluate on the held-out training images as training goes (from "
@@ -292,6 +297,8 @@ class FinetuneSettings(TrainSettings):
     distill: bool = Field(True, description="distil from the unpruned model (or the supernet's full config)")
     warmup_epochs: float = Field(0.1, ge=0, description="linear warm-up epochs (from a small lr: a pruned net "
                                  "is closer to a sharp edge than a trained one)")
+    block_steps: int = Field(200, ge=0, description="block-wise reconstruction steps per block before the epochs, "
+                             "with the unpruned model as teacher (what gains on a few hundred images; 0 = off)")
     holdout: int = Field(500, ge=0, description="training images held out to pick the best state (keep_best; "
                          "at most a tenth of the training set)")
     keep_best: bool = Field(True, description="evaluate on the held-out training images as fine-tuning goes (from "

@@ -177,8 +177,9 @@ def finetune(ctx: RunContext, folder: Path) -> Finetuned | None:
             teacher = upstream.teacher if f.distill else None
             # from scratch, `chansearch train`'s settings (its lr unless the recipe sets one); else the
             # fine-tune's own, whose lr (when not set) is picked by the lr trial
-            settings = (TrainSettings(**f.model_dump(exclude={"from_scratch", "distill", "lr_base", "lr_trial"},
-                                                     exclude_none=True)) if f.from_scratch else f)
+            settings = (TrainSettings(**f.model_dump(exclude={"from_scratch", "distill", "lr_base", "lr_trial",
+                                                              "block_steps", "block_images"}, exclude_none=True))
+                        if f.from_scratch else f)
             where = ["--from-scratch", "-o", run_dir] if f.from_scratch else ["-o", path, "--run-dir", run_dir]
             # the command's flags are read against its own defaults: train's, or finetune's
             shown = settings if f.from_scratch else f.model_copy(update={"distill": True})

@@ -30,8 +30,9 @@ class FeatureMatch:
             student.eval()(images)
             teacher.eval()(images)
         student.train(was)
-        self.channels = {n: _matched(self.student_out[n], self.teacher_out[n]) for n in self.names}
-        self.scale = {n: _channels(self.teacher_out[n]).var(1).clamp_min(1e-6)[self.channels[n]] for n in self.names}
+        self.channels = {n: matched_channels(self.student_out[n], self.teacher_out[n]) for n in self.names}
+        self.scale = {n: channel_rows(self.teacher_out[n]).var(1).clamp_min(1e-6)[self.channels[n]]
+                      for n in self.names}
 
     @staticmethod
     def _keep(store: dict, name: str):
@@ -42,7 +43,7 @@ class FeatureMatch:
     def loss(self) -> torch.Tensor:
         terms = []
         for n in self.names:
-            s, t = _channels(self.student_out[n]), _channels(self.teacher_out[n].detach())[self.channels[n]]
+            s, t = channel_rows(self.student_out[n]), channel_rows(self.teacher_out[n].detach())[self.channels[n]]
             terms.append((((s - t) ** 2).mean(1) / self.scale[n]).mean())
         return torch.stack(terms).mean()
 
@@ -51,17 +52,17 @@ class FeatureMatch:
             h.remove()
 
 
-def _channels(x: torch.Tensor) -> torch.Tensor:
+def channel_rows(x: torch.Tensor) -> torch.Tensor:
     """(channels, everything else): a conv's (N, C, H, W) or a linear layer's (N, C)."""
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
-def _matched(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def matched_channels(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """For each student channel, the teacher channel it reproduces best (highest correlation);
     the identity when the layer kept every channel."""
     if student.shape[1] == teacher.shape[1]:
         return torch.arange(teacher.shape[1], device=teacher.device)
-    s, t = _channels(student.float()), _channels(teacher.float())
+    s, t = channel_rows(student.float()), channel_rows(teacher.float())
     s = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-8)
     t = (t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-8)
     return (s @ t.T).argmax(1)

@@ -27,6 +27,7 @@ from compress.files import atomic_save, atomic_write_json, safe_torch_load
 from compress.models.card import ModelCard, card_of
 from compress.settings import DataSettings, TrainSettings
 from compress.training import distributed, keep_best, lr_trial
+from compress.training.blockwise import reconstruct_before_training
 from compress.training.evaluate import evaluate
 from compress.training.features import FeatureMatch
 from compress.training.keep_best import BEST_FILE, BEST_INT8_FILE, KEPT_FILE, Best
@@ -39,6 +40,7 @@ from compress.training.tasks import Classify, UserLoss, task_of
 from compress.units import duration
 
 STATE_FILE = "last.pt"
+BLOCKS_FILE = "blocks.json"  # each block's held-out error before and after the block-wise reconstruction
 ESTIMATE_STEPS = (3, 13)  # a run says how long it will take from the pace between these steps (the first are slow)
 RANGE_BATCHES = 8  # training batches that set the int8 activation ranges before the quantization-aware epochs
 
@@ -88,6 +90,12 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
     (loader, val_loader, select_loader), held = loaders_for(source, card, cfg, validate)
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(cfg.steps_per_epoch, len(loader))
     _to_device(model, teacher, cfg, device)
+    if saved is None and teacher is not None and step is None and cfg.block_steps:
+        records = reconstruct_before_training(model, teacher, loader, cfg.block_steps, cfg.block_images,
+                                              cfg.channels_last, cfg.seed + rank, device, quiet or not main)
+        if main and records:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / BLOCKS_FILE, records)
     features = _features(model, teacher, cfg, loader, device) if step is None else None
     step = step or standard_step(cfg, teacher, task, features)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
