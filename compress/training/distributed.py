@@ -46,6 +46,15 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return t.item() > 0
 
 
+def broadcast_state(model: torch.nn.Module, source: int = 0) -> None:
+    """Every rank takes `source`'s weights and buffers (after work only that rank did)."""
+    if dist.is_initialized():
+        for tensor in model.state_dict().values():
+            dense = tensor.contiguous()  # a channels_last weight is not, and gloo sends dense tensors only
+            dist.broadcast(dense, source)
+            tensor.copy_(dense)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

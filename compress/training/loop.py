@@ -91,11 +91,12 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
     steps = len(loader) if cfg.steps_per_epoch <= 0 else min(cfg.steps_per_epoch, len(loader))
     _to_device(model, teacher, cfg, device)
     if saved is None and teacher is not None and step is None and cfg.block_steps:
-        records = reconstruct_before_training(model, teacher, loader, cfg.block_steps, cfg.block_images,
-                                              cfg.channels_last, cfg.seed + rank, device, quiet or not main)
-        if main and records:
+        if main:  # on rank 0's images; every rank then takes its weights
+            records = reconstruct_before_training(model, teacher, loader, cfg.block_steps, cfg.block_images,
+                                                  cfg.channels_last, cfg.seed, device, quiet)
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / BLOCKS_FILE, records)
+        distributed.broadcast_state(model)
     features = _features(model, teacher, cfg, loader, device) if step is None else None
     step = step or standard_step(cfg, teacher, task, features)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)

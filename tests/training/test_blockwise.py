@@ -3,6 +3,9 @@ closer to the teacher's on images it did not train on, that a block made worse i
 and that a fine-tune runs it first and says so."""
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ import compress
 from compress.settings import DataSettings, FinetuneSettings
 from compress.training.blockwise import find_blocks, reconstruct_blocks
 from compress.training.loop import fit
-from conftest import TRAINED
+from conftest import ROOT, TRAINED, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +85,23 @@ def test_a_fine_tune_reconstructs_the_blocks_first_and_says_so(tmp_path, cifar_d
     records = json.loads((tmp_path / "blocks.json").read_text())
     assert len(records) == 20
     assert f"block-wise reconstruction: {sum(r['kept'] for r in records)} of 20 blocks" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_zero_reconstructs_and_every_rank_fine_tunes_its_weights(tmp_path, cifar_dir):
+    """Two processes: the blocks are reconstructed once (one line, one blocks.json), every rank
+    takes rank 0's weights (channels_last ones included) and the fine-tune finishes."""
+    data = ["--data", f"cifar10:{cifar_dir}"]
+    out = run_cli("prune", TRAINED, "--macs", "50%", *data, "-o", tmp_path / "p.pt")
+    assert out.returncode == 0, out.stderr[-2000:]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "compress", "finetune", str(tmp_path / "p.pt"), *data, "--teacher", str(TRAINED),
+                          "--workers", "0", "--batch-size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--block-steps", "5",
+                          "--block-images", "64", "--holdout", "64", "--run-dir", str(tmp_path / "run"),
+                          "-o", str(tmp_path / "ft.pt")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("block-wise reconstruction: ") == 1
+    assert len(json.loads((tmp_path / "run" / "blocks.json").read_text())) == 20
+    assert (tmp_path / "ft.pt").is_file()
