@@ -51,6 +51,7 @@ def test_blocks_are_the_modules_a_forward_pass_reaches_in_order_on_any_cnn():
     assert find_blocks(torchvision.models.mobilenet_v2(num_classes=10).eval(), net, example) == []
 
 
+@pytest.mark.slow
 def test_each_kept_block_comes_closer_to_the_teacher_and_so_does_the_net_on_new_images(pruned_and_teacher):
     """A 40%-MAC MobileNetV2, refitted: every block of it found (the stem, 17 inverted-residual
     blocks, the last conv, the classifier), the ones kept closer to the teacher's block on the
