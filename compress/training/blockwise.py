@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from compress.pruning.batchnorm import fold_statistics
+from compress.settings import TrainSettings
 from compress.training.features import matched_channels
 from compress.units import duration
 
@@ -202,21 +203,21 @@ def _batched(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return torch.cat([module(x) for x in inputs.split(64)])
 
 
-def reconstruct_before_training(model: nn.Module, teacher: nn.Module, loader, block_steps: int, block_images: int,
-                                channels_last: bool, seed: int, device: torch.device, quiet: bool) -> list[dict]:
-    """`reconstruct_blocks` on the first `block_images` images `loader` yields (augmented as
-    training sees them), with a line saying what it did."""
+def reconstruct_before_training(model: nn.Module, teacher: nn.Module, loader, cfg: TrainSettings,
+                                device: torch.device, quiet: bool) -> list[dict]:
+    """`reconstruct_blocks` (`cfg.block_steps` a block) on the first `cfg.block_images` images
+    `loader` yields (augmented as training sees them), with a line saying what it did."""
     parts, count = [], 0
     for images, _ in loader:
         parts.append(images)
         count += len(images)
-        if count >= block_images:
+        if count >= cfg.block_images:
             break
-    images = torch.cat(parts)[:block_images].to(device)
-    if channels_last:
+    images = torch.cat(parts)[:cfg.block_images].to(device)
+    if cfg.channels_last:
         images = images.to(memory_format=torch.channels_last)
     began = time.perf_counter()
-    records = reconstruct_blocks(model, teacher, images, block_steps, seed=seed, progress=not quiet)
+    records = reconstruct_blocks(model, teacher, images, cfg.block_steps, seed=cfg.seed, progress=not quiet)
     if records and not quiet:
         kept = [r for r in records if r["kept"]]
         change = sum(r["after"] / r["before"] - 1 for r in kept if r["before"]) / max(len(kept), 1)

@@ -92,8 +92,7 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
     _to_device(model, teacher, cfg, device)
     if saved is None and teacher is not None and step is None and cfg.block_steps:
         if main:  # on rank 0's images; every rank then takes its weights
-            records = reconstruct_before_training(model, teacher, loader, cfg.block_steps, cfg.block_images,
-                                                  cfg.channels_last, cfg.seed, device, quiet)
+            records = reconstruct_before_training(model, teacher, loader, cfg, device, quiet)
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / BLOCKS_FILE, records)
         distributed.broadcast_state(model)
