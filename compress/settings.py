@@ -289,9 +289,10 @@ class FinetuneSettings(TrainSettings):
     lr_base: float = Field(0.008, gt=0, description="peak learning rate per 256 images, scaled to the global batch "
                            "size when `lr` is not set (a pruned pretrained net needs a fine-tuning lr, not a "
                            "from-scratch one)")
-    lr_trial: int = Field(20, ge=0, description="when `lr` is not set: train a copy for this many steps at each of "
-                          "lr_base x 1/4, 1 and 4 (batch-scaled) and fine-tune at the one with the lowest held-out "
-                          "loss (0 = no trial: lr_base scaled)")
+    lr_trial: int = Field(20, ge=0, description="when `lr` is not set: train a copy at lr_base (batch-scaled) and "
+                          "at 4x, then climb or descend by 4x while the held-out loss improves, each for an eighth "
+                          "of the run but at least this many steps (the lr annealed to zero over them), and "
+                          "fine-tune at the best (0 = no trial: lr_base scaled)")
     from_scratch: bool = Field(False, description="retrain the architecture from a fresh initialisation "
                                "(MetaPruning, AutoSlim) instead of fine-tuning its weights")
     distill: bool = Field(True, description="distil from the unpruned model (or the supernet's full config)")

@@ -103,8 +103,9 @@ def fit(model: nn.Module, data: DataSource | DataSettings | Loaders | DataLoader
     if cfg.lr is None:  # a fine-tune without an lr: the trial's, or lr_base scaled to the batch
         run = lambda net, data, n, opt: train_epoch(net, data, n, step, opt, autocast, cfg, 0, device, True,  # noqa: E731
                                                     None, net, "none yet")
-        cfg = cfg.model_copy(update={"lr": lr_trial.resolve(model, cfg, loader.batch_size * world, loader,
-                                                            select_loader, run_dir, main, run, device, quiet)})
+        cfg = cfg.model_copy(update={"lr": lr_trial.resolve(model, cfg, loader.batch_size * world,
+                                                            cfg.epochs * steps, loader, select_loader, run_dir,
+                                                            main, run, device, quiet)})
     optim = Optimization(model, cfg, steps, device)
     qat_from = cfg.epochs - cfg.qat_epochs if cfg.qat_epochs else None
     # what the epochs train: the model, or from qat_from on its int8 form

@@ -1,9 +1,18 @@
 """The fine-tune's learning rate when none is given: `lr_base` per 256 images, scaled to the
-batch size (as timm's `lr_base`), and, with held-out images, chosen by a short trial of a few
-candidates around it: each trains a copy of the model for `lr_trial` steps, and the one with
-the lowest held-out loss wins (the smaller on a tie; a candidate that diverges loses). A
-pretrained, pruned net is close to a sharp edge: a from-scratch lr wrecks in a few steps what
-pruning kept, and keep-best can only refuse the damage, not undo it."""
+batch size (as timm's `lr_base`), and, with held-out images, chosen by a short trial around it:
+each candidate trains a copy of the model, its lr annealed to zero over the trial's steps, and
+is scored by its held-out loss. The walk starts at the scaled lr and its 4x; it climbs by 4x
+while the larger lr wins, else steps down by 4x while the smaller one wins (lrs within 1% of
+each other tie: the smaller wins in a short run, the larger in a long one).
+
+Why this shape: a pretrained, pruned net is close to a sharp edge (a from-scratch lr wrecks in a
+few steps what pruning kept, and keep-best can only refuse the damage), yet with thousands of
+images a training lr is what passes a teacher short of training. A trial at a constant lr sees
+only a large lr's noise, never what it gains once annealed, and a short one favours the gentlest
+lr whatever the run: on 5,000 images (benchmarks/RESULTS.md, "Recovery with few images") 20
+constant-lr steps chose 0.00025 for a 420-step run that ends 2.6 points higher at 0.01. So each
+candidate is annealed, and trains for an eighth of the run (at least `lr_trial` steps, at most
+the run)."""
 from __future__ import annotations
 
 import copy
@@ -23,7 +32,9 @@ from compress.training.optim import Optimization
 from compress.training.state import rng_state, set_rng_state
 
 TRIAL_FILE = "lr_trial.json"
-FACTORS = (0.25, 1.0, 4.0)  # the candidates, as multiples of the batch-scaled lr_base
+STEP = 4.0  # between candidates
+MAX_TRIES = 4
+SHARE = 8  # a candidate trains for 1/SHARE of the run's steps (at least `lr_trial`)
 
 
 def scaled_lr(cfg: FinetuneSettings, batch_size: int) -> float:
@@ -31,20 +42,32 @@ def scaled_lr(cfg: FinetuneSettings, batch_size: int) -> float:
     return cfg.lr_base * batch_size / 256
 
 
+def trial_steps(cfg: FinetuneSettings, total: int) -> int:
+    """Steps per candidate for a run of `total` steps."""
+    return min(total, max(cfg.lr_trial, total // SHARE))
+
+
+def _repeated(loader: DataLoader):
+    """The loader's batches, epoch after epoch (a trial may be longer than a small set's epoch)."""
+    while True:
+        yield from loader
+
+
 def trial(model: nn.Module, lrs: list[float], steps: int, loader: DataLoader, held: DataLoader, cfg: TrainSettings,
           run_steps, device: torch.device) -> list[dict]:
-    """Train a copy of `model` for `steps` steps at each lr of `lrs` (`run_steps(net, loader,
-    steps, optim)` runs them; it raises CompressError when the loss diverges) and score it on
+    """Train a copy of `model` for `steps` steps at each lr of `lrs`, annealed to zero over them
+    (`run_steps(net, batches, steps, optim)` runs them; it raises CompressError when the loss
+    diverges) and score it on
     `held`: one record per lr, its held-out loss (inf when it diverged). The caller's RNG state
     is restored, so the run after the trial is the run without it."""
     saved = rng_state()
     results = []
     for lr in lrs:
         net = copy.deepcopy(model)
-        optim = Optimization(net, cfg.model_copy(update={"lr": lr, "warmup_epochs": 0.0, "ema_decay": 0.0}),
-                             steps, device)
+        optim = Optimization(net, cfg.model_copy(update={"lr": lr, "epochs": 1, "warmup_epochs": 0.0,
+                                                         "ema_decay": 0.0}), steps, device)
         try:
-            run_steps(net, loader, steps, optim)
+            run_steps(net, _repeated(loader), steps, optim)
             scores = evaluate(net, held, device)
             loss = scores["loss"] if math.isfinite(scores["loss"]) else math.inf
         except CompressError:  # diverged
@@ -55,34 +78,56 @@ def trial(model: nn.Module, lrs: list[float], steps: int, loader: DataLoader, he
     return results
 
 
-def chosen(results: list[dict]) -> float:
-    """The lr with the lowest held-out loss; the smaller lr when two are within 1% of each other."""
+def chosen(results: list[dict], larger: bool = False) -> float:
+    """The lr with the lowest held-out loss; of lrs within 1% of it, the smaller, or the larger
+    when `larger` (a run much longer than a try: see `resolve`)."""
     best = min(r["heldout_loss"] for r in results)
     if not math.isfinite(best):
         return min(r["lr"] for r in results)  # every candidate diverged: the gentlest, keep-best guards it
-    return min(r["lr"] for r in results if r["heldout_loss"] <= best * 1.01)
+    return (max if larger else min)(r["lr"] for r in results if r["heldout_loss"] <= best * 1.01)
 
 
-def resolve(model: nn.Module, cfg: FinetuneSettings, batch_size: int, loader: DataLoader, held: DataLoader | None,
-            run_dir: Path, main: bool, run_steps, device: torch.device, quiet: bool) -> float:
+def search(model: nn.Module, base: float, steps: int, loader: DataLoader, held: DataLoader, cfg: TrainSettings,
+           run_steps, device: torch.device, larger: bool = False) -> list[dict]:
+    """The trial's walk from `base` (see the module's note), ties going to the larger lr when
+    `larger`: every candidate tried, in order."""
+    args = (steps, loader, held, cfg, run_steps, device)
+    results = trial(model, [base, base * STEP], *args)
+    direction = STEP if chosen(results, larger) > base else 1 / STEP
+    while len(results) < MAX_TRIES:
+        edge = (max if direction > 1 else min)(r["lr"] for r in results)
+        if chosen(results, larger) != edge:  # the best lies inside what was tried
+            break
+        results += trial(model, [edge * direction], *args)
+    return results
+
+
+def resolve(model: nn.Module, cfg: FinetuneSettings, batch_size: int, total: int, loader: DataLoader,
+            held: DataLoader | None, run_dir: Path, main: bool, run_steps, device: torch.device, quiet: bool) -> float:
     """The fine-tune's lr: `cfg.lr` when set; else the trial's choice (kept in the run folder,
-    so a resumed run uses the same); else, without held-out images or with `lr_trial` 0,
-    `lr_base` scaled to the batch."""
+    so a resumed run uses the same) for a run of `total` steps; else, without held-out images
+    or with `lr_trial` 0, `lr_base` scaled to the batch."""
     if cfg.lr is not None:
         return cfg.lr
     path = Path(run_dir) / TRIAL_FILE
     if path.exists():
         return json.loads(path.read_text())["lr"]
     base = scaled_lr(cfg, batch_size)
-    if not cfg.lr_trial or held is None:
+    if not cfg.lr_trial or held is None or not total:
         return base
-    results = trial(model, [base * f for f in FACTORS], cfg.lr_trial, loader, held, cfg, run_steps, device)
-    lr = chosen(results)
+    steps = trial_steps(cfg, total)
+    # A try as short as an eighth of the run favours small lrs (short-horizon bias, Wu et al.,
+    # ICLR 2018): what a larger lr gains shows only over a longer anneal. So when the run is
+    # that much longer than a try, a larger lr within the noise of the best is taken; when a
+    # try is most of the run, the smaller one (keep-best guards either).
+    larger = total >= SHARE * steps
+    results = search(model, base, steps, loader, held, cfg, run_steps, device, larger)
+    lr = chosen(results, larger)
     if main:
-        atomic_write_json(path, {"lr": lr, "batch_size": batch_size, "lr_base": cfg.lr_base, "steps": cfg.lr_trial,
-                                 "candidates": results})
+        atomic_write_json(path, {"lr": lr, "batch_size": batch_size, "lr_base": cfg.lr_base, "steps": steps,
+                                 "ties_to": "larger" if larger else "smaller", "candidates": results})
         if not quiet:
             shown = ", ".join(f"{r['lr']:.2g}: {r['heldout_loss']:.3f}" for r in results)
-            print(f"lr trial ({cfg.lr_trial} steps each, held-out loss): {shown}; fine-tuning at lr {lr:.2g}",
+            print(f"lr trial ({steps} steps each, annealed; held-out loss): {shown}; fine-tuning at lr {lr:.2g}",
                   flush=True)
     return lr

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import compress
 from compress.settings import DataSettings
@@ -68,20 +69,21 @@ def test_keep_best_takes_a_later_state_only_for_a_gain_beyond_noise(tmp_path):
 
 
 def test_the_fine_tune_lr_follows_the_batch_size(tmp_path):
-    """Without an lr, a fine-tune's lr is lr_base per 256 images at its batch size; the trial's
-    candidates are spread around that same batch-scaled lr."""
+    """Without an lr, a fine-tune's lr is lr_base per 256 images at its batch size; the trial
+    starts from that same batch-scaled lr and its 4x, and walks by 4x from there."""
     from compress.settings import FinetuneSettings
     from compress.training import lr_trial
     settings = FinetuneSettings(lr_base=0.008, lr_trial=0)
     assert [lr_trial.scaled_lr(settings, b) for b in (32, 64, 256)] == [0.001, 0.002, 0.008]
     net = compress.build("mobilenet_v3_small_cifar", input_size=16)
     data = DataSettings(spec="synthetic:96", batch_size=16, workers=0)
-    trial = FinetuneSettings(epochs=1, steps_per_epoch=1, lr_trial=2, holdout=9, keep_best=True, eval_every=0)
+    trial = FinetuneSettings(epochs=2, steps_per_epoch=3, lr_trial=2, holdout=9, keep_best=True, eval_every=0)
     fit(net, data, trial, tmp_path / "trial", quiet=True)
     record = json.loads((tmp_path / "trial" / "lr_trial.json").read_text())
-    assert record["batch_size"] == 16 and [c["lr"] for c in record["candidates"]] == pytest.approx(
-        [0.008 * 16 / 256 * f for f in (0.25, 1, 4)])
-    assert record["lr"] in [c["lr"] for c in record["candidates"]]
+    lrs = [c["lr"] for c in record["candidates"]]
+    assert record["batch_size"] == 16 and lrs[:2] == pytest.approx([0.008 * 16 / 256, 0.008 * 16 / 256 * 4])
+    assert 3 <= len(lrs) <= 4 and all(lr / 4 in lrs or lr * 4 in lrs for lr in lrs)
+    assert record["lr"] in lrs and record["steps"] == 2  # lr_trial steps: more than an eighth of the run's 6
 
 
 def test_the_lr_trial_picks_the_better_of_two_lrs_when_one_diverges():
@@ -108,8 +110,38 @@ def test_the_lr_trial_picks_the_better_of_two_lrs_when_one_diverges():
         results = lr_trial.trial(net, lrs, 4, train, held, cfg, run, torch.device("cpu"))
         by_lr = {r["lr"]: r["heldout_loss"] for r in results}
         assert by_lr[1e5] == float("inf") and by_lr[1e-3] < 10
-        assert lr_trial.chosen(results) == 1e-3
+        assert lr_trial.chosen(results) == 1e-3 and lr_trial.chosen(results, larger=True) == 1e-3
     assert torch.equal(torch.get_rng_state(), before)
+    tied = [{"lr": 1e-3, "heldout_loss": 1.0}, {"lr": 4e-3, "heldout_loss": 1.005}, {"lr": 1.6e-2, "heldout_loss": 1.2}]
+    assert lr_trial.chosen(tied) == 1e-3 and lr_trial.chosen(tied, larger=True) == 4e-3
+
+
+def test_the_lr_trial_climbs_while_a_larger_lr_trains_better():
+    """From a base lr far too small to move a net in a few steps, the walk climbs by 4x while
+    the larger lr's held-out loss is lower, up to its fourth try, and picks the largest."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.settings import FinetuneSettings
+    from compress.training import lr_trial
+    from compress.training.loop import standard_step, train_epoch
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 2))
+    labels = torch.randint(0, 2, (96,))
+    images = torch.randn(96, 3, 8, 8)
+    images[:, 0] += labels[:, None, None] * 2.0 - 1  # learnable in a few steps at a sound lr
+    train = DataLoader(TensorDataset(images[:64], labels[:64]), batch_size=16, shuffle=True)
+    held = DataLoader(TensorDataset(images[64:], labels[64:]), batch_size=16)
+    cfg = FinetuneSettings(epochs=1, channels_last=False)
+    step = standard_step(cfg)
+
+    def run(model, batches, steps, optim):
+        train_epoch(model, batches, steps, step, optim, contextlib.nullcontext(), cfg, 0, torch.device("cpu"), True,
+                    None, model, "none yet")
+
+    results = lr_trial.search(net, 1e-3, 8, train, held, cfg, run, torch.device("cpu"))
+    assert [r["lr"] for r in results] == pytest.approx([1e-3, 4e-3, 1.6e-2, 6.4e-2])
+    losses = [r["heldout_loss"] for r in results]
+    assert losses == sorted(losses, reverse=True) and lr_trial.chosen(results) == pytest.approx(6.4e-2)
 
 
 def test_the_terminal_names_the_state_fine_tuning_returned(tmp_path, cifar_dir):
@@ -126,7 +158,7 @@ def test_the_terminal_names_the_state_fine_tuning_returned(tmp_path, cifar_dir):
     assert "on 64 held-out images: no later state got more of them right by more than the noise" in out.stdout
     out = run_cli("finetune", TRAINED, *common, "--lr-trial", "2", "-o", tmp_path / "tried.pt")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "lr trial (2 steps each, held-out loss): 0.00025: " in out.stdout and "fine-tuning at lr" in out.stdout
+    assert "lr trial (2 steps each, annealed; held-out loss): 0.001: " in out.stdout and "fine-tuning at lr" in out.stdout
     assert "keep_best: returned the " in out.stdout
 
 
