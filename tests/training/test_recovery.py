@@ -86,28 +86,34 @@ def test_the_fine_tune_lr_follows_the_batch_size(tmp_path):
     assert record["lr"] in lrs and record["steps"] == 2  # lr_trial steps: more than an eighth of the run's 6
 
 
-def test_the_lr_trial_picks_the_better_of_two_lrs_when_one_diverges():
-    """An lr that blows the loss up loses the trial to one that trains, whatever their order; the
-    trial leaves the caller's random state as it found it."""
+def _trial_setup(images: torch.Tensor, labels: torch.Tensor, train_images: int):
+    """What lr_trial.trial and .search take besides the model and the lrs: the first
+    `train_images` to train on, the rest held out, the settings and a step runner."""
     from torch.utils.data import DataLoader, TensorDataset
     from compress.settings import FinetuneSettings
-    from compress.training import lr_trial
     from compress.training.loop import standard_step, train_epoch
-    torch.manual_seed(0)
-    net = compress.build("mobilenet_v3_small_cifar", input_size=16)
-    images, labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
-    train = DataLoader(TensorDataset(images[:48], labels[:48]), batch_size=16, shuffle=True)
-    held = DataLoader(TensorDataset(images[48:], labels[48:]), batch_size=16)
+    train = DataLoader(TensorDataset(images[:train_images], labels[:train_images]), batch_size=16, shuffle=True)
+    held = DataLoader(TensorDataset(images[train_images:], labels[train_images:]), batch_size=16)
     cfg = FinetuneSettings(epochs=1, channels_last=False)
     step = standard_step(cfg)
 
-    def run(model, loader, steps, optim):
-        train_epoch(model, loader, steps, step, optim, contextlib.nullcontext(), cfg, 0, torch.device("cpu"), True,
+    def run(model, batches, steps, optim):
+        train_epoch(model, batches, steps, step, optim, contextlib.nullcontext(), cfg, 0, torch.device("cpu"), True,
                     None, model, "none yet")
+    return train, held, cfg, run, torch.device("cpu")
 
+
+def test_the_lr_trial_picks_the_better_of_two_lrs_when_one_diverges():
+    """An lr that blows the loss up loses the trial to one that trains, whatever their order; the
+    trial leaves the caller's random state as it found it. Of two lrs within 1%, the smaller
+    wins, or the larger in a run much longer than the trial."""
+    from compress.training import lr_trial
+    torch.manual_seed(0)
+    net = compress.build("mobilenet_v3_small_cifar", input_size=16)
+    setup = _trial_setup(torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,)), 48)
     before = torch.get_rng_state()
     for lrs in ([1e-3, 1e5], [1e5, 1e-3]):
-        results = lr_trial.trial(net, lrs, 4, train, held, cfg, run, torch.device("cpu"))
+        results = lr_trial.trial(net, lrs, 4, *setup)
         by_lr = {r["lr"]: r["heldout_loss"] for r in results}
         assert by_lr[1e5] == float("inf") and by_lr[1e-3] < 10
         assert lr_trial.chosen(results) == 1e-3 and lr_trial.chosen(results, larger=True) == 1e-3
@@ -119,26 +125,14 @@ def test_the_lr_trial_picks_the_better_of_two_lrs_when_one_diverges():
 def test_the_lr_trial_climbs_while_a_larger_lr_trains_better():
     """From a base lr far too small to move a net in a few steps, the walk climbs by 4x while
     the larger lr's held-out loss is lower, up to its fourth try, and picks the largest."""
-    from torch.utils.data import DataLoader, TensorDataset
-    from compress.settings import FinetuneSettings
     from compress.training import lr_trial
-    from compress.training.loop import standard_step, train_epoch
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(8, 2))
     labels = torch.randint(0, 2, (96,))
     images = torch.randn(96, 3, 8, 8)
     images[:, 0] += labels[:, None, None] * 2.0 - 1  # learnable in a few steps at a sound lr
-    train = DataLoader(TensorDataset(images[:64], labels[:64]), batch_size=16, shuffle=True)
-    held = DataLoader(TensorDataset(images[64:], labels[64:]), batch_size=16)
-    cfg = FinetuneSettings(epochs=1, channels_last=False)
-    step = standard_step(cfg)
-
-    def run(model, batches, steps, optim):
-        train_epoch(model, batches, steps, step, optim, contextlib.nullcontext(), cfg, 0, torch.device("cpu"), True,
-                    None, model, "none yet")
-
-    results = lr_trial.search(net, 1e-3, 8, train, held, cfg, run, torch.device("cpu"))
+    results = lr_trial.search(net, 1e-3, 8, *_trial_setup(images, labels, 64))
     assert [r["lr"] for r in results] == pytest.approx([1e-3, 4e-3, 1.6e-2, 6.4e-2])
     losses = [r["heldout_loss"] for r in results]
     assert losses == sorted(losses, reverse=True) and lr_trial.chosen(results) == pytest.approx(6.4e-2)
