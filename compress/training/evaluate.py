@@ -18,7 +18,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progr
     """With `distributed_sum`, under torchrun, each rank passes its share of the data and
     all get the totals; without, each rank's result is its own. `task`: the model's own (its
     card's), or classification for a model without a card (a supernet). `per_image`: a
-    classifier's result also holds `correct`, this rank's top-1 hit per image in loader order."""
+    classifier's result also holds `correct`, this rank's top-1 hit per image in loader order,
+    and `losses`, its cross-entropy per image."""
     task = task or (task_of(model) if isinstance(getattr(model, "card", None), ModelCard) else Classify())
     model.eval()
     if teacher is not None:
@@ -33,6 +34,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", progr
     result = meter.result(distributed_sum)
     if per_image and getattr(meter, "correct", None):
         result["correct"] = torch.cat(meter.correct)
+    if per_image and getattr(meter, "losses", None):
+        result["losses"] = torch.cat(meter.losses)
     if per_image and getattr(meter, "divergence", None):
         result["divergence"] = torch.cat(meter.divergence)
     return result

@@ -204,13 +204,15 @@ def task_of(model: nn.Module, label_smoothing: float = 0.0) -> Classify:
 class _TopK:
     """Loss, top-1 and top-5 of classification logits (summed across torchrun ranks); with a
     teacher, the share of images whose top-1 is the teacher's (fidelity). `correct`: this
-    rank's per-image top-1 hits in loader order, for a paired comparison of two states;
-    `divergence`, with a teacher, each image's KL(teacher || model) at temperature 1."""
+    rank's per-image top-1 hits in loader order, for a paired comparison of two states, and
+    `losses` their cross-entropy; `divergence`, with a teacher, each image's KL(teacher || model)
+    at temperature 1."""
 
     def __init__(self, device):
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, same as teacher
         self.teacher = False
         self.correct: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
         self.divergence: list[torch.Tensor] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
@@ -218,13 +220,15 @@ class _TopK:
         logits = logits.float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
         self.correct.append(hit[:, 0])
+        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+        self.losses.append(losses)
         same = torch.zeros((), device=logits.device)
         if teacher_logits is not None:
             self.teacher = True
             same = logits.argmax(1).eq(teacher_logits.argmax(1)).sum()
             target = nn.functional.log_softmax(teacher_logits.float(), 1)
             self.divergence.append((target.exp() * (target - nn.functional.log_softmax(logits, 1))).sum(1))
-        self.sums += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+        self.sums += torch.stack([losses.sum().double(),
                                   hit[:, :1].sum().double(), hit.sum().double(),
                                   torch.tensor(float(len(labels)), dtype=torch.float64, device=self.sums.device),
                                   same.double()])

@@ -192,7 +192,8 @@ def test_with_a_teacher_keep_best_takes_the_state_closest_to_it_beyond_noise(tmp
     further from the teacher is turned down; one closer on ten images and further on eight is too,
     and so is one closer to the teacher that gets eleven fewer right; one closer on every image is
     taken, and so is one that gets fifteen more right however far it moves from the teacher (a
-    student past a teacher short of training)."""
+    student past a teacher short of training), or one with a lower loss on the held-out labels
+    beyond twice the noise."""
     from torch.utils.data import DataLoader, TensorDataset
     from compress.training.tasks import Classify
     from compress.training.keep_best import Best, summary
@@ -223,3 +224,9 @@ def test_with_a_teacher_keep_best_takes_the_state_closest_to_it_beyond_noise(tmp
     line = summary(best.record, images)
     assert line.startswith("keep_best: returned the state after step 5, more held-out images right by more than "
                            "twice the noise: held-out top1 60.00% at the start -> 75.00%")
+    # as many right, surer of their labels than the teacher is (so further from it): taken for the labels
+    assert best.check(logits_on([6.0] * 75 + [-0.5] * 25), 6)["best_step"] == 6
+    assert best.record["taken_for"] == "labels" and "a lower loss on the held-out labels by more than twice the " \
+        "noise" in summary(best.record, images)
+    # of the 25 it gets wrong, surer of the label on 13 and less sure on 12: within the noise
+    assert best.check(logits_on([6.0] * 75 + [-0.3] * 13 + [-0.7] * 12), 7)["best_step"] == 6
