@@ -1,9 +1,10 @@
 """The fine-tune's learning rate when none is given: `lr_base` per 256 images, scaled to the
 batch size (as timm's `lr_base`), and, with held-out images, chosen by a short trial around it:
 each candidate trains a copy of the model, its lr annealed to zero over the trial's steps, and
-is scored by its held-out loss. The walk starts at the scaled lr and its 4x; it climbs by 4x
-while the larger lr wins, else steps down by 4x while the smaller one wins (lrs within 1% of
-each other tie: the smaller wins in a short run, the larger in a long one).
+is scored by its held-out loss. The walk starts at the scaled lr and its 4x; it goes on by 4x
+the way the better of those lies for as long as the newest lr has the lowest loss. Of the lrs
+tried, those within 1% of the lowest loss tie: the smaller wins in a short run, the larger in a
+long one.
 
 Why this shape: a pretrained, pruned net is close to a sharp edge (a from-scratch lr wrecks in a
 few steps what pruning kept, and keep-best can only refuse the damage), yet with thousands of
@@ -95,10 +96,10 @@ def search(model: nn.Module, base: float, steps: int, loader: DataLoader, held: 
     results = trial(model, [base, base * STEP], *args)
     direction = STEP if chosen(results, larger) > base else 1 / STEP
     while len(results) < MAX_TRIES:
-        edge = (max if direction > 1 else min)(r["lr"] for r in results)
-        if chosen(results, larger) != edge:  # the best lies inside what was tried
+        edge = (max if direction > 1 else min)(results, key=lambda r: r["lr"])
+        if edge["heldout_loss"] > min(r["heldout_loss"] for r in results):  # the best lies inside what was tried
             break
-        results += trial(model, [edge * direction], *args)
+        results += trial(model, [edge["lr"] * direction], *args)
     return results
 
 
