@@ -87,8 +87,9 @@ class Best:
         """Score the current state; keep it when it beats the best. Returns what the epoch's
         metrics record."""
         scores, per_image = self._score(model)
+        divergence = per_image[-1]
         later = self.record.get("best_later")
-        key = (lambda r: -r["divergence"]) if per_image[2] is not None else (lambda r: r["top1"])
+        key = (lambda r: -r["divergence"]) if divergence is not None else (lambda r: r["top1"])
         if later is None or key(scores) > key(later):  # what the terminal line reports
             self.record["best_later"] = {"step": step, **scores}
         why = self._beats_best(scores, *per_image)
@@ -114,8 +115,9 @@ class Best:
             return None
         if self._lower(divergence, self.divergence, 1.0):
             return "teacher"
-        return "labels" if losses is not None and self.losses is not None and self._lower(losses, self.losses, 2.0) \
-            else None
+        if losses is not None and self.losses is not None and self._lower(losses, self.losses, 2.0):
+            return "labels"
+        return None
 
     def _lower(self, new: torch.Tensor, old: torch.Tensor, errors: float) -> bool:
         """Whether the per-image values `new` are lower than `old` on average by more than

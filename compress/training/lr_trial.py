@@ -58,9 +58,9 @@ def trial(model: nn.Module, lrs: list[float], steps: int, loader: DataLoader, he
           run_steps, device: torch.device) -> list[dict]:
     """Train a copy of `model` for `steps` steps at each lr of `lrs`, annealed to zero over them
     (`run_steps(net, batches, steps, optim)` runs them; it raises CompressError when the loss
-    diverges) and score it on
-    `held`: one record per lr, its held-out loss (inf when it diverged). The caller's RNG state
-    is restored, so the run after the trial is the run without it."""
+    diverges), and score it on `held`: one record per lr, its held-out loss (inf when it
+    diverged). The caller's RNG state is restored, so the run after the trial is the run
+    without it."""
     saved = rng_state()
     results = []
     for lr in lrs:
