@@ -113,14 +113,22 @@ def _check(fitted: LatencyModel, timer: BesideUnpruned, configs: int, progress: 
     rng = np.random.default_rng(seed)
     sample = [timer.space.sample(rng) for _ in range(configs)]
     timed = np.array(timer(sample, 2, "check models" if progress else None))
-    measured, again = timed[:, 0], timed[:, 1]
-    predicted = np.array([fitted.predict(c) for c in sample])
-    err, noise = np.abs(predicted / measured - 1), np.abs(again / measured - 1)
-    return {"configs": configs, "within_10pct": float(np.mean(err <= 0.10)), "within_5pct": float(np.mean(err <= 0.05)),
-            "mean_abs_error_pct": float(100 * err.mean()), "max_abs_error_pct": float(100 * err.max()),
-            "retimed_within_5pct": float(np.mean(noise <= 0.05)), "retimed_mean_abs_diff_pct": float(100 * noise.mean()),
+    return check_scores(fitted, sample, timed[:, 0].tolist(), timed[:, 1].tolist())
+
+
+def check_scores(fitted: LatencyModel, configs: list[ChannelConfig], measured: list[float],
+                 again: list[float]) -> dict:
+    """How far `fitted` predicts each config's measured time, against how far its second
+    timing (`again`) lies from the first."""
+    measured_, again_ = np.array(measured), np.array(again)
+    predicted = np.array([fitted.predict(c) for c in configs])
+    err, noise = np.abs(predicted / measured_ - 1), np.abs(again_ / measured_ - 1)
+    return {"configs": len(configs), "within_10pct": float(np.mean(err <= 0.10)),
+            "within_5pct": float(np.mean(err <= 0.05)), "mean_abs_error_pct": float(100 * err.mean()),
+            "max_abs_error_pct": float(100 * err.max()), "retimed_within_5pct": float(np.mean(noise <= 0.05)),
+            "retimed_mean_abs_diff_pct": float(100 * noise.mean()),
             "pairs": [{"config": c.to_dict(), "measured_ms": m, "predicted_ms": p, "retimed_ms": a}
-                      for c, m, p, a in zip(sample, measured.tolist(), predicted.tolist(), again.tolist())]}
+                      for c, m, p, a in zip(configs, measured, predicted.tolist(), again)]}
 
 
 def cache_dir() -> Path:

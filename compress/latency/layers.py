@@ -5,6 +5,11 @@ A runtime fuses each conv with its BN and activation (and, in XNNPACK, the add a
 a layer's time is modelled from what that fused op computes and moves: its MACs, the elements
 it reads and the elements it writes. Kernels differ in speed by kind (a depthwise conv is
 memory-bound, a 1x1 conv a matrix product), so each kind keeps its own terms.
+
+A kernel computes whole tiles of channels (a GEMM micro-kernel's output columns, an int8
+kernel's packed inputs), so the MACs it spends are those of the widths rounded up to its tile.
+The tile is the runtime's and the CPU's (16 floats in an AVX-512 register, 8 in a NEON pair):
+`TILES` are the candidates a latency model chooses among by its samples (`model.py`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from compress.supernet.dynamic import Supernet
 KINDS = ("conv", "pointwise", "depthwise", "linear")
 TERMS = ("macs", "reads", "writes")
 FEATURES = tuple(f"{kind}_{term}" for kind in KINDS for term in TERMS)
+# (channels per tile, whether a layer's inputs are rounded up too or only its outputs)
+TILES = ((1, False), (8, False), (8, True), (16, False), (16, True), (32, False), (32, True))
 
 
 def layer_records(model: nn.Module, space: ChannelSpace) -> list[dict]:
@@ -66,14 +73,19 @@ def width(dim: dict, config: Mapping[str, int], space: ChannelSpace) -> int:
     return dim["full"] - sum(reps * (space.by_name[g].max - config[g]) for g, reps in dim["parts"])
 
 
-def features(layers: list[dict], config: Mapping[str, int], space: ChannelSpace) -> np.ndarray:
-    """The work of every layer kind at `config`, in the order of FEATURES."""
+def features(layers: list[dict], config: Mapping[str, int], space: ChannelSpace,
+             tile: tuple[int, bool] = (1, False)) -> np.ndarray:
+    """The work of every layer kind at `config`, in the order of FEATURES; MACs are counted on
+    widths rounded up to `tile` (see TILES)."""
+    size, inputs_too = tile
+    up = lambda c: -(-c // size) * size  # noqa: E731
     out = dict.fromkeys(FEATURES, 0.0)
     for layer in layers:
         cin, cout = width(layer["in"], config, space), width(layer["out"], config, space)
-        per_out = layer["kernel"] * (1 if layer["kind"] == "depthwise" else cin // max(1, layer["groups"]))
+        per_group = cin // max(1, layer["groups"])
+        per_out = layer["kernel"] * (1 if layer["kind"] == "depthwise" else up(per_group) if inputs_too else per_group)
         kind = layer["kind"]
-        out[f"{kind}_macs"] += per_out * cout * layer["pixels_out"]
+        out[f"{kind}_macs"] += per_out * up(cout) * layer["pixels_out"]
         out[f"{kind}_reads"] += cin * layer["pixels_in"]
         out[f"{kind}_writes"] += cout * layer["pixels_out"]
     return np.array([out[f] for f in FEATURES])

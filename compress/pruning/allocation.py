@@ -69,14 +69,14 @@ def allocate(space: ChannelSpace, budgets: Mapping[str, float], strategy: str = 
         for g in space.groups:
             w = widths[g.name]
             lower = [x for x in g.widths if x < w]
-            if not lower:
-                continue
-            cost = ranked[g.name][lower[-1]:w].mean()
-            if "latency" in budgets:  # importance per millisecond saved; a cut that saves none, last
-                saved = now - latency({**widths, g.name: lower[-1]})
-                cost = cost * (w - lower[-1]) / saved if saved > 0 else 1e30 * (1 + cost)
-            if cost < best_cost:
-                best, best_cost = (g.name, lower[-1]), cost
+            # a kernel computes whole tiles of channels, so one step may save no time where two do
+            for x in lower[-2:] if "latency" in budgets else lower[-1:]:
+                cost = ranked[g.name][x:w].mean()
+                if "latency" in budgets:  # importance per millisecond saved; a cut that saves none, last
+                    saved = now - latency({**widths, g.name: x})
+                    cost = cost * (w - x) / saved if saved > 0 else 1e30 * (1 + cost)
+                if cost < best_cost:
+                    best, best_cost = (g.name, x), cost
         widths[best[0]] = best[1]
     return _fill(space, ChannelConfig(widths), fits, key=lambda g, w: -ranked[g.name][w:_next_width(g, w)].mean())
 

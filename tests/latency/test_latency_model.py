@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -58,6 +59,34 @@ def test_the_fit_recovers_a_latency_that_is_linear_in_the_work():
     ms = [float(truth @ features(base["layers"], c, space)) + 0.05 for c in configs]
     fitted = LatencyModel.fit(base, space, list(zip(configs[:20], ms[:20])))
     assert [fitted.predict(c) for c in configs[20:]] == pytest.approx(ms[20:], rel=1e-6)
+
+
+def test_the_fit_finds_the_kernels_channel_tile():
+    """A runtime whose kernels compute channels in tiles of 16: the fit picks that tile from
+    its samples and then predicts unseen configs exactly."""
+    model, space = _small()
+    base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
+            "layers": layer_records(model, space)}
+    truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
+    rng = np.random.default_rng(0)
+    configs = [space.sample(rng) for _ in range(30)]
+    ms = [float(truth @ features(base["layers"], c, space, (16, False))) + 0.05 for c in configs]
+    assert features(base["layers"], configs[0], space, (16, False)).sum() > features(base["layers"], configs[0], space).sum()
+    fitted = LatencyModel.fit(base, space, list(zip(configs[:20], ms[:20])))
+    assert fitted.tile == (16, False)
+    assert [fitted.predict(c) for c in configs[20:]] == pytest.approx(ms[20:], rel=1e-6)
+
+
+def test_a_latency_budget_cuts_two_steps_where_one_saves_no_time():
+    """Time in tiles of 16 channels in one group, linear in a second, more important one: the
+    cut takes the cheap group down a whole tile rather than the important one channel by channel."""
+    model, space = _small()
+    tiled, linear = space.by_name["features.2.block.0.0"], space.by_name["features.3.block.0.0"]
+    scores = {g.name: np.full(g.max, 10.0 if g is linear else 1.0) for g in space.groups}
+    clock = lambda c: 1 + math.ceil(c[tiled.name] / 16) * 16 / 72 + 0.5 * c[linear.name] / linear.max  # noqa: E731
+    config = allocate(space, {"latency": 2.2}, "global", scores, clock)
+    assert clock(config) <= 2.2 and config[tiled.name] == 48
+    assert all(config[g.name] == g.max for g in space.groups if g is not tiled)
 
 
 def test_a_latency_budget_keeps_the_most_importance_per_millisecond():
