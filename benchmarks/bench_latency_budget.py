@@ -28,8 +28,10 @@ import copy
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +40,8 @@ from common import CIFAR, mean_std, write_section
 from compress import load, stages
 from compress.data.specs import sample_labelled
 from compress.files import atomic_write_json
-from compress.latency import Clock, cached_latency_model
+from compress.latency import Clock
+from compress.latency.build import BesideUnpruned
 from compress.pruning.allocation import allocate
 from compress.pruning.importance import scores_on
 from compress.pruning.prune import prune_with_map, space_for
@@ -52,21 +55,21 @@ SIZES = {
 }
 
 
-def macs_at_equal_time(teacher, clock: Clock, limit_ms: float, batch) -> tuple[float, float]:
-    """The largest MAC share (of the unpruned model) whose global cut measures under `limit_ms`."""
-    space = space_for(teacher)
+def macs_at_equal_time(teacher, timer: BesideUnpruned, share: float, batch) -> float:
+    """The largest MAC share (of the unpruned model) whose global cut measures under `share` of
+    the unpruned file's time, each cut timed beside the unpruned file (this machine drifts)."""
+    space = timer.space
     ranking = scores_on(copy.deepcopy(teacher).eval(), space, PruneSettings().importance_for(True), batch)
     full = space.macs(space.max())
 
-    def timed(share: float) -> float:
-        config = allocate(space, {"macs": int(share * full)}, "global", ranking)
-        return clock.time(prune_with_map(teacher, config, space, scores=ranking)[0], space.input_size[-1])
-    lo, hi, at_lo = 0.05, 1.0, None
+    def ratio(macs: float) -> float:
+        config = allocate(space, {"macs": int(macs * full)}, "global", ranking)
+        return timer.nets([prune_with_map(teacher, config, space, scores=ranking)[0]])[0][0] / timer.unpruned_ms
+    lo, hi = 0.05, 1.0
     for _ in range(7):
         mid = (lo + hi) / 2
-        ms = timed(mid)
-        lo, hi, at_lo = (mid, hi, ms) if ms <= limit_ms else (lo, mid, at_lo)
-    return lo, at_lo if at_lo is not None else timed(lo)
+        lo, hi = (mid, hi) if ratio(mid) <= share else (lo, mid)
+    return lo
 
 
 def first_call(teacher: str, data: str, cells: Path) -> None:
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--data", default=f"cifar10:{CIFAR}", help="its data (cifar10:DIR with train/test.npz)")
     ap.add_argument("--size", choices=SIZES, default="cpu")
     ap.add_argument("--int8", action="store_true", help="budgets on the int8 TFLite file")
+    ap.add_argument("--budgets", help="budgets in place of the size's, as shares of the unpruned time: 0.7,0.5,0.35")
     ap.add_argument("--lr", type=float, default=0.01, help="the plain loop's lr")
     ap.add_argument("--cells", default="runs/bench_latency_budget", help="folder of finished cells (resumable)")
     ap.add_argument("--first-call", action="store_true", help="only the wall time of `prune --latency 60%%` with "
@@ -113,52 +117,56 @@ def main() -> None:
     card = teacher.card
     lut = LutSettings(int8=args.int8)
     clock = Clock("tflite", int8=args.int8, runs=lut.runs)
-    unpruned = cached_latency_model(teacher, space_for(teacher), clock, lut.samples).unpruned_ms
+    space = space_for(teacher)
     test = sample_labelled(args.data, False, size["test"], card.input_size, card.mean, card.std, seed=1)
-    rows = ["| budget (x unpruned time) | allocation | MACs (x unpruned) | measured ms (x budget) | after refit top-1 % | "
+    rows = ["| budget (x unpruned time) | allocation | MACs (x unpruned) | measured (x unpruned) | after refit top-1 % | "
             "fidelity % | plain recovery top-1 % | fidelity % | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-    for share in size["budgets"]:
-        limit = share * unpruned
-        for kind in ("latency", "macs"):
-            path = cells / f"{kind}_{share:.2f}.pt"
-            info = cells / f"{kind}_{share:.2f}.json"
-            if not path.exists():
-                began = time.perf_counter()
-                if kind == "latency":
-                    done = stages.prune(copy.deepcopy(teacher), latency=f"{share:.0%}", clock=lut, data=args.data,
-                                        output=path)
-                    ms = done.latency["measured_ms"]
-                else:
-                    batch = pruning_batch(teacher, PruneSettings(), args.data)
-                    macs, _ = macs_at_equal_time(teacher, clock, limit, batch)
-                    done = stages.prune(copy.deepcopy(teacher), macs=f"{100 * macs:.2f}%", data=args.data,
-                                        output=path)
-                    ms = clock.time(copy.deepcopy(done.model), card.input_size)
-                atomic_write_json(info, {"measured_ms": ms, "macs": done.macs / done.macs_before,
-                                         "seconds": round(time.perf_counter() - began, 1)})
-            meta = json.loads(info.read_text())
-            refit = scores(load(path), teacher, *test)
-            tuned = []
-            for seed in range(size["seeds"]):
-                cell = cells / f"{kind}_{share:.2f}_plain_{seed}.json"
-                if not cell.exists():
-                    spec = user_images(cells, args.data, size["images"], seed)
-                    pool = sample_labelled(spec, True, size["images"], card.input_size, card.mean, card.std, seed=0)
-                    atomic_write_json(cell, scores(recover_plain(path, teacher, pool, size["epochs"], seed, args.lr),
-                                                   teacher, *test))
-                tuned.append(json.loads(cell.read_text()))
-            rows.append(f"| {share:.0%} ({limit:.2f} ms) | {kind} | {meta['macs']:.3f} | {meta['measured_ms']:.3f} "
-                        f"({meta['measured_ms'] / limit:.3f}) | {100 * refit['top1']:.1f} | {100 * refit['fidelity']:.1f} | "
-                        f"{mean_std([t['top1'] for t in tuned])} | {mean_std([t['fidelity'] for t in tuned])} | "
-                        f"{len(tuned)} |")
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else size["budgets"]
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = BesideUnpruned(teacher, space, clock, Path(tmp))
+        for share in budgets:
+            paths = {kind: cells / f"{kind}_{share:.2f}.pt" for kind in ("latency", "macs")}
+            for kind, path in paths.items():
+                info = path.with_suffix(".json")
+                if not path.exists():
+                    began = time.perf_counter()
+                    if kind == "latency":
+                        done = stages.prune(copy.deepcopy(teacher), latency=f"{share:.0%}", clock=lut, data=args.data,
+                                            output=path)
+                    else:
+                        macs = macs_at_equal_time(teacher, timer, share, pruning_batch(teacher, PruneSettings(), args.data))
+                        done = stages.prune(copy.deepcopy(teacher), macs=f"{100 * macs:.2f}%", data=args.data,
+                                            output=path)
+                    atomic_write_json(info, {"macs": done.macs / done.macs_before,
+                                             "seconds": round(time.perf_counter() - began, 1)})
+            # both files timed in one window, each beside the unpruned file: equal time is judged on one clock
+            measured = [statistics.median(t) / timer.unpruned_ms
+                        for t in timer.nets([load(p) for p in paths.values()], repeats=3)]
+            for (kind, path), ratio in zip(paths.items(), measured):
+                meta = json.loads(path.with_suffix(".json").read_text())
+                refit = scores(load(path), teacher, *test)
+                tuned = []
+                for seed in range(size["seeds"]):
+                    cell = cells / f"{kind}_{share:.2f}_plain_{seed}.json"
+                    if not cell.exists():
+                        spec = user_images(cells, args.data, size["images"], seed)
+                        pool = sample_labelled(spec, True, size["images"], card.input_size, card.mean, card.std, seed=0)
+                        atomic_write_json(cell, scores(recover_plain(path, teacher, pool, size["epochs"], seed, args.lr),
+                                                       teacher, *test))
+                    tuned.append(json.loads(cell.read_text()))
+                rows.append(f"| {share:.0%} | {kind} | {meta['macs']:.3f} | {ratio:.3f} | {100 * refit['top1']:.1f} | "
+                            f"{100 * refit['fidelity']:.1f} | {mean_std([t['top1'] for t in tuned])} | "
+                            f"{mean_std([t['fidelity'] for t in tuned])} | {len(tuned)} |")
+        unpruned = timer.unpruned_ms
     teacher_scores = scores(teacher, teacher, *test)
     write_section(f"Pruning to a measured latency ({args.size}, {'int8' if args.int8 else 'float'} TFLite)",
                   "\n".join([
                       f"Teacher `{args.teacher}`: {card.input_size} px, test top-1 {teacher_scores['top1']:.1%} on "
-                      f"{size['test']} test images; unpruned file {unpruned:.3f} ms ({clock.describe()}). Plain "
+                      f"{size['test']} test images; unpruned file {unpruned:.3f} ms ({clock.describe()}, at the start "
+                      "of this run). Measured: the median of 3 timings of each file, each as a ratio to the unpruned "
+                      "file timed right after it, both allocations' files in one window. Plain "
                       f"recovery: {size['epochs']} epochs of batch 32 over {size['images']} training images, lr "
                       f"{args.lr}, one seed per row entry.", "", *rows]))
-
 
 if __name__ == "__main__":
     main()
