@@ -51,7 +51,8 @@ class LatencyModel:
         y = np.array([ms for _, ms in samples])
         work = {tile: np.array([features(base["layers"], c, space, tile) for c, _ in samples]) for tile in TILES}
         loo = {tile: _left_out_error(X, y) for tile, X in work.items()}
-        tile = min(TILES, key=loo.__getitem__)  # ties go to the smaller tile, first in TILES
+        best = min(loo.values())
+        tile = next(t for t in TILES if loo[t] <= 1.01 * best + 1e-9)  # within 1%, the smaller tile (first in TILES)
         weights, overhead = _nnls_relative(work[tile], y)
         record = {**base, "fit": {"weights": dict(zip(FEATURES, weights.tolist())), "overhead_ms": overhead,
                                   "tile": list(tile), "left_out_error": {f"{t[0]}{'io' if t[1] else 'o'}": round(e, 5)

@@ -49,32 +49,41 @@ def test_the_work_it_reads_is_the_independent_mac_count():
         assert features(layers, config, space)[macs].sum() == space.macs(config)
 
 
-def test_the_fit_recovers_a_latency_that_is_linear_in_the_work():
+@pytest.mark.parametrize("tile", [(1, False), (16, False)])
+def test_the_fit_recovers_a_latency_linear_in_the_work_at_the_kernels_tile(tile):
+    """A runtime whose time is linear in the work, its kernels computing channels one by one or
+    in tiles of 16: the fit picks that tile from its samples and predicts unseen configs exactly."""
     model, space = _small()
     base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
             "layers": layer_records(model, space)}
     truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
     rng = np.random.default_rng(0)
     configs = [space.sample(rng) for _ in range(30)]
-    ms = [float(truth @ features(base["layers"], c, space)) + 0.05 for c in configs]
+    ms = [float(truth @ features(base["layers"], c, space, tile)) + 0.05 for c in configs]
     fitted = LatencyModel.fit(base, space, list(zip(configs[:20], ms[:20])))
+    assert fitted.tile == tile
     assert [fitted.predict(c) for c in configs[20:]] == pytest.approx(ms[20:], rel=1e-6)
 
 
-def test_the_fit_finds_the_kernels_channel_tile():
-    """A runtime whose kernels compute channels in tiles of 16: the fit picks that tile from
-    its samples and then predicts unseen configs exactly."""
+def test_tiles_round_the_widths_up():
+    model, space = _small()
+    layers, config = layer_records(model, space), space.sample(np.random.default_rng(0))
+    assert (features(layers, config, space, (16, False)) >= features(layers, config, space)).all()
+    assert features(layers, config, space, (16, False)).sum() > features(layers, config, space).sum()
+
+
+def test_a_model_cached_before_tiles_is_refitted_from_its_own_samples(tmp_path):
     model, space = _small()
     base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
-            "layers": layer_records(model, space)}
-    truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
-    rng = np.random.default_rng(0)
-    configs = [space.sample(rng) for _ in range(30)]
-    ms = [float(truth @ features(base["layers"], c, space, (16, False))) + 0.05 for c in configs]
-    assert features(base["layers"], configs[0], space, (16, False)).sum() > features(base["layers"], configs[0], space).sum()
-    fitted = LatencyModel.fit(base, space, list(zip(configs[:20], ms[:20])))
-    assert fitted.tile == (16, False)
-    assert [fitted.predict(c) for c in configs[20:]] == pytest.approx(ms[20:], rel=1e-6)
+            "layers": layer_records(model, space), "clock": {"runtime": "onnxruntime"}}
+    rng = np.random.default_rng(1)
+    configs = [space.sample(rng) for _ in range(12)]
+    fitted = LatencyModel.fit(base, space, [(c, 0.1 + space.macs(c) * 1e-7) for c in configs])
+    old = json.loads(json.dumps(fitted.record))
+    del old["fit"]["tile"], old["fit"]["left_out_error"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = LatencyModel.load(tmp_path / "old.json", space, identity={"runtime": "onnxruntime"})
+    assert loaded.tile == fitted.tile and loaded.predict(space.min()) == pytest.approx(fitted.predict(space.min()))
 
 
 def test_a_latency_budget_cuts_two_steps_where_one_saves_no_time():
