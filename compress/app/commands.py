@@ -253,6 +253,10 @@ def cmd_lut(args) -> int:
           f"whole models timed on {record['clock']['dtype']} {settings.runtime}, {settings.threads} thread(s) in "
           f"{record['build_s']:.0f} s; unpruned {record['unpruned_ms']:.3f} ms, smallest config "
           f"{record['floor_ms']:.3f} ms")
+    size, inputs_too = record["fit"]["tile"]
+    tile = f"{size} channels ({'inputs and outputs' if inputs_too else 'outputs'} rounded up)" if size > 1 else "none"
+    error = record["fit"]["left_out_error"][f"{size}{'io' if inputs_too else 'o'}"]
+    print(f"the kernels' channel tile, fitted: {tile}; leave-one-out error on the samples {error:.1%}")
     if settings.check:
         c = record["check"]
         print(f"check on {c['configs']} random configs: {c['within_10pct']:.0%} within +-10% and "

@@ -13,7 +13,7 @@ from compress import CompressError
 from compress.export.latency import measure
 from compress.latency import Clock, LatencyModel
 from compress.latency.workers import export_all
-from compress.latency.layers import FEATURES, features, layer_records, width
+from compress.latency.layers import FEATURES, TILES, features, layer_records, width
 from compress.pruning.allocation import allocate
 from compress.pruning.graph import example_input
 from compress.pruning.prune import prune
@@ -117,6 +117,7 @@ def test_lut_cli_builds_checks_and_refuses_another_clock(tmp_path):
     record = json.loads((tmp_path / "lut.json").read_text())
     assert record["clock"]["runtime"] == "onnxruntime" and len(record["fit"]["samples"]) == 6
     assert record["check"]["configs"] == 3 and "within +-10%" in out.stdout
+    assert "channel tile, fitted" in out.stdout and tuple(record["fit"]["tile"]) in TILES
     model, space = _small()
     fitted = LatencyModel.load(tmp_path / "lut.json", space)
     assert fitted.predict(space.max()) > fitted.predict(space.min()) > 0
