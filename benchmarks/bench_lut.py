@@ -28,6 +28,7 @@ from common import write_section
 from compress import build
 from compress.latency.build import check_scores
 from compress.latency.clock import TIMING, Clock
+from compress.latency.layers import tile_name
 from compress.latency.model import LatencyModel
 from compress.pruning.space import ChannelConfig
 from compress.stages import lut_model_space
@@ -155,8 +156,7 @@ def refit(model: str, record: dict) -> tuple[dict, str]:
     fitted = LatencyModel.fit({k: v for k, v in record.items() if k not in ("fit", "check")}, space, samples)
     scored = check_scores(fitted, [ChannelConfig(q["config"]) for q in pairs], [q["measured_ms"] for q in pairs],
                           [q["retimed_ms"] for q in pairs])
-    size, inputs_too = fitted.tile
-    return scored, f"{size}{'io' if inputs_too else 'o'}" if size > 1 else "none"
+    return scored, tile_name(fitted.tile) if fitted.tile[0] > 1 else "none"
 
 
 def _retimed(check: dict) -> str:

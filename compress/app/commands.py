@@ -244,6 +244,7 @@ def cmd_extract(args) -> int:
 
 def cmd_lut(args) -> int:
     from compress import stages
+    from compress.latency.layers import tile_name
     target = Path(args.target)
     is_run = target.is_dir() or target.name == "supernet.pt"
     model, space = stages.lut_model_space(target if is_run else _load(args), args.divisor, args.min_width)
@@ -255,7 +256,7 @@ def cmd_lut(args) -> int:
           f"{record['floor_ms']:.3f} ms")
     size, inputs_too = record["fit"]["tile"]
     tile = f"{size} channels ({'inputs and outputs' if inputs_too else 'outputs'} rounded up)" if size > 1 else "none"
-    error = record["fit"]["left_out_error"][f"{size}{'io' if inputs_too else 'o'}"]
+    error = record["fit"]["left_out_error"][tile_name((size, inputs_too))]
     print(f"the kernels' channel tile, fitted: {tile}; leave-one-out error on the samples {error:.1%}")
     if settings.check:
         c = record["check"]

@@ -120,9 +120,8 @@ def check_scores(fitted: LatencyModel, configs: list[ChannelConfig], measured: l
                  again: list[float]) -> dict:
     """How far `fitted` predicts each config's measured time, against how far its second
     timing (`again`) lies from the first."""
-    measured_, again_ = np.array(measured), np.array(again)
     predicted = np.array([fitted.predict(c) for c in configs])
-    err, noise = np.abs(predicted / measured_ - 1), np.abs(again_ / measured_ - 1)
+    err, noise = np.abs(predicted / np.asarray(measured) - 1), np.abs(np.asarray(again) / np.asarray(measured) - 1)
     return {"configs": len(configs), "within_10pct": float(np.mean(err <= 0.10)),
             "within_5pct": float(np.mean(err <= 0.05)), "mean_abs_error_pct": float(100 * err.mean()),
             "max_abs_error_pct": float(100 * err.max()), "retimed_within_5pct": float(np.mean(noise <= 0.05)),

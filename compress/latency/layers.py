@@ -31,6 +31,12 @@ FEATURES = tuple(f"{kind}_{term}" for kind in KINDS for term in TERMS)
 TILES = ((1, False), (8, False), (8, True), (16, False), (16, True), (32, False), (32, True))
 
 
+def tile_name(tile: tuple[int, bool]) -> str:
+    """A tile as a latency model records it: 16o (outputs rounded up to 16), 16io (inputs too)."""
+    size, inputs_too = tile
+    return f"{size}{'io' if inputs_too else 'o'}"
+
+
 def layer_records(model: nn.Module, space: ChannelSpace) -> list[dict]:
     """Every conv/linear layer: its kind, the pixels it reads and writes, and how its
     input/output widths follow the group widths (`parts`: group, repeats)."""

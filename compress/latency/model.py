@@ -8,8 +8,8 @@ The weights are fitted, non-negative, on whole models exported and timed at samp
 in layers.py) is the one whose fit predicts each sample best from the others (leave-one-out):
 on the measured MobileNetV2, MobileNetV3-Large and ResNet-50 samples it was 16 or 32, and it
 took the share of unseen configs predicted within +-5% from 63% to 70% (MobileNetV2, TFLite),
-53% to 73% (MobileNetV3-Large) and 90% to 97% (ResNet-50) (benchmarks/RESULTS.md). Timing whole files, not layers
-alone, keeps what the runtime does around each layer (fusion, layout changes, the adds and
+53% to 73% (MobileNetV3-Large) and 90% to 97% (ResNet-50) (benchmarks/RESULTS.md). Timing
+whole files, not layers alone, keeps what the runtime does around each layer (fusion, layout changes, the adds and
 pools, its fixed overhead) in the fit; on MobileNetV2 this predicted random configs better
 than a per-layer table at a tenth of its build time (benchmarks/RESULTS.md).
 """
@@ -25,7 +25,7 @@ from scipy.optimize import nnls
 from compress.errors import CompressError
 from compress.files import atomic_write_json
 from compress.latency.clock import Clock
-from compress.latency.layers import FEATURES, TILES, features
+from compress.latency.layers import FEATURES, TILES, features, tile_name
 from compress.pruning.space import ChannelConfig, ChannelSpace
 
 FORMAT = "compress.latency-model"
@@ -55,8 +55,7 @@ class LatencyModel:
         tile = next(t for t in TILES if loo[t] <= 1.01 * best + 1e-9)  # within 1%, the smaller tile (first in TILES)
         weights, overhead = _nnls_relative(work[tile], y)
         record = {**base, "fit": {"weights": dict(zip(FEATURES, weights.tolist())), "overhead_ms": overhead,
-                                  "tile": list(tile), "left_out_error": {f"{t[0]}{'io' if t[1] else 'o'}": round(e, 5)
-                                                                         for t, e in loo.items()},
+                                  "tile": list(tile), "left_out_error": {tile_name(t): round(e, 5) for t, e in loo.items()},
                                   "samples": [{"config": c.to_dict(), "measured_ms": ms} for c, ms in samples]}}
         return cls(record, space)
 
