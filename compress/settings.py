@@ -291,8 +291,9 @@ class FinetuneSettings(TrainSettings):
                            "from-scratch one)")
     lr_trial: int = Field(20, ge=0, description="when `lr` is not set: train a copy at lr_base (batch-scaled) and "
                           "at 4x, then climb or descend by 4x while the held-out loss improves, each for an eighth "
-                          "of the run but at least this many steps (the lr annealed to zero over them), and "
-                          "fine-tune at the best (0 = no trial: lr_base scaled)")
+                          "of the run but at least this many steps (the lr annealed to zero over them); in a run 8 "
+                          "tries long or more, the best then against twice it over a quarter of the run; fine-tune "
+                          "at the best (0 = no trial: lr_base scaled)")
     from_scratch: bool = Field(False, description="retrain the architecture from a fresh initialisation "
                                "(MetaPruning, AutoSlim) instead of fine-tuning its weights")
     distill: bool = Field(True, description="distil from the unpruned model (or the supernet's full config)")

@@ -4,16 +4,20 @@ each candidate trains a copy of the model, its lr annealed to zero over the tria
 is scored by its held-out loss. The walk starts at the scaled lr and its 4x; it goes on by 4x
 the way the better of those lies for as long as the newest lr has the lowest loss. Of the lrs
 tried, those within 1% of the lowest loss tie: the smaller wins in a short run, the larger in a
-long one.
+long one. A long run (at least 8 tries long) then has a final: the walk's lr against twice it,
+each over a quarter of the run, the larger winning a tie.
 
 Why this shape: a pretrained, pruned net is close to a sharp edge (a from-scratch lr wrecks in a
 few steps what pruning kept, and keep-best can only refuse the damage), yet with thousands of
 images a training lr is what passes a teacher short of training. A trial at a constant lr sees
 only a large lr's noise, never what it gains once annealed, and a short one favours the gentlest
-lr whatever the run: on 5,000 images (benchmarks/RESULTS.md, "Recovery with few images") 20
-constant-lr steps chose 0.00025 for a 420-step run that ends 2.6 points higher at 0.01. So each
-candidate is annealed, and trains for an eighth of the run (at least `lr_trial` steps, at most
-the run)."""
+lr whatever the run (short-horizon bias, Wu et al., ICLR 2018): on 5,000 images
+(benchmarks/RESULTS.md, "Recovery with few images") 20 constant-lr steps chose 0.00025 for a
+420-step run that ends 2.6 points higher at 0.01, and tries annealed over an eighth of it chose
+0.004, 1.3 points under 0.01. So each candidate is annealed and trains for an eighth of the run
+(at least `lr_trial` steps, at most the run); and since the bias only ever favours the smaller
+lr, a long run's final asks, over a horizon twice as long, whether the walk's lr is too small
+by half a step of it."""
 from __future__ import annotations
 
 import copy
@@ -36,6 +40,7 @@ TRIAL_FILE = "lr_trial.json"
 STEP = 4.0  # between candidates
 MAX_TRIES = 4
 SHARE = 8  # a candidate trains for 1/SHARE of the run's steps (at least `lr_trial`)
+FINAL = 2  # a long run's final: the walk's lr and FINAL times it, each over FINAL times a try's steps
 
 
 def scaled_lr(cfg: FinetuneSettings, batch_size: int) -> float:
@@ -117,18 +122,26 @@ def resolve(model: nn.Module, cfg: FinetuneSettings, batch_size: int, total: int
     if not cfg.lr_trial or held is None or not total:
         return base
     steps = trial_steps(cfg, total)
-    # A try as short as an eighth of the run favours small lrs (short-horizon bias, Wu et al.,
-    # ICLR 2018): what a larger lr gains shows only over a longer anneal. So when the run is
-    # that much longer than a try, a larger lr within the noise of the best is taken; when a
-    # try is most of the run, the smaller one (keep-best guards either).
+    # A try as short as an eighth of the run favours small lrs: what a larger lr gains shows only
+    # over a longer anneal. So when the run is that much longer than a try, a larger lr within the
+    # noise of the best is taken, and the final checks half a step above it; when a try is most
+    # of the run, the smaller one wins (keep-best guards either).
     larger = total >= SHARE * steps
-    results = search(model, base, steps, loader, held, cfg, run_steps, device, larger)
-    lr = chosen(results, larger)
+    args = (loader, held, cfg, run_steps, device)
+    results = search(model, base, steps, *args, larger)
+    lr, final = chosen(results, larger), []
+    if larger:
+        final = trial(model, [lr, lr * FINAL], FINAL * steps, *args)
+        lr = chosen(final, larger)
     if main:
         atomic_write_json(path, {"lr": lr, "batch_size": batch_size, "lr_base": cfg.lr_base, "steps": steps,
-                                 "ties_to": "larger" if larger else "smaller", "candidates": results})
+                                 "ties_to": "larger" if larger else "smaller", "candidates": results,
+                                 "final_steps": FINAL * steps if final else 0, "final": final})
         if not quiet:
             shown = ", ".join(f"{r['lr']:.2g}: {r['heldout_loss']:.3f}" for r in results)
-            print(f"lr trial ({steps} steps each, annealed; held-out loss): {shown}; fine-tuning at lr {lr:.2g}",
-                  flush=True)
+            print(f"lr trial ({steps} steps each, annealed; held-out loss): {shown}", flush=True)
+            if final:
+                shown = ", ".join(f"{r['lr']:.2g}: {r['heldout_loss']:.3f}" for r in final)
+                print(f"lr final ({FINAL * steps} steps each): {shown}", flush=True)
+            print(f"fine-tuning at lr {lr:.2g}", flush=True)
     return lr

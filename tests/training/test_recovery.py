@@ -138,6 +138,33 @@ def test_the_lr_trial_climbs_while_a_larger_lr_trains_better():
     assert losses == sorted(losses, reverse=True) and lr_trial.chosen(results) == pytest.approx(6.4e-2)
 
 
+def test_a_long_run_s_lr_trial_ends_with_a_final_at_twice_the_walk_s_lr(tmp_path):
+    """From a base lr far too small, the walk climbs to its fourth try (6.4e-2); in a run at
+    least 8 tries long that lr then meets twice it over twice a try's steps (a quarter of the
+    run here) and the larger, still training better, wins; a shorter run fine-tunes at the walk's
+    lr with no final."""
+    from compress.settings import FinetuneSettings
+    from compress.training import lr_trial
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 2))
+    labels = torch.randint(0, 2, (96,))
+    images = torch.randn(96, 3, 8, 8)
+    images[:, 0] += labels[:, None, None] * 2.0 - 1
+    train, held, _, run, device = _trial_setup(images, labels, 64)
+    cfg = FinetuneSettings(epochs=1, channels_last=False, lr_base=0.016, lr_trial=8)  # 1e-3 at batch 16
+    records = {}
+    for total in (64, 40):
+        lr = lr_trial.resolve(net, cfg, 16, total, train, held, tmp_path / str(total), True, run, device, True)
+        records[total] = json.loads((tmp_path / str(total) / "lr_trial.json").read_text())
+        assert records[total]["lr"] == lr
+    long, short = records[64], records[40]
+    assert [r["lr"] for r in long["candidates"]] == pytest.approx([1e-3, 4e-3, 1.6e-2, 6.4e-2])
+    assert long["final_steps"] == 16 and [r["lr"] for r in long["final"]] == pytest.approx([6.4e-2, 1.28e-1])
+    assert long["final"][1]["heldout_loss"] < long["final"][0]["heldout_loss"] and long["lr"] == pytest.approx(0.128)
+    assert short["final"] == [] and short["final_steps"] == 0 and short["lr"] == pytest.approx(6.4e-2)
+
+
 def test_the_terminal_names_the_state_fine_tuning_returned(tmp_path, cifar_dir):
     """chansearch finetune says early how long it will take, and at the end which state it
     returned and why: here an lr that wrecks the net, so the start, and the best later state it
