@@ -176,6 +176,8 @@ def main() -> None:
     ap.add_argument("--cells", default="runs/bench_recovery", help="folder of finished cells (resumable)")
     ap.add_argument("--macs", help="MAC targets in place of the size's, e.g. 0.7,0.5,0.3")
     ap.add_argument("--images", help="training-image counts in place of the size's, e.g. 100,500")
+    ap.add_argument("--label", help="write the table to a RESULTS section of its own, named with this label "
+                                    "(a run with another teacher or code beside the main table)")
     args = ap.parse_args()
     size, cells = SIZES[args.size], Path(args.cells)
     if args.macs:
@@ -202,7 +204,7 @@ def main() -> None:
         macs = float(path.stem.split("_")[1])
         before[macs] = before.get(macs) or scores(load(path), teacher, *test)
     teacher_scores = scores(teacher, teacher, *test)
-    write_section(f"Recovery with few images ({args.size})", "\n".join([
+    write_section(f"Recovery with few images ({args.size})" + (f": {args.label}" if args.label else ""), "\n".join([
         f"Teacher `{args.teacher}`: {card.input_size} px, test top-1 {teacher_scores['top1']:.1%} on {size['test']} "
         f"test images; pruned by `chansearch prune --data` (energy, global, refit); {size['epochs']} epochs of batch "
         f"32 over the user's images; the plain loop's lr grid {', '.join(map(str, size['lrs']))}.", "",

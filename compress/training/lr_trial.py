@@ -127,6 +127,10 @@ def resolve(model: nn.Module, cfg: FinetuneSettings, batch_size: int, total: int
     # noise of the best is taken, and the final checks half a step above it; when a try is most
     # of the run, the smaller one wins (keep-best guards either).
     larger = total >= SHARE * steps
+    if main and not quiet:  # the trial trains quietly: say where the time goes before it does
+        then = f", then 2 of {FINAL * steps}" if larger else ""
+        print(f"lr trial: 2-{MAX_TRIES} tries of {steps} steps{then} before the run's {total} (giving an lr skips it)",
+              flush=True)
     args = (loader, held, cfg, run_steps, device)
     results = search(model, base, steps, *args, larger)
     lr, final = chosen(results, larger), []

@@ -179,6 +179,7 @@ def test_the_terminal_names_the_state_fine_tuning_returned(tmp_path, cifar_dir):
     assert "on 64 held-out images: no later state got more of them right by more than the noise" in out.stdout
     out = run_cli("finetune", TRAINED, *common, "--lr-trial", "2", "-o", tmp_path / "tried.pt")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "lr trial: 2-4 tries of 2 steps before the run's 4 (giving an lr skips it)" in out.stdout
     assert "lr trial (2 steps each, annealed; held-out loss): 0.001: " in out.stdout and "fine-tuning at lr" in out.stdout
     assert "keep_best: returned the " in out.stdout
 
