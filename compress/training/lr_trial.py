@@ -108,6 +108,10 @@ def search(model: nn.Module, base: float, steps: int, loader: DataLoader, held: 
     return results
 
 
+def _losses(results: list[dict]) -> str:
+    return ", ".join(f"{r['lr']:.2g}: {r['heldout_loss']:.3f}" for r in results)
+
+
 def resolve(model: nn.Module, cfg: FinetuneSettings, batch_size: int, total: int, loader: DataLoader,
             held: DataLoader | None, run_dir: Path, main: bool, run_steps, device: torch.device, quiet: bool) -> float:
     """The fine-tune's lr: `cfg.lr` when set; else the trial's choice (kept in the run folder,
@@ -142,10 +146,8 @@ def resolve(model: nn.Module, cfg: FinetuneSettings, batch_size: int, total: int
                                  "ties_to": "larger" if larger else "smaller", "candidates": results,
                                  "final_steps": FINAL * steps if final else 0, "final": final})
         if not quiet:
-            shown = ", ".join(f"{r['lr']:.2g}: {r['heldout_loss']:.3f}" for r in results)
-            print(f"lr trial ({steps} steps each, annealed; held-out loss): {shown}", flush=True)
+            print(f"lr trial ({steps} steps each, annealed; held-out loss): {_losses(results)}", flush=True)
             if final:
-                shown = ", ".join(f"{r['lr']:.2g}: {r['heldout_loss']:.3f}" for r in final)
-                print(f"lr final ({FINAL * steps} steps each): {shown}", flush=True)
+                print(f"lr final ({FINAL * steps} steps each): {_losses(final)}", flush=True)
             print(f"fine-tuning at lr {lr:.2g}", flush=True)
     return lr
