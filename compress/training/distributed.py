@@ -1,6 +1,7 @@
 """torch.distributed set-up for runs under torchrun (gloo on CPU, nccl on GPU)."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -16,7 +17,15 @@ def init() -> tuple[int, int, torch.device]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # left joined, gloo's threads are still running when the interpreter exits, and a rank can
+        # abort there ("terminate called without an active exception") after its work is done
+        atexit.register(_leave)
     return (dist.get_rank() if dist.is_initialized() else 0), world, device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:
