@@ -53,6 +53,7 @@ finetune:
   epochs: 1
   steps_per_epoch: 2
   val_images: 16
+  block_steps: 5          # the block-wise path runs; its default 200 a block is minutes here
 export:
   formats: [onnx]
   int8: {int8}

@@ -120,6 +120,7 @@ prune:
 finetune:
   epochs: 1
   steps_per_epoch: 2
+  block_steps: 5
   holdout: 8
   val_images: 8
 export:

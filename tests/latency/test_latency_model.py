@@ -143,9 +143,13 @@ def test_prune_to_a_latency_meets_it_as_measured(tmp_path):
     assert t["measured_ms"] <= t["budget_ms"] and t["predicted_ms"] > 0
     # within 5% under the budget, unless a busy machine kept every one of the 5 cuts out of that window
     assert t["measured_ms"] >= 0.95 * t["budget_ms"] or len(t["attempts"]) == 5
-    again = export(compress.load(tmp_path / "p.pt"), "onnx", tmp_path / "p.onnx")
-    timed = min(measure(again["path"], threads=1, runs=50)["median_ms"] for _ in range(3))
-    assert timed <= 1.1 * t["budget_ms"]  # a fresh session on a shared machine: 10% for its noise
+    again = export(compress.load(tmp_path / "p.pt"), "onnx", tmp_path / "p.onnx")["path"]
+    unpruned = export(model, "onnx", tmp_path / "u.onnx")["path"]
+    # as a ratio to the unpruned file timed right after, as the budget is: the other test worker
+    # can slow this one by a third for a while, both files alike
+    ratios = sorted(measure(again, threads=1, runs=50)["median_ms"] / measure(unpruned, threads=1, runs=50)["median_ms"]
+                    for _ in range(3))
+    assert ratios[1] <= 1.1 * 0.7  # a fresh session: 10% for its noise
     assert torch.load(tmp_path / "p.pt", weights_only=True)["provenance"]["latency"]["measured_ms"] == t["measured_ms"]
 
 

@@ -112,6 +112,7 @@ def test_the_shipped_sr_recipe_runs_end_to_end(tmp_path, cifar_dir):
     unpruned net's images, and every float file passes its parity check."""
     out = run_cli("run", "recipes/sr_espcn.yaml", f"out={tmp_path}", f"data.spec=sr:cifar10:{cifar_dir}:x2",
                   "data.workers=0", "transfer.steps_per_epoch=20", "transfer.val_images=64", "finetune.steps_per_epoch=5",
+                  "finetune.block_steps=5",
                   "finetune.val_images=64", "export.parity_images=16", "latency.runs=3", "latency.warmup=1")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = (tmp_path / "sr_espcn" / "report.md").read_text()

@@ -103,7 +103,7 @@ def test_finetune_with_distillation_records_parent(tmp_path):
     pruned = compress.prune(compress.build("mobilenet_v3_small_cifar"), width=0.5).model
     compress.save_checkpoint(tmp_path / "p.pt", pruned)
     out = run_cli("finetune", tmp_path / "p.pt", *TINY, "--epochs", "1", "--teacher", "mobilenet_v3_small_cifar",
-                  "--kd-weight", "0.7", "-o", tmp_path / "ft.pt")
+                  "--kd-weight", "0.7", "--block-steps", "2", "-o", tmp_path / "ft.pt")
     assert out.returncode == 0, out.stderr
     tuned = compress.load(tmp_path / "ft.pt")
     assert tuned.card.config == pruned.card.config  # architecture kept
