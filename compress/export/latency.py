@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +49,8 @@ def _stats(times_s: list[float]) -> dict:
             "std_ms": float(ms.std()), "runs": int(len(ms))}
 
 
-def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: int = 10, runs: int = 100,
-            seed: int = 0) -> dict:
-    """Time single-image inference: one fixed input built once, `warmup` untimed runs, then
-    perf_counter around each run/invoke call only."""
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"model file '{path}' does not exist.")
-    if threads < 1 or runs < 1 or warmup < 0:
-        raise CompressError(f"need threads >= 1, runs >= 1, warmup >= 0; got {threads}, {runs}, {warmup}.")
-    backend = _backend(path, backend)
+def _runner(path: Path, backend: str, threads: int, seed: int) -> tuple[Callable[[], object], str]:
+    """One single-image inference of the file on a fixed input, and the runtime's version."""
     if backend == "onnxruntime":
         ort = runtime("onnxruntime")
         try:
@@ -67,22 +60,35 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
         meta = sess.get_inputs()[0]
         dtype = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}[meta.type]
         feed = {meta.name: _input(meta.shape, dtype, seed)}
+        return (lambda: sess.run(None, feed)), f"onnxruntime {ort.__version__}"
+    litert_version = runtime("ai_edge_litert").__version__
+    try:
+        interpreter = open_interpreter(path, threads)
+    except Exception as exc:
+        raise CompressError(f"LiteRT cannot load '{path}': {str(exc)[:300]}") from None
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], _input(list(detail["shape"]), detail["dtype"], seed))
+    return interpreter.invoke, f"ai-edge-litert {litert_version}"
 
-        def call():
-            sess.run(None, feed)
-        version = f"onnxruntime {ort.__version__}"
-    else:
-        litert_version = runtime("ai_edge_litert").__version__
-        try:
-            interpreter = open_interpreter(path, threads)
-        except Exception as exc:
-            raise CompressError(f"LiteRT cannot load '{path}': {str(exc)[:300]}") from None
-        detail = interpreter.get_input_details()[0]
-        interpreter.set_tensor(detail["index"], _input(list(detail["shape"]), detail["dtype"], seed))
-        call = interpreter.invoke
-        version = f"ai-edge-litert {litert_version}"
+
+def _opened(path: str | Path, backend: str, threads: int, runs: int, warmup: int, seed: int):
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"model file '{path}' does not exist.")
+    if threads < 1 or runs < 1 or warmup < 0:
+        raise CompressError(f"need threads >= 1, runs >= 1, warmup >= 0; got {threads}, {runs}, {warmup}.")
+    backend = _backend(path, backend)
+    call, version = _runner(path, backend, threads, seed)
     for _ in range(warmup):
         call()
+    return call, version, backend
+
+
+def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: int = 10, runs: int = 100,
+            seed: int = 0) -> dict:
+    """Time single-image inference: one fixed input built once, `warmup` untimed runs, then
+    perf_counter around each run/invoke call only."""
+    call, version, backend = _opened(path, backend, threads, runs, warmup, seed)
     times = []
     for _ in range(runs):
         began = time.perf_counter()
@@ -90,6 +96,25 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
         times.append(time.perf_counter() - began)
     return {"model": str(path), "backend": backend, "threads": threads, "warmup": warmup, **_stats(times),
             "runtime": version, "device": f"local ({platform.machine()}, {platform.processor() or 'cpu'})"}
+
+
+def measure_beside(path: str | Path, reference: str | Path, threads: int = 1, warmup: int = 5, runs: int = 100,
+                   block: int = 10, skip: int = 2) -> tuple[float, float]:
+    """Median ms of `path` and of `reference`, timed in turns of `block` invokes each, the first
+    `skip` of a turn left out (the other file's weights fill the cache then). On a shared
+    machine speed changes over seconds; taking turns every few milliseconds lets both files
+    see the same machine: the ratio of two files timed one after the other spread by 2-6%
+    (std) on a 2-core VM, in turns by 1.6-2.4% (benchmarks/RESULTS.md, "Latency timing noise")."""
+    calls = [_opened(p, "auto", threads, runs, warmup, 0)[0] for p in (path, reference)]
+    times: list[list[float]] = [[], []]
+    for _ in range(max(1, -(-runs // (block - skip)))):
+        for call, kept in zip(calls, times):
+            for i in range(block):
+                began = time.perf_counter()
+                call()
+                if i >= skip:
+                    kept.append(time.perf_counter() - began)
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
 
 
 # ---- Android over adb ---------------------------------------------------------------------

@@ -46,10 +46,10 @@ def time_configs(model: nn.Module, space: ChannelSpace, configs: list[ChannelCon
 
 
 class BesideUnpruned:
-    """Times configs as ratios to the unpruned file, timed right after each: a shared machine's
-    speed drifts by several percent over minutes (the unpruned MobileNetV2 ran at 2.95 to 3.34
-    ms in one afternoon here), which a ratio in one window cancels. Each time is reported as
-    the ratio times the unpruned file's first timing. Files are all exported before any is
+    """Times configs as ratios to the unpruned file, the two taking turns every few invokes: a
+    shared machine's speed drifts by several percent over minutes (the unpruned MobileNetV2 ran
+    at 2.95 to 3.34 ms in one afternoon here) and jumps over seconds, which a ratio taken in
+    turns cancels. Each time is reported as the ratio times the unpruned file's first timing. Files are all exported before any is
     timed, so no conversion runs beside a timing."""
 
     def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
@@ -65,8 +65,7 @@ class BesideUnpruned:
     def nets(self, nets: list[nn.Module], repeats: int = 1, what: str | None = None) -> list[list[float]]:
         """The times of each of `nets` (cuts of the model), each beside the unpruned file."""
         with exported(self.clock, nets, self.space.input_size[-1], what, self.folder) as paths:
-            return [[self.clock.measure_file(p) * self.unpruned_ms / self.clock.measure_file(self.reference)
-                     for _ in range(repeats)]
+            return [[self.clock.ratio(p, self.reference) * self.unpruned_ms for _ in range(repeats)]
                     for p in tqdm(paths, desc=f"timing {what} ({self.clock.describe()})", unit="model",
                                   disable=what is None)]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.export.latency import measure, measure_adb
+from compress.export.latency import measure, measure_adb, measure_beside
 from compress.export.quantize import quantize_onnx, quantize_tflite
 from compress.export.tflite import write_tflite
 from compress.logs import runtime
@@ -23,7 +23,7 @@ from compress.logs import runtime
 RUNTIMES = ("tflite", "onnxruntime")
 SUFFIX = {"tflite": ".tflite", "onnxruntime": ".onnx"}
 # how a latency model's samples are timed, recorded with it
-TIMING = "the lower of two sessions' medians, scaled by the unpruned file's drift timed beside it"
+TIMING = "medians of turns of 10 invokes taken with the unpruned file (2 of each left out), as a ratio to it"
 CALIBRATION_IMAGES = 4  # int8 speed does not depend on the ranges, so a few random inputs calibrate
 
 
@@ -67,6 +67,14 @@ class Clock:
         slows a timing (one session in 30 on a shared 2-core machine ran 1.8x slower than the
         next on the same file)."""
         return min(self._session(path) for _ in range(2))
+
+    def ratio(self, path: Path, reference: Path) -> float:
+        """The file's time as a ratio to `reference`'s, the two timed in turns (see
+        `measure_beside`); on a phone, one after the other."""
+        if self.device != "local":
+            return self.measure_file(path) / self.measure_file(reference)
+        ms, reference_ms = measure_beside(path, reference, self.threads, self.warmup, 2 * self.runs)
+        return ms / reference_ms
 
     def _session(self, path: Path) -> float:
         if self.device == "local":

@@ -10,7 +10,7 @@ from compress import CompressError
 from compress.errors import CheckFailed
 from conftest import TRAINED, run_cli
 from compress.export import export_onnx, export_tflite, measure
-from compress.export.latency import adb_commands, check_budget, measure_adb, parse_benchmark_model
+from compress.export.latency import adb_commands, check_budget, measure_adb, measure_beside, parse_benchmark_model
 from compress.pruning.prune import prune
 
 SMALL = {"mobilenet_v1": 64, "mobilenet_v2": 64, "mobilenet_v3_large": 64, "mobilenet_v3_small": 64}
@@ -71,6 +71,8 @@ def test_pruned_odd_widths_export_to_both_formats_and_time_on_both_runtimes(tmp_
         r = measure(tmp_path / path, threads=2, warmup=2, runs=10)
         assert r["runs"] == 10 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
         assert r["threads"] == 2 and r["runtime"]
+    ms, again = measure_beside(tmp_path / "p.tflite", tmp_path / "p.tflite", runs=40)  # in turns with itself
+    assert ms > 0 and 0.8 <= ms / again <= 1.25
     with pytest.raises(CheckFailed, match=r"median .* ms > budget 1e-06 ms"):
         check_budget(r, 1e-6)
     check_budget(r, 1e6)
