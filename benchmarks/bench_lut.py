@@ -10,7 +10,8 @@ this version's fit, refitted on the cell's own recorded timings, beside the cell
 `--size cpu`: MobileNetV2 (float and int8 TFLite at 1 and 2 threads), MobileNetV3-Large, LRASPP
 and ResNet-50 (float TFLite, 1 thread), every model on ONNX Runtime (float and int8, 1 thread),
 30 check configs each; `full`: every model on every clock, 50 configs; `quick`:
-a tiny model on ONNX Runtime. `--build-time`: the MobileNetV2 float TFLite model built twice in a row,
+a tiny model on ONNX Runtime. `--noise`: how far repeated timings of one cut (as a ratio to the unpruned file) spread, timed one
+after the other or in turns, the floor under any latency model's error. `--build-time`: the MobileNetV2 float TFLite model built twice in a row,
 pinned to one core (conversions one after another) and on every core (a conversion per core), as a
 ratio.
 """
@@ -24,12 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common import write_section
 from compress import build
 from compress.latency.build import check_scores
 from compress.latency.clock import TIMING, Clock
 from compress.latency.layers import tile_name
 from compress.latency.model import LatencyModel
+from compress.pruning.prune import prune
 from compress.pruning.space import ChannelConfig
 from compress.stages import lut_model_space
 from compress.latency.workers import cores
@@ -99,18 +103,65 @@ def one_sample(out: Path) -> tuple[float, float]:
     return converted - began, time.perf_counter() - converted
 
 
+def noise(out: Path, repeats: int) -> None:
+    """Half-width MobileNetV2 against the unpruned one (float TFLite, 224 px), its time as a
+    ratio to the unpruned file's `repeats` times: the two timed one after the other (the
+    lower of two sessions' medians each, as before), and in turns (`Clock.ratio`). The two
+    ways alternate, so the machine's drift falls on both alike."""
+    net = build("mobilenet_v2").eval()
+    _, space = lut_model_space(net)
+    paths = {name: out / f"noise_{name}.tflite" for name in ("unpruned", "half")}
+    for (name, path), config in zip(paths.items(), (space.max(), space.uniform(0.5))):
+        Clock().export(prune(net, config, space, importance="first"), 224, path)
+    ways = {"one after the other": lambda c: c.measure_file(paths["half"]) / c.measure_file(paths["unpruned"]),
+            "in turns": lambda c: c.ratio(paths["half"], paths["unpruned"])}
+    rows = []
+    for threads in (1, 2):
+        clock = Clock(threads=threads)
+        ratios, seconds = {w: [] for w in ways}, dict.fromkeys(ways, 0.0)
+        for _ in range(repeats):
+            for way, timed in ways.items():
+                began = time.perf_counter()
+                ratios[way].append(timed(clock))
+                seconds[way] += time.perf_counter() - began
+        for way, r in ratios.items():
+            dev = np.abs(np.array(r) / np.median(r) - 1)
+            rows.append(f"| {threads} | {way} | {np.median(r):.3f} | {100 * np.std(r) / np.mean(r):.2f}% | "
+                        f"{np.mean(dev <= 0.025):.0%} | {np.mean(dev <= 0.05):.0%} | {100 * dev.max():.1f}% | "
+                        f"{seconds[way] / repeats:.2f} s |")
+    write_section("Latency timing noise", "\n".join([
+        f"MobileNetV2 at 224 px, float TFLite: the half-width cut's time as a ratio to the unpruned file's, taken "
+        f"{repeats} times each way, the ways alternating: one after the other (each file the lower of two sessions' "
+        "medians of 50 runs) or in turns of 10 invokes (2 of each left out), 13 turns: 104 timed invokes a file "
+        "against 100. Spread: how "
+        "far one ratio lies from the way's median ratio.", "",
+        "| threads | timed | median ratio | std | within +-2.5% | within +-5% | max | seconds a ratio |",
+        "|---|---|---|---|---|---|---|---|", *rows]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="cpu")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_lut"))
     ap.add_argument("--table-only", action="store_true", help="build the table from the records already there")
     ap.add_argument("--build-time", action="store_true", help="only the build on one core against every core")
+    ap.add_argument("--cells", help="only these cells, as MODEL:CLOCK,... (clocks: " + ", ".join(CLOCKS) + ")")
+    ap.add_argument("--samples", type=int, help="whole models the latency model is fitted on, in place of the size's")
+    ap.add_argument("--check", type=int, help="check configs a cell, in place of the size's")
+    ap.add_argument("--label", help="write the table to a RESULTS section of its own, named with this label "
+                    "(cells under OUT/SIZE-LABEL)")
+    ap.add_argument("--noise", type=int, metavar="REPEATS", help="only the spread of repeated timings of one cut, "
+                    "one after the other against in turns, REPEATS ratios each")
     args = ap.parse_args()
-    p = SIZES[args.size]
-    out = args.out / args.size
+    p = {**SIZES[args.size], **{k: getattr(args, k) for k in ("samples", "check") if getattr(args, k)}}
+    if args.cells:
+        p["cells"] = [tuple(c.rsplit(":", 1)) for c in args.cells.split(",")]
+    out = args.out / (f"{args.size}-{args.label}" if args.label else args.size)
     out.mkdir(parents=True, exist_ok=True)
     if args.build_time:
         return build_time(out, p["samples"])
+    if args.noise:
+        return noise(out, args.noise)
     rows = []
     for model, clock in p["cells"]:
         path = out / f"{model.replace(':', '_')}__{clock}.json"
@@ -125,9 +176,9 @@ def main() -> None:
                     f"{tile} | {c['within_10pct']:.0%} | {c['within_5pct']:.0%} | {c['mean_abs_error_pct']:.1f}% | "
                     f"{c['max_abs_error_pct']:.1f}% | {built['within_10pct']:.0%}, {built['within_5pct']:.0%} | "
                     f"{_retimed(c)} |")
-    write_section(f"Latency model accuracy ({args.size})", "\n".join([
+    write_section(f"Latency model accuracy ({args.size})" + (f": {args.label}" if args.label else ""), "\n".join([
         f"Each model at 224 px ({'16 px: ' if args.size == 'quick' else ''}the latency model fitted on {p['samples']} whole models (the unpruned one, the "
-        "smallest, two uniform widths, random configs), exported and timed: the lower of two sessions' medians of 50 runs, as a ratio to the unpruned file timed right after (this machine's speed drifts over minutes); cells marked * were timed by one session's median alone, before that); then checked on "
+        "smallest, two uniform widths, random configs), exported and timed as a ratio to the unpruned file (this machine's speed drifts over minutes): since 2026-12-06 the two in turns of 10 invokes, 2 of each left out (section 'Latency timing noise'); before, the lower of two sessions' medians of 50 runs, the unpruned file timed right after; cells marked * were timed by one session's median alone, before that); then checked on "
         f"{p['check']} random configs it never saw, exported and timed the same way. Build time: sampling and "
         "fitting, on this machine. Every cell is scored with this version's fit, refitted on the cell's own timed "
         "samples (the timings are the record's; the fit is redone), so a change to the fit is judged on the same "
