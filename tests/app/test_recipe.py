@@ -66,9 +66,10 @@ latency:
 """
 
 
-def _recipe(tmp_path, iterations=1, name="tiny.yaml", int8=False):
+def _recipe(tmp_path, iterations=1, name="tiny.yaml", int8=False, targets=2):
     path = tmp_path / name
-    path.write_text(TINY.format(out=tmp_path / "runs", iterations=iterations, int8=str(int8).lower()))
+    text = TINY.format(out=tmp_path / "runs", iterations=iterations, int8=str(int8).lower())
+    path.write_text(text if targets == 2 else text.replace("    - macs: 45%\n", ""))
     return path
 
 
@@ -162,8 +163,9 @@ def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
 def test_killed_recipe_resumes_the_interrupted_stage(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    assert run_cli("run", _recipe(tmp_path / "a", iterations=3), "--quiet").returncode == 0
-    recipe = _recipe(tmp_path / "b", iterations=3)
+    # one target: the resume is the search's, and a second target doubles every stage after it
+    assert run_cli("run", _recipe(tmp_path / "a", iterations=3, targets=1), "--quiet").returncode == 0
+    recipe = _recipe(tmp_path / "b", iterations=3, targets=1)
     proc = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--quiet"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "b" / "runs" / "tiny" / "search" / "state.json"
