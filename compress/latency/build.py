@@ -49,8 +49,8 @@ class BesideUnpruned:
     """Times configs as ratios to the unpruned file, the two taking turns every few invokes: a
     shared machine's speed drifts by several percent over minutes (the unpruned MobileNetV2 ran
     at 2.95 to 3.34 ms in one afternoon here) and jumps over seconds, which a ratio taken in
-    turns cancels. Each time is reported as the ratio times the unpruned file's first timing. Files are all exported before any is
-    timed, so no conversion runs beside a timing."""
+    turns cancels. Each time is reported as the ratio times the unpruned file's first timing.
+    Files are all exported before any is timed, so no conversion runs beside a timing."""
 
     def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
         self.model, self.space, self.clock, self.folder = model, space, clock, folder
