@@ -10,8 +10,9 @@ this version's fit, refitted on the cell's own recorded timings, beside the cell
 `--size cpu`: MobileNetV2 (float and int8 TFLite at 1 and 2 threads), MobileNetV3-Large, LRASPP
 and ResNet-50 (float TFLite, 1 thread), every model on ONNX Runtime (float and int8, 1 thread),
 30 check configs each; `full`: every model on every clock, 50 configs; `quick`:
-a tiny model on ONNX Runtime. `--noise`: how far repeated timings of one cut (as a ratio to the unpruned file) spread, timed one
-after the other or in turns, the floor under any latency model's error. `--build-time`: the MobileNetV2 float TFLite model built twice in a row,
+a tiny model on ONNX Runtime. `--noise`: how far repeated timings of one cut (as a ratio to the
+unpruned file) spread, timed one after the other or in turns, the floor under any latency
+model's error. `--build-time`: the MobileNetV2 float TFLite model built twice in a row,
 pinned to one core (conversions one after another) and on every core (a conversion per core), as a
 ratio.
 """
@@ -133,8 +134,7 @@ def noise(out: Path, repeats: int) -> None:
         f"MobileNetV2 at 224 px, float TFLite: the half-width cut's time as a ratio to the unpruned file's, taken "
         f"{repeats} times each way, the ways alternating: one after the other (each file the lower of two sessions' "
         "medians of 50 runs) or in turns of 10 invokes (2 of each left out), 13 turns: 104 timed invokes a file "
-        "against 100. Spread: how "
-        "far one ratio lies from the way's median ratio.", "",
+        "against 100. Spread: how far one ratio lies from the way's median ratio.", "",
         "| threads | timed | median ratio | std | within +-2.5% | within +-5% | max | seconds a ratio |",
         "|---|---|---|---|---|---|---|---|", *rows]))
 
@@ -156,6 +156,10 @@ def main() -> None:
     p = {**SIZES[args.size], **{k: getattr(args, k) for k in ("samples", "check") if getattr(args, k)}}
     if args.cells:
         p["cells"] = [tuple(c.rsplit(":", 1)) for c in args.cells.split(",")]
+        unknown = [":".join(c) for c in p["cells"] if len(c) != 2 or c[1] not in CLOCKS]
+        if unknown:
+            ap.error(f"--cells: {', '.join(unknown)} names no clock; give MODEL:CLOCK with CLOCK one of "
+                     f"{', '.join(CLOCKS)}")
     out = args.out / (f"{args.size}-{args.label}" if args.label else args.size)
     out.mkdir(parents=True, exist_ok=True)
     if args.build_time:
