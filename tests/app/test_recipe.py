@@ -142,17 +142,19 @@ def test_tiny_recipe_end_to_end_then_skips_then_reruns_what_changed(tmp_path):
     assert "| FAIL |" in (run / "report.md").read_text()  # written before exiting
 
     # from pretrained weights, the searched widths cut from them: the supernet and everything after re-run
+    # (for one target: a second doubles every stage after the search)
     torch.manual_seed(1)
     weights = tmp_path / "weights.pth"
     torch.save(compress.build("mobilenet_v3_small_cifar", num_classes=10, input_size=16).state_dict(), weights)
     cut = run_cli("run", recipe, "--quiet", "export.int8=false", f"model.pretrained={weights}",
-                  "extract.weights=teacher")
+                  "extract.weights=teacher", "search.targets=[{macs: 70%}]")
     assert cut.returncode == 0, cut.stderr[-2000:]
     assert "supernet: inputs changed, re-running" in cut.stdout
     unpruned = run / "extract" / "unpruned.pt"
     extract = json.loads((run / "extract" / "stage.json").read_text())["outputs"]
     assert extract["teacher"] == str(unpruned)  # the model the widths were cut from teaches their fine-tune
     search = json.loads((run / "search" / "stage.json").read_text())["outputs"]
+    assert len(search["targets"]) == len(extract["nets"]) == 1
     for entry, net in zip(search["targets"], extract["nets"].values()):
         record = torch.load(net["path"], weights_only=True)
         assert record["provenance"]["weights"] == "teacher" and record["config"] == entry["config"]

@@ -110,6 +110,14 @@ def trained():
     return compress.load(TRAINED).eval()
 
 
+@pytest.fixture(scope="module")
+def trained_tflite(trained, tmp_path_factory):
+    """The trained net's float TFLite file, converted once for the tests that read it."""
+    path = tmp_path_factory.mktemp("trained") / "f.tflite"
+    export_tflite(trained, path)
+    return path
+
+
 # Floors this small net (trained from scratch, 55% top-1) meets on these 300 images: 94% TFLite
 # static, 98% dynamic range, 85% ONNX static (measured; the transferred MobileNetV2 of
 # benchmarks/RESULTS.md agrees 98% in TFLite). Under the 0.98 default: a weakly trained net has
@@ -143,7 +151,7 @@ def test_int8_modes_agree_with_float_on_real_images(trained, tmp_path, cifar_dir
 
 
 @pytest.mark.slow
-def test_quantization_aware_net_computes_what_the_int8_file_does(trained, tmp_path, cifar_dir):
+def test_quantization_aware_net_computes_what_the_int8_file_does(trained, trained_tflite, tmp_path, cifar_dir):
     """The int8 file's input and output take the whole range they have on the calibration
     images (LiteRT's average of per-image ranges clips the top logits, tying the classes top-1
     is decided between). The fake-quantized net the int8 epochs train, its ranges measured on
@@ -156,16 +164,15 @@ def test_quantization_aware_net_computes_what_the_int8_file_does(trained, tmp_pa
     from compress.training.qat import quantization_aware
     calib = sample_images(f"cifar10:{cifar_dir}", True, 64, 32, trained.card.mean, trained.card.std)
     images = sample_images(f"cifar10:{cifar_dir}", False, 100, 32, trained.card.mean, trained.card.std)
-    export_tflite(trained, tmp_path / "f.tflite", images=images[:2])
-    ranges = calibrate(tmp_path / "f.tflite", calib.numpy())
-    ends = open_interpreter(tmp_path / "f.tflite")
-    logits = run_inputs(tmp_path / "f.tflite", calib.numpy())
+    ranges = calibrate(trained_tflite, calib.numpy())
+    ends = open_interpreter(trained_tflite)
+    logits = run_inputs(trained_tflite, calib.numpy())
     for detail, values in ((ends.get_input_details()[0], calib.numpy()), (ends.get_output_details()[0], logits)):
         assert float(ranges[detail["name"]]["min"].min()) == pytest.approx(float(values.min()))
         assert float(ranges[detail["name"]]["max"].max()) == pytest.approx(float(values.max()))
     assert float(ranges[ends.get_output_details()[0]["name"]]["max"].max()) > logits.max(1).mean() + 0.1
 
-    quantize_tflite(tmp_path / "f.tflite", tmp_path / "q.tflite", "int8", calibration=ranges)
+    quantize_tflite(trained_tflite, tmp_path / "q.tflite", "int8", calibration=ranges)
     file_logits = torch.from_numpy(run_inputs(tmp_path / "q.tflite", images.numpy()))
     simulated = quantization_aware(copy.deepcopy(trained), calib[:1])
     simulated.measure_ranges([calib])  # one batch: the ends take its whole range, as the file's do
@@ -177,14 +184,13 @@ def test_quantization_aware_net_computes_what_the_int8_file_does(trained, tmp_pa
 
 
 @pytest.mark.slow
-def test_int8_keeps_the_most_sensitive_ops_in_float(trained, tmp_path, cifar_dir):
+def test_int8_keeps_the_most_sensitive_ops_in_float(trained, trained_tflite, tmp_path, cifar_dir):
     from compress.export.quantize import op_label, weighted_ops
     calib, images = _cifar_images(cifar_dir, trained)
     report = export_tflite(trained, tmp_path / "k.tflite", quantize="int8", calib_images=calib, images=images,
                            keep_float=2)
     assert len(report["keep_float"]) == 2
-    export_tflite(trained, tmp_path / "f.tflite", images=images)
-    names = [op_label(s) for s in weighted_ops(tmp_path / "f.tflite")]
+    names = [op_label(s) for s in weighted_ops(trained_tflite)]
     assert set(report["keep_float"]) <= set(names) and "output layer" in names and "features.0.0" in names
 
 

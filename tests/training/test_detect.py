@@ -93,8 +93,9 @@ def test_an_fcos_prunes_recovers_scores_map_and_exports_float_and_int8(tmp_path)
         assert all(r["max_abs_diff"] <= 1e-3 * max(1.0, r["max_abs_logit"]) for r in report["parity"]["outputs"].values())
         float_gate = report["parity"]
         assert float_gate["agreement_of"] == "mAP@50" and float_gate["top1_agreement"] > 0.95  # float: the same boxes
-        int8 = stages.export(recovered, fmt, tmp_path / f"fcos_int8.{fmt}",
-                             ExportSettings(int8=True, calib_images=32, min_agreement=0.3), data=data.spec)
-        p = int8["parity"]
-        assert p["agreement_of"] == "mAP@50" and p["reference_boxes"] > 0 and 0.3 <= p["top1_agreement"] <= 1, p
-        assert p["map_agreement"] <= p["top1_agreement"]  # mAP@[.5:.95] also counts the boxes' last pixels
+    # int8 in TFLite alone: ONNX Runtime's int8 gate runs on the segmenter (test_task_export), and each file costs seconds
+    int8 = stages.export(recovered, "tflite", tmp_path / "fcos_int8.tflite",
+                         ExportSettings(int8=True, calib_images=32, min_agreement=0.3), data=data.spec)
+    p = int8["parity"]
+    assert p["agreement_of"] == "mAP@50" and p["reference_boxes"] > 0 and 0.3 <= p["top1_agreement"] <= 1, p
+    assert p["map_agreement"] <= p["top1_agreement"]  # mAP@[.5:.95] also counts the boxes' last pixels

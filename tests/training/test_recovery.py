@@ -207,7 +207,8 @@ def test_feature_distillation_matches_each_pruned_channel_to_the_one_it_was_cut_
     itself = FeatureMatch(copylib.deepcopy(teacher), teacher, x[:32])  # its set-up runs both nets once
     assert len(itself.names) == len(match.names) and itself.loss().item() == 0
     itself.remove()
-    settings = FinetuneSettings(epochs=1, steps_per_epoch=2, lr=0.001, feature_weight=1.0, keep_best=False, holdout=0)
+    settings = FinetuneSettings(epochs=1, steps_per_epoch=2, lr=0.001, feature_weight=1.0, keep_best=False, holdout=0,
+                                block_steps=0)  # block-wise reconstruction is not what this is about
     tuned = fit(pruned, DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0), settings, tmp_path,
                 teacher=teacher, validate=False, quiet=True)
     assert all(not m._forward_hooks for m in tuned.modules()) and all(not m._forward_hooks for m in teacher.modules())
