@@ -258,6 +258,9 @@ def cmd_lut(args) -> int:
     tile = f"{size} channels ({'inputs and outputs' if inputs_too else 'outputs'} rounded up)" if size > 1 else "none"
     error = record["fit"]["left_out_error"][tile_name((size, inputs_too))]
     print(f"the kernels' channel tile, fitted: {tile}; leave-one-out error on the samples {error:.1%}")
+    for r in record["fit"].get("retimed", []):
+        print(f"sample {r['sample']} timed again: {r['first_ms']:.3f} ms, then "
+              f"{', '.join(f'{ms:.3f}' for ms in r['again_ms'])} ms; kept the median, {r['kept_ms']:.3f} ms")
     if settings.check:
         c = record["check"]
         print(f"check on {c['configs']} random configs: {c['within_10pct']:.0%} within +-10% and "

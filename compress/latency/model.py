@@ -59,6 +59,17 @@ class LatencyModel:
                                   "samples": [{"config": c.to_dict(), "measured_ms": ms} for c, ms in samples]}}
         return cls(record, space)
 
+    def suspects(self) -> list[int]:
+        """The samples the others predict far worse than they predict each other (beyond three
+        robust standard deviations of the left-out errors, and beyond 5%): timings a busy
+        machine spoiled, worth taking again. The first sample, the unpruned file every time is a
+        ratio to, is never one."""
+        samples = self.record["fit"]["samples"]
+        X = np.array([features(self.record["layers"], s["config"], self.space, self.tile) for s in samples])
+        residuals = left_out_residuals(X, np.array([s["measured_ms"] for s in samples]))
+        spread = 1.4826 * np.median(np.abs(residuals))
+        return [i for i in range(1, len(samples)) if abs(residuals[i]) > max(3 * spread, 0.05)]
+
     def predict(self, config: Mapping[str, int]) -> float:
         """Predicted latency of `config` in ms."""
         return float(self.weights @ features(self.record["layers"], config, self.space, self.tile) + self.overhead)
@@ -118,11 +129,16 @@ def _nnls_relative(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     return solution[:-1] / scale, float(solution[-1])
 
 
-def _left_out_error(X: np.ndarray, y: np.ndarray) -> float:
-    """Mean relative error predicting each sample from a fit on the others."""
-    errors = []
+def left_out_residuals(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The relative error predicting each sample from a fit on the others."""
+    residuals = []
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
         w, overhead = _nnls_relative(X[keep], y[keep])
-        errors.append(abs((X[i] @ w + overhead) / y[i] - 1))
-    return float(np.mean(errors))
+        residuals.append((X[i] @ w + overhead) / y[i] - 1)
+    return np.array(residuals)
+
+
+def _left_out_error(X: np.ndarray, y: np.ndarray) -> float:
+    """Mean relative error predicting each sample from a fit on the others."""
+    return float(np.mean(np.abs(left_out_residuals(X, y))))

@@ -65,6 +65,23 @@ def test_the_fit_recovers_a_latency_linear_in_the_work_at_the_kernels_tile(tile)
     assert [fitted.predict(c) for c in configs[20:]] == pytest.approx(ms[20:], rel=1e-6)
 
 
+def test_a_spoiled_timing_is_the_one_sample_suspected():
+    """Times linear in the work, each off by up to 3% (the noise of a shared machine); one timing off
+    by 40%, as a jump of a busy machine leaves it: that sample alone is suspected, and the first
+    (the unpruned file every time is a ratio to) never is."""
+    model, space = _small()
+    base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
+            "layers": layer_records(model, space)}
+    truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
+    rng = np.random.default_rng(0)
+    configs = [space.max(), *(space.sample(rng) for _ in range(23))]
+    ms = [float(truth @ features(base["layers"], c, space)) * rng.uniform(0.97, 1.03) for c in configs]
+    assert LatencyModel.fit(base, space, list(zip(configs, ms))).suspects() == []
+    spoiled = list(ms)
+    spoiled[0], spoiled[7] = 1.4 * ms[0], 1.4 * ms[7]
+    assert LatencyModel.fit(base, space, list(zip(configs, spoiled))).suspects() == [7]
+
+
 def test_tiles_round_the_widths_up():
     model, space = _small()
     layers, config = layer_records(model, space), space.sample(np.random.default_rng(0))
