@@ -26,7 +26,9 @@ from compress.supernet.dynamic import Supernet
 
 KINDS = ("conv", "pointwise", "depthwise", "linear")
 TERMS = ("macs", "reads", "writes")
-FEATURES = tuple(f"{kind}_{term}" for kind in KINDS for term in TERMS)
+# the elements a conv whose widths are not whole tiles reads and writes: ONNX Runtime runs it
+# outside its blocked layout, reordering around it
+FEATURES = (*(f"{kind}_{term}" for kind in KINDS for term in TERMS), "unaligned_moves")
 # (channels per tile, whether a layer's inputs are rounded up too or only its outputs)
 TILES = ((1, False), (8, False), (8, True), (16, False), (16, True), (32, False), (32, True))
 
@@ -94,4 +96,6 @@ def features(layers: list[dict], config: Mapping[str, int], space: ChannelSpace,
         out[f"{kind}_macs"] += per_out * up(cout) * layer["pixels_out"]
         out[f"{kind}_reads"] += cin * layer["pixels_in"]
         out[f"{kind}_writes"] += cout * layer["pixels_out"]
+        if kind != "linear" and (cin % size or cout % size):
+            out["unaligned_moves"] += cin * layer["pixels_in"] + cout * layer["pixels_out"]
     return np.array([out[f] for f in FEATURES])

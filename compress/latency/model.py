@@ -106,8 +106,9 @@ class LatencyModel:
             raise CompressError(f"latency model '{path}' is not valid JSON ({exc}).") from None
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise CompressError(f"'{path}' is not a latency model (made by `chansearch lut` of this version).")
-        if "tile" not in record["fit"] and record["space_groups"] == [g.name for g in space.groups]:
-            # cached before the tile was fitted: refit its own samples
+        if (set(record["fit"].get("weights", ())) != set(FEATURES) or "tile" not in record["fit"]) \
+                and record["space_groups"] == [g.name for g in space.groups]:
+            # cached before the tile or a kind of work was fitted: refit its own samples
             samples = [(ChannelConfig(s["config"]), s["measured_ms"]) for s in record["fit"]["samples"]]
             record = cls.fit({k: v for k, v in record.items() if k != "fit"}, space, samples).record
         model = cls(record, space)

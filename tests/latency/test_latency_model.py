@@ -89,7 +89,8 @@ def test_tiles_round_the_widths_up():
     assert features(layers, config, space, (16, False)).sum() > features(layers, config, space).sum()
 
 
-def test_a_model_cached_before_tiles_is_refitted_from_its_own_samples(tmp_path):
+@pytest.mark.parametrize("before", ["tiles", "unaligned_moves"])
+def test_a_model_cached_by_an_earlier_version_is_refitted_from_its_own_samples(tmp_path, before):
     model, space = _small()
     base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
             "layers": layer_records(model, space), "clock": {"runtime": "onnxruntime"}}
@@ -97,7 +98,10 @@ def test_a_model_cached_before_tiles_is_refitted_from_its_own_samples(tmp_path):
     configs = [space.sample(rng) for _ in range(12)]
     fitted = LatencyModel.fit(base, space, [(c, 0.1 + space.macs(c) * 1e-7) for c in configs])
     old = json.loads(json.dumps(fitted.record))
-    del old["fit"]["tile"], old["fit"]["left_out_error"]
+    if before == "tiles":
+        del old["fit"]["tile"], old["fit"]["left_out_error"]
+    else:  # a kind of work a later version reads: its weight is not in the file
+        del old["fit"]["weights"]["unaligned_moves"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = LatencyModel.load(tmp_path / "old.json", space, identity={"runtime": "onnxruntime"})
     assert loaded.tile == fitted.tile and loaded.predict(space.min()) == pytest.approx(fitted.predict(space.min()))
