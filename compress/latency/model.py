@@ -50,13 +50,15 @@ class LatencyModel:
         best from the others; `base` holds the layers and identity."""
         y = np.array([ms for _, ms in samples])
         work = {tile: np.array([features(base["layers"], c, space, tile) for c, _ in samples]) for tile in TILES}
-        loo = {tile: _left_out_error(X, y) for tile, X in work.items()}
+        residuals = {tile: left_out_residuals(X, y) for tile, X in work.items()}
+        loo = {tile: float(np.mean(np.abs(r))) for tile, r in residuals.items()}
         best = min(loo.values())
         tile = next(t for t in TILES if loo[t] <= 1.01 * best + 1e-9)  # within 1%, the smaller tile (first in TILES)
         weights, overhead = _nnls_relative(work[tile], y)
         record = {**base, "fit": {"weights": dict(zip(FEATURES, weights.tolist())), "overhead_ms": overhead,
                                   "tile": list(tile), "left_out_error": {tile_name(t): round(e, 5) for t, e in loo.items()},
-                                  "samples": [{"config": c.to_dict(), "measured_ms": ms} for c, ms in samples]}}
+                                  "samples": [{"config": c.to_dict(), "measured_ms": ms, "left_out_error": float(r)}
+                                              for (c, ms), r in zip(samples, residuals[tile])]}}
         return cls(record, space)
 
     def suspects(self) -> list[int]:
@@ -65,8 +67,7 @@ class LatencyModel:
         machine spoiled, worth taking again. The first sample, the unpruned file every time is a
         ratio to, is never one."""
         samples = self.record["fit"]["samples"]
-        X = np.array([features(self.record["layers"], s["config"], self.space, self.tile) for s in samples])
-        residuals = left_out_residuals(X, np.array([s["measured_ms"] for s in samples]))
+        residuals = np.array([s["left_out_error"] for s in samples])
         spread = 1.4826 * np.median(np.abs(residuals))
         return [i for i in range(1, len(samples)) if abs(residuals[i]) > max(3 * spread, 0.05)]
 
@@ -138,8 +139,3 @@ def left_out_residuals(X: np.ndarray, y: np.ndarray) -> np.ndarray:
         w, overhead = _nnls_relative(X[keep], y[keep])
         residuals.append((X[i] @ w + overhead) / y[i] - 1)
     return np.array(residuals)
-
-
-def _left_out_error(X: np.ndarray, y: np.ndarray) -> float:
-    """Mean relative error predicting each sample from a fit on the others."""
-    return float(np.mean(np.abs(left_out_residuals(X, y))))
