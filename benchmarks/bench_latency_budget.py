@@ -10,10 +10,18 @@ share of the unpruned file's measured time on the clock: TFLite, float or --int8
   MAC share P found by bisection on the same clock: the largest P whose file measures under the
   same budget, so both files run in (nearly) the same measured time.
 
-Both are refitted on the same training pool (energy ranking, least squares). Each is scored
-after the refit, and after the plain recovery a user writes (bench_recovery.py's loop: SGD,
-cosine, 0.7 KD + 0.3 CE, 3 epochs of batch 32 over the user's images, lr 0.01: that loop's best
-lr at 224 px) with several seeds. Cells are kept under --cells, so an interrupted run goes on.
+- `search`: the supernet path under the same budget: a slimmable supernet trained from the
+  teacher (bench_pretrained.py's, channels in `prune --data` order), AutoSlim's greedy search
+  with its `latency` budget judged by the same latency model (cached on this machine), the
+  searched widths cut from the teacher and refitted (`extract --teacher`). It is not measured
+  and corrected, so its file may run a little over or under the budget: the table says.
+
+All are refitted on the same training pool (energy ranking, least squares). Each is scored
+after the refit, and after each recovery (--recoveries) with several seeds: `plain`, the loop a
+user writes (bench_recovery.py's: SGD, cosine, 0.7 KD + 0.3 CE, 3 epochs of batch 32 over the
+user's images, lr 0.01: that loop's best lr at 224 px), and `finetune`, `chansearch finetune
+--teacher` with its defaults on the same images (bench_recovery.py's). Cells are kept under
+--cells, so an interrupted run goes on.
 
     python benchmarks/bench_latency_budget.py --teacher runs/teacher224/model.pt --size cpu
 
@@ -35,24 +43,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_recovery import recover_plain, scores, user_images
+from bench_pretrained import SIZES as SEARCH_SIZES, supernet_path, trained_supernet
+from bench_recovery import recover_finetune, recover_plain, scores, user_images
 from common import CIFAR, mean_std, write_section
-from compress import load, stages
+from compress import load, save_checkpoint, stages
 from compress.data.specs import sample_labelled
 from compress.files import atomic_write_json
-from compress.latency import Clock
+from compress.latency import Clock, cached_latency_model, clock_of
 from compress.latency.build import BesideUnpruned
 from compress.pruning.allocation import allocate
 from compress.pruning.importance import scores_on
 from compress.pruning.prune import prune_with_map, space_for
-from compress.settings import LutSettings, PruneSettings
+from compress.pruning.profile import count
+from compress.settings import LutSettings, PruneSettings, Target
 from compress.stages.pruning import pruning_batch
 
-SIZES = {
-    "quick": dict(budgets=(0.6,), test=64, images=64, epochs=1, seeds=1),
-    "cpu": dict(budgets=(0.5,), test=1000, images=500, epochs=3, seeds=3),
-    "gpu": dict(budgets=(0.7, 0.5, 0.35), test=10000, images=5000, epochs=3, seeds=3),
+SIZES = {  # search: bench_pretrained.py's size for the supernet and its search, and the size the search scores at
+    "quick": dict(budgets=(0.6,), test=64, images=64, epochs=1, seeds=1, search=("quick", None)),
+    "cpu": dict(budgets=(0.5,), test=1000, images=500, epochs=3, seeds=3, search=("cpu224", 96)),
+    "gpu": dict(budgets=(0.7, 0.5, 0.35), test=10000, images=5000, epochs=3, seeds=3, search=("gpu", None)),
 }
+ALLOCATIONS = ("latency", "macs", "search")
+RECOVERIES = ("plain", "finetune")
 
 
 def macs_at_equal_time(teacher, timer: BesideUnpruned, share: float, batch) -> float:
@@ -104,6 +116,8 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="budgets on the int8 TFLite file")
     ap.add_argument("--budgets", help="budgets in place of the size's, as shares of the unpruned time: 0.7,0.5,0.35")
     ap.add_argument("--lr", type=float, default=0.01, help="the plain loop's lr")
+    ap.add_argument("--allocations", default=",".join(ALLOCATIONS), help="which cuts, of " + ", ".join(ALLOCATIONS))
+    ap.add_argument("--recoveries", default=",".join(RECOVERIES), help="which recoveries, of " + ", ".join(RECOVERIES))
     ap.add_argument("--cells", default="runs/bench_latency_budget", help="folder of finished cells (resumable)")
     ap.add_argument("--first-call", action="store_true", help="only the wall time of `prune --latency 60%%` with "
                     "nothing cached, against the same call cached")
@@ -119,44 +133,27 @@ def main() -> None:
     clock = Clock("tflite", int8=args.int8, runs=lut.runs)
     space = space_for(teacher)
     test = sample_labelled(args.data, False, size["test"], card.input_size, card.mean, card.std, seed=1)
+    allocations, recoveries = args.allocations.split(","), args.recoveries.split(",")
     rows = ["| budget (x unpruned time) | allocation | MACs (x unpruned) | measured (x unpruned) | after refit top-1 % | "
-            "fidelity % | plain recovery top-1 % | fidelity % | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+            "fidelity % | " + " | ".join(f"{r} top-1 % | fidelity %" for r in recoveries) + " | seeds |",
+            "|---" * (7 + 2 * len(recoveries)) + "|"]
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else size["budgets"]
     with tempfile.TemporaryDirectory() as tmp:
         timer = BesideUnpruned(teacher, space, clock, Path(tmp))
         for share in budgets:
-            paths = {kind: cells / f"{kind}_{share:.2f}.pt" for kind in ("latency", "macs")}
-            for kind, path in paths.items():
-                info = path.with_suffix(".json")
-                if not path.exists():
-                    began = time.perf_counter()
-                    if kind == "latency":
-                        done = stages.prune(copy.deepcopy(teacher), latency=f"{share:.0%}", clock=lut, data=args.data,
-                                            output=path)
-                    else:
-                        macs = macs_at_equal_time(teacher, timer, share, pruning_batch(teacher, PruneSettings(), args.data))
-                        done = stages.prune(copy.deepcopy(teacher), macs=f"{100 * macs:.2f}%", data=args.data,
-                                            output=path)
-                    atomic_write_json(info, {"macs": done.macs / done.macs_before,
-                                             "seconds": round(time.perf_counter() - began, 1)})
-            # both files timed in one window, each beside the unpruned file: equal time is judged on one clock
+            paths = {kind: cut(kind, share, cells, teacher, timer, lut, args.data, size) for kind in allocations}
+            # every allocation's file timed in one window, each beside the unpruned file: equal time on one clock
             measured = [statistics.median(t) / timer.unpruned_ms
                         for t in timer.nets([load(p) for p in paths.values()], repeats=3)]
             for (kind, path), ratio in zip(paths.items(), measured):
                 meta = json.loads(path.with_suffix(".json").read_text())
                 refit = scores(load(path), teacher, *test)
-                tuned = []
-                for seed in range(size["seeds"]):
-                    cell = cells / f"{kind}_{share:.2f}_plain_{seed}.json"
-                    if not cell.exists():
-                        spec = user_images(cells, args.data, size["images"], seed)
-                        pool = sample_labelled(spec, True, size["images"], card.input_size, card.mean, card.std, seed=0)
-                        atomic_write_json(cell, scores(recover_plain(path, teacher, pool, size["epochs"], seed, args.lr),
-                                                       teacher, *test))
-                    tuned.append(json.loads(cell.read_text()))
+                tuned = {r: [recovered(cells / f"{kind}_{share:.2f}_{r}_{seed}.json", r, path, teacher, test, seed,
+                                       args, size) for seed in range(size["seeds"])] for r in recoveries}
                 rows.append(f"| {share:.0%} | {kind} | {meta['macs']:.3f} | {ratio:.3f} | {100 * refit['top1']:.1f} | "
-                            f"{100 * refit['fidelity']:.1f} | {mean_std([t['top1'] for t in tuned])} | "
-                            f"{mean_std([t['fidelity'] for t in tuned])} | {len(tuned)} |")
+                            f"{100 * refit['fidelity']:.1f} | " + " | ".join(
+                                f"{mean_std([t['top1'] for t in tuned[r]])} | {mean_std([t['fidelity'] for t in tuned[r]])}"
+                                for r in recoveries) + f" | {size['seeds']} |")
         unpruned = timer.unpruned_ms
     teacher_scores = scores(teacher, teacher, *test)
     write_section(f"Pruning to a measured latency ({args.size}, {'int8' if args.int8 else 'float'} TFLite)",
@@ -164,9 +161,61 @@ def main() -> None:
                       f"Teacher `{args.teacher}`: {card.input_size} px, test top-1 {teacher_scores['top1']:.1%} on "
                       f"{size['test']} test images; unpruned file {unpruned:.3f} ms ({clock.describe()}, at the start "
                       "of this run). Measured: the median of 3 timings of each file, each as a ratio to the unpruned "
-                      "file timed right after it, both allocations' files in one window. Plain "
-                      f"recovery: {size['epochs']} epochs of batch 32 over {size['images']} training images, lr "
-                      f"{args.lr}, one seed per row entry.", "", *rows]))
+                      "file timed right after it, every allocation's file in one window. Recovery: "
+                      f"{size['epochs']} epochs of batch 32 over {size['images']} training images, one seed per "
+                      f"row entry; the plain loop at lr {args.lr}, `finetune` at its defaults (the lr trial picks).",
+                      "", *rows]))
+
+
+def cut(kind: str, share: float, cells: Path, teacher, timer: BesideUnpruned, lut: LutSettings, data: str,
+        size: dict) -> Path:
+    """The file of allocation `kind` for the budget `share` of the unpruned time (made once,
+    kept with its MAC share and seconds)."""
+    path = cells / f"{kind}_{share:.2f}.pt"
+    if path.exists():
+        return path
+    began = time.perf_counter()
+    if kind == "latency":
+        stages.prune(copy.deepcopy(teacher), latency=f"{share:.0%}", clock=lut, data=data, output=path)
+    elif kind == "macs":
+        macs = macs_at_equal_time(teacher, timer, share, pruning_batch(teacher, PruneSettings(), data))
+        stages.prune(copy.deepcopy(teacher), macs=f"{100 * macs:.2f}%", data=data, output=path)
+    else:
+        search_size, score_size = size["search"]
+        ctx = {"size": SEARCH_SIZES[search_size], "data": data, "score_size": score_size}
+        run = trained_supernet(teacher, ctx, cells, "slimmable")
+        save_checkpoint(path, supernet_path(teacher, Target(latency=f"{share:.0%}"), ctx, cells, "slimmable", True,
+                                            lut=search_latency_model(run, lut)))
+    full = count(teacher, teacher.card.input_size)[0]
+    atomic_write_json(path.with_suffix(".json"), {"macs": count(load(path), teacher.card.input_size)[0] / full,
+                                                  "seconds": round(time.perf_counter() - began, 1)})
+    return path
+
+
+def search_latency_model(run: Path, lut: LutSettings) -> Path:
+    """The latency model of supernet `run` as a file for `search --lut`: this machine's cached
+    one (the direct path's, when the supernet's space is the teacher's), built when missing."""
+    path = run / "latency_model.json"
+    if not path.exists():
+        model, space = stages.lut_model_space(run)
+        cached_latency_model(model, space, clock_of(lut), lut.samples).save(path)
+    return path
+
+
+def recovered(cell: Path, recovery: str, pruned: Path, teacher, test, seed: int, args, size: dict) -> dict:
+    """The scores of the pruned file after one recovery and seed (kept in `cell`)."""
+    if not cell.exists():
+        spec = user_images(cell.parent, args.data, size["images"], seed)
+        if recovery == "plain":
+            card = teacher.card
+            pool = sample_labelled(spec, True, size["images"], card.input_size, card.mean, card.std, seed=0)
+            tuned = recover_plain(pruned, teacher, pool, size["epochs"], seed, args.lr)
+        else:
+            tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, cell.parent / "runs" / cell.stem,
+                                     None)
+        atomic_write_json(cell, scores(tuned, teacher, *test))
+    return json.loads(cell.read_text())
+
 
 if __name__ == "__main__":
     main()

@@ -100,31 +100,45 @@ def ours(teacher, target, data, settings: PruneSettings):
     return stages.prune(teacher, settings, macs=target, data=data, progress=True).model
 
 
-def supernet_path(teacher, target: float, ctx: dict, cells: Path, kind: str, from_teacher: bool) -> nn.Module:
+def supernet_path(teacher, budget: Target, ctx: dict, cells: Path, kind: str, from_teacher: bool,
+                  lut: Path | None = None) -> nn.Module:
     """Ours, the supernet path: a supernet trained from the teacher, its channels ordered as
     `prune --data` ranks them (`slimmable`: every width distilled from the teacher at a transfer
     lr, then AutoSlim's greedy search; `pruningnet`: MetaPruning's hypernetworks fitted to the
     teacher, then evolution), searched to the target on held-out training images, the config
     extracted with BN recalibrated (`from_teacher`: cut from the teacher's own weights and
     refitted, as `extract --teacher` does). Each supernet is trained once, for the first target
-    that asks (its time counts there), and its search is shared by its rows."""
+    that asks (its time counts there), and its search is shared by its rows. A latency budget
+    is searched with the latency model `lut` (a file of the supernet's space)."""
+    run, size = trained_supernet(teacher, ctx, cells, kind), ctx["size"]
+    scoring = _scoring(ctx)
+    method = "greedy" if kind == "slimmable" else "evolution"
+    # one folder per kind of budget: its scored configs carry over between budgets (resumed), and
+    # configs scored with a latency model also carry their predicted time
+    search = run / (f"search-{method}" if budget.latency is None else f"search-{method}-latency")
+    settings = SearchSettings(method=method, greedy_step=size["greedy"], targets=[budget], **size["evolution"],
+                              **scoring)
+    stages.search(run, settings, out=search, lut=lut)
+    with tempfile.TemporaryDirectory() as work:
+        return stages.extract(run, Path(work) / "net.pt", None, search, teacher=teacher if from_teacher else None).model
+
+
+def trained_supernet(teacher, ctx: dict, cells: Path, kind: str) -> Path:
+    """The run folder of `kind`'s supernet trained from the teacher, trained when missing."""
     run, size = cells / kind, ctx["size"]
-    scoring = dict(recal_images=min(256, size["score"]), eval_images=size["score"], score_size=ctx["score_size"])
     if not (run / "supernet.pt").exists():
         settings = SupernetSettings(method=kind, epochs=1, steps_per_epoch=size["supernet"], lr=0.005,
                                     warmup_epochs=0.1, weight_decay=4e-5, holdout=2000, val_images=size["score"],
                                     num_random=2)
         stages.train_supernet(copy.deepcopy(teacher), DataSettings(spec=ctx["data"], batch_size=size["batch"]),
-                              settings, run, HeldOutScoring(**scoring), pretrained=True, resume=run.exists(),
+                              settings, run, HeldOutScoring(**_scoring(ctx)), pretrained=True, resume=run.exists(),
                               record={"supernet_steps": size["supernet"]})
-    method = "greedy" if kind == "slimmable" else "evolution"
-    search = run / f"search-{method}"
-    settings = SearchSettings(method=method, greedy_step=size["greedy"], targets=[Target(macs=f"{target:.0%}")],
-                              **size["evolution"], **scoring)
-    stages.search(run, settings, out=search)
-    with tempfile.TemporaryDirectory() as work:
-        return stages.extract(run, Path(work) / "net.pt", f"{target:.0%}", search,
-                              teacher=teacher if from_teacher else None).model
+    return run
+
+
+def _scoring(ctx: dict) -> dict:
+    score = ctx["size"]["score"]
+    return dict(recal_images=min(256, score), eval_images=score, score_size=ctx["score_size"])
 
 
 def torch_pruning(teacher, target, round_to):
@@ -275,7 +289,8 @@ def prune_with(method: str, teacher, target: float, ctx: dict, cells: Path) -> n
     if method in ours_settings:
         return ours(teacher, f"{target:.0%}", ctx["data"], ours_settings[method])
     if method in SUPERNET_ROWS:
-        return supernet_path(teacher, target, ctx, cells, SUPERNET_ROWS[method], method.endswith("-teacher"))
+        return supernet_path(teacher, Target(macs=f"{target:.0%}"), ctx, cells, SUPERNET_ROWS[method],
+                             method.endswith("-teacher"))
     if method in ("tp", "tp-r8"):
         return torch_pruning(teacher, target, None if method == "tp" else 8)
     return fastnas(teacher, target, ctx["calib"], ctx["score"], cells)
