@@ -230,6 +230,8 @@ class LutSettings(Settings):
     check: int = Field(0, ge=0, description="random configs timed to report the latency model's accuracy")
     runs: int = Field(50, ge=1, description="timed runs per measurement")
     warmup: int = Field(5, ge=0, description="warm-up runs per measurement")
+    rebuild: bool = Field(False, description="time the latency model anew and replace this machine's cached one "
+                          "(after a busy spell spoiled its timings, or the runtime was upgraded)")
 
     @model_validator(mode="before")
     @classmethod

@@ -227,10 +227,13 @@ def _add_search_commands(command) -> None:
     p.add_argument("--macs", help="MAC budgets, comma-separated (150M,100M or 50%%,30%%); - = no limit for that target")
     p.add_argument("--params", help="parameter budget(s)")
     p.add_argument("--latency", "--latency-ms", dest="latency", help="latency budget(s): 3.5ms, or 60%% of the "
-                   "unpruned model's measured time; predicted with --lut")
-    p.add_argument("--lut", help="latency model of this space (`chansearch lut`)")
+                   "unpruned model's measured time on --runtime; predicted by the latency model, the chosen configs "
+                   "then timed")
+    p.add_argument("--lut", metavar="FILE.json", help="latency model of this space from `chansearch lut` (default: "
+                   "this machine's cached one, the one `prune --latency` uses; built when missing)")
     p.add_argument("--data", metavar="SPEC", help="the supernet's data at another path (default: as trained)")
     add_flags(p, SearchSettings)
+    add_flags(p, LutSettings, skip=("check", "samples"), title="the clock a --latency budget is predicted for")
     p.add_argument("-o", "--output", "--out", dest="out", default=None,
                    help="results folder to write (default: RUN_DIR/search-METHOD)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -240,7 +243,10 @@ def _add_search_commands(command) -> None:
     p = command("lut", "latency model of a channel space on a runtime (for --latency budgets)",
                 "TARGET is a zoo name, an unpruned checkpoint, or a `chansearch supernet` run folder (its space is "
                 "used). Whole models at sampled configs are exported and timed, and the time of every config "
-                "fitted from the work of its layers. Build it on the machine the model will run on.")
+                "fitted from the work of its layers. Build it on the machine the model will run on. It is cached "
+                "per machine and clock under ~/.cache/compress (COMPRESS_CACHE), the model `prune --latency` and "
+                "`search --latency` use: a second call writes the cached one (--rebuild times it anew, and so does "
+                "--check, which then scores it on random configs).")
     _model_args(p, pretrained=False)
     add_flags(p, LutSettings)
     p.add_argument("--backend", dest="runtime", choices=("tflite", "onnxruntime"), help=argparse.SUPPRESS)

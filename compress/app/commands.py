@@ -209,7 +209,9 @@ def cmd_search(args) -> int:
     from compress.training import distributed
     from compress.search import targets_from_lists
     settings = settings_from(SearchSettings, args, targets=targets_from_lists(args.macs, args.params, args.latency))
-    done = stages.search(args.run_dir, settings, out=args.out, lut=args.lut, data=args.data,
+    # --samples is the random search's; the latency model keeps the size `prune --latency` caches
+    clock = settings_from(LutSettings, args, samples=LutSettings().samples)
+    done = stages.search(args.run_dir, settings, out=args.out, lut=args.lut, data=args.data, clock=clock,
                          quiet=args.quiet or args.json)  # --json: stdout holds the JSON alone
     result = done.result
     if args.json:
@@ -249,11 +251,13 @@ def cmd_lut(args) -> int:
     is_run = target.is_dir() or target.name == "supernet.pt"
     model, space = stages.lut_model_space(target if is_run else _load(args), args.divisor, args.min_width)
     settings = settings_from(LutSettings, args)
-    record = stages.latency_table(model, space, settings, args.output, progress=not args.quiet)
+    fitted = stages.latency_table(model, space, settings, args.output, progress=not args.quiet)
+    record = fitted.record
+    built = (f"this machine's cached model (built {record.get('built', 'earlier')} in {record['build_s']:.0f} s; "
+             "--rebuild times it anew)" if fitted.from_cache else f"in {record['build_s']:.0f} s")
     print(f"wrote {args.output}: latency model of {len(record['layers'])} layers fitted on {settings.samples} "
-          f"whole models timed on {record['clock']['dtype']} {settings.runtime}, {settings.threads} thread(s) in "
-          f"{record['build_s']:.0f} s; unpruned {record['unpruned_ms']:.3f} ms, smallest config "
-          f"{record['floor_ms']:.3f} ms")
+          f"whole models timed on {record['clock']['dtype']} {settings.runtime}, {settings.threads} thread(s), "
+          f"{built}; unpruned {record['unpruned_ms']:.3f} ms, smallest config {record['floor_ms']:.3f} ms")
     size, inputs_too = record["fit"]["tile"]
     tile = f"{size} channels ({'inputs and outputs' if inputs_too else 'outputs'} rounded up)" if size > 1 else "none"
     error = record["fit"]["left_out_error"][tile_name((size, inputs_too))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import os
@@ -100,7 +101,8 @@ def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, sam
         rest = [t[0] for t in timer(configs[1:], what="sampled models" if progress else None)]
         samples = list(zip([space.max(), *configs], [timer.unpruned_ms, floor, *rest]))
         fitted = _retimed(LatencyModel.fit(base, space, samples), base, samples, timer, progress)
-        fitted.record["build_s"] = round(time.perf_counter() - began, 1)
+        fitted.record.update(build_s=round(time.perf_counter() - began, 1),
+                             built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         if check:
             fitted.record["check"] = _check(fitted, timer, check, progress)
     return fitted
@@ -157,19 +159,23 @@ def cache_dir() -> Path:
 
 
 def cached_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, samples: int = 24,
-                         progress: bool = True, on_ends: Callable[[float, float], None] | None = None
-                         ) -> LatencyModel:
+                         progress: bool = True, on_ends: Callable[[float, float], None] | None = None,
+                         rebuild: bool = False, check: int = 0) -> LatencyModel:
     """The latency model of `space` on `clock` from this machine's cache, built and cached
-    when there is none (keyed by the layers, the space, the clock's identity and `samples`)."""
+    when there is none, or `rebuild`, or `check` (then scored on that many random configs; see
+    build_latency_model). Keyed by the layers, the space, the clock's identity and `samples`:
+    `prune --latency` and a search of the same space judge by the same model."""
     identity, layers = clock.identity(), layer_records(model, space)
     key = {"clock": identity, "space": space.settings(), "groups": [[g.name, g.max] for g in space.groups],
            "layers": layers, "samples": samples, "format": FORMAT}
     path = cache_dir() / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
-    if path.is_file():
+    if path.is_file() and not (rebuild or check):
         fitted = LatencyModel.load(path, space, identity)
+        fitted.from_cache = True
         if on_ends is not None:
             on_ends(fitted.unpruned_ms, fitted.floor_ms)
         return fitted
-    fitted = build_latency_model(model, space, clock, samples, progress=progress, on_ends=on_ends, layers=layers)
+    fitted = build_latency_model(model, space, clock, samples, progress=progress, on_ends=on_ends, layers=layers,
+                                 check=check)
     fitted.save(path)
     return fitted

@@ -40,6 +40,7 @@ class LatencyModel:
                                 f"{', '.join(sorted(missing)[:3]) or 'order or count'}); build one for this model "
                                 "with `chansearch lut`.")
         self.record, self.space = record, space
+        self.from_cache = False  # set by the cache that handed it out
         self.weights = np.array([record["fit"]["weights"][f] for f in FEATURES])
         self.overhead = record["fit"]["overhead_ms"]
         self.tile = tuple(record["fit"]["tile"])

@@ -16,7 +16,7 @@ from compress.files import atomic_write_json
 from compress.models.card import card_of
 from compress.pruning.space import ChannelSpace
 from compress.pruning.graph import example_input
-from compress.latency import build_latency_model, clock_of
+from compress.latency import LatencyModel, cached_latency_model, clock_of
 from compress.settings import ExportSettings, LatencySettings, LutSettings
 from compress.stages.supernets import supernet_file
 from compress.supernet import load_supernet
@@ -73,14 +73,16 @@ def latency(path: str | Path, settings: LatencySettings = LatencySettings()) -> 
 
 
 def latency_table(model: nn.Module, space: ChannelSpace, settings: LutSettings, output: str | Path,
-                  progress: bool = True) -> dict:
-    """Fit the latency model of `space` on this machine's runtime (`settings`: runtime, int8,
-    threads) to whole models timed at sampled configs; with `settings.check`, report its
-    accuracy on random configs it never saw."""
-    clock = clock_of(settings)
-    fitted = build_latency_model(model, space, clock, settings.samples, progress=progress, check=settings.check)
+                  progress: bool = True) -> LatencyModel:
+    """The latency model of `space` on this machine's runtime (`settings`: runtime, int8,
+    threads), fitted to whole models timed at sampled configs, written to `output`: this
+    machine's cached one, the model `prune --latency` judges the same space by (built when
+    missing; anew with `settings.rebuild`, or with `settings.check`, then scored on that many
+    random configs it never saw)."""
+    fitted = cached_latency_model(model, space, clock_of(settings), settings.samples, progress,
+                                  rebuild=settings.rebuild, check=settings.check)
     atomic_write_json(output, fitted.record)
-    return fitted.record
+    return fitted
 
 
 def lut_model_space(target: nn.Module | str | Path, divisor: int = 8, min_width: float = 0.25

@@ -98,7 +98,8 @@ def _latency_model(model: nn.Module, space, budget: str, clock: LutSettings, pat
         latency_limit(budget, fitted.unpruned_ms, fitted.floor_ms, held)
         return fitted
     return cached_latency_model(model, space, clock_of(clock), clock.samples, progress,
-                                on_ends=lambda unpruned, floor: latency_limit(budget, unpruned, floor, held))
+                                on_ends=lambda unpruned, floor: latency_limit(budget, unpruned, floor, held),
+                                rebuild=clock.rebuild)
 
 
 def pruning_batch(model: nn.Module, settings: PruneSettings, data) -> tuple[torch.Tensor, object] | None:

@@ -15,7 +15,8 @@ from compress.data.source import DataSource
 from compress.errors import CompressError
 from compress.search import RESULT_FILE, Evaluator, budgets_for, run_search, write_results
 from compress.latency import LatencyModel, time_configs
-from compress.settings import HeldOutScoring, SearchSettings
+from compress.settings import HeldOutScoring, LutSettings, SearchSettings
+from compress.stages.exporting import latency_table
 from compress.stages.folders import device, digest
 from compress.stages.supernets import held_out, supernet_file
 from compress.supernet import Supernet, load_supernet
@@ -54,19 +55,25 @@ def open_search(run: str | Path, scoring: HeldOutScoring, folder: Path, data=Non
 
 
 def search(run: str | Path, settings: SearchSettings, out: str | Path | None = None, lut: str | Path | None = None,
-           data=None, quiet: bool = False, model: nn.Module | None = None) -> SearchRun:
+           data=None, quiet: bool = False, model: nn.Module | None = None, clock: LutSettings = LutSettings()
+           ) -> SearchRun:
     """Search the supernet of run folder `run` for one config per target of `settings`;
     results (search.json, search.csv, search.png, the resumable state.json) go to `out`
-    (default RUN/search-METHOD). With latency targets, `lut` predicts latency and the chosen
-    configs are then timed for real. `data`: the supernet's data at another path, or the
-    Loaders a supernet trained on your own loaders was trained with; `model`: the unpruned
-    model of a supernet of your own architecture (a zoo or source model is rebuilt)."""
+    (default RUN/search-METHOD). With latency targets, the latency model `lut` predicts
+    latency (default: this machine's cached one for `clock`, the one `prune --latency` uses
+    for the same space, built when missing and copied into `out`), and the chosen configs are
+    then timed for real. `data`: the supernet's data at another path, or the Loaders a
+    supernet trained on your own loaders was trained with; `model`: the unpruned model of a
+    supernet of your own architecture (a zoo or source model is rebuilt)."""
     run = Path(run)
     folder = Path(out) if out else (run if run.is_dir() else run.parent) / f"search-{settings.method}"
-    if any(t.latency for t in settings.targets) and not lut:
-        raise CompressError("a `latency` budget needs `lut`, a latency model of this space; build one with "
-                            "`chansearch lut`.")
     distributed.init()
+    if any(t.latency for t in settings.targets) and not lut:
+        lut = folder / "latency_model.json"
+        if distributed.is_main():  # built once; the other ranks read the file
+            supernet, _ = load_supernet(supernet_file(run), model=copy.deepcopy(model))
+            latency_table(supernet.plain_copy().eval(), supernet.space, clock, lut, progress=not quiet)
+        distributed.barrier()
     supernet, _, evaluator, latency = open_search(run, settings, folder, data, lut, model)
     budgets = budgets_for(supernet.space, settings.targets, latency)
     log = None if quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))

@@ -131,14 +131,25 @@ def test_a_latency_budget_keeps_the_most_importance_per_millisecond():
 
 
 @pytest.mark.slow
-def test_lut_cli_builds_checks_and_refuses_another_clock(tmp_path):
-    out = run_cli("lut", "mobilenet_v3_small_cifar", "--input-size", "16", "--runtime", "onnxruntime", "--samples", "6",
-                  "--check", "3", "--runs", "5", "--quiet", "-o", tmp_path / "lut.json")
+def test_lut_cli_builds_checks_and_refuses_another_clock(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    lut = ["lut", "mobilenet_v3_small_cifar", "--input-size", "16", "--runtime", "onnxruntime", "--samples", "6",
+           "--runs", "5", "--quiet"]
+    out = run_cli(*lut, "--check", "3", "-o", tmp_path / "lut.json")
     assert out.returncode == 0, out.stderr
     record = json.loads((tmp_path / "lut.json").read_text())
     assert record["clock"]["runtime"] == "onnxruntime" and len(record["fit"]["samples"]) == 6
     assert record["check"]["configs"] == 3 and "within +-10%" in out.stdout
     assert "channel tile, fitted" in out.stdout and tuple(record["fit"]["tile"]) in TILES
+    # the machine's cache, which `prune --latency` reads, holds it: the next call times nothing
+    again = run_cli(*lut, "-o", tmp_path / "again.json")
+    assert "this machine's cached model" in again.stdout
+    assert json.loads((tmp_path / "again.json").read_text()) == record
+    fresh = run_cli(*lut, "--rebuild", "-o", tmp_path / "fresh.json")
+    assert fresh.returncode == 0 and "cached" not in fresh.stdout
+    rebuilt = json.loads((tmp_path / "fresh.json").read_text())
+    assert rebuilt["built"] != record["built"] and "check" not in rebuilt
+    assert json.loads(next((tmp_path / "cache").rglob("*.json")).read_text()) == rebuilt
     model, space = _small()
     fitted = LatencyModel.load(tmp_path / "lut.json", space)
     assert fitted.predict(space.max()) > fitted.predict(space.min()) > 0

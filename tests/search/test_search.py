@@ -14,7 +14,7 @@ from compress import CompressError
 from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
 from compress.search.strategies import evolution, greedy
 from compress import stages
-from compress.settings import HeldOutScoring, PruneSettings, SearchSettings, Target
+from compress.settings import HeldOutScoring, LutSettings, PruneSettings, SearchSettings, Target
 from compress.stages import held_out
 from compress.supernet import load_supernet, recalibrate_bn
 from compress.data.specs import build_dataset, transforms
@@ -48,8 +48,9 @@ EVOLUTION = SearchSettings(method="evolution", population=6, parents=3, mutation
                            **SCORING)
 
 
-def _search(run, out, settings=EVOLUTION, **changes):
-    return stages.search(run, settings.model_copy(update=changes), out=out, quiet=True).result
+def _search(run, out, settings=EVOLUTION, clock=None, **changes):
+    return stages.search(run, settings.model_copy(update=changes), out=out, quiet=True,
+                         **({"clock": clock} if clock else {})).result
 
 
 @pytest.mark.slow
@@ -227,21 +228,26 @@ def test_pareto_front_keeps_only_undominated_points():
     assert [p["config"] for p in pareto_front(pts)] == [4, 0, 3]
 
 
-def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_path):
-    lut = tmp_path / "lut.json"
-    assert run_cli("lut", run, "--runtime", "onnxruntime", "--samples", "6", "--runs", "5", "--quiet",
-                   "-o", lut).returncode == 0
+def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    clock = LutSettings(runtime="onnxruntime", samples=6, runs=5)
+    # no table given: this machine's cached latency model of the space, built once, a copy kept with the results
+    first = _search(run, tmp_path / "s", targets=[Target(latency="80%")], clock=clock)
+    cached, lut = list((tmp_path / "cache").rglob("*.json")), tmp_path / "s" / "latency_model.json"
+    assert len(cached) == 1 and json.loads(lut.read_text()) == json.loads(cached[0].read_text())
     record = json.loads(lut.read_text())
     budget = 0.8 * record["unpruned_ms"]
-    out = run_cli("search", run, *EVO, "--latency", "80%", "--lut", lut, "--out", tmp_path / "s")
+    out = run_cli("search", run, *EVO, "--latency", "80%", "--lut", lut, "--out", tmp_path / "c")
     assert out.returncode == 0, out.stderr
-    t = _result(tmp_path / "s")["targets"][0]
-    assert t["budget"]["latency_ms"] == pytest.approx(budget)  # a share of the measured unpruned time
-    assert t["latency_ms"] <= budget and t["measured_ms"] > 0 and "onnxruntime" in t["measured_on"]
-    rows = (tmp_path / "s" / "search.csv").read_text().splitlines()[1:]
+    for t in (first["targets"][0], _result(tmp_path / "c")["targets"][0]):
+        assert t["budget"]["latency_ms"] == pytest.approx(budget)  # a share of the measured unpruned time
+        assert t["latency_ms"] <= budget and t["measured_ms"] > 0 and "onnxruntime" in t["measured_on"]
+    rows = (tmp_path / "c" / "search.csv").read_text().splitlines()[1:]
     assert all(r.split(",")[2] for r in rows)  # every candidate has a predicted latency
-    out = run_cli("search", run, *EVO, "--latency-ms", "1.0", "--out", tmp_path / "n")
-    assert out.returncode == 2 and "--latency budget needs --lut" in out.stderr
+    # pruning the unpruned model to a latency judges by the same model: none is built
+    supernet, _ = load_supernet(run / "supernet.pt")
+    done = stages.prune(supernet.plain_copy().eval(), latency="80%", clock=clock)
+    assert list((tmp_path / "cache").rglob("*.json")) == cached and done.latency["measured_ms"] > 0
 
 
 def test_held_out_images_are_a_random_pick_of_a_class_sorted_split():
