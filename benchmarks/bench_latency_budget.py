@@ -43,13 +43,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_pretrained import SIZES as SEARCH_SIZES, supernet_path, trained_supernet
+from bench_pretrained import SIZES as SEARCH_SIZES, supernet_path
 from bench_recovery import recover_finetune, recover_plain, scores, user_images
 from common import CIFAR, mean_std, write_section
 from compress import load, save_checkpoint, stages
 from compress.data.specs import sample_labelled
 from compress.files import atomic_write_json
-from compress.latency import Clock, cached_latency_model, clock_of
+from compress.latency import Clock
 from compress.latency.build import BesideUnpruned
 from compress.pruning.allocation import allocate
 from compress.pruning.importance import scores_on
@@ -183,22 +183,11 @@ def cut(kind: str, share: float, cells: Path, teacher, timer: BesideUnpruned, lu
     else:
         search_size, score_size = size["search"]
         ctx = {"size": SEARCH_SIZES[search_size], "data": data, "score_size": score_size}
-        run = trained_supernet(teacher, ctx, cells, "slimmable")
         save_checkpoint(path, supernet_path(teacher, Target(latency=f"{share:.0%}"), ctx, cells, "slimmable", True,
-                                            lut=search_latency_model(run, lut)))
+                                            clock=lut))
     full = count(teacher, teacher.card.input_size)[0]
     atomic_write_json(path.with_suffix(".json"), {"macs": count(load(path), teacher.card.input_size)[0] / full,
                                                   "seconds": round(time.perf_counter() - began, 1)})
-    return path
-
-
-def search_latency_model(run: Path, lut: LutSettings) -> Path:
-    """The latency model of supernet `run` as a file for `search --lut`: this machine's cached
-    one (the direct path's, when the supernet's space is the teacher's), built when missing."""
-    path = run / "latency_model.json"
-    if not path.exists():
-        model, space = stages.lut_model_space(run)
-        cached_latency_model(model, space, clock_of(lut), lut.samples).save(path)
     return path
 
 

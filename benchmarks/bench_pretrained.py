@@ -56,8 +56,8 @@ from compress.export.latency import measure
 from compress.export.tflite import export_tflite
 from compress.files import atomic_save, atomic_write_json
 from compress.pruning.profile import count
-from compress.settings import (DataSettings, FinetuneSettings, HeldOutScoring, PruneSettings, SearchSettings,
-                               SupernetSettings, Target)
+from compress.settings import (DataSettings, FinetuneSettings, HeldOutScoring, LutSettings, PruneSettings,
+                               SearchSettings, SupernetSettings, Target)
 from compress.training.keep_best import kept_best
 from compress.training.loop import fit
 
@@ -101,7 +101,7 @@ def ours(teacher, target, data, settings: PruneSettings):
 
 
 def supernet_path(teacher, budget: Target, ctx: dict, cells: Path, kind: str, from_teacher: bool,
-                  lut: Path | None = None) -> nn.Module:
+                  clock: LutSettings = LutSettings()) -> nn.Module:
     """Ours, the supernet path: a supernet trained from the teacher, its channels ordered as
     `prune --data` ranks them (`slimmable`: every width distilled from the teacher at a transfer
     lr, then AutoSlim's greedy search; `pruningnet`: MetaPruning's hypernetworks fitted to the
@@ -109,7 +109,7 @@ def supernet_path(teacher, budget: Target, ctx: dict, cells: Path, kind: str, fr
     extracted with BN recalibrated (`from_teacher`: cut from the teacher's own weights and
     refitted, as `extract --teacher` does). Each supernet is trained once, for the first target
     that asks (its time counts there), and its search is shared by its rows. A latency budget
-    is searched with the latency model `lut` (a file of the supernet's space)."""
+    is predicted by this machine's cached latency model of the space on `clock`."""
     run, size = trained_supernet(teacher, ctx, cells, kind), ctx["size"]
     scoring = _scoring(ctx)
     method = "greedy" if kind == "slimmable" else "evolution"
@@ -118,7 +118,7 @@ def supernet_path(teacher, budget: Target, ctx: dict, cells: Path, kind: str, fr
     search = run / (f"search-{method}" if budget.latency is None else f"search-{method}-latency")
     settings = SearchSettings(method=method, greedy_step=size["greedy"], targets=[budget], **size["evolution"],
                               **scoring)
-    stages.search(run, settings, out=search, lut=lut)
+    stages.search(run, settings, out=search, clock=clock)
     with tempfile.TemporaryDirectory() as work:
         return stages.extract(run, Path(work) / "net.pt", None, search, teacher=teacher if from_teacher else None).model
 
