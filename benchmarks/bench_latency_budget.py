@@ -200,8 +200,7 @@ def recovered(cell: Path, recovery: str, pruned: Path, teacher, test, seed: int,
             pool = sample_labelled(spec, True, size["images"], card.input_size, card.mean, card.std, seed=0)
             tuned = recover_plain(pruned, teacher, pool, size["epochs"], seed, args.lr)
         else:
-            tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, cell.parent / "runs" / cell.stem,
-                                     None)
+            tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, cell.parent / "runs" / cell.stem)
         atomic_write_json(cell, scores(tuned, teacher, *test))
     return json.loads(cell.read_text())
 

@@ -14,6 +14,8 @@ own `npz:` file) and each seed, the pruned net is recovered by:
 - `finetune-features`: the same with `--feature-weight 1` (every layer also distilled from the
   teacher's output on the channels it kept);
 - `finetune-lr0.01`: the same with `--lr 0.01`, the default before the lr trial;
+- `finetune-plainloss`: the same with the plain loop's loss mix (`--kd-weight 0.7
+  --label-smoothing 0`; the defaults are 0.5 and 0.1);
 - `plain`: the loop a user writes: SGD (Nesterov, momentum 0.9), cosine lr, random flips, 0.7 KD
   (T=4) on the teacher's logits + 0.3 cross-entropy, BN in train mode, the same E epochs of
   batch 32 over the same images; at each lr of the grid, the row showing the one the first
@@ -53,7 +55,9 @@ SIZES = {  # test images, training-image counts, MAC targets, epochs, the plain 
     "cpu224": dict(test=500, images=(500,), macs=(0.5,), epochs=3, lrs=(0.001, 0.01)),
     "gpu": dict(test=10000, images=(100, 500, 5000), macs=(0.7, 0.5, 0.3), epochs=3, lrs=(0.0003, 0.001, 0.003, 0.01)),
 }
-RECOVERIES = ("finetune", "finetune-noblocks", "finetune-features", "finetune-lr0.01", "plain")
+RECOVERIES = ("finetune", "finetune-noblocks", "finetune-features", "finetune-lr0.01", "finetune-plainloss", "plain")
+VARIANTS = {"finetune-noblocks": {"block_steps": 0}, "finetune-features": {"feature_weight": 1.0},
+            "finetune-lr0.01": {"lr": 0.01}, "finetune-plainloss": {"kd_weight": 0.7, "label_smoothing": 0.0}}
 
 
 @torch.no_grad()
@@ -79,9 +83,9 @@ def user_images(cells: Path, data: str, count: int, seed: int) -> str:
 
 
 def recover_finetune(pruned: Path, teacher: nn.Module, spec: str, epochs: int, seed: int, run: Path,
-                     lr: float | None, feature_weight: float = 0.0, block_steps: int | None = None) -> nn.Module:
-    settings = FinetuneSettings(epochs=epochs, seed=seed, feature_weight=feature_weight, **({"lr": lr} if lr else {}),
-                                **({"block_steps": block_steps} if block_steps is not None else {}))
+                     **changes) -> nn.Module:
+    """`chansearch finetune` at its defaults but for `changes` (FinetuneSettings fields)."""
+    settings = FinetuneSettings(epochs=epochs, seed=seed, **changes)
     torch.manual_seed(seed)
     return stages.train(load(pruned), DataSettings(spec=spec, batch_size=32, workers=0), settings, run,
                         teacher=teacher, quiet=True).model.eval()
@@ -132,14 +136,12 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
             results.append({"lr": lr, **scores(tuned, teacher, *ctx["test"])})
         cell = max(results, key=lambda r: r["top1"]) | {"tried": results}
     else:
-        lr = 0.01 if recovery == "finetune-lr0.01" else None
+        changes = VARIANTS.get(recovery, {})
         run = cells / "runs" / path.stem
-        tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, lr,
-                                 1.0 if recovery == "finetune-features" else 0.0,
-                                 0 if recovery == "finetune-noblocks" else None)
+        tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, **changes)
         trial = run / "lr_trial.json"
         kept = json.loads((run / "keep_best.json").read_text())
-        cell = {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else lr, "kept_step": kept["step"],
+        cell = {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else changes["lr"], "kept_step": kept["step"],
                 **scores(tuned, teacher, *ctx["test"])}
     cell.update(recovery=recovery, macs=macs, images=count, seed=seed, seconds=round(time.perf_counter() - began, 1))
     atomic_write_json(path, cell)
