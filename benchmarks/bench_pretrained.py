@@ -110,8 +110,15 @@ def supernet_path(teacher, budget: Target, ctx: dict, cells: Path, kind: str, fr
     refitted, as `extract --teacher` does). Each supernet is trained once, for the first target
     that asks (its time counts there), and its search is shared by its rows. A latency budget
     is predicted by this machine's cached latency model of the space on `clock`."""
-    run, size = trained_supernet(teacher, ctx, cells, kind), ctx["size"]
-    scoring = _scoring(ctx)
+    run, size = cells / kind, ctx["size"]
+    scoring = dict(recal_images=min(256, size["score"]), eval_images=size["score"], score_size=ctx["score_size"])
+    if not (run / "supernet.pt").exists():
+        settings = SupernetSettings(method=kind, epochs=1, steps_per_epoch=size["supernet"], lr=0.005,
+                                    warmup_epochs=0.1, weight_decay=4e-5, holdout=2000, val_images=size["score"],
+                                    num_random=2)
+        stages.train_supernet(copy.deepcopy(teacher), DataSettings(spec=ctx["data"], batch_size=size["batch"]),
+                              settings, run, HeldOutScoring(**scoring), pretrained=True, resume=run.exists(),
+                              record={"supernet_steps": size["supernet"]})
     method = "greedy" if kind == "slimmable" else "evolution"
     # one folder per kind of budget: its scored configs carry over between budgets (resumed), and
     # configs scored with a latency model also carry their predicted time
@@ -121,24 +128,6 @@ def supernet_path(teacher, budget: Target, ctx: dict, cells: Path, kind: str, fr
     stages.search(run, settings, out=search, clock=clock)
     with tempfile.TemporaryDirectory() as work:
         return stages.extract(run, Path(work) / "net.pt", None, search, teacher=teacher if from_teacher else None).model
-
-
-def trained_supernet(teacher, ctx: dict, cells: Path, kind: str) -> Path:
-    """The run folder of `kind`'s supernet trained from the teacher, trained when missing."""
-    run, size = cells / kind, ctx["size"]
-    if not (run / "supernet.pt").exists():
-        settings = SupernetSettings(method=kind, epochs=1, steps_per_epoch=size["supernet"], lr=0.005,
-                                    warmup_epochs=0.1, weight_decay=4e-5, holdout=2000, val_images=size["score"],
-                                    num_random=2)
-        stages.train_supernet(copy.deepcopy(teacher), DataSettings(spec=ctx["data"], batch_size=size["batch"]),
-                              settings, run, HeldOutScoring(**_scoring(ctx)), pretrained=True, resume=run.exists(),
-                              record={"supernet_steps": size["supernet"]})
-    return run
-
-
-def _scoring(ctx: dict) -> dict:
-    score = ctx["size"]["score"]
-    return dict(recal_images=min(256, score), eval_images=score, score_size=ctx["score_size"])
 
 
 def torch_pruning(teacher, target, round_to):
