@@ -247,6 +247,7 @@ def test_prune_to_an_int8_tflite_latency(tmp_path, user_net):
     assert done.macs < done.macs_before
 
 
+@pytest.mark.slow  # TFLite conversions on worker processes
 def test_files_converted_side_by_side_are_each_their_own_net(tmp_path):
     """export_all converts on a worker per core: each int8 file is byte for byte the file of its
     own net exported alone, in the order given."""
@@ -262,6 +263,7 @@ def test_files_converted_side_by_side_are_each_their_own_net(tmp_path):
     assert len({p.read_bytes() for p in together}) == len(nets)
 
 
+@pytest.mark.slow  # TFLite conversions on worker processes
 def test_a_script_without_a_main_guard_converts_on_workers_once(tmp_path):
     """The conversion workers are fresh interpreters: a user's script that builds a latency model
     at its top level (no `if __name__ == "__main__"`) runs once, not again in every worker."""

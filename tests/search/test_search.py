@@ -228,6 +228,7 @@ def test_pareto_front_keeps_only_undominated_points():
     assert [p["config"] for p in pareto_front(pts)] == [4, 0, 3]
 
 
+@pytest.mark.slow  # builds a latency model: exports and times whole nets
 def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
     clock = LutSettings(runtime="onnxruntime", samples=6, runs=5)
