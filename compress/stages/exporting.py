@@ -3,6 +3,7 @@ checked against PyTorch on real images; a file timed here or on a phone over adb
 table of a channel space."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from torch import nn
@@ -85,12 +86,12 @@ def latency_table(model: nn.Module, space: ChannelSpace, settings: LutSettings, 
     return fitted
 
 
-def lut_model_space(target: nn.Module | str | Path, divisor: int = 8, min_width: float = 0.25
-                    ) -> tuple[nn.Module, ChannelSpace]:
-    """The model and channel space a latency table is for: a supernet run folder's, or an
-    unpruned model's own."""
+def lut_model_space(target: nn.Module | str | Path, divisor: int = 8, min_width: float = 0.25,
+                    model: nn.Module | None = None) -> tuple[nn.Module, ChannelSpace]:
+    """The model and channel space a latency table is for: a supernet run folder's (`model`:
+    the unpruned model of a supernet of your own architecture), or an unpruned model's own."""
     if isinstance(target, (str, Path)):
-        supernet, _ = load_supernet(supernet_file(target))
+        supernet, _ = load_supernet(supernet_file(target), model=copy.deepcopy(model))
         return supernet.plain_copy().eval(), supernet.space
     model = target.eval()
     card = card_of(model)

@@ -16,7 +16,7 @@ from compress.errors import CompressError
 from compress.search import RESULT_FILE, Evaluator, budgets_for, run_search, write_results
 from compress.latency import LatencyModel, time_configs
 from compress.settings import HeldOutScoring, LutSettings, SearchSettings
-from compress.stages.exporting import latency_table
+from compress.stages.exporting import latency_table, lut_model_space
 from compress.stages.folders import device, digest
 from compress.stages.supernets import held_out, supernet_file
 from compress.supernet import Supernet, load_supernet
@@ -71,8 +71,7 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     if any(t.latency for t in settings.targets) and not lut:
         lut = folder / "latency_model.json"
         if distributed.is_main():  # built once; the other ranks read the file
-            supernet, _ = load_supernet(supernet_file(run), model=copy.deepcopy(model))
-            latency_table(supernet.plain_copy().eval(), supernet.space, clock, lut, progress=not quiet)
+            latency_table(*lut_model_space(run, model=model), clock, lut, progress=not quiet)
         distributed.barrier()
     supernet, _, evaluator, latency = open_search(run, settings, folder, data, lut, model)
     budgets = budgets_for(supernet.space, settings.targets, latency)
