@@ -24,7 +24,10 @@ own `npz:` file) and each seed, the pruned net is recovered by:
 Reported per cell: top-1 on test images, fidelity (top-1 agreement with the teacher), the
 distillation loss against the teacher on the test images (KL at T=1), and wall time. Cells are
 stored under --cells as they finish, so an interrupted run continues where it stopped; the table
-shows every finished cell there.
+shows every finished cell there. Each cell keeps its recovered net (`runs/<cell>/model.pt`), so
+`--rescore N` can score this run's cells again on N test images outside the table's (500 test
+images tell 0.5 points from noise on no single seed); a `plain` cell that kept no net (run before
+it did) is trained again at its lr, and must then score on the table's images what it did.
 
     python benchmarks/bench_recovery.py --teacher runs/teacher224/model.pt --size cpu224
 """
@@ -45,7 +48,8 @@ from torch.nn import functional as F
 
 from common import CIFAR, mean_std, write_section
 from compress import load, stages
-from compress.data.specs import sample_labelled
+from compress.checkpoint import save_checkpoint
+from compress.data.specs import sample_labelled, split
 from compress.files import atomic_write_json
 from compress.settings import DataSettings, FinetuneSettings, PruneSettings
 
@@ -61,15 +65,17 @@ VARIANTS = {"finetune-noblocks": {"block_steps": 0}, "finetune-features": {"feat
 
 
 @torch.no_grad()
-def scores(model: nn.Module, teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    model.eval()
-    hits, agree, kl = 0, 0, 0.0
-    for x, y in zip(images.split(100), labels.split(100)):
-        out, ref = model(x), teacher(x)
-        hits += (out.argmax(1) == y).sum().item()
-        agree += (out.argmax(1) == ref.argmax(1)).sum().item()
-        kl += F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), reduction="sum", log_target=True).item()
-    return {"top1": hits / len(labels), "fidelity": agree / len(labels), "kd_loss": kl / len(labels)}
+def logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model.eval()(x) for x in images.split(100)])
+
+
+def scores(model: nn.Module, teacher: nn.Module | torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1, fidelity and KL at T=1 against `teacher` (a net, or its logits on `images`)."""
+    out = logits(model, images)
+    ref = teacher if isinstance(teacher, torch.Tensor) else logits(teacher, images)
+    kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), reduction="sum", log_target=True).item()
+    return {"top1": (out.argmax(1) == labels).sum().item() / len(labels),
+            "fidelity": (out.argmax(1) == ref.argmax(1)).sum().item() / len(labels), "kd_loss": kl / len(labels)}
 
 
 def user_images(cells: Path, data: str, count: int, seed: int) -> str:
@@ -130,11 +136,13 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
         pool = sample_labelled(spec, True, count, card.input_size, card.mean, card.std, seed=0)
         first = cells / f"plain_{macs:.2f}_{count}_{min(ctx['seeds'])}.json"
         lrs = size["lrs"] if seed == min(ctx["seeds"]) else (json.loads(first.read_text())["lr"],)
-        results = []
+        results, nets = [], []
         for lr in lrs:
-            tuned = recover_plain(pruned, teacher, pool, size["epochs"], seed, lr)
-            results.append({"lr": lr, **scores(tuned, teacher, *ctx["test"])})
-        cell = max(results, key=lambda r: r["top1"]) | {"tried": results}
+            nets.append(recover_plain(pruned, teacher, pool, size["epochs"], seed, lr))
+            results.append({"lr": lr, **scores(nets[-1], teacher, *ctx["test"])})
+        best = max(range(len(lrs)), key=lambda i: results[i]["top1"])
+        save_checkpoint(cells / "runs" / path.stem / "model.pt", nets[best], {"lr": lrs[best]})
+        cell = results[best] | {"tried": results}
     else:
         changes = VARIANTS.get(recovery, {})
         run = cells / "runs" / path.stem
@@ -148,23 +156,70 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
     return cell
 
 
-def table(cells: list[dict], before: dict) -> str:
-    rows = ["| MACs | images | recovery | top-1 % | fidelity % | KD loss vs teacher | lr | seeds | seconds |",
-            "|---|---|---|---|---|---|---|---|---|"]
+def other_test_images(data: str, card, skip: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` test images that follow the table's `skip` in its seeded order (so none of them)."""
+    ds = split(data, False, card.input_size, card.mean, card.std, augment=False)
+    if skip + count > len(ds):
+        raise SystemExit(f"--rescore {count}: the test split holds {len(ds)} images and the table uses {skip}; "
+                         f"give at most {len(ds) - skip}.")
+    pairs = [ds[int(i)] for i in np.sort(np.random.default_rng(1).permutation(len(ds))[skip:skip + count])]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
+
+
+def rescore(cells: Path, stems: list[str], count: int, ctx: dict) -> None:
+    """This run's finished cells, the pruned nets and the teacher scored on `count` other test
+    images (each cell's `others`; `others/COUNT.json` for the rest)."""
+    teacher, size = ctx["teacher"], ctx["size"]
+    images, labels = other_test_images(ctx["data"], teacher.card, size["test"], count)
+    reference = logits(teacher, images)
+    file = cells / "others" / f"{count}.json"
+    base = json.loads(file.read_text()) if file.exists() else {"pruned": {}}
+    base["teacher"] = scores(teacher, reference, images, labels)
+    base["pruned"].update({f"{m:.2f}": scores(load(p), reference, images, labels) for m, p in ctx["pruned"].items()})
+    atomic_write_json(file, base)
+    for stem in sorted(stems, key=lambda stem: not (cells / "runs" / stem / "model.pt").exists()):  # cheap first
+        path, net = cells / f"{stem}.json", cells / "runs" / stem / "model.pt"
+        cell = json.loads(path.read_text()) if path.exists() else None
+        if cell is None or cell.get("others", {}).get("images") == count:
+            continue
+        again = {}
+        if not net.exists():  # a plain cell from before cells kept their nets: train it again at its lr
+            spec = user_images(cells, ctx["data"], cell["images"], cell["seed"])
+            pool = sample_labelled(spec, True, cell["images"], teacher.card.input_size, teacher.card.mean,
+                                   teacher.card.std, seed=0)
+            tuned = recover_plain(ctx["pruned"][cell["macs"]], teacher, pool, size["epochs"], cell["seed"], cell["lr"])
+            save_checkpoint(net, tuned, {"lr": cell["lr"]})
+            again = {"trained_again_top1": scores(tuned, teacher, *ctx["test"])["top1"]}
+        cell["others"] = {"images": count, **scores(load(net), reference, images, labels), **again}
+        atomic_write_json(path, cell)
+        print(f"{stem}: top-1 {cell['others']['top1']:.2%} on {count} other test images", flush=True)
+
+
+def table(cells: list[dict], before: dict, others: tuple[int, dict] | None = None) -> str:
+    """One row per (MACs, images, recovery) over seeds; with `others` (COUNT, others/COUNT.json),
+    a column of top-1 on those other test images."""
+    extra = f" top-1 % on {others[0]} other test images |" if others else ""
+    rows = ["| MACs | images | recovery | top-1 % | fidelity % | KD loss vs teacher | lr | seeds | seconds |" + extra,
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if others else "")]
     for macs in sorted({c["macs"] for c in cells}, reverse=True):
         b = before[macs]
+        start = others and others[1]["pruned"].get(f"{macs:.2f}")
         rows.append(f"| {macs:.0%} | - | pruned, before recovery | {b['top1'] * 100:.1f} | {b['fidelity'] * 100:.1f} | "
-                    f"{b['kd_loss']:.3f} | - | - | - |")
+                    f"{b['kd_loss']:.3f} | - | - | - |" + (f" {start['top1'] * 100:.1f} |" if start else " - |" if others else ""))
         for count in sorted({c["images"] for c in cells}):
             for recovery in RECOVERIES:
                 group = [c for c in cells if (c["macs"], c["images"], c["recovery"]) == (macs, count, recovery)]
                 if not group:
                     continue
                 lrs = sorted({f"{c['lr']:.2g}" for c in group})
+                rescored = [c["others"]["top1"] for c in group if others and c.get("others", {}).get("images") == others[0]]
                 rows.append(f"| {macs:.0%} | {count} | {recovery} | {mean_std([c['top1'] for c in group])} | "
                             f"{mean_std([c['fidelity'] for c in group])} | "
                             f"{mean_std([c['kd_loss'] for c in group], 1, 3)} | {', '.join(lrs)} | {len(group)} | "
-                            f"{statistics.mean(c['seconds'] for c in group):.0f} |")
+                            f"{statistics.mean(c['seconds'] for c in group):.0f} |" +
+                            (f" {mean_std(rescored) if rescored else '-'}"
+                             f"{f' ({len(rescored)} seeds)' if rescored and len(rescored) < len(group) else ''} |"
+                             if others else ""))
     return "\n".join(rows)
 
 
@@ -178,6 +233,8 @@ def main() -> None:
     ap.add_argument("--cells", default="runs/bench_recovery", help="folder of finished cells (resumable)")
     ap.add_argument("--macs", help="MAC targets in place of the size's, e.g. 0.7,0.5,0.3")
     ap.add_argument("--images", help="training-image counts in place of the size's, e.g. 100,500")
+    ap.add_argument("--rescore", type=int, default=0, metavar="N",
+                    help="score this run's finished cells again on N test images outside the table's")
     ap.add_argument("--label", help="write the table to a RESULTS section of its own, named with this label "
                                     "(a run with another teacher or code beside the main table)")
     args = ap.parse_args()
@@ -201,16 +258,22 @@ def main() -> None:
     for macs, count, seed, recovery in itertools.product(size["macs"], size["images"], range(args.seeds),
                                                          args.recoveries.split(",")):
         run_cell(cells, recovery, macs, count, seed, ctx)
+    if args.rescore:
+        rescore(cells, [f"{r}_{m:.2f}_{n}_{s}" for m, n, s, r in itertools.product(
+            size["macs"], size["images"], range(args.seeds), args.recoveries.split(","))], args.rescore, ctx)
     done = [json.loads(path.read_text()) for path in sorted(cells.glob("*.json"))]  # this run's and earlier ones'
     for path in cells.glob("pruned_*.pt"):
         macs = float(path.stem.split("_")[1])
         before[macs] = before.get(macs) or scores(load(path), teacher, *test)
     teacher_scores = scores(teacher, teacher, *test)
+    rescored = sorted(cells.glob("others/*.json"), key=lambda p: int(p.stem))
+    others = (int(rescored[-1].stem), json.loads(rescored[-1].read_text())) if rescored else None
+    also = f" ({others[1]['teacher']['top1']:.1%} on {others[0]} others)" if others else ""
     write_section(f"Recovery with few images ({args.size})" + (f": {args.label}" if args.label else ""), "\n".join([
         f"Teacher `{args.teacher}`: {card.input_size} px, test top-1 {teacher_scores['top1']:.1%} on {size['test']} "
-        f"test images; pruned by `chansearch prune --data` (energy, global, refit); {size['epochs']} epochs of batch "
+        f"test images{also}; pruned by `chansearch prune --data` (energy, global, refit); {size['epochs']} epochs of batch "
         f"32 over the user's images; the plain loop's lr grid {', '.join(map(str, size['lrs']))}.", "",
-        table(done, before)]))
+        table(done, before, others)]))
 
 
 if __name__ == "__main__":
