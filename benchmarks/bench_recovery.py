@@ -218,7 +218,7 @@ def table(cells: list[dict], before: dict, others: tuple[int, dict] | None = Non
                             f"{mean_std([c['kd_loss'] for c in group], 1, 3)} | {', '.join(lrs)} | {len(group)} | "
                             f"{statistics.mean(c['seconds'] for c in group):.0f} |" +
                             (f" {mean_std(rescored) if rescored else '-'}"
-                             f"{f' ({len(rescored)} seeds)' if rescored and len(rescored) < len(group) else ''} |"
+                             f"{f' ({len(rescored)} of {len(group)} seeds)' if 0 < len(rescored) < len(group) else ''} |"
                              if others else ""))
     return "\n".join(rows)
 
