@@ -11,6 +11,8 @@ import torch
 
 import compress
 from compress import CompressError
+from compress.latency import cached_latency_model, clock_of
+from compress.pruning.prune import space_for
 from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
 from compress.search.strategies import evolution, greedy
 from compress import stages
@@ -247,8 +249,6 @@ def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_
     assert all(r.split(",")[2] for r in rows)  # every candidate has a predicted latency
     # pruning the unpruned model to a latency (its space as `prune` builds it) reads the same model:
     # none is built (not timed here: a 16-px net's time on a busy test machine is mostly noise)
-    from compress.latency import cached_latency_model, clock_of
-    from compress.pruning.prune import space_for
     supernet, _ = load_supernet(run / "supernet.pt")
     unpruned = supernet.plain_copy().eval()
     fitted = cached_latency_model(unpruned, space_for(unpruned), clock_of(clock), clock.samples, progress=False)
