@@ -40,7 +40,9 @@ def _confident(model):
 @pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large"])
 def test_onnx_export_parity_and_metadata(tmp_path, name):
     model = _confident(compress.build(name, input_size=SMALL.get(name)))
-    report = export_onnx(model, tmp_path / "m.onnx")
+    in_place = [m for m in model.modules() if getattr(m, "inplace", False)]
+    report = export_onnx(model, tmp_path / "m.onnx")  # exported out of place (faster), same function
+    assert in_place and all(m.inplace for m in in_place)  # the user's net is left as it was
     parity = report["parity"]
     assert parity["max_abs_diff"] <= 1e-4 + 1e-4 * parity["max_abs_logit"] and parity["top1_agreement"] == 1.0
     with torch.no_grad():
@@ -99,8 +101,6 @@ def test_tflite_float_nhwc(tmp_path, cifar_dir):
     nhwc = export_tflite(model, tmp_path / "f.tflite", nhwc=True, images=images)
     assert nhwc["parity"]["max_abs_diff"] <= nhwc["parity"]["limit"] and nhwc["parity"]["images"] == 40
     assert nhwc["input"]["shape"] == [1, 32, 32, 3] and nhwc["input"]["dtype"] == "float32"
-
-
 
 
 @pytest.fixture(scope="session")
