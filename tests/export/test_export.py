@@ -35,6 +35,41 @@ def _confident(model):
     return model.eval()
 
 
+class _StandardizedConv(torch.nn.Conv2d):
+    """Weight standardization (timm's StdConv2d): it rescales its own weights, so a BatchNorm
+    folded into them would be undone."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _batchnorms(model):
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_batchnorm_folds_into_the_conv_before_it_and_the_net_computes_the_same():
+    from compress.export.tflite import fold_batchnorm
+    model = _confident(compress.build("mobilenet_v2_cifar"))
+    before = _batchnorms(model)
+    folded = fold_batchnorm(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert _batchnorms(folded) == 0 and _batchnorms(model) == before > 0  # the user's net is left as it was
+
+    shared = torch.nn.Conv2d(8, 8, 3, padding=1)  # used twice: folding one use would change the other
+    hooked = torch.nn.BatchNorm2d(8)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    odd = torch.nn.Sequential(torch.nn.Sequential(_StandardizedConv(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)),
+                              torch.nn.Sequential(shared, torch.nn.BatchNorm2d(8)),
+                              torch.nn.Sequential(shared, torch.nn.BatchNorm2d(8)),
+                              torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), hooked)).eval()
+    with torch.no_grad():
+        assert _batchnorms(fold_batchnorm(odd)) == 4 and torch.equal(fold_batchnorm(odd)(x), odd(x))
+
+
 # (MobileNetV3-Small, the CIFAR variants and 20 more architectures: benchmarks/bench_coverage.py, and the tests below)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large"])
