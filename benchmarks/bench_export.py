@@ -6,15 +6,22 @@
    Target: with divisor 8, latency ratio <= 1.15x the MAC ratio.
 2. Parity of every zoo model exported to float ONNX and TFLite, with export wall time
    (int8: benchmarks/bench_int8.py).
+3. Export time: each converter given the net as it is and as `for_capture` hands it over
+   (BatchNorms folded, activations out of place), in turns; the two files' ops and outputs
+   compared.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx as onnx_proto
 import torch
 
 from common import write_section
@@ -22,6 +29,10 @@ from compress import ChannelSpace, build, config_for_macs
 from compress.pruning.prune import prune
 from compress.models import ZOO
 from compress.export import export_onnx, export_tflite, measure
+from compress.export.capture import for_capture
+from compress.export.litert import open_interpreter, run_inputs
+from compress.export.onnx import session
+from compress.export.tflite import convert
 
 
 def latency_table(args, tmp: Path) -> str:
@@ -111,18 +122,70 @@ def parity_table(args, tmp: Path) -> str:
         "|---|---|---|---|---|---|---|---|", *rows])
 
 
+def _write(fmt: str, net: torch.nn.Module, x: torch.Tensor, path: Path) -> float:
+    """Seconds the converter takes over `net` as given (ONNX: dynamic batch, as export_onnx writes it)."""
+    began = time.perf_counter()
+    if fmt == "tflite":
+        convert(net, (x,)).export(str(path))
+    else:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        torch.onnx.export(net, (x.expand(2, -1, -1, -1).contiguous(),), str(path), dynamo=True, opset_version=18,
+                          input_names=["input"], dynamic_shapes=({0: batch},), verbose=False)
+    return time.perf_counter() - began
+
+
+def _ops_and_outputs(fmt: str, path: Path, x: np.ndarray) -> tuple[collections.Counter, np.ndarray]:
+    if fmt == "tflite":
+        return (collections.Counter(d["op_name"] for d in open_interpreter(path)._get_ops_details()),
+                run_inputs(path, x))
+    return (collections.Counter(n.op_type for n in onnx_proto.load(str(path)).graph.node),
+            session(path).run(None, {"input": x})[0])
+
+
+def capture_table(args, tmp: Path) -> str:
+    rows = []
+    for name in args.capture_models.split(","):
+        model = realistic(build(name), 224)
+        x = torch.randn(1, 3, 224, 224)
+        for fmt in ("onnx", "tflite"):
+            times = {"given": [], "capture": []}
+            for _ in range(args.capture_rounds):
+                for side in times:
+                    net = copy.deepcopy(model).eval() if side == "given" else for_capture(model)
+                    times[side].append(_write(fmt, net, x, tmp / f"{side}.{fmt}"))
+            (ops, out), (ops2, out2) = (_ops_and_outputs(fmt, tmp / f"{side}.{fmt}", x.numpy()) for side in times)
+            given, capture = statistics.median(times["given"]), statistics.median(times["capture"])
+            rows.append(f"| {name} | {fmt} | {given:.1f} | {capture:.1f} | {capture / given:.2f} | "
+                        f"{'yes' if ops == ops2 else 'no'} ({sum(ops.values())} / {sum(ops2.values())}) | "
+                        f"{np.abs(out - out2).max():.1e} |")
+            print(rows[-1], flush=True)
+    return "\n".join([
+        f"Each converter (torch.onnx's dynamo exporter with a dynamic batch; litert-torch) over a 224-px net with "
+        f"measured BN statistics, given the net as it is and as `compress.export.capture.for_capture` hands it "
+        f"over, the two in turns, {args.capture_rounds} rounds; seconds are medians on this machine, the ratio "
+        f"is the one to read. Same ops: the two files' op types and counts (ops as given / as captured); the "
+        f"outputs' largest difference on one random image.", "",
+        "| model | file | as given (s) | folded, out of place (s) | ratio | same ops | max output diff |",
+        "|---|---|---|---|---|---|---|", *rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50, help="timed runs per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all models")
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma list of tables to skip: latency,parity")
+    ap.add_argument("--skip", default="", help="comma list of tables to skip: latency,parity,capture")
+    ap.add_argument("--capture-models", default="mobilenet_v2,mobilenet_v3_large,torchvision:resnet50,"
+                    "torchvision:efficientnet_b0", help="models of the export-time table")
+    ap.add_argument("--capture-rounds", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if "latency" not in args.skip:
             write_section("Latency follows MACs (divisor 8 vs 1)", latency_table(args, Path(tmp)))
         if "parity" not in args.skip:
             write_section("Export parity", parity_table(args, Path(tmp)))
+        if "capture" not in args.skip:
+            write_section("Export time", capture_table(args, Path(tmp)))
 
 
 if __name__ == "__main__":

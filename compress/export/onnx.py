@@ -24,6 +24,7 @@ from torch import nn
 from compress.models.card import card_of
 from compress.errors import CompressError
 from compress.export.bias_correction import int8_ready
+from compress.export.capture import for_capture
 from compress.export.parity import (check_agreement, compare_outputs, output_names, reference_inputs,
                                      torch_outputs)
 from compress.export.quantize import quantize_onnx
@@ -45,16 +46,6 @@ def check_input_size(model: nn.Module, size: int) -> torch.Tensor:
         raise CompressError(f"the model cannot take a {size}x{size} input ({str(exc).splitlines()[0][:200]}); "
                             "choose another `input_size`.") from None
     return x
-
-
-def out_of_place(model: nn.Module) -> nn.Module:
-    """`model` with its torch.nn activations set to run out of place. torch.onnx decomposes an
-    in-place one (ReLU6(inplace=True), Hardswish) op by op under the symbolic batch size, a
-    third of the export's time; out of place it writes the same nodes and weights."""
-    for module in model.modules():
-        if type(module).__module__.startswith("torch.nn.modules") and getattr(module, "inplace", False):
-            module.inplace = False
-    return model
 
 
 def metadata(model: nn.Module) -> dict[str, str]:
@@ -98,7 +89,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
         raise CompressError("`int8` needs calibration images: give real data (`calib_data`).")
     path = Path(path)
     # A model trained channels_last keeps that layout; the exporters' graph capture wants NCHW.
-    model = out_of_place(copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval())
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     size = input_size or card_of(model).input_size
     model.card = card_of(model).replace(input_size=size)
     x = check_input_size(model, size)
@@ -115,8 +106,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int | None = Non
             # torch.export prints the whole traced graph to stderr before it raises (thousands of
             # lines for a detector); the error says what failed, --verbose shows the graph
             with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
-                torch.onnx.export(source, (traced,), str(written), dynamo=True, opset_version=opset, verbose=False,
-                                  input_names=["input"], output_names=names, external_data=False,
+                torch.onnx.export(for_capture(source), (traced,), str(written), dynamo=True, opset_version=opset,
+                                  verbose=False, input_names=["input"], output_names=names, external_data=False,
                                   dynamic_shapes=({0: batch},) if dynamic_batch else None)
         except Exception as exc:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch.export colours its messages

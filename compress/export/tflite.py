@@ -2,7 +2,6 @@
 int8 modes from that file (export/quantize.py), LiteRT's interpreter checks it against PyTorch."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import io
@@ -12,11 +11,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from compress.models.card import card_of
 from compress.errors import CompressError
 from compress.export.bias_correction import int8_ready
+from compress.export.capture import for_capture
 from compress.export.litert import io_of, run_tflite
 from compress.export.onnx import check_input_size
 from compress.export.parity import (check_agreement, compare_outputs, output_names, reference_inputs,
@@ -40,33 +39,9 @@ def convert(module: nn.Module, args: tuple, **kwargs):
                             f"{text.strip()[:800]}") from None
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """A copy of `module` in eval mode, each BatchNorm2d that follows a plain Conv2d in an
-    nn.Sequential (torchvision's conv-norm-activation blocks, for one) folded into the conv.
-    The converter folds them as well, into the same ops and tensors, but decomposing each
-    BatchNorm first takes a third of its time. A subclassed conv (weight standardization), a
-    layer used twice or a hooked one is left as it is."""
-    module = copy.deepcopy(module).eval()
-    uses = collections.Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
-
-    def plain(m: nn.Module) -> bool:
-        return uses[id(m)] == 1 and not (m._forward_hooks or m._forward_pre_hooks)
-
-    # a Sequential that keeps Sequential's forward feeds each layer's output to the next alone
-    chains = [m for m in module.modules() if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
-    for seq in chains:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
-                    and plain(conv) and plain(bn)):
-                seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-    return module
-
-
 def write_tflite(module: nn.Module, example: torch.Tensor, path: str | Path) -> None:
-    """Convert `module` (its BatchNorms folded) and write the float file, the converter's logs muted."""
-    edge = convert(fold_batchnorm(module), (example,))
+    """Convert `module` and write the float file, the converter's logs muted."""
+    edge = convert(for_capture(module), (example,))
     with contextlib.redirect_stdout(io.StringIO()), native_stderr_muted():
         edge.export(str(path))
 

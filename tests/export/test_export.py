@@ -10,6 +10,7 @@ from compress import CompressError
 from compress.errors import CheckFailed
 from conftest import TRAINED, run_cli
 from compress.export import export_onnx, export_tflite, measure
+from compress.export.capture import for_capture
 from compress.export.latency import adb_commands, check_budget, measure_adb, measure_beside, parse_benchmark_model
 from compress.pruning.prune import prune
 
@@ -49,11 +50,10 @@ def _batchnorms(model):
     return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
-def test_batchnorm_folds_into_the_conv_before_it_and_the_net_computes_the_same():
-    from compress.export.tflite import fold_batchnorm
+def test_the_net_handed_to_the_converters_has_its_batchnorms_folded_and_computes_the_same():
     model = _confident(compress.build("mobilenet_v2_cifar"))
     before = _batchnorms(model)
-    folded = fold_batchnorm(model)
+    folded = for_capture(model)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
@@ -67,7 +67,7 @@ def test_batchnorm_folds_into_the_conv_before_it_and_the_net_computes_the_same()
                               torch.nn.Sequential(shared, torch.nn.BatchNorm2d(8)),
                               torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), hooked)).eval()
     with torch.no_grad():
-        assert _batchnorms(fold_batchnorm(odd)) == 4 and torch.equal(fold_batchnorm(odd)(x), odd(x))
+        assert _batchnorms(for_capture(odd)) == 4 and torch.equal(for_capture(odd)(x), odd(x))
 
 
 # (MobileNetV3-Small, the CIFAR variants and 20 more architectures: benchmarks/bench_coverage.py, and the tests below)
