@@ -21,7 +21,7 @@ demo: env
 	overrides=$$($(BIN)/python -m compress.app.demo) && $(BIN)/chansearch run recipes/quickstart.yaml $$overrides
 
 # Two pytest workers, one thread each: most tests are short and single-threaded work (imports,
-# exports, subprocesses) overlaps. The whole suite takes 12-13.5 minutes on our 2-core VM (the
+# exports, subprocesses) overlaps. The whole suite takes about 11.5 minutes on our 2-core VM (the
 # target is 10): its time is mostly torch.export, under each TFLite conversion and ONNX export.
 TEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
