@@ -259,3 +259,39 @@ def test_with_a_teacher_keep_best_takes_the_state_closest_to_it_beyond_noise(tmp
         "noise" in summary(best.record, images)
     # of the 25 it gets wrong, surer of the label on 13 and less sure on 12: within the noise
     assert best.check(logits_on([6.0] * 75 + [-0.3] * 13 + [-0.7] * 12), 7)["best_step"] == 6
+
+
+def test_keep_best_runs_the_teacher_once_per_held_out_batch_and_scores_as_if_it_ran_each_time(tmp_path):
+    """The held-out images are the same at every check, so the teacher's outputs are remembered
+    from the first; the divergences are those of a fresh teacher pass, and a loader that
+    augments (other images at a batch's place) gets the teacher run on what it gives."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from compress.training.evaluate import evaluate
+    from compress.training.keep_best import Best
+    from compress.training.tasks import Classify
+    torch.manual_seed(0)
+    images, labels = torch.randn(40, 3, 8, 8), torch.randint(0, 4, (40,))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    students = [nn.Sequential(nn.Flatten(), nn.Linear(192, 4)) for _ in range(3)]
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
+    best = Best(tmp_path / "best.pt", loader, "cpu", True, Classify(), teacher=teacher)
+    best.start(students[0], resumed=False)
+    best.check(students[1], 1)
+    best.check(students[2], 2)
+    assert len(calls) == 3  # 40 images in batches of 16, once
+    fresh = evaluate(students[2], loader, teacher=teacher, task=Classify(), per_image=True)
+    _, (_, _, divergence) = best._score(students[2])
+    assert torch.equal(divergence, fresh["divergence"])
+
+    class Flipping(TensorDataset):  # an augmenting loader: each pass gives other images
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return (x.flip(2) if torch.rand(()) < 0.5 else x), y
+    calls.clear()
+    augmenting = Best(tmp_path / "best2.pt", DataLoader(Flipping(images, labels), batch_size=16), "cpu", True,
+                      Classify(), teacher=teacher)
+    augmenting.start(students[0], resumed=False)
+    augmenting.check(students[1], 1)
+    assert len(calls) == 6
