@@ -239,28 +239,26 @@ def export(ctx: RunContext, folder: Path) -> Exported:
 
 
 def latency(ctx: RunContext, folder: Path) -> Timed:
-    """Time every exported file; a target's latency budget (a share: of the unpruned file of
-    the same kind, timed here too) or else the latency section's `budget_ms` is checked."""
+    """Time every exported file, in turns (`stages.latencies`), so that the report's ratios
+    compare files timed on the same machine; a target's latency budget (a share: of the
+    unpruned file of the same kind, timed with it) or else the latency section's `budget_ms`
+    is checked."""
     lat = ctx.recipe.latency
     suffix = {"tflite": ".tflite", "onnxruntime": ".onnx"}.get(lat.backend)
     files = [f for f in ctx.results["export"].files
              if Path(f.path).exists() and not (suffix and Path(f.path).suffix != suffix)]  # a runtime times its own
-    files.sort(key=lambda f: f.tag != UNPRUNED)  # the unpruned files first: a share of their time is a budget
-    unpruned, targets, timings = {}, {t.tag(): t for t in ctx.recipe.targets()}, []
-    for item in files:
+    times = stages.latencies([f.path for f in files], lat) if files else []
+    unpruned = {f.variant: t["median_ms"] for f, t in zip(files, times) if f.tag == UNPRUNED}
+    targets, timings = {t.tag(): t for t in ctx.recipe.targets()}, []
+    for item, measured in zip(files, times):
         target = targets.get(item.tag)
         budget = lat.budget_ms
         if target is not None and target.latency is not None and (item.variant in unpruned or
                                                                   target.latency.endswith("ms")):
             budget = parse_latency(target.latency, unpruned.get(item.variant))
-        settings = lat.model_copy(update={"budget_ms": budget})
-        ctx.command("latency", [item.path], [settings])
-        measured = stages.latency(item.path, settings)
-        ok = measured.pop("within_budget", True)
-        measured.pop("budget_ms", None)
-        if item.tag == UNPRUNED:
-            unpruned[item.variant] = measured["median_ms"]
-        timings.append(Timing(item.tag, item.variant, item.path, measured.pop("median_ms"), settings.budget_ms, ok,
+        ctx.command("latency", [item.path], [lat.model_copy(update={"budget_ms": budget})])
+        median = measured.pop("median_ms")
+        timings.append(Timing(item.tag, item.variant, item.path, median, budget, budget is None or median <= budget,
                               measured.pop("backend"), measured.pop("threads"), measured))
     return Timed(timings)
 

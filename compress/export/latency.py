@@ -95,26 +95,39 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
         call()
         times.append(time.perf_counter() - began)
     return {"model": str(path), "backend": backend, "threads": threads, "warmup": warmup, **_stats(times),
-            "runtime": version, "device": f"local ({platform.machine()}, {platform.processor() or 'cpu'})"}
+            "runtime": version, "device": _here()}
 
 
-def measure_beside(path: str | Path, reference: str | Path, threads: int = 1, warmup: int = 5, runs: int = 100,
-                   block: int = 10, skip: int = 2) -> tuple[float, float]:
-    """Median ms of `path` and of `reference`, timed in turns of `block` invokes each, the first
-    `skip` of a turn left out (the other file's weights fill the cache then). On a shared
-    machine speed changes over seconds; taking turns every few milliseconds lets both files
-    see the same machine: the ratio of two files timed one after the other spread by 2-6%
-    (std) on a 2-core VM, in turns by 1.6-2.4% (benchmarks/RESULTS.md, "Latency timing noise")."""
-    calls = [_opened(p, "auto", threads, runs, warmup, 0)[0] for p in (path, reference)]
-    times: list[list[float]] = [[], []]
+def _here() -> str:
+    return f"local ({platform.machine()}, {platform.processor() or 'cpu'})"
+
+
+def measure_in_turns(paths: list[str | Path], backend: str = "auto", threads: int = 1, warmup: int = 5,
+                     runs: int = 100, block: int = 10, skip: int = 2) -> list[dict]:
+    """Each file timed as `measure` times it, the files in turns of `block` invokes each, the
+    first `skip` of a turn left out (the other files' weights fill the cache then). On a shared
+    machine speed changes over seconds; taking turns every few milliseconds lets every file see
+    the same machine: the ratio of two files timed one after the other spread by 2-6% (std) on a
+    2-core VM, in turns by 1.6-2.4% (benchmarks/RESULTS.md, "Latency timing noise")."""
+    opened = [_opened(p, backend, threads, runs, warmup, 0) for p in paths]
+    times: list[list[float]] = [[] for _ in paths]
     for _ in range(max(1, -(-runs // (block - skip)))):
-        for call, kept in zip(calls, times):
+        for (call, _, _), kept in zip(opened, times):
             for i in range(block):
                 began = time.perf_counter()
                 call()
                 if i >= skip:
                     kept.append(time.perf_counter() - began)
-    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+    return [{"model": str(path), "backend": chosen, "threads": threads, "warmup": warmup, **_stats(kept),
+             "runtime": version, "device": _here(), "in_turns_with": len(paths) - 1}
+            for path, (_, version, chosen), kept in zip(paths, opened, times)]
+
+
+def measure_beside(path: str | Path, reference: str | Path, threads: int = 1, warmup: int = 5, runs: int = 100,
+                   block: int = 10, skip: int = 2) -> tuple[float, float]:
+    """Median ms of `path` and of `reference`, timed in turns (`measure_in_turns`)."""
+    mine, theirs = measure_in_turns([path, reference], "auto", threads, warmup, runs, block, skip)
+    return mine["median_ms"], theirs["median_ms"]
 
 
 # ---- Android over adb ---------------------------------------------------------------------

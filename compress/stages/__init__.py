@@ -8,7 +8,7 @@ them directly.
 Every stage that writes a run folder locks it for the run and refuses to start a new run
 over an old one (resume it instead); every file it writes is written atomically.
 """
-from compress.stages.exporting import export, latency, latency_table, lut_model_space
+from compress.stages.exporting import export, latencies, latency, latency_table, lut_model_space
 from compress.stages.extraction import Extracted, extract
 from compress.stages.folders import ARGS_FILE, device, run_folder
 from compress.stages.pruning import Pruned, prune, pruning_batch
@@ -17,6 +17,6 @@ from compress.stages.supernets import SupernetRun, held_out, supernet_file, supe
 from compress.stages.training import Trained, train
 
 __all__ = ["ARGS_FILE", "Extracted", "Pruned", "SearchRun", "SupernetRun", "Trained", "device", "export", "extract",
-           "find_search", "held_out", "latency", "latency_table", "lut_model_space", "open_search", "prune",
+           "find_search", "held_out", "latencies", "latency", "latency_table", "lut_model_space", "open_search", "prune",
            "pruning_batch", "run_folder", "search", "search_target", "supernet_file", "supernet_teacher", "train",
            "train_supernet"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from compress.data.specs import check_task, sample_images, sample_labelled
 from compress.errors import CompressError
-from compress.export.latency import measure, measure_adb
+from compress.export.latency import measure, measure_adb, measure_in_turns
 from compress.export.onnx import export_onnx
 from compress.export.tflite import export_tflite
 from compress.files import atomic_write_json
@@ -71,6 +71,16 @@ def latency(path: str | Path, settings: LatencySettings = LatencySettings()) -> 
     if settings.budget_ms is not None:
         result.update(budget_ms=settings.budget_ms, within_budget=result["median_ms"] <= settings.budget_ms)
     return result
+
+
+def latencies(paths: list[str | Path], settings: LatencySettings = LatencySettings()) -> list[dict]:
+    """Time several files, for their ratios: here in turns (`measure_in_turns`: each file sees
+    the machine the others see, where files timed one after the other on a shared machine put
+    the same pruned file at 0.40x and 0.76x of the unpruned one in two runs); on a phone one
+    after the other, as benchmark_model runs. No budget is checked: it may depend on the times."""
+    if settings.device == "local":
+        return measure_in_turns(paths, settings.backend, settings.threads, settings.warmup, settings.runs)
+    return [latency(path, settings.model_copy(update={"budget_ms": None})) for path in paths]
 
 
 def latency_table(model: nn.Module, space: ChannelSpace, settings: LutSettings, output: str | Path,

@@ -284,6 +284,7 @@ def test_direct_recipe_transfers_prunes_and_reports_against_the_unpruned_model(t
     after = float(target.split("|")[6].strip().rstrip("%")) / 100
     timed = {(t["tag"], t["variant"]): t for t in
              json.loads((run / "latency" / "stage.json").read_text())["outputs"]["timings"]}
+    assert all(t["measured"]["in_turns_with"] == len(timed) - 1 for t in timed.values())  # one window for the ratios
     speedup = timed["macs50pct", "onnx"]["median_ms"] / timed["unpruned", "onnx"]["median_ms"]
     assert f"% MACs, {speedup:.2f}x latency, {(after - top1) * 100:+.1f} points |" in target
     assert "unpruned.onnx" in report and "x unpruned)" in report

@@ -11,7 +11,8 @@ from compress.errors import CheckFailed
 from conftest import TRAINED, run_cli
 from compress.export import export_onnx, export_tflite, measure
 from compress.export.capture import for_capture
-from compress.export.latency import adb_commands, check_budget, measure_adb, measure_beside, parse_benchmark_model
+from compress.export.latency import (adb_commands, check_budget, measure_adb, measure_beside, measure_in_turns,
+                                     parse_benchmark_model)
 from compress.pruning.prune import prune
 
 SMALL = {"mobilenet_v1": 64, "mobilenet_v2": 64, "mobilenet_v3_large": 64, "mobilenet_v3_small": 64}
@@ -110,6 +111,10 @@ def test_pruned_odd_widths_export_to_both_formats_and_time_on_both_runtimes(tmp_
         assert r["threads"] == 2 and r["runtime"]
     ms, again = measure_beside(tmp_path / "p.tflite", tmp_path / "p.tflite", runs=40)  # in turns with itself
     assert ms > 0 and 0.8 <= ms / again <= 1.25
+    turns = measure_in_turns([tmp_path / "p.onnx", tmp_path / "p.tflite", tmp_path / "p.tflite"], runs=16, block=6)
+    assert [t["backend"] for t in turns] == ["onnxruntime", "tflite", "tflite"]
+    assert all(t["runs"] == 16 and t["in_turns_with"] == 2 and 0 < t["min_ms"] <= t["median_ms"] for t in turns)
+    assert 0.8 <= turns[1]["median_ms"] / turns[2]["median_ms"] <= 1.25
     with pytest.raises(CheckFailed, match=r"median .* ms > budget 1e-06 ms"):
         check_budget(r, 1e-6)
     check_budget(r, 1e6)
