@@ -35,7 +35,8 @@ SIZES = {"cpu": dict(steps=100, eval_images=500, calib_images=200, batch_size=64
 def recovered(model, teacher, args, qat: bool, run_dir: Path):
     """`model` after `args.steps` distilled steps, quantization-aware or in float."""
     settings = FinetuneSettings(epochs=1, qat_epochs=int(qat), steps_per_epoch=args.steps, lr=args.lr,
-                                warmup_epochs=0.05, kd_weight=0.7, seed=args.seed)
+                                warmup_epochs=0.05, kd_weight=0.7, seed=args.seed,
+                                block_steps=0)  # the steps are what is compared, as the quickstart runs them
     data = DataSettings(spec=args.data, batch_size=args.batch_size, workers=args.workers)
     return fit(copy.deepcopy(model), data, settings, run_dir, teacher=teacher, validate=False, quiet=True)
 
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--label", help="write the table to a RESULTS section of its own, named with this label")
     args = ap.parse_args()
     quiet_runtimes()
     for key, value in SIZES[args.size].items():
@@ -107,7 +109,8 @@ def main() -> None:
             rows += rows_for(spec, args, Path(tmp))
         time_all(rows, args)
         sizes = sorted({r["report"]["input_size"] for r in rows})
-        write_section(f"int8: post-training against quantization-aware ({', '.join(map(str, sizes))} px)", "\n".join([
+        write_section(f"int8: post-training against quantization-aware ({', '.join(map(str, sizes))} px)"
+                      + (f": {args.label}" if args.label else ""), "\n".join([
             f"Each checkpoint's float TFLite file and its static int8 files (per-channel int8 weights, int8 "
             f"activations calibrated on {args.calib_images} training images, bias correction on: `export --int8`'s "
             f"defaults): PTQ of the checkpoint as it is; PTQ after {args.steps} distilled steps in float (batch "
