@@ -218,7 +218,7 @@ def test_quantization_aware_epochs_train_the_int8_net_and_return_a_plain_one(tmp
 def test_a_quantization_aware_epoch_at_a_training_lr_keeps_what_the_net_knew(tmp_path, cifar_dir):
     """Quantization-aware steps at a training lr (half the one the fixture was trained at)
     leave the int8 net near its start: with BN statistics frozen the same steps blew the
-    activations up and left it near chance (13% top-1, from 56%)."""
+    activations up and left it near chance (12% top-1, from 56%)."""
     from compress.data.specs import sample_labelled
     from compress.settings import FinetuneSettings
     model = compress.load(TRAINED)
@@ -228,8 +228,8 @@ def test_a_quantization_aware_epoch_at_a_training_lr_keeps_what_the_net_knew(tmp
         with torch.no_grad():
             return (net.eval()(images).argmax(1) == labels).float().mean().item()
     start = top1(model)
-    data = DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=64, workers=0)
-    settings = FinetuneSettings(epochs=1, qat_epochs=1, steps_per_epoch=15, lr=0.05, warmup_epochs=0, block_steps=0,
+    data = DataSettings(spec=f"cifar10:{cifar_dir}", batch_size=32, workers=0)
+    settings = FinetuneSettings(epochs=1, qat_epochs=1, steps_per_epoch=8, lr=0.05, warmup_epochs=0, block_steps=0,
                                 keep_best=False, holdout=0)
     tuned = fit(model, data, settings, tmp_path, validate=False, quiet=True)
     assert top1(tuned) > start - 0.15, (start, top1(tuned))
