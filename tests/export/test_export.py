@@ -55,9 +55,9 @@ def test_the_net_handed_to_the_converters_has_its_batchnorms_folded_and_computes
     model = _confident(compress.build("mobilenet_v2_cifar"))
     before = _batchnorms(model)
     folded = for_capture(model)
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # float32 rounding over 50 folded layers moves logits of up to 10 by 1e-4; a wrong fold by ~1
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-3)
     assert _batchnorms(folded) == 0 and _batchnorms(model) == before > 0  # the user's net is left as it was
 
     shared = torch.nn.Conv2d(8, 8, 3, padding=1)  # used twice: folding one use would change the other
