@@ -73,7 +73,8 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s) on {device}.", "",
         "| teacher | seconds for the checks (median) | per check | x before |", "|---|---|---|---|",
         f"| run at every check (before) | {before:.1f} | {before / (size['checks'] + 1):.2f} | 1.00x |",
-        f"| remembered from the first check | {after:.1f} | {after / (size['checks'] + 1):.2f} | {after / before:.2f}x |"]))
+        f"| remembered from the first check | {after:.1f} | {after / (size['checks'] + 1):.2f} | "
+        f"{after / before:.2f}x |"]))
 
 
 if __name__ == "__main__":

@@ -77,8 +77,8 @@ class TrainSettings(Settings):
     deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU)")
     qat_epochs: int = Field(0, ge=0, description="quantization-aware recovery: the last N epochs train through "
                             "int8 arithmetic as the int8 export computes it (fake-quantized weights and activations, "
-                            "weights on the grid of their BN fold), so an int8 file matches the float model; keep_best then scores "
-                            "the quantized net")
+                            "weights on the grid of their BN fold), so an int8 file matches the float model; "
+                            "keep_best then scores the quantized net")
 
     @model_validator(mode="after")
     def _qat(self):

@@ -89,8 +89,8 @@ def write_report(ctx: RunContext) -> list[str]:
     lines = [*_header(ctx), "", *table, "", "Exported files: float, and quantized beside it when the recipe asks; "
              "parity is the largest logit difference for float files and, for quantized ones, the agreement with the "
              "float model the task's gate reads (top-1; mIoU, mAP@50, mean cosine or SSIM), on the evaluation images; "
-             "latency is the median on the recipe's runtime and threads, the files timed in turns here (so their ratios "
-             "compare one machine) and one after the other on a phone.", "", *file_table, "",
+             "latency is the median on the recipe's runtime and threads, the files timed in turns here (so their "
+             "ratios compare one machine) and one after the other on a phone.", "", *file_table, "",
              *_search_lines(ctx)]
     _plot(run_dir / "report.png", points, metric, score)
     lines += [f"![test {metric} vs MACs before and after fine-tuning](report.png)", "",

@@ -17,6 +17,6 @@ from compress.stages.supernets import SupernetRun, held_out, supernet_file, supe
 from compress.stages.training import Trained, train
 
 __all__ = ["ARGS_FILE", "Extracted", "Pruned", "SearchRun", "SupernetRun", "Trained", "device", "export", "extract",
-           "find_search", "held_out", "latencies", "latency", "latency_table", "lut_model_space", "open_search", "prune",
-           "pruning_batch", "run_folder", "search", "search_target", "supernet_file", "supernet_teacher", "train",
-           "train_supernet"]
+           "find_search", "held_out", "latencies", "latency", "latency_table", "lut_model_space", "open_search",
+           "prune", "pruning_batch", "run_folder", "search", "search_target", "supernet_file", "supernet_teacher",
+           "train", "train_supernet"]
