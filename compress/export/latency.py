@@ -94,12 +94,12 @@ def measure(path: str | Path, backend: str = "auto", threads: int = 1, warmup: i
         began = time.perf_counter()
         call()
         times.append(time.perf_counter() - began)
-    return {"model": str(path), "backend": backend, "threads": threads, "warmup": warmup, **_stats(times),
-            "runtime": version, "device": _here()}
+    return _timing(path, backend, threads, warmup, times, version)
 
 
-def _here() -> str:
-    return f"local ({platform.machine()}, {platform.processor() or 'cpu'})"
+def _timing(path: str | Path, backend: str, threads: int, warmup: int, times_s: list[float], version: str) -> dict:
+    return {"model": str(path), "backend": backend, "threads": threads, "warmup": warmup, **_stats(times_s),
+            "runtime": version, "device": f"local ({platform.machine()}, {platform.processor() or 'cpu'})"}
 
 
 def measure_in_turns(paths: list[str | Path], backend: str = "auto", threads: int = 1, warmup: int = 5,
@@ -118,8 +118,7 @@ def measure_in_turns(paths: list[str | Path], backend: str = "auto", threads: in
                 call()
                 if i >= skip:
                     kept.append(time.perf_counter() - began)
-    return [{"model": str(path), "backend": chosen, "threads": threads, "warmup": warmup, **_stats(kept),
-             "runtime": version, "device": _here(), "in_turns_with": len(paths) - 1}
+    return [_timing(path, chosen, threads, warmup, kept, version) | {"in_turns_with": len(paths) - 1}
             for path, (_, version, chosen), kept in zip(paths, opened, times)]
 
 
