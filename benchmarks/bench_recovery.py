@@ -26,8 +26,9 @@ distillation loss against the teacher on the test images (KL at T=1), and wall t
 stored under --cells as they finish, so an interrupted run continues where it stopped; the table
 shows every finished cell there. Each cell keeps its recovered net (`runs/<cell>/model.pt`), so
 `--rescore N` can score this run's cells again on N test images outside the table's (on 500
-test images, half a point on one seed is noise); a `plain` cell that kept no net (run before it
-did) is trained again at its lr, and its new score on the table's images is kept beside the old.
+test images, half a point on one seed is noise); a cell that kept no net (a `plain` cell run
+before cells kept theirs, or one whose run folder was lost) is recovered again the same way (the
+plain loop at its lr), and its new score on the table's images is kept beside the old.
 
     python benchmarks/bench_recovery.py --teacher runs/teacher224/model.pt --size cpu224
 """
@@ -129,34 +130,39 @@ def recover_plain(pruned: Path, teacher: nn.Module, pool: tuple[torch.Tensor, to
     return student.eval()
 
 
-def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict) -> dict:
-    path = cells / f"{recovery}_{macs:.2f}_{count}_{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+def recover(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict,
+            lrs: tuple[float, ...]) -> tuple[nn.Module, dict]:
+    """The pruned net recovered one way, kept as the cell's `runs/<cell>/model.pt`, and how (its lr;
+    the plain loop tries each of `lrs` and keeps its best on the test images, the user's best case)."""
     teacher, size, pruned = ctx["teacher"], ctx["size"], ctx["pruned"][macs]
     spec = user_images(cells, ctx["data"], count, seed)
-    card = teacher.card
-    began = time.perf_counter()
+    run = cells / "runs" / f"{recovery}_{macs:.2f}_{count}_{seed}"
     if recovery == "plain":
-        pool = user_pool(spec, count, card)
-        first = cells / f"plain_{macs:.2f}_{count}_{min(ctx['seeds'])}.json"
-        lrs = size["lrs"] if seed == min(ctx["seeds"]) else (json.loads(first.read_text())["lr"],)
+        pool = user_pool(spec, count, teacher.card)
         results, nets = [], []
         for lr in lrs:
             nets.append(recover_plain(pruned, teacher, pool, size["epochs"], seed, lr))
             results.append({"lr": lr, **scores(nets[-1], teacher, *ctx["test"])})
         best = max(range(len(lrs)), key=lambda i: results[i]["top1"])
-        save_checkpoint(cells / "runs" / path.stem / "model.pt", nets[best], {"lr": lrs[best]})
-        cell = results[best] | {"tried": results}
-    else:
-        changes = VARIANTS.get(recovery, {})
-        run = cells / "runs" / path.stem
-        tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, **changes)
-        trial = run / "lr_trial.json"
-        kept = json.loads((run / "keep_best.json").read_text())
-        cell = {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else changes["lr"], "kept_step": kept["step"],
-                **scores(tuned, teacher, *ctx["test"])}
-    cell.update(recovery=recovery, macs=macs, images=count, seed=seed, seconds=round(time.perf_counter() - began, 1))
+        save_checkpoint(run / "model.pt", nets[best], {"lr": lrs[best]})
+        return nets[best], {"lr": lrs[best], "tried": results}
+    changes = VARIANTS.get(recovery, {})
+    tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, **changes)
+    trial = run / "lr_trial.json"
+    return tuned, {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else changes["lr"],
+                   "kept_step": json.loads((run / "keep_best.json").read_text())["step"]}
+
+
+def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict) -> dict:
+    path = cells / f"{recovery}_{macs:.2f}_{count}_{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    first = cells / f"plain_{macs:.2f}_{count}_{min(ctx['seeds'])}.json"
+    lrs = ctx["size"]["lrs"] if seed == min(ctx["seeds"]) else (json.loads(first.read_text())["lr"],)
+    began = time.perf_counter()
+    net, how = recover(cells, recovery, macs, count, seed, ctx, lrs)
+    cell = {**how, **scores(net, ctx["teacher"], *ctx["test"]), "recovery": recovery, "macs": macs, "images": count,
+            "seed": seed, "seconds": round(time.perf_counter() - began, 1)}
     atomic_write_json(path, cell)
     return cell
 
@@ -188,11 +194,8 @@ def rescore(cells: Path, stems: list[str], count: int, ctx: dict) -> None:
         if cell is None or cell.get("others", {}).get("images") == count:
             continue
         again = {}
-        if not net.exists():  # a plain cell from before cells kept their nets: train it again at its lr
-            spec = user_images(cells, ctx["data"], cell["images"], cell["seed"])
-            pool = user_pool(spec, cell["images"], teacher.card)
-            tuned = recover_plain(ctx["pruned"][cell["macs"]], teacher, pool, size["epochs"], cell["seed"], cell["lr"])
-            save_checkpoint(net, tuned, {"lr": cell["lr"]})
+        if not net.exists():  # a plain cell from before cells kept their nets, or a cell restored from a note
+            tuned, _ = recover(cells, cell["recovery"], cell["macs"], cell["images"], cell["seed"], ctx, (cell["lr"],))
             again = {"trained_again_top1": scores(tuned, teacher, *ctx["test"])["top1"]}
         cell["others"] = {"images": count, **scores(load(net), reference, images, labels), **again}
         atomic_write_json(path, cell)
