@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common import CIFAR, write_section
+from common import CIFAR, user_loop, write_section
 from pretrained_tables import METHODS, after_key, family, table, tried
 from compress import load, stages
 from compress.data.specs import sample_labelled
@@ -190,30 +190,12 @@ def recover_finetune(student: nn.Module, teacher: nn.Module, ctx: dict, lr: floa
 
 def recover_plain(student: nn.Module, teacher: nn.Module, ctx: dict, lr: float, seed: int
                   ) -> tuple[nn.Module, dict]:
-    """A user's own loop: SGD with Nesterov momentum, cosine lr, random flips, 0.7 KD (T=4) on
-    the teacher's logits + 0.3 cross-entropy, BN in train mode."""
-    size, (images, labels) = ctx["size"], ctx["pool"]
-    steps, batch = size["steps"], size["batch"]
-    student = copy.deepcopy(student).train()
-    teacher.eval()
+    """A user's own loop (`common.user_loop`) over batches drawn with replacement."""
+    size, (images, _) = ctx["size"], ctx["pool"]
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the classifier's dropout
-    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        idx = torch.randint(len(images), (batch,), generator=generator)
-        x, y = images[idx], labels[idx]
-        x = torch.where(torch.rand(batch, 1, 1, 1, generator=generator) < 0.5, x.flip(3), x)
-        with torch.no_grad():
-            soft = F.log_softmax(teacher(x) / 4, 1)
-        logits = student(x)
-        kd = F.kl_div(F.log_softmax(logits / 4, 1), soft, reduction="batchmean", log_target=True) * 16
-        loss = 0.7 * kd + 0.3 * F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return student.eval(), {}
+    picks = (torch.randint(len(images), (size["batch"],), generator=generator) for _ in range(size["steps"]))
+    return user_loop(copy.deepcopy(student), teacher, ctx["pool"], picks, size["steps"], lr, generator), {}
 
 
 RECOVER = {"finetune": recover_finetune, "plain": recover_plain}

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common import CIFAR, mean_std, write_section
+from common import CIFAR, mean_std, user_loop, write_section
 from compress import load, stages
 from compress.checkpoint import save_checkpoint
 from compress.data.specs import sample_labelled, split
@@ -105,29 +105,14 @@ def recover_finetune(pruned: Path, teacher: nn.Module, spec: str, epochs: int, s
 
 def recover_plain(pruned: Path, teacher: nn.Module, pool: tuple[torch.Tensor, torch.Tensor], epochs: int, seed: int,
                   lr: float) -> nn.Module:
-    images, labels = pool
-    student = load(pruned).train()
-    teacher.eval()
-    steps = epochs * (len(images) // 32)
+    """A user's own loop (`common.user_loop`), `epochs` passes of batch 32 over the pool."""
+    student = load(pruned)  # before the seed: building the net draws from the global generator
+    steps = epochs * (len(pool[0]) // 32)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    order = torch.cat([torch.randperm(len(images), generator=generator) for _ in range(epochs)])
-    for step in range(steps):
-        idx = order[step * 32:(step + 1) * 32]
-        x, y = images[idx], labels[idx]
-        x = torch.where(torch.rand(len(idx), 1, 1, 1, generator=generator) < 0.5, x.flip(3), x)
-        with torch.no_grad():
-            soft = F.log_softmax(teacher(x) / 4, 1)
-        logits = student(x)
-        kd = F.kl_div(F.log_softmax(logits / 4, 1), soft, reduction="batchmean", log_target=True) * 16
-        loss = 0.7 * kd + 0.3 * F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return student.eval()
+    order = torch.cat([torch.randperm(len(pool[0]), generator=generator) for _ in range(epochs)])
+    picks = (order[step * 32:(step + 1) * 32] for step in range(steps))
+    return user_loop(student, teacher, pool, picks, steps, lr, generator)
 
 
 def recover(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict,

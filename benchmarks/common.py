@@ -1,5 +1,6 @@
-"""Shared by the benchmark scripts: the machine description, RESULTS.md section updates, and
-the timing of a pruned net's float and int8 files beside the unpruned net's."""
+"""Shared by the benchmark scripts: the machine description, RESULTS.md section updates, the
+timing of a pruned net's float and int8 files beside the unpruned net's, and the recovery loop a
+user writes."""
 from __future__ import annotations
 
 import datetime
@@ -11,9 +12,11 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from compress import stages
 from compress.errors import CheckFailed
@@ -119,3 +122,29 @@ def retime(cells_dir: Path, cells: list[dict], tag: Callable[[dict], str]) -> No
         if folder.is_dir():
             cell.update(time_files(folder))
             (cells_dir / f"{tag(cell)}.json").write_text(json.dumps(cell))
+
+
+def user_loop(student: nn.Module, teacher: nn.Module, pool: tuple[torch.Tensor, torch.Tensor],
+              picks: Iterable[torch.Tensor], steps: int, lr: float, generator: torch.Generator) -> nn.Module:
+    """The recovery loop a user writes: SGD (Nesterov, momentum 0.9), cosine lr over `steps`, random
+    flips, 0.7 KD (T=4) on the teacher's logits + 0.3 cross-entropy, BN in train mode; a step
+    for each batch of indices into `pool` that `picks` yields (drawn lazily, so a caller's
+    `generator` serves its picks and the flips in turn)."""
+    images, labels = pool
+    student.train()
+    teacher.eval()
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for idx in picks:
+        x, y = images[idx], labels[idx]
+        x = torch.where(torch.rand(len(idx), 1, 1, 1, generator=generator) < 0.5, x.flip(3), x)
+        with torch.no_grad():
+            soft = F.log_softmax(teacher(x) / 4, 1)
+        logits = student(x)
+        kd = F.kl_div(F.log_softmax(logits / 4, 1), soft, reduction="batchmean", log_target=True) * 16
+        loss = 0.7 * kd + 0.3 * F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return student.eval()
