@@ -19,13 +19,14 @@ TRAINED = ROOT / "tests" / "fixtures" / "mobilenet_v2_cifar_w035_trained.pt"
 class ResidualNet(nn.Module):
     """A user-defined CNN with a residual connection, not from any zoo."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, size: int = 16, width: int = 16):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16))
-        self.down = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.ReLU())
-        self.head = nn.Linear(24 * 8 * 8, num_classes)  # flatten of an 8x8 map, not a pool
+        w, wide, down = width, 2 * width, 3 * width // 2
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(w, wide, 3, padding=1), nn.BatchNorm2d(wide), nn.ReLU(),
+                                  nn.Conv2d(wide, w, 1), nn.BatchNorm2d(w))
+        self.down = nn.Sequential(nn.Conv2d(w, down, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(down * (size // 2) ** 2, num_classes)  # flatten of the last map, not a pool
 
     def forward(self, x):
         x = self.stem(x)

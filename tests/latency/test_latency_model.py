@@ -20,7 +20,7 @@ from compress.pruning.prune import prune
 from compress.pruning.space import ChannelSpace
 from compress.settings import LutSettings
 from compress.stages import export
-from conftest import run_cli
+from conftest import ResidualNet, run_cli
 
 def _small(size=16):
     model = compress.build("mobilenet_v3_small_cifar", input_size=size).eval()
@@ -237,9 +237,11 @@ def test_a_recipe_prunes_to_a_latency_target_and_checks_the_file_against_it(tmp_
 
 
 @pytest.mark.slow
-def test_prune_to_an_int8_tflite_latency(tmp_path, user_net):
+def test_prune_to_an_int8_tflite_latency(tmp_path):
     """The budget is for the int8 file: the clock quantizes each cut before timing it."""
-    model = compress.describe(user_net, input_size=16)
+    # at 16 px and width 16 this net's int8 file runs in 0.03 ms, the interpreter's overhead, and a busy
+    # machine timed its smallest cut at 96% of the unpruned file, over the 75% budget (here: about 22%)
+    model = compress.describe(ResidualNet(size=32, width=96).eval(), input_size=32)
     clock = LutSettings(runtime="tflite", int8=True, samples=6, runs=20)
     done = compress.prune(model, latency="75%", clock=clock, output=tmp_path / "p.pt")
     t = done.latency
