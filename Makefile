@@ -21,8 +21,8 @@ demo: env
 	overrides=$$($(BIN)/python -m compress.app.demo) && $(BIN)/chansearch run recipes/quickstart.yaml $$overrides
 
 # Two pytest workers, one thread each: most tests are short and single-threaded work (imports,
-# exports, subprocesses) overlaps. The whole suite took 9.5 minutes on our 2-core VM at its last run
-# and 11.5 at the one before (the target is 10; this VM's speed varies): its time is mostly
+# exports, subprocesses) overlaps. The whole suite took 7.8 minutes on our 2-core VM at its last run
+# and 9.5 at the one before (the target is 10; this VM's speed varies): its time is mostly
 # torch.export, under each TFLite conversion and ONNX export.
 TEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
