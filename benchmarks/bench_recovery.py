@@ -142,8 +142,9 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
     path = cells / f"{recovery}_{macs:.2f}_{count}_{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    first = cells / f"plain_{macs:.2f}_{count}_{min(ctx['seeds'])}.json"
-    lrs = ctx["size"]["lrs"] if seed == min(ctx["seeds"]) else (json.loads(first.read_text())["lr"],)
+    lrs = ctx["size"]["lrs"]
+    if recovery == "plain" and seed != min(ctx["seeds"]):  # later seeds run at the lr the first did best with
+        lrs = (json.loads((cells / f"plain_{macs:.2f}_{count}_{min(ctx['seeds'])}.json").read_text())["lr"],)
     began = time.perf_counter()
     net, how = recover(cells, recovery, macs, count, seed, ctx, lrs)
     cell = {**how, **scores(net, ctx["teacher"], *ctx["test"]), "recovery": recovery, "macs": macs, "images": count,
