@@ -116,9 +116,10 @@ def recover_plain(pruned: Path, teacher: nn.Module, pool: tuple[torch.Tensor, to
 
 
 def recover(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict,
-            lrs: tuple[float, ...]) -> tuple[nn.Module, dict]:
-    """The pruned net recovered one way, kept as the cell's `runs/<cell>/model.pt`, and how (its lr;
-    the plain loop tries each of `lrs` and keeps its best on the test images, the user's best case)."""
+            lrs: tuple[float, ...]) -> dict:
+    """The pruned net recovered one way, kept as the cell's `runs/<cell>/model.pt`, and how (its lr and
+    its scores on the table's test images; the plain loop tries each of `lrs` and keeps its best there,
+    the user's best case)."""
     teacher, size, pruned = ctx["teacher"], ctx["size"], ctx["pruned"][macs]
     spec = user_images(cells, ctx["data"], count, seed)
     run = cells / "runs" / f"{recovery}_{macs:.2f}_{count}_{seed}"
@@ -130,12 +131,12 @@ def recover(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx:
             results.append({"lr": lr, **scores(nets[-1], teacher, *ctx["test"])})
         best = max(range(len(lrs)), key=lambda i: results[i]["top1"])
         save_checkpoint(run / "model.pt", nets[best], {"lr": lrs[best]})
-        return nets[best], {"lr": lrs[best], "tried": results}
+        return {**results[best], "tried": results}
     changes = VARIANTS.get(recovery, {})
     tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, **changes)
     trial = run / "lr_trial.json"
-    return tuned, {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else changes["lr"],
-                   "kept_step": json.loads((run / "keep_best.json").read_text())["step"]}
+    return {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else changes["lr"],
+            "kept_step": json.loads((run / "keep_best.json").read_text())["step"], **scores(tuned, teacher, *ctx["test"])}
 
 
 def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict) -> dict:
@@ -146,9 +147,9 @@ def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx
     if recovery == "plain" and seed != min(ctx["seeds"]):  # later seeds run at the lr the first did best with
         lrs = (json.loads((cells / f"plain_{macs:.2f}_{count}_{min(ctx['seeds'])}.json").read_text())["lr"],)
     began = time.perf_counter()
-    net, how = recover(cells, recovery, macs, count, seed, ctx, lrs)
-    cell = {**how, **scores(net, ctx["teacher"], *ctx["test"]), "recovery": recovery, "macs": macs, "images": count,
-            "seed": seed, "seconds": round(time.perf_counter() - began, 1)}
+    how = recover(cells, recovery, macs, count, seed, ctx, lrs)
+    cell = {**how, "recovery": recovery, "macs": macs, "images": count, "seed": seed,
+            "seconds": round(time.perf_counter() - began, 1)}
     atomic_write_json(path, cell)
     return cell
 
@@ -181,8 +182,8 @@ def rescore(cells: Path, stems: list[str], count: int, ctx: dict) -> None:
             continue
         again = {}
         if not net.exists():  # a plain cell from before cells kept their nets, or a cell restored from a note
-            tuned, _ = recover(cells, cell["recovery"], cell["macs"], cell["images"], cell["seed"], ctx, (cell["lr"],))
-            again = {"trained_again_top1": scores(tuned, teacher, *ctx["test"])["top1"]}
+            how = recover(cells, cell["recovery"], cell["macs"], cell["images"], cell["seed"], ctx, (cell["lr"],))
+            again = {"trained_again_top1": how["top1"]}
         cell["others"] = {"images": count, **scores(load(net), reference, images, labels), **again}
         atomic_write_json(path, cell)
         print(f"{stem}: top-1 {cell['others']['top1']:.2%} on {count} other test images", flush=True)
