@@ -57,6 +57,8 @@ from compress.pruning.prune import prune_with_map, space_for
 from compress.pruning.profile import count
 from compress.settings import LutSettings, PruneSettings, Target
 from compress.stages.pruning import pruning_batch
+from compress.training.keep_best import KEPT_FILE
+from compress.training.lr_trial import TRIAL_FILE
 
 SIZES = {  # search: bench_pretrained.py's size for the supernet and its search, and the size the search scores at
     "quick": dict(budgets=(0.6,), test=64, images=64, epochs=1, seeds=1, search=("quick", None)),
@@ -195,13 +197,19 @@ def recovered(cell: Path, recovery: str, pruned: Path, teacher, test, seed: int,
     """The scores of the pruned file after one recovery and seed (kept in `cell`)."""
     if not cell.exists():
         spec = user_images(cell.parent, args.data, size["images"], seed)
+        began, how = time.perf_counter(), {"lr": args.lr}
         if recovery == "plain":
             card = teacher.card
             pool = sample_labelled(spec, True, size["images"], card.input_size, card.mean, card.std, seed=0)
             tuned = recover_plain(pruned, teacher, pool, size["epochs"], seed, args.lr)
         else:
-            tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, cell.parent / "runs" / cell.stem)
-        atomic_write_json(cell, scores(tuned, teacher, *test))
+            run = cell.parent / "runs" / cell.stem
+            tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run)
+            # what the lr trial picked and where keep-best stopped: a low pick costs points (RESULTS, recovery)
+            how = {"lr": json.loads((run / TRIAL_FILE).read_text())["lr"],
+                   "kept_step": json.loads((run / KEPT_FILE).read_text())["step"]}
+        atomic_write_json(cell, {**how, "seconds": round(time.perf_counter() - began, 1),
+                                 **scores(tuned, teacher, *test)})
     return json.loads(cell.read_text())
 
 

@@ -38,6 +38,7 @@ import argparse
 import copy
 import itertools
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -98,6 +99,9 @@ def recover_finetune(pruned: Path, teacher: nn.Module, spec: str, epochs: int, s
                      **changes) -> nn.Module:
     """`chansearch finetune` at its defaults but for `changes` (FinetuneSettings fields)."""
     settings = FinetuneSettings(epochs=epochs, seed=seed, **changes)
+    # a cell is done when its scores are written: a folder without them was left by an interrupted
+    # recovery (or is rescored), and the recovery starts again from the pruned net
+    shutil.rmtree(run, ignore_errors=True)
     torch.manual_seed(seed)
     return stages.train(load(pruned), DataSettings(spec=spec, batch_size=32, workers=0), settings, run,
                         teacher=teacher, quiet=True).model.eval()
