@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--allocations", default=",".join(ALLOCATIONS), help="which cuts, of " + ", ".join(ALLOCATIONS))
     ap.add_argument("--recoveries", default=",".join(RECOVERIES), help="which recoveries, of " + ", ".join(RECOVERIES))
     ap.add_argument("--cells", default="runs/bench_latency_budget", help="folder of finished cells (resumable)")
+    ap.add_argument("--label", help="write the table to a RESULTS section of its own, named with this label")
     ap.add_argument("--first-call", action="store_true", help="only the wall time of `prune --latency 60%%` with "
                     "nothing cached, against the same call cached")
     args = ap.parse_args()
@@ -158,7 +159,8 @@ def main() -> None:
                                 for r in recoveries) + f" | {size['seeds']} |")
         unpruned = timer.unpruned_ms
     teacher_scores = scores(teacher, teacher, *test)
-    write_section(f"Pruning to a measured latency ({args.size}, {'int8' if args.int8 else 'float'} TFLite)",
+    write_section(f"Pruning to a measured latency ({args.size}, {'int8' if args.int8 else 'float'} TFLite)"
+                  + (f": {args.label}" if args.label else ""),
                   "\n".join([
                       f"Teacher `{args.teacher}`: {card.input_size} px, test top-1 {teacher_scores['top1']:.1%} on "
                       f"{size['test']} test images; unpruned file {unpruned:.3f} ms ({clock.describe()}, at the start "
