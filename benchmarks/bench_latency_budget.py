@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from bench_pretrained import SIZES as SEARCH_SIZES, supernet_path
-from bench_recovery import recover_finetune, recover_plain, scores, user_images
+from bench_recovery import how_finetuned, recover_finetune, recover_plain, scores, user_images
 from common import CIFAR, mean_std, write_section
 from compress import load, save_checkpoint, stages
 from compress.data.specs import sample_labelled
@@ -57,8 +57,6 @@ from compress.pruning.prune import prune_with_map, space_for
 from compress.pruning.profile import count
 from compress.settings import LutSettings, PruneSettings, Target
 from compress.stages.pruning import pruning_batch
-from compress.training.keep_best import KEPT_FILE
-from compress.training.lr_trial import TRIAL_FILE
 
 SIZES = {  # search: bench_pretrained.py's size for the supernet and its search, and the size the search scores at
     "quick": dict(budgets=(0.6,), test=64, images=64, epochs=1, seeds=1, search=("quick", None)),
@@ -207,9 +205,7 @@ def recovered(cell: Path, recovery: str, pruned: Path, teacher, test, seed: int,
         else:
             run = cell.parent / "runs" / cell.stem
             tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run)
-            # what the lr trial picked and where keep-best stopped: a low pick costs points (RESULTS, recovery)
-            how = {"lr": json.loads((run / TRIAL_FILE).read_text())["lr"],
-                   "kept_step": json.loads((run / KEPT_FILE).read_text())["step"]}
+            how = how_finetuned(run)
         atomic_write_json(cell, {**how, "seconds": round(time.perf_counter() - began, 1),
                                  **scores(tuned, teacher, *test)})
     return json.loads(cell.read_text())

@@ -54,6 +54,8 @@ from compress.checkpoint import save_checkpoint
 from compress.data.specs import sample_labelled, split
 from compress.files import atomic_write_json
 from compress.settings import DataSettings, FinetuneSettings, PruneSettings
+from compress.training.keep_best import KEPT_FILE
+from compress.training.lr_trial import TRIAL_FILE
 
 SIZES = {  # test images, training-image counts, MAC targets, epochs, the plain loop's lr grid
     "quick": dict(test=64, images=(64,), macs=(0.5,), epochs=1, lrs=(0.001,)),
@@ -138,9 +140,14 @@ def recover(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx:
         return {**results[best], "tried": results}
     changes = VARIANTS.get(recovery, {})
     tuned = recover_finetune(pruned, teacher, spec, size["epochs"], seed, run, **changes)
-    trial = run / "lr_trial.json"
-    return {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else changes["lr"],
-            "kept_step": json.loads((run / "keep_best.json").read_text())["step"], **scores(tuned, teacher, *ctx["test"])}
+    return {**how_finetuned(run, changes.get("lr")), **scores(tuned, teacher, *ctx["test"])}
+
+
+def how_finetuned(run: Path, lr: float | None = None) -> dict:
+    """The lr a fine-tune run's trial picked (`lr` where it was given) and the step keep-best handed back."""
+    trial = run / TRIAL_FILE
+    return {"lr": json.loads(trial.read_text())["lr"] if trial.exists() else lr,
+            "kept_step": json.loads((run / KEPT_FILE).read_text())["step"]}
 
 
 def run_cell(cells: Path, recovery: str, macs: float, count: int, seed: int, ctx: dict) -> dict:
