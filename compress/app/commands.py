@@ -222,6 +222,8 @@ def cmd_search(args) -> int:
         for t in result["targets"]:
             lat = f", {t['latency_ms']:.3f} ms predicted" if t.get("latency_ms") is not None else ""
             meas = f", {t['measured_ms']:.3f} ms measured" if t.get("measured_ms") is not None else ""
+            if len(t.get("latency_attempts", ())) > 1:
+                meas += f" (pick {len(t['latency_attempts'])} of a search corrected by the measurement)"
             print(f"{t['label']:<24} {t['macs'] / 1e6:8.2f}M MACs {t['params'] / 1e6:6.2f}M params{lat}{meas}, "
                   f"held-out top-1 {t['top1']:.2%}")
         print(f"{result['evaluated']} configs scored ({result['evaluated_now']} now); wrote "

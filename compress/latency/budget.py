@@ -1,10 +1,11 @@
 """Meeting a latency budget as measured: allocate the cut by importance per predicted
 millisecond, export and time the result on the clock beside the unpruned file, and correct
-the prediction from the measurement until the file runs within `tolerance` under the budget."""
+the prediction from the measurement until the file runs within TOLERANCE under the budget. The
+search corrects its latency picks with the same loop."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -38,42 +39,70 @@ def latency_limit(text: str, unpruned: float, floor: float, space_note: str = ""
     return limit
 
 
+TOLERANCE = 0.05  # a budget is met when the file measures within this share under it
+
+
 def meet_latency(model: nn.Module, space: ChannelSpace, scores: dict[str, np.ndarray], budget: str,
                  fitted: LatencyModel, clock: Clock, budgets: Mapping[str, int] | None = None,
-                 strategy: str = "global", tolerance: float = 0.05, tries: int = 5) -> tuple[ChannelConfig, dict]:
-    """The config whose file measures within `tolerance` under the `budget` (3.5ms, or a share
+                 strategy: str = "global", tries: int = 5) -> tuple[ChannelConfig, dict]:
+    """The config whose file measures within TOLERANCE under the `budget` (3.5ms, or a share
     of the unpruned file timed now) on `clock`, with the other `budgets` met too, and what was
     predicted and measured on the way there. Each cut is timed beside the unpruned file."""
     with tempfile.TemporaryDirectory() as tmp:
         timer = BesideUnpruned(model, space, clock, Path(tmp))
         drift = timer.unpruned_ms / fitted.unpruned_ms  # this machine now, against when the model was fitted
         limit_ms = latency_limit(budget, timer.unpruned_ms, fitted.floor_ms * drift)
-        aim, attempts = limit_ms * (1 - tolerance / 2), []  # the middle of the window: a re-timing may differ
-        floor, target = fitted.predict(space.min()), aim / drift
-        for _ in range(tries):
-            config = allocate(space, {**(budgets or {}), "latency": max(target, floor)}, strategy, scores,
-                              fitted.predict)
-            predicted = fitted.predict(config) * drift
-            measured = timer.nets([prune_with_map(model, config, space, scores=scores)[0]])[0][0]
-            attempts.append({"config": config, "target_ms": target, "predicted_ms": predicted, "measured_ms": measured})
-            notes.info(f"latency: predicted {predicted:.3f} ms, measured {measured:.3f} ms on {clock.describe()} "
-                       f"(budget {limit_ms:.3f} ms)")
-            within = (1 - tolerance) * limit_ms <= measured <= limit_ms
-            bound_elsewhere = measured <= limit_ms and predicted < 0.98 * max(target, floor) * drift  # MACs/params
-            if within or bound_elsewhere:
-                break
-            target = _next_target(attempts, aim)
-    met = [a for a in attempts if a["measured_ms"] <= limit_ms]
-    if not met:
-        best = min(attempts, key=lambda a: a["measured_ms"])
+        attempts = corrected_cuts(
+            lambda target: allocate(space, {**(budgets or {}), "latency": target}, strategy, scores, fitted.predict),
+            lambda config: timer.nets([prune_with_map(model, config, space, scores=scores)[0]])[0][0],
+            fitted, limit_ms, drift, clock, tries)
+    chosen = best_under(attempts, limit_ms)
+    if chosen is None:
+        fastest = min(a["measured_ms"] for a in attempts)
         raise CompressError(f"after {len(attempts)} cuts no file measured under the latency budget {limit_ms:.3f} ms "
-                            f"on {clock.describe()} (the fastest: {best['measured_ms']:.3f} ms). The machine may be "
+                            f"on {clock.describe()} (the fastest: {fastest:.3f} ms). The machine may be "
                             "busy (time it again), or the budget is near the floor: raise it.")
-    chosen = max(met, key=lambda a: a["measured_ms"])
     report = {"budget_ms": limit_ms, "predicted_ms": chosen["predicted_ms"], "measured_ms": chosen["measured_ms"],
-              "unpruned_ms": timer.unpruned_ms, "clock": clock.describe(),
-              "attempts": [{k: v for k, v in a.items() if k != "config"} for a in attempts]}
+              "unpruned_ms": timer.unpruned_ms, "clock": clock.describe(), "attempts": public(attempts)}
     return chosen["config"], report
+
+
+def corrected_cuts(cut: Callable[[float], ChannelConfig], measure: Callable[[ChannelConfig], float],
+                   fitted: LatencyModel, limit_ms: float, drift: float, clock: Clock, tries: int,
+                   first_target: float | None = None) -> list[dict]:
+    """Cuts (`cut(predicted-ms target)` -> config, or None when none can aim there), each measured (`measure`, ms now), the
+    target corrected from each measurement, until one lies within TOLERANCE under `limit_ms`,
+    a cut repeats or `tries` are spent; every attempt, each with its config, target, predicted and measured
+    ms. `drift`: the unpruned file's time now over its time in `fitted`. The first target is
+    the middle of the window (a re-timing may differ) unless `first_target` says otherwise."""
+    aim, floor, attempts = limit_ms * (1 - TOLERANCE / 2), fitted.predict(fitted.space.min()), []
+    target = aim / drift if first_target is None else first_target
+    for _ in range(tries):
+        config = cut(max(target, floor))
+        # None: no cut aims there; a config cut before: the MAC or parameter budget (or the
+        # floor) holds it, so moving the target changes nothing
+        if config is None or any(a["config"] == config for a in attempts):
+            break
+        predicted = fitted.predict(config) * drift
+        measured = measure(config)
+        attempts.append({"config": config, "target_ms": target, "predicted_ms": predicted, "measured_ms": measured})
+        notes.info(f"latency: predicted {predicted:.3f} ms, measured {measured:.3f} ms on {clock.describe()} "
+                   f"(budget {limit_ms:.3f} ms)")
+        if (1 - TOLERANCE) * limit_ms <= measured <= limit_ms:
+            break
+        target = _next_target(attempts, aim)
+    return attempts
+
+
+def best_under(attempts: list[dict], limit_ms: float) -> dict | None:
+    """The slowest attempt (the one that kept most) measured under `limit_ms`, if any."""
+    met = [a for a in attempts if a["measured_ms"] <= limit_ms]
+    return max(met, key=lambda a: a["measured_ms"]) if met else None
+
+
+def public(attempts: list[dict]) -> list[dict]:
+    """The attempts as a report holds them: their times, not their configs."""
+    return [{k: v for k, v in a.items() if k != "config"} for a in attempts]
 
 
 def _next_target(attempts: list[dict], aim: float) -> float:

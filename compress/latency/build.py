@@ -37,15 +37,6 @@ def exported(clock: Clock, nets: list[nn.Module], input_size: int, what: str | N
         yield paths
 
 
-def time_configs(model: nn.Module, space: ChannelSpace, configs: list[ChannelConfig], clock: Clock,
-                 progress: bool = False, what: str = "models") -> list[float]:
-    """Measured latency (ms) of each config's pruned model on `clock`."""
-    nets = [prune(model, c, space, importance="first") for c in configs]
-    with exported(clock, nets, space.input_size[-1], what if progress else None) as paths:
-        return [clock.measure_file(p) for p in tqdm(paths, desc=f"timing {what} ({clock.describe()})",
-                                                     unit="model", disable=not progress)]
-
-
 class BesideUnpruned:
     """Times configs as ratios to the unpruned file, the two taking turns every few invokes: a
     shared machine's speed drifts by several percent over minutes (the unpruned MobileNetV2 ran

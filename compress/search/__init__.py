@@ -21,7 +21,7 @@ METHODS = ("evolution", "random", "greedy")
 RESULT_FILE = "search.json"
 
 __all__ = ["Budget", "Evaluator", "HeldOut", "METHODS", "RESULT_FILE", "budgets_for", "parse_budgets", "pareto_front",
-           "run_search", "targets_from_lists", "write_results"]
+           "plain_entry", "run_search", "targets_from_lists", "write_results"]
 
 
 def run_search(evaluator: Evaluator, method: str, budgets: list[Budget], seed: int = 0,
@@ -42,13 +42,14 @@ def run_search(evaluator: Evaluator, method: str, budgets: list[Budget], seed: i
             else:
                 ranked = random_search(evaluator, budget, rng, progress=progress, **options)
             best.append(ranked[0])
-    targets = [{"label": b.label(), "budget": b.to_dict(), **_plain(e)} for b, e in zip(budgets, best)]
+    targets = [{"label": b.label(), "budget": b.to_dict(), **plain_entry(e)} for b, e in zip(budgets, best)]
     return {"method": method, "seed": seed, "options": options, "targets": targets,
             "evaluated": len(evaluator.cache), "evaluated_now": evaluator.fresh,
-            "full": _plain(evaluator.score(evaluator.space.max()))}
+            "full": plain_entry(evaluator.score(evaluator.space.max()))}
 
 
-def _plain(entry: dict) -> dict:
+def plain_entry(entry: dict) -> dict:
+    """A scored candidate as search.json holds it (its config a plain dict)."""
     return {k: (v.to_dict() if k == "config" else v) for k, v in entry.items()}
 
 

@@ -5,23 +5,30 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from compress.data.source import DataSource
 from compress.errors import CompressError
-from compress.search import RESULT_FILE, Evaluator, budgets_for, run_search, write_results
-from compress.latency import LatencyModel, time_configs
+from compress.latency import LatencyModel
+from compress.latency.budget import best_under, corrected_cuts, public
+from compress.latency.build import BesideUnpruned
+from compress.pruning.space import ChannelConfig
+from compress.search import RESULT_FILE, Budget, Evaluator, budgets_for, plain_entry, run_search, write_results
 from compress.settings import HeldOutScoring, LutSettings, SearchSettings
 from compress.stages.exporting import latency_table, lut_model_space
 from compress.stages.folders import device, digest
 from compress.stages.supernets import held_out, supernet_file
 from compress.supernet import Supernet, load_supernet
 from compress.training import distributed
-from compress.units import parse_count
+from compress.units import parse_count, parse_latency
+
+SEARCH_TRIES = 3  # each try after the first is a search of its own
 
 
 @dataclass
@@ -62,7 +69,7 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     (default RUN/search-METHOD). With latency targets, the latency model `lut` predicts
     latency (default: this machine's cached one for `clock`, the one `prune --latency` uses
     for the same space, built when missing and copied into `out`), and the chosen configs are
-    then timed for real. `data`: the supernet's data at another path, or the Loaders a
+    then timed for real and searched again where they miss (_meet_latency). `data`: the supernet's data at another path, or the Loaders a
     supernet trained on your own loaders was trained with; `model`: the unpruned model of a
     supernet of your own architecture (a zoo or source model is rebuilt)."""
     run = Path(run)
@@ -84,7 +91,7 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
                         progress=log)
     result.update(supernet=str(run), evaluation=evaluator.fingerprint)
     if lut:
-        _measure_finalists(result, supernet, latency)
+        _meet_latency(result, settings, budgets, evaluator, latency, log)
     write_results(folder, result, evaluator)
     distributed.barrier()
     return SearchRun(result, folder, evaluator)
@@ -109,17 +116,61 @@ def _estimate(evaluator: Evaluator, settings: SearchSettings, budgets: list) -> 
             f"recalibration + {settings.eval_images} scoring images), about {minutes:.0f} min here{other}")
 
 
-def _measure_finalists(result: dict, supernet: Supernet, fitted: LatencyModel) -> None:
-    """The latency model screened the candidates; time each chosen config for real on its clock."""
-    clock = fitted.clock()
-    measured = time_configs(supernet.plain_copy(), supernet.space, [t["config"] for t in result["targets"]], clock)
-    for t, ms in zip(result["targets"], measured):
-        limit = t["budget"]["latency_ms"]
-        t.update(measured_ms=ms, measured_on=clock.describe(), measured_within_budget=limit is None or ms <= limit)
-        if not t["measured_within_budget"]:
-            print(f"warning: {t['label']}: measured {ms:.3f} ms on {clock.describe()} is over the {limit:.3f} ms "
-                  f"budget (predicted {t['latency_ms']:.3f} ms); tighten the latency budget, or prune to it "
-                  "directly (`chansearch prune --latency`), which measures and corrects.", file=sys.stderr)
+def _meet_latency(result: dict, settings: SearchSettings, budgets: list[Budget], evaluator: Evaluator,
+                  fitted: LatencyModel, log: Callable[[str], None] | None) -> None:
+    """The latency model screened the candidates; each chosen config is timed for real on its
+    clock, beside the unpruned file, and a latency target whose pick measures over its budget
+    (or more than TOLERANCE under it) is searched again under a target corrected from the
+    measurement, as `prune --latency` re-cuts: a search's picks are unlike the model's random
+    samples, and on MobileNetV2 at 224 px its greedy pick measured 16% over the prediction
+    (benchmarks/RESULTS.md). Greedy walks its cached path further; evolution and random search
+    anew. Only the main rank times; every rank takes its times, so all search alike."""
+    clock, space = fitted.clock(), evaluator.space
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = BesideUnpruned(evaluator.supernet.plain_copy(), space, clock, Path(tmp)) if distributed.is_main() else None
+        unpruned_ms = distributed.from_main(timer and timer.unpruned_ms)
+
+        def measure(config: ChannelConfig) -> float:
+            return distributed.from_main(timer and timer([config])[0][0])
+
+        for target, budget, t in zip(settings.targets, budgets, result["targets"]):
+            first = ChannelConfig(t["config"])
+            if budget.latency_ms is None:
+                t.update(measured_ms=measure(first), measured_on=clock.describe(), measured_within_budget=True)
+                continue
+            limit = parse_latency(target.latency, unpruned_ms)  # a share is of the unpruned file timed now
+            attempts = corrected_cuts(_research(evaluator, settings, budget, first, log), measure, fitted, limit,
+                                      unpruned_ms / fitted.unpruned_ms, clock, SEARCH_TRIES, budget.latency_ms)
+            chosen = best_under(attempts, limit) or min(attempts, key=lambda a: a["measured_ms"])
+            t.update(plain_entry(evaluator.score(chosen["config"])), measured_ms=chosen["measured_ms"],
+                     measured_budget_ms=limit, measured_on=clock.describe(), latency_attempts=public(attempts),
+                     measured_within_budget=chosen["measured_ms"] <= limit)
+            if not t["measured_within_budget"]:
+                print(f"warning: {t['label']}: after {len(attempts)} searches the fastest pick measured "
+                      f"{chosen['measured_ms']:.3f} ms on {clock.describe()}, over the {limit:.3f} ms budget; "
+                      "the machine may be busy (search again: scored configs are kept), or prune to it directly "
+                      "(`chansearch prune --latency`).", file=sys.stderr)
+    result.update(evaluated=len(evaluator.cache), evaluated_now=evaluator.fresh)
+
+
+def _research(evaluator: Evaluator, settings: SearchSettings, budget: Budget, first: ChannelConfig,
+              log: Callable[[str], None] | None) -> Callable[[float], ChannelConfig | None]:
+    """The search of `budget` again with its latency limit moved to a predicted-ms target;
+    the first pick (found under the budget itself) is not searched twice."""
+    def cut(target_ms: float) -> ChannelConfig | None:
+        if target_ms == budget.latency_ms:
+            return first
+        if log:
+            log(f"{budget.label()}: searching again under a predicted {target_ms:.3f} ms, corrected by the measurement")
+        try:
+            found = run_search(evaluator, settings.method, [replace(budget, latency_ms=target_ms)], seed=settings.seed,
+                               options=settings.strategy_options(), progress=log)
+        except CompressError as exc:  # e.g. too tight for random draws: keep the picks measured so far
+            if log:
+                log(f"{budget.label()}: no search under {target_ms:.3f} ms ({exc})")
+            return None
+        return ChannelConfig(found["targets"][0]["config"])
+    return cut
 
 
 def find_search(run: str | Path, search_dir: str | Path | None = None) -> Path:

@@ -55,6 +55,15 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return t.item() > 0
 
 
+def from_main(value):
+    """`value` as the main rank has it, on every rank (what only the main rank measured)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
 def broadcast_state(model: torch.nn.Module, source: int = 0) -> None:
     """Every rank takes `source`'s weights and buffers (after work only that rank did)."""
     if dist.is_initialized():

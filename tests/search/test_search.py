@@ -18,6 +18,7 @@ from compress.search.strategies import evolution, greedy
 from compress import stages
 from compress.settings import HeldOutScoring, LutSettings, PruneSettings, SearchSettings, Target
 from compress.stages import held_out
+from compress.stages.exporting import latency_table, lut_model_space
 from compress.supernet import load_supernet, recalibrate_bn
 from compress.data.specs import build_dataset, transforms
 from conftest import ROOT, run_cli
@@ -254,6 +255,38 @@ def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_
     fitted = cached_latency_model(unpruned, space_for(unpruned), clock_of(clock), clock.samples, progress=False)
     assert fitted.from_cache and fitted.record == record
     assert list((tmp_path / "cache").rglob("*.json")) == cached
+
+
+@pytest.mark.slow  # trains a 64-px supernet, builds a latency model and times every pick
+def test_a_latency_pick_measured_over_the_budget_is_searched_again_until_it_measures_under(tmp_path, monkeypatch):
+    """A latency model that predicts every config 40% fast (the real one predicted a searched
+    224-px MobileNetV2 16% fast): the first pick measures over the budget, and the search
+    corrects its target from the measurement, as `prune --latency` does."""
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    done = run_cli("supernet", "mobilenet_v3_small_cifar", "--input-size", "64", "--data", "synthetic:96",
+                   "--holdout", "48", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "2", "--workers", "0",
+                   "--val-images", "16", *IMAGES, "--quiet", "--out", run)
+    assert done.returncode == 0, done.stderr
+    model = latency_table(*lut_model_space(run), LutSettings(runtime="onnxruntime", samples=8, runs=20),
+                          tmp_path / "true.json", progress=False)
+    record = model.record
+    fit = record["fit"]
+    fit.update(weights={k: 0.6 * w for k, w in fit["weights"].items()}, overhead_ms=0.6 * fit["overhead_ms"])
+    (tmp_path / "fast.json").write_text(json.dumps(record))
+
+    greedy = SearchSettings(method="greedy", greedy_step=0.2, targets=[Target(latency="50%")], **SCORING)
+    searched = stages.search(run, greedy, out=tmp_path / "b", lut=tmp_path / "fast.json", quiet=True)
+    t = searched.result["targets"][0]
+    attempts, limit = t["latency_attempts"], t["measured_budget_ms"]
+    assert attempts[0]["target_ms"] == t["budget"]["latency_ms"] == pytest.approx(0.5 * record["unpruned_ms"])
+    assert attempts[0]["measured_ms"] > limit  # the model's pick, 40% fast
+    assert len(attempts) >= 2 and attempts[1]["target_ms"] < attempts[0]["target_ms"]
+    assert t["measured_within_budget"] and t["measured_ms"] <= limit
+    assert t["measured_ms"] == max(a["measured_ms"] for a in attempts if a["measured_ms"] <= limit)
+    scored = searched.evaluator.score(t["config"])
+    assert t["macs"] == scored["macs"] == searched.evaluator.space.macs(t["config"]) and t["top1"] == scored["top1"]
+    assert _result(tmp_path / "b") == searched.result
 
 
 def test_held_out_images_are_a_random_pick_of_a_class_sorted_split():
