@@ -13,8 +13,10 @@ share of the unpruned file's measured time on the clock: TFLite, float or --int8
 - `search`: the supernet path under the same budget: a slimmable supernet trained from the
   teacher (bench_pretrained.py's, channels in `prune --data` order), AutoSlim's greedy search
   with its `latency` budget judged by the same latency model (cached on this machine), the
-  searched widths cut from the teacher and refitted (`extract --teacher`). It is not measured
-  and corrected, so its file may run a little over or under the budget: the table says.
+  searched widths cut from the teacher and refitted (`extract --teacher`). Its pick is measured
+  and, where it misses the budget, searched again under a corrected target (up to 3 searches,
+  as `search --latency` does); the greedy steps are coarse, so it may still land further under
+  the budget than the direct cut: the table says.
 
 All are refitted on the same training pool (energy ranking, least squares). Each is scored
 after the refit, and after each recovery (--recoveries) with several seeds: `plain`, the loop a

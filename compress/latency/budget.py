@@ -70,11 +70,12 @@ def meet_latency(model: nn.Module, space: ChannelSpace, scores: dict[str, np.nda
 def corrected_cuts(cut: Callable[[float], ChannelConfig], measure: Callable[[ChannelConfig], float],
                    fitted: LatencyModel, limit_ms: float, drift: float, clock: Clock, tries: int,
                    first_target: float | None = None) -> list[dict]:
-    """Cuts (`cut(predicted-ms target)` -> config, or None when none can aim there), each measured (`measure`, ms now), the
-    target corrected from each measurement, until one lies within TOLERANCE under `limit_ms`,
-    a cut repeats or `tries` are spent; every attempt, each with its config, target, predicted and measured
-    ms. `drift`: the unpruned file's time now over its time in `fitted`. The first target is
-    the middle of the window (a re-timing may differ) unless `first_target` says otherwise."""
+    """Cuts (`cut(predicted-ms target)` -> config, or None when none can aim there), each
+    measured (`measure`, ms now), the target corrected from each measurement, until one lies
+    within TOLERANCE under `limit_ms`, a cut repeats or `tries` are spent; every attempt, with
+    its config, target, predicted and measured ms. `drift`: the unpruned file's time now over
+    its time in `fitted`. The first target is the middle of the window (a re-timing may
+    differ) unless `first_target` says otherwise."""
     aim, floor, attempts = limit_ms * (1 - TOLERANCE / 2), fitted.predict(fitted.space.min()), []
     target = aim / drift if first_target is None else first_target
     for _ in range(tries):
@@ -90,7 +91,7 @@ def corrected_cuts(cut: Callable[[float], ChannelConfig], measure: Callable[[Cha
                    f"(budget {limit_ms:.3f} ms)")
         if (1 - TOLERANCE) * limit_ms <= measured <= limit_ms:
             break
-        target = _next_target(attempts, aim)
+        target = _next_target(attempts, aim) / drift
     return attempts
 
 
@@ -106,15 +107,17 @@ def public(attempts: list[dict]) -> list[dict]:
 
 
 def _next_target(attempts: list[dict], aim: float) -> float:
-    """The predicted-time target the next cut aims at: between the nearest cuts measured under
-    and over the aim when there are both, else the last target scaled by the model's error."""
+    """The predicted time (ms, now) the next cut should have: between the nearest cuts measured
+    under and over the aim when there are both, else the last cut's prediction scaled by the
+    model's error on it. From each cut's prediction, not its target: a search's pick lies a
+    coarse step under its target, and a target moved by the error alone can pick it again."""
     under = [a for a in attempts if a["measured_ms"] < aim]
     over = [a for a in attempts if a["measured_ms"] > aim]
     if under and over:
         lo = max(under, key=lambda a: a["measured_ms"])
         hi = min(over, key=lambda a: a["measured_ms"])
-        if hi["target_ms"] > lo["target_ms"]:
+        if hi["predicted_ms"] > lo["predicted_ms"]:
             share = (aim - lo["measured_ms"]) / (hi["measured_ms"] - lo["measured_ms"])
-            return lo["target_ms"] + share * (hi["target_ms"] - lo["target_ms"])
+            return lo["predicted_ms"] + share * (hi["predicted_ms"] - lo["predicted_ms"])
     last = attempts[-1]
-    return last["target_ms"] * aim / last["measured_ms"]
+    return last["predicted_ms"] * aim / last["measured_ms"]
