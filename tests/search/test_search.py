@@ -11,7 +11,7 @@ import torch
 
 import compress
 from compress import CompressError
-from compress.latency import cached_latency_model, clock_of
+from compress.latency import LatencyModel, cached_latency_model, clock_of
 from compress.pruning.prune import space_for
 from compress.search import Budget, Evaluator, HeldOut, parse_budgets, pareto_front
 from compress.search.strategies import evolution, greedy
@@ -255,6 +255,18 @@ def test_latency_budget_screens_with_the_table_and_times_the_finalists(run, tmp_
     fitted = cached_latency_model(unpruned, space_for(unpruned), clock_of(clock), clock.samples, progress=False)
     assert fitted.from_cache and fitted.record == record
     assert list((tmp_path / "cache").rglob("*.json")) == cached
+    # greedy under a latency budget steps by predicted time, as the budget is counted: each step
+    # takes `step` of the time off (or lands on the budget), whatever it takes off the MACs, or
+    # narrows every group it can (at 16 px the runtime's fixed cost leaves little to take)
+    ds = build_dataset("synthetic:40", True, transforms(False, 16, [0.5] * 3, [0.5] * 3), 10, 16)
+    evaluator = Evaluator(supernet, HeldOut(ds, 16, 16), latency=LatencyModel.load(lut, supernet.space).predict)
+    limit = Budget(latency_ms=0.6 * evaluator.cost(supernet.space.max())["latency_ms"])
+    found, path = greedy(evaluator, [limit], step=0.2)
+    assert found[limit] is path[-1] and path[-1]["latency_ms"] <= limit.latency_ms < path[-2]["latency_ms"]
+    for before, after in zip(path, path[1:]):
+        every = all(after["config"][g.name] < before["config"][g.name] for g in supernet.space.groups
+                    if before["config"][g.name] > g.min)
+        assert after["latency_ms"] <= max(0.8 * before["latency_ms"], limit.latency_ms) or every
 
 
 @pytest.mark.slow  # trains a 64-px supernet, builds a latency model and times every pick
