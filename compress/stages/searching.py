@@ -85,7 +85,7 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     log = None if quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))
     if log and evaluator.cache:
         log(f"resuming: {len(evaluator.cache)} configs already scored in {folder / 'state.json'}")
-    if log:
+    if log and evaluator.space.max() not in evaluator.cache:  # scored once already, it times nothing
         log(_estimate(evaluator, settings, budgets))
     result = run_search(evaluator, settings.method, budgets, seed=settings.seed, options=settings.strategy_options(),
                         progress=log)

@@ -197,6 +197,9 @@ def test_bad_search_input_is_named(run, tmp_path):
     assert said.returncode == 0, said.stderr
     # before it starts, the search says how long it will take: 6 + 2 x (3 + 3) candidates of evolution
     assert "search: about 18 candidates at " in said.stdout and "--method greedy scores about " in said.stdout
+    # resumed, every candidate is scored already: no estimate timed on a cached score
+    again = run_cli("search", run, *EVO[:-1], "--macs", "50%", "--out", tmp_path / "s")
+    assert again.returncode == 0 and "resuming: " in again.stdout and "search: about" not in again.stdout
     out = run_cli("search", run, *EVO[:-5], "--eval-images", "20", "--quiet", "--macs", "50%", "--out", tmp_path / "s")
     assert out.returncode == 2 and "eval_images: 24 -> 20" in out.stderr
     (tmp_path / "s" / "state.json").write_text("{not json")
@@ -276,11 +279,11 @@ def test_a_latency_pick_measured_over_the_budget_is_searched_again_until_it_meas
     corrects its target from the measurement, as `prune --latency` does."""
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    done = run_cli("supernet", "mobilenet_v3_small_cifar", "--input-size", "64", "--data", "synthetic:96",
+    done = run_cli("supernet", "mobilenet_v3_small_cifar", "--input-size", "64", "--data", "synthetic:64",
                    "--holdout", "48", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "2", "--workers", "0",
                    "--val-images", "16", *IMAGES, "--quiet", "--out", run)
     assert done.returncode == 0, done.stderr
-    model = latency_table(*lut_model_space(run), LutSettings(runtime="onnxruntime", samples=8, runs=20),
+    model = latency_table(*lut_model_space(run), LutSettings(runtime="onnxruntime", samples=6, runs=10),
                           tmp_path / "true.json", progress=False)
     record, fit = model.record, model.record["fit"]
     fast = 0.6 * record["unpruned_ms"] / model.predict(model.space.max())  # scaled to 60% of its own measured time
