@@ -85,8 +85,12 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     log = None if quiet or not distributed.is_main() else (lambda msg: print(msg, flush=True))
     if log and evaluator.cache:
         log(f"resuming: {len(evaluator.cache)} configs already scored in {folder / 'state.json'}")
-    if log and evaluator.space.max() not in evaluator.cache:  # scored once already, it times nothing
-        log(_estimate(evaluator, settings, budgets))
+    # on every rank, as scoring is collective (on the main rank alone, its scoring paired with
+    # another rank's next one and the ranks drifted apart); a cached score times nothing
+    if not quiet and evaluator.space.max() not in evaluator.cache:
+        estimate = _estimate(evaluator, settings, budgets)
+        if log:
+            log(estimate)
     result = run_search(evaluator, settings.method, budgets, seed=settings.seed, options=settings.strategy_options(),
                         progress=log)
     result.update(supernet=str(run), evaluation=evaluator.fingerprint)
