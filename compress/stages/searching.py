@@ -69,9 +69,10 @@ def search(run: str | Path, settings: SearchSettings, out: str | Path | None = N
     (default RUN/search-METHOD). With latency targets, the latency model `lut` predicts
     latency (default: this machine's cached one for `clock`, the one `prune --latency` uses
     for the same space, built when missing and copied into `out`), and the chosen configs are
-    then timed for real and searched again where they miss (_meet_latency). `data`: the supernet's data at another path, or the Loaders a
-    supernet trained on your own loaders was trained with; `model`: the unpruned model of a
-    supernet of your own architecture (a zoo or source model is rebuilt)."""
+    then timed for real and searched again where they miss (_meet_latency). `data`: the
+    supernet's data at another path, or the Loaders a supernet trained on your own loaders was
+    trained with; `model`: the unpruned model of a supernet of your own architecture (a zoo or
+    source model is rebuilt)."""
     run = Path(run)
     folder = Path(out) if out else (run if run.is_dir() else run.parent) / f"search-{settings.method}"
     distributed.init()
@@ -126,12 +127,13 @@ def _meet_latency(result: dict, settings: SearchSettings, budgets: list[Budget],
     clock, beside the unpruned file, and a latency target whose pick measures over its budget
     (or more than TOLERANCE under it) is searched again under a target corrected from the
     measurement, as `prune --latency` re-cuts: a search's picks are unlike the model's random
-    samples, and on MobileNetV2 at 224 px its greedy pick measured 16% over the prediction
-    (benchmarks/RESULTS.md). Greedy walks its cached path further; evolution and random search
+    samples, and on MobileNetV2 at 224 px it predicted the greedy picks 16% fast on one machine
+    and 5-10% slow on another (benchmarks/RESULTS.md). Greedy walks its cached path further; evolution and random search
     anew. Only the main rank times; every rank takes its times, so all search alike."""
     clock, space = fitted.clock(), evaluator.space
     with tempfile.TemporaryDirectory() as tmp:
-        timer = BesideUnpruned(evaluator.supernet.plain_copy(), space, clock, Path(tmp)) if distributed.is_main() else None
+        main = distributed.is_main()
+        timer = BesideUnpruned(evaluator.supernet.plain_copy(), space, clock, Path(tmp)) if main else None
         unpruned_ms = distributed.from_main(timer and timer.unpruned_ms)
 
         def measure(config: ChannelConfig) -> float:
