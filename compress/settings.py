@@ -191,9 +191,9 @@ class Target(Settings):
 class SearchSettings(HeldOutScoring):
     method: Literal["evolution", "random", "greedy"] = Field("evolution", description="search strategy")
     targets: list[Target] = Field([], description="budgets, one result per target")
-    greedy_step: float = Field(0.05, gt=0, lt=1, description="greedy: share of the current MACs each step "
-                               "removes (the best-ranked groups each lose a tenth of their width; smaller is more "
-                               "selective and slower)")
+    greedy_step: float = Field(0.05, gt=0, lt=1, description="greedy: share of the current MACs (of the "
+                               "predicted time, under a latency budget) each step removes (the best-ranked groups "
+                               "each lose a tenth of their width; smaller is more selective and slower)")
     population: int = Field(50, ge=1, description="evolution: population size")
     parents: int = Field(10, ge=1, description="evolution: top-k parents")
     mutations: int = Field(25, ge=0, description="evolution: mutants per iteration")

@@ -227,8 +227,8 @@ def _add_search_commands(command) -> None:
     p.add_argument("--macs", help="MAC budgets, comma-separated (150M,100M or 50%%,30%%); - = no limit for that target")
     p.add_argument("--params", help="parameter budget(s)")
     p.add_argument("--latency", "--latency-ms", dest="latency", help="latency budget(s): 3.5ms, or 60%% of the "
-                   "unpruned model's measured time on --runtime; predicted by the latency model, the chosen configs "
-                   "then timed")
+                   "unpruned model's measured time on --runtime; predicted by the latency model, each pick then timed "
+                   "and searched again under a corrected target where it misses (up to 3 searches)")
     p.add_argument("--lut", metavar="FILE.json", help="latency model of this space from `chansearch lut` (default: "
                    "this machine's cached one, the one `prune --latency` uses; built when missing)")
     p.add_argument("--data", metavar="SPEC", help="the supernet's data at another path (default: as trained)")
