@@ -101,7 +101,7 @@ def greedy(evaluator: Evaluator, budgets: list[Budget], step: float = 0.05,
     first config within each budget; stops after the last. Returns (budget -> entry, every
     step's chosen entry)."""
     if not 0 < step < 1:
-        raise CompressError(f"the greedy step is a share of the current MACs in (0, 1), got {step}.")
+        raise CompressError(f"the greedy step is a share of the current MACs (or predicted time) in (0, 1), got {step}.")
     space = evaluator.space
     config = space.max()
     current = evaluator.score(config)

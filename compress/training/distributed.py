@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import atexit
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def init() -> tuple[int, int, torch.device]:
@@ -55,7 +58,7 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return t.item() > 0
 
 
-def from_main(value):
+def from_main(value: T) -> T:
     """`value` as the main rank has it, on every rank (what only the main rank measured)."""
     if not dist.is_initialized():
         return value
