@@ -107,17 +107,18 @@ def public(attempts: list[dict]) -> list[dict]:
 
 
 def _next_target(attempts: list[dict], aim: float) -> float:
-    """The predicted time (ms, now) the next cut should have: between the nearest cuts measured
-    under and over the aim when there are both, else the last cut's prediction scaled by the
-    model's error on it. From each cut's prediction, not its target: a search's pick lies a
-    coarse step under its target, and a target moved by the error alone can pick it again."""
-    under = [a for a in attempts if a["measured_ms"] < aim]
-    over = [a for a in attempts if a["measured_ms"] > aim]
-    if under and over:
-        lo = max(under, key=lambda a: a["measured_ms"])
-        hi = min(over, key=lambda a: a["measured_ms"])
-        if hi["predicted_ms"] > lo["predicted_ms"]:
-            share = (aim - lo["measured_ms"]) / (hi["measured_ms"] - lo["measured_ms"])
-            return lo["predicted_ms"] + share * (hi["predicted_ms"] - lo["predicted_ms"])
+    """The predicted time (ms, now) the next cut should have: the last cut's prediction scaled
+    by the model's error on it; where that leaves the bracket of cuts measured under and over
+    the aim, the middle of the bracket instead (a safeguarded Newton step). Taken from each
+    cut's prediction, not its target: a search's pick lies a coarse step under its target, and a
+    target moved by the error alone can pick it again. The bracket is by prediction, the axis
+    the cuts move along. The step this replaced interpolated between the cuts measured nearest
+    the aim: a timing a busy machine spoiled (a cut timed at 1.9x) held one end of it, and the
+    cuts crept towards the window or repeated one (tests/latency)."""
     last = attempts[-1]
-    return last["predicted_ms"] * aim / last["measured_ms"]
+    target = last["predicted_ms"] * aim / last["measured_ms"]
+    under = [a["predicted_ms"] for a in attempts if a["measured_ms"] < aim]
+    over = [a["predicted_ms"] for a in attempts if a["measured_ms"] > aim]
+    if under and over and max(under) < min(over) and not max(under) < target < min(over):
+        target = (max(under) + min(over)) / 2
+    return target
