@@ -28,6 +28,14 @@ def _small(size=16):
     return model, ChannelSpace.from_model(model, example_input(size, model))
 
 
+def _linear_runtime(model, space):
+    """A latency model's base record for `space`, and weights of a runtime whose time is linear
+    in the work (FEATURES order)."""
+    base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
+            "layers": layer_records(model, space)}
+    return base, np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
+
+
 def test_layer_widths_follow_the_config_exactly():
     """The width formulas give each layer's real channel counts in the pruned model."""
     model, space = _small()
@@ -55,9 +63,7 @@ def test_the_fit_recovers_a_latency_linear_in_the_work_at_the_kernels_tile(tile)
     """A runtime whose time is linear in the work, its kernels computing channels one by one or
     in tiles of 16: the fit picks that tile from its samples and predicts unseen configs exactly."""
     model, space = _small()
-    base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
-            "layers": layer_records(model, space)}
-    truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
+    base, truth = _linear_runtime(model, space)
     rng = np.random.default_rng(0)
     configs = [space.sample(rng) for _ in range(30)]
     ms = [float(truth @ features(base["layers"], c, space, tile)) + 0.05 for c in configs]
@@ -71,9 +77,7 @@ def test_a_spoiled_timing_is_the_one_sample_suspected():
     by 40%, as a jump of a busy machine leaves it: that sample alone is suspected, and the first
     (the unpruned file every time is a ratio to) never is."""
     model, space = _small()
-    base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
-            "layers": layer_records(model, space)}
-    truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
+    base, truth = _linear_runtime(model, space)
     rng = np.random.default_rng(0)
     configs = [space.max(), *(space.sample(rng) for _ in range(23))]
     ms = [float(truth @ features(base["layers"], c, space)) * rng.uniform(0.97, 1.03) for c in configs]
@@ -137,9 +141,7 @@ def test_a_busy_machines_timings_still_lead_the_cuts_into_the_window():
     still move on into the window under the budget, none repeated (the step before stopped after
     3 cuts, out of the window, its next cut a repeat)."""
     model, space = _small()
-    base = {"format": "compress.latency-model", "space_groups": [g.name for g in space.groups],
-            "layers": layer_records(model, space)}
-    truth = np.linspace(1, 2, len(FEATURES)) * np.array([1e-6 if f.endswith("macs") else 1e-4 for f in FEATURES])
+    base, truth = _linear_runtime(model, space)
     ms = lambda c: float(truth @ features(base["layers"], c, space)) + 0.05  # noqa: E731
     rng = np.random.default_rng(0)
     fitted = LatencyModel.fit(base, space, [(c, ms(c)) for c in (space.max(), *(space.sample(rng) for _ in range(19)))])
