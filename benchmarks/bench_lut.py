@@ -32,7 +32,7 @@ from common import write_section
 from compress import build
 from compress.latency.build import check_scores
 from compress.latency.clock import TIMING, Clock
-from compress.latency.layers import tile_name
+from compress.latency.layers import layer_records, tile_name
 from compress.latency.model import LatencyModel
 from compress.pruning.prune import prune
 from compress.pruning.space import ChannelConfig
@@ -199,7 +199,7 @@ def main() -> None:
 
 
 def refit(model: str, record: dict) -> tuple[dict, str]:
-    """The record's check scored by this version's fit of its own samples, and the tile chosen;
+    """The record's check scored by this version's fit (and layer records) of its own samples, and the tile chosen;
     a record whose check kept no configs is scored as it was built."""
     pairs = record["check"]["pairs"]
     if not pairs or "config" not in pairs[0] or "retimed_ms" not in pairs[0]:
@@ -208,7 +208,9 @@ def refit(model: str, record: dict) -> tuple[dict, str]:
                 input_size=record["input_size"])
     _, space = lut_model_space(net, record["space"]["divisor"], record["space"]["min_ratio"])
     samples = [(ChannelConfig(s["config"]), s["measured_ms"]) for s in record["fit"]["samples"]]
-    fitted = LatencyModel.fit({k: v for k, v in record.items() if k not in ("fit", "check")}, space, samples)
+    # this version's layer records too: a kind of work it reads may not be in the record's
+    base = {**{k: v for k, v in record.items() if k not in ("fit", "check")}, "layers": layer_records(net, space)}
+    fitted = LatencyModel.fit(base, space, samples)
     scored = check_scores(fitted, [ChannelConfig(q["config"]) for q in pairs], [q["measured_ms"] for q in pairs],
                           [q["retimed_ms"] for q in pairs])
     return scored, tile_name(fitted.tile) if fitted.tile[0] > 1 else "none"

@@ -1,10 +1,16 @@
 """The layers a latency model reads: every conv / linear layer of a channel space, with how
 its input and output widths follow the group widths, and the work each does at a config.
 
-A runtime fuses each conv with its BN and activation (and, in XNNPACK, the add after it), so
+A runtime fuses each conv with its BN and a clamping activation (and, in XNNPACK, the add after it), so
 a layer's time is modelled from what that fused op computes and moves: its MACs, the elements
 it reads and the elements it writes. Kernels differ in speed by kind (a depthwise conv is
 memory-bound, a 1x1 conv a matrix product), so each kind keeps its own terms.
+
+An activation a runtime cannot fold into the conv before it (anything but a clamp: hard-swish,
+SiLU, GELU, sigmoid) runs as an op of its own over that conv's output; its elements are a kind
+of work of their own. In an int8 TFLite MobileNetV3 that op is 57% of the unpruned file's
+predicted time, and reading it took the unseen configs predicted within +-5% from 60% to 100%
+(benchmarks/RESULTS.md).
 
 A kernel computes whole tiles of channels (a GEMM micro-kernel's output columns, an int8
 kernel's packed inputs), so the MACs it spends are those of the widths rounded up to its tile.
@@ -28,7 +34,11 @@ KINDS = ("conv", "pointwise", "depthwise", "linear")
 TERMS = ("macs", "reads", "writes")
 # the elements a conv whose widths are not whole tiles reads and writes: ONNX Runtime runs it
 # outside its blocked layout, reordering around it
-FEATURES = (*(f"{kind}_{term}" for kind in KINDS for term in TERMS), "unaligned_moves")
+FEATURES = (*(f"{kind}_{term}" for kind in KINDS for term in TERMS), "unaligned_moves", "activation_elements")
+# activations every runtime folds into the conv before them as a clamp of its output
+FOLDED = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity)
+ACTIVATIONS = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Mish, nn.Tanh, nn.ELU, nn.LeakyReLU,
+               nn.PReLU, *FOLDED)
 # (channels per tile, whether a layer's inputs are rounded up too or only its outputs)
 TILES = ((1, False), (8, False), (8, True), (16, False), (16, True), (32, False), (32, True))
 
@@ -40,14 +50,24 @@ def tile_name(tile: tuple[int, bool]) -> str:
 
 
 def layer_records(model: nn.Module, space: ChannelSpace) -> list[dict]:
-    """Every conv/linear layer: its kind, the pixels it reads and writes, and how its
-    input/output widths follow the group widths (`parts`: group, repeats)."""
+    """Every conv/linear layer: its kind, the pixels it reads and writes, how its input/output
+    widths follow the group widths (`parts`: group, repeats), and the activation applied to its
+    output as an op of its own (`activation`, None when there is none or it is folded)."""
     supernet = Supernet(copy.deepcopy(model), space)
     dims = supernet.layer_dims
     plain = supernet.plain_copy().eval()
-    shapes = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, (i[0].shape, o.shape)))
-             for n, m in plain.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    shapes, activation, ran = {}, {}, []  # ran: (layer, its output shape) in the order they ran
+
+    def record(name, module, inputs, output):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            shapes[name] = (inputs[0].shape, output.shape)
+            ran.append((name, output.shape))
+        else:  # an activation acts on the output of the last layer that made its shape
+            made = next((n for n, shape in reversed(ran) if shape == output.shape), None)
+            if made is not None and made not in activation:
+                activation[made] = None if isinstance(module, FOLDED) else type(module).__name__
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, m, i, o))
+             for n, m in plain.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, *ACTIVATIONS))]
     with torch.no_grad():
         plain(example_input(space.input_size[-1], plain))
     for h in hooks:
@@ -73,7 +93,7 @@ def layer_records(model: nn.Module, space: ChannelSpace) -> list[dict]:
             "kernel": int(np.prod(m.kernel_size)) if conv else 1, "groups": m.groups if conv else 1,
             # a depthwise conv's input channels are its output channels
             "in": dim("out" if depthwise else "in", m.in_channels if conv else m.in_features),
-            "out": dim("out", m.out_channels if conv else m.out_features)})
+            "out": dim("out", m.out_channels if conv else m.out_features), "activation": activation.get(name)})
     return layers
 
 
@@ -96,6 +116,8 @@ def features(layers: list[dict], config: Mapping[str, int], space: ChannelSpace,
         out[f"{kind}_macs"] += per_out * up(cout) * layer["pixels_out"]
         out[f"{kind}_reads"] += cin * layer["pixels_in"]
         out[f"{kind}_writes"] += cout * layer["pixels_out"]
+        if layer.get("activation"):
+            out["activation_elements"] += cout * layer["pixels_out"]
         if kind != "linear" and (cin % size or cout % size):
             out["unaligned_moves"] += cin * layer["pixels_in"] + cout * layer["pixels_out"]
     return np.array([out[f] for f in FEATURES])

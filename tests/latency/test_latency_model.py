@@ -58,6 +58,23 @@ def test_the_work_it_reads_is_the_independent_mac_count():
         assert features(layers, config, space)[macs].sum() == space.macs(config)
 
 
+def test_the_activations_it_reads_are_those_the_pruned_model_runs_as_ops_of_their_own():
+    """Hard-swish and hard-sigmoid run as ops of their own (a ReLU folds into its conv): the
+    elements the latency model counts through them are the elements they output in the pruned model."""
+    model, space = _small()
+    layers = layer_records(model, space)
+    assert {l["activation"] for l in layers} == {"Hardswish", "Hardsigmoid", None}
+    column = FEATURES.index("activation_elements")
+    for config in (space.max(), space.min(), space.sample(np.random.default_rng(0))):
+        pruned, outputs = prune(model, config, space, importance="first"), []
+        for m in pruned.modules():
+            if isinstance(m, (nn.Hardswish, nn.Hardsigmoid)):
+                m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
+        with torch.no_grad():
+            pruned(example_input(16, pruned))
+        assert features(layers, config, space)[column] == sum(outputs)
+
+
 @pytest.mark.parametrize("tile", [(1, False), (16, False)])
 def test_the_fit_recovers_a_latency_linear_in_the_work_at_the_kernels_tile(tile):
     """A runtime whose time is linear in the work, its kernels computing channels one by one or
