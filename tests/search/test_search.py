@@ -292,7 +292,9 @@ def test_a_latency_pick_measured_over_the_budget_is_searched_again_until_it_meas
     fit.update(weights={k: fast * w for k, w in fit["weights"].items()}, overhead_ms=fast * fit["overhead_ms"])
     (tmp_path / "fast.json").write_text(json.dumps(record))
 
-    greedy = SearchSettings(method="greedy", greedy_step=0.2, targets=[Target(latency="50%")], **SCORING)
+    # few images a trial: the greedy scores over a hundred trials at 64 px, and only the latency is checked here
+    greedy = SearchSettings(method="greedy", greedy_step=0.2, targets=[Target(latency="50%")], recal_images=8,
+                            eval_images=8)
     searched = stages.search(run, greedy, out=tmp_path / "b", lut=tmp_path / "fast.json", quiet=True)
     t = searched.result["targets"][0]
     attempts, limit = t["latency_attempts"], t["measured_budget_ms"]
