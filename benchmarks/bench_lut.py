@@ -31,6 +31,7 @@ import numpy as np
 from common import write_section
 from compress import build
 from compress.latency.build import check_scores
+from compress.export.latency import measure_in_turns
 from compress.latency.clock import TIMING, Clock
 from compress.latency.layers import layer_records, tile_name
 from compress.latency.model import LatencyModel
@@ -139,6 +140,35 @@ def noise(out: Path, repeats: int) -> None:
         "|---|---|---|---|---|---|---|---|", *rows]))
 
 
+def drift(out: Path, model: str, threads: int, rounds: int) -> None:
+    """The unpruned, smallest and two random cuts of `model` (float TFLite, 224 px) timed in
+    turns `rounds` times: the spread of each cut's ratio to the unpruned file against that of its
+    place between the smallest and the unpruned file, which cancels a cost per op that a busy
+    machine adds to every file alike."""
+    net = build(model).eval()
+    _, space = lut_model_space(net)
+    rng = np.random.default_rng(5)
+    configs = {"unpruned": space.max(), "smallest": space.min(), "cut a": space.sample(rng), "cut b": space.sample(rng)}
+    paths = {name: out / f"drift_{name.replace(' ', '_')}.tflite" for name in configs}
+    for name, config in configs.items():
+        Clock().export(prune(net, config, space, importance="first"), 224, paths[name])
+    ms = np.array([[r["median_ms"] for r in measure_in_turns(list(paths.values()), "auto", threads, 5, 100)]
+                   for _ in range(rounds)])
+    unpruned, smallest = ms[:, 0], ms[:, 1]
+    cv = lambda x: f"{100 * x.std() / x.mean():.1f}%"  # noqa: E731
+    u, s = np.median(unpruned), np.median(smallest)  # each round's time mapped back to a typical round's clock
+    rows = [f"| {name} | {np.median(t / unpruned):.3f} | {cv(t / unpruned * u)} | "
+            f"{cv(s + (t - smallest) / (unpruned - smallest) * (u - s))} |" for name, t in zip(("cut a", "cut b"), ms[:, 2:].T)]
+    write_section(f"Latency clock drift ({threads} threads)", "\n".join([
+        f"{model} at 224 px, float TFLite, {threads} threads: the unpruned file, the smallest config's and two random "
+        f"cuts timed in turns of 10 invokes (2 of each left out, 100 a file), {rounds} rounds one after another. "
+        "Spread: the coefficient of variation over the rounds of each cut's time mapped to the median round's "
+        "clock, by its ratio to the unpruned file or by its place between the smallest and the unpruned file "
+        "(affine); the smallest file's own ratio spread by "
+        f"{cv(smallest / unpruned)}.", "",
+        "| file | median ratio | ratio spread | affine spread |", "|---|---|---|---|", *rows]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="cpu")
@@ -152,6 +182,10 @@ def main() -> None:
                     "(cells under OUT/SIZE-LABEL)")
     ap.add_argument("--noise", type=int, metavar="REPEATS", help="only the spread of repeated timings of one cut, "
                     "one after the other against in turns, REPEATS ratios each")
+    ap.add_argument("--drift", type=int, metavar="ROUNDS", help="only how far cuts' timings move over ROUNDS rounds "
+                    "of turns, as ratios and affine (--drift-model, --drift-threads)")
+    ap.add_argument("--drift-model", default="torchvision:mobilenet_v3_large")
+    ap.add_argument("--drift-threads", type=int, default=2)
     args = ap.parse_args()
     p = {**SIZES[args.size], **{k: getattr(args, k) for k in ("samples", "check") if getattr(args, k)}}
     if args.cells:
@@ -166,6 +200,8 @@ def main() -> None:
         return build_time(out, p["samples"])
     if args.noise:
         return noise(out, args.noise)
+    if args.drift:
+        return drift(out, args.drift_model, args.drift_threads, args.drift)
     rows = []
     for model, clock in p["cells"]:
         path = out / f"{model.replace(':', '_')}__{clock}.json"
