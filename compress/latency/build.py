@@ -41,14 +41,17 @@ class BesideUnpruned:
     """Times configs as ratios to the unpruned file, the two taking turns every few invokes: a
     shared machine's speed drifts by several percent over minutes (the unpruned MobileNetV2 ran
     at 2.95 to 3.34 ms in one afternoon here) and jumps over seconds, which a ratio taken in
-    turns cancels. Each time is reported as the ratio times the unpruned file's first timing.
-    Files are all exported before any is timed, so no conversion runs beside a timing."""
+    turns cancels; turns where the unpruned file ran well above its fastest turn of the whole
+    build are left out (`measure_beside`). Each time is reported as the ratio times the unpruned
+    file's first timing. Files are all exported before any is timed, so no conversion runs beside
+    a timing."""
 
     def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
         self.model, self.space, self.clock, self.folder = model, space, clock, folder
         self.reference = folder / f"unpruned{SUFFIX[clock.runtime]}"
         clock.export(copy.deepcopy(model), space.input_size[-1], self.reference)  # export sets eval mode
         self.unpruned_ms = clock.measure_file(self.reference)
+        self.fastest_ms: float | None = None  # the unpruned file's fastest turn so far
 
     def __call__(self, configs: list[ChannelConfig], repeats: int = 1, what: str | None = None) -> list[list[float]]:
         """The times of each config's cut (`repeats` each); `what` labels the progress bars."""
@@ -57,9 +60,13 @@ class BesideUnpruned:
     def nets(self, nets: list[nn.Module], repeats: int = 1, what: str | None = None) -> list[list[float]]:
         """The times of each of `nets` (cuts of the model), each beside the unpruned file."""
         with exported(self.clock, nets, self.space.input_size[-1], what, self.folder) as paths:
-            return [[self.clock.ratio(p, self.reference) * self.unpruned_ms for _ in range(repeats)]
+            return [[self.time(p) for _ in range(repeats)]
                     for p in tqdm(paths, desc=f"timing {what} ({self.clock.describe()})", unit="model",
                                   disable=what is None)]
+
+    def time(self, path: Path) -> float:
+        ratio, self.fastest_ms = self.clock.ratio(path, self.reference, self.fastest_ms)
+        return ratio * self.unpruned_ms
 
 
 def sample_configs(space: ChannelSpace, count: int, seed: int = 0) -> list[ChannelConfig]:

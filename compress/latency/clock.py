@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.export.latency import measure, measure_adb, measure_beside
+from compress.export.latency import measure_adb, measure_beside
 from compress.export.quantize import quantize_onnx, quantize_tflite
 from compress.export.tflite import write_tflite
 from compress.logs import runtime
@@ -23,7 +22,8 @@ from compress.logs import runtime
 RUNTIMES = ("tflite", "onnxruntime")
 SUFFIX = {"tflite": ".tflite", "onnxruntime": ".onnx"}
 # how a latency model's samples are timed, recorded with it
-TIMING = "medians of turns of 10 invokes taken with the unpruned file (2 of each left out), as a ratio to it"
+TIMING = ("medians of turns of 10 invokes taken with the unpruned file (2 of each left out), from the turns where "
+          "the unpruned file ran within 15% of its fastest, as a ratio to it")
 CALIBRATION_IMAGES = 4  # int8 speed does not depend on the ranges, so a few random inputs calibrate
 
 
@@ -55,30 +55,26 @@ class Clock:
                 "dtype": "int8" if self.int8 else "float", "threads": self.threads,
                 "machine": self.device if self.device != "local" else machine()}
 
-    def time(self, net: nn.Module, input_size: int) -> float:
-        """Latency (ms) of `net` exported for this clock (see `measure_file`)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"model{SUFFIX[self.runtime]}"
-            self.export(net, input_size, path)
-            return self.measure_file(path)
-
     def measure_file(self, path: Path) -> float:
-        """The lower of two sessions' medians on the file: what else runs on a machine only ever
-        slows a timing (one session in 30 on a shared 2-core machine ran 1.8x slower than the
-        next on the same file)."""
+        """The file's latency (ms). Here: timed in turns with itself, the median of the turns
+        near its fastest (see `measure_beside`; one session in 30 on a shared 2-core machine ran
+        1.8x slower than the next on the same file). On a phone: the lower of two sessions'
+        medians."""
+        if self.device == "local":
+            return measure_beside(path, path, self.threads, self.warmup, self.runs)["ms"]
         return min(self._session(path) for _ in range(2))
 
-    def ratio(self, path: Path, reference: Path) -> float:
-        """The file's time as a ratio to `reference`'s, the two timed in turns (see
-        `measure_beside`); on a phone, one after the other."""
+    def ratio(self, path: Path, reference: Path, fastest_ms: float | None = None) -> tuple[float, float | None]:
+        """The file's time as a ratio to `reference`'s, the two timed in turns, from the turns
+        where the reference ran near its fastest (`fastest_ms`, or this timing's fastest turn;
+        see `measure_beside`), and the reference's fastest turn now known; on a phone, one after
+        the other (and no fastest turn)."""
         if self.device != "local":
-            return self.measure_file(path) / self.measure_file(reference)
-        ms, reference_ms = measure_beside(path, reference, self.threads, self.warmup, 2 * self.runs)
-        return ms / reference_ms
+            return self.measure_file(path) / self.measure_file(reference), None
+        timed = measure_beside(path, reference, self.threads, self.warmup, 2 * self.runs, fastest_ms)
+        return timed["ms"] / timed["reference_ms"], timed["fastest_ms"]
 
     def _session(self, path: Path) -> float:
-        if self.device == "local":
-            return measure(path, self.runtime, threads=self.threads, warmup=self.warmup, runs=self.runs)["median_ms"]
         return measure_adb(path, self.device.partition(":")[2] or None, threads=self.threads, warmup=self.warmup,
                            runs=self.runs)["median_ms"]
 

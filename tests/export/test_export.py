@@ -109,11 +109,16 @@ def test_pruned_odd_widths_export_to_both_formats_and_time_on_both_runtimes(tmp_
         r = measure(tmp_path / path, threads=2, warmup=2, runs=10)
         assert r["runs"] == 10 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
         assert r["threads"] == 2 and r["runtime"]
-    ms, again = measure_beside(tmp_path / "p.tflite", tmp_path / "p.tflite", runs=40)  # in turns with itself
-    assert ms > 0 and 0.8 <= ms / again <= 1.25
+    beside = measure_beside(tmp_path / "p.tflite", tmp_path / "p.tflite", runs=40)  # in turns with itself
+    assert beside["ms"] > 0 and 0.8 <= beside["ms"] / beside["reference_ms"] <= 1.25
+    assert 4 <= beside["kept"] <= beside["turns"] and beside["turns"] % 5 == 0  # 40 runs: turns of 8 kept invokes
+    # a fastest turn no timing comes near: timed once (no patience), then the turns near this timing's fastest count
+    slower = measure_beside(tmp_path / "p.tflite", tmp_path / "p.tflite", runs=40, fastest_ms=1e-6, patience_s=0)
+    assert slower["fastest_ms"] == 1e-6 and slower["turns"] == 5 and 1 <= slower["kept"] <= 5
     turns = measure_in_turns([tmp_path / "p.onnx", tmp_path / "p.tflite", tmp_path / "p.tflite"], runs=16, block=6)
     assert [t["backend"] for t in turns] == ["onnxruntime", "tflite", "tflite"]
     assert all(t["runs"] == 16 and t["in_turns_with"] == 2 and 0 < t["min_ms"] <= t["median_ms"] for t in turns)
+    assert all(len(t["turn_ms"]) == 4 and min(t["turn_ms"]) <= t["median_ms"] <= max(t["turn_ms"]) for t in turns)
     assert 0.8 <= turns[1]["median_ms"] / turns[2]["median_ms"] <= 1.25
     with pytest.raises(CheckFailed, match=r"median .* ms > budget 1e-06 ms"):
         check_budget(r, 1e-6)
