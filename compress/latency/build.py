@@ -43,8 +43,8 @@ class BesideUnpruned:
     at 2.95 to 3.34 ms in one afternoon here) and jumps over seconds, which a ratio taken in
     turns cancels; turns where the unpruned file ran well above its fastest turn of the whole
     build are left out (`measure_beside`). Each time is reported as the ratio times the unpruned
-    file's first timing. Files are all exported before any is timed, so no conversion runs beside
-    a timing."""
+    file's time: its first timing, until `settle` takes it from the turns counted since. Files are
+    all exported before any is timed, so no conversion runs beside a timing."""
 
     def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
         self.model, self.space, self.clock, self.folder = model, space, clock, folder
@@ -52,6 +52,7 @@ class BesideUnpruned:
         clock.export(copy.deepcopy(model), space.input_size[-1], self.reference)  # export sets eval mode
         self.unpruned_ms = clock.measure_file(self.reference)
         self.fastest_ms: float | None = None  # the unpruned file's fastest turn so far
+        self.reference_ms: list[float] = []  # its time in each timing's counted turns
 
     def __call__(self, configs: list[ChannelConfig], repeats: int = 1, what: str | None = None) -> list[list[float]]:
         """The times of each config's cut (`repeats` each); `what` labels the progress bars."""
@@ -65,8 +66,20 @@ class BesideUnpruned:
                                   disable=what is None)]
 
     def time(self, path: Path) -> float:
-        ratio, self.fastest_ms = self.clock.ratio(path, self.reference, self.fastest_ms)
-        return ratio * self.unpruned_ms
+        timed = self.clock.ratio(path, self.reference, self.fastest_ms)
+        self.fastest_ms = timed["fastest_ms"]
+        self.reference_ms.append(timed["reference_ms"])
+        return timed["ratio"] * self.unpruned_ms
+
+    def settle(self) -> float:
+        """Take the unpruned file's time from the turns the timings so far counted, and return
+        the factor every time reported before changes by: its first timing, alone, may fall in a
+        slow phase the ratios leave out (at 2 threads on a 2-core VM, 5.1 ms against 3.2-3.5 ms)."""
+        if not self.reference_ms:
+            return 1.0
+        settled = float(np.median(self.reference_ms))
+        factor, self.unpruned_ms = settled / self.unpruned_ms, settled
+        return factor
 
 
 def sample_configs(space: ChannelSpace, count: int, seed: int = 0) -> list[ChannelConfig]:
@@ -97,6 +110,9 @@ def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, sam
         if on_ends is not None:
             on_ends(timer.unpruned_ms, floor)
         rest = [t[0] for t in timer(configs[1:], what="sampled models" if progress else None)]
+        factor = timer.settle()
+        floor, rest = floor * factor, [t * factor for t in rest]
+        base.update(unpruned_ms=timer.unpruned_ms, floor_ms=floor)
         samples = list(zip([space.max(), *configs], [timer.unpruned_ms, floor, *rest]))
         fitted = _retimed(LatencyModel.fit(base, space, samples), base, samples, timer, progress)
         fitted.record.update(build_s=round(time.perf_counter() - began, 1),

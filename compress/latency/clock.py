@@ -64,15 +64,17 @@ class Clock:
             return measure_beside(path, path, self.threads, self.warmup, self.runs)["ms"]
         return min(self._session(path) for _ in range(2))
 
-    def ratio(self, path: Path, reference: Path, fastest_ms: float | None = None) -> tuple[float, float | None]:
-        """The file's time as a ratio to `reference`'s, the two timed in turns, from the turns
-        where the reference ran near its fastest (`fastest_ms`, or this timing's fastest turn;
-        see `measure_beside`), and the reference's fastest turn now known; on a phone, one after
-        the other (and no fastest turn)."""
+    def ratio(self, path: Path, reference: Path, fastest_ms: float | None = None) -> dict:
+        """The file's time as a ratio to `reference`'s (`ratio`), the two timed in turns, from
+        the turns where the reference ran near its fastest (`fastest_ms`, or this timing's fastest
+        turn; see `measure_beside`); the reference's time in those turns (`reference_ms`) and its
+        fastest turn now known (`fastest_ms`). On a phone, one after the other (no fastest turn)."""
         if self.device != "local":
-            return self.measure_file(path) / self.measure_file(reference), None
+            reference_ms = self.measure_file(reference)
+            return {"ratio": self.measure_file(path) / reference_ms, "reference_ms": reference_ms, "fastest_ms": None}
         timed = measure_beside(path, reference, self.threads, self.warmup, 2 * self.runs, fastest_ms)
-        return timed["ms"] / timed["reference_ms"], timed["fastest_ms"]
+        return {"ratio": timed["ms"] / timed["reference_ms"], "reference_ms": timed["reference_ms"],
+                "fastest_ms": timed["fastest_ms"]}
 
     def _session(self, path: Path) -> float:
         return measure_adb(path, self.device.partition(":")[2] or None, threads=self.threads, warmup=self.warmup,

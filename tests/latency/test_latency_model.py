@@ -13,6 +13,7 @@ from compress import CompressError
 from compress.export.latency import measure_beside
 from compress.latency import Clock, LatencyModel
 from compress.latency.budget import TOLERANCE, best_under, corrected_cuts
+from compress.latency.build import BesideUnpruned
 from compress.latency.workers import export_all
 from compress.latency.layers import FEATURES, TILES, features, layer_records, width
 from compress.pruning.allocation import allocate
@@ -171,6 +172,21 @@ def test_a_busy_machines_timings_still_lead_the_cuts_into_the_window():
     assert len(configs) == len(set(configs)) >= 4
     assert (1 - TOLERANCE) * limit <= attempts[-1]["measured_ms"] <= limit
     assert best_under(attempts, limit) is attempts[-1]
+
+
+def test_times_settle_on_the_unpruned_files_counted_turns(tmp_path):
+    """The unpruned file's first timing taken in a slow phase (here: made 3x): `settle` takes its
+    time from the turns the timings since counted, and gives the factor the earlier times move by,
+    so a cut timed before and after lands on one scale."""
+    model, space = _small(32)
+    timer = BesideUnpruned(model, space, Clock(runtime="onnxruntime", runs=20), tmp_path)
+    first_ms = timer.unpruned_ms
+    timer.unpruned_ms = 3 * first_ms
+    before = timer([space.uniform(0.5)])[0][0]
+    factor = timer.settle()
+    assert 0.2 < factor < 0.5 and 0.6 * first_ms < timer.unpruned_ms < 1.6 * first_ms
+    after = timer([space.uniform(0.5)])[0][0]
+    assert 0.7 < after / (before * factor) < 1.4  # fresh sessions of a 32-px net: noise, not the 3x
 
 
 @pytest.mark.slow
