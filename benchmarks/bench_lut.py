@@ -120,7 +120,7 @@ def noise(out: Path, repeats: int) -> None:
         return min(measure(path, "tflite", clock.threads, clock.warmup, clock.runs)["median_ms"] for _ in range(2))
 
     ways = {"one after the other": lambda c: apart(c, paths["half"]) / apart(c, paths["unpruned"]),
-            "in turns": lambda c: c.ratio(paths["half"], paths["unpruned"])[0]}
+            "in turns": lambda c: c.ratio(paths["half"], paths["unpruned"])["ratio"]}
     rows = []
     for threads in (1, 2):
         clock = Clock(threads=threads)
@@ -164,8 +164,9 @@ def drift(out: Path, model: str, threads: int, rounds: int) -> None:
         began = time.perf_counter()
         clocked.append([])
         for cut in ("cut a", "cut b"):
-            ratio, fastest = clock.ratio(paths[cut], paths["unpruned"], fastest)
-            clocked[-1].append(ratio)
+            timed = clock.ratio(paths[cut], paths["unpruned"], fastest)
+            fastest = timed["fastest_ms"]
+            clocked[-1].append(timed["ratio"])
         seconds += time.perf_counter() - began
     ms, clocked = np.array(ms), np.array(clocked)
     unpruned, smallest = ms[:, 0], ms[:, 1]
@@ -228,7 +229,7 @@ def main() -> None:
             continue
         r = cell(model, clock, p, out)
         c, tile = refit(model, r)
-        star = "" if r.get("timing") == TIMING else "*"
+        star = "" if r.get("timing") == TIMING else "+" if "turns" in r.get("timing", "") else "*"
         built = r["check"]
         rows.append(f"| {model}{star} | {r['clock']['dtype']} {r['clock']['runtime']} | {r['clock']['threads']} | "
                     f"{r['unpruned_ms']:.2f} / {r['floor_ms']:.2f} | {len(r['fit']['samples'])} | {r['build_s']:.0f} s | "
@@ -237,7 +238,7 @@ def main() -> None:
                     f"{_retimed(c)} |")
     write_section(f"Latency model accuracy ({args.size})" + (f": {args.label}" if args.label else ""), "\n".join([
         f"Each model at 224 px ({'16 px: ' if args.size == 'quick' else ''}the latency model fitted on {p['samples']} whole models (the unpruned one, the "
-        "smallest, two uniform widths, random configs), exported and timed as a ratio to the unpruned file (this machine's speed drifts over minutes): since 2026-12-06 the two in turns of 10 invokes, 2 of each left out (section 'Latency timing noise'); before, the lower of two sessions' medians of 50 runs, the unpruned file timed right after; cells marked * were timed by one session's median alone, before that); then checked on "
+        "smallest, two uniform widths, random configs), exported and timed as a ratio to the unpruned file (this machine's speed drifts over minutes): since 2026-12-07 the two in turns of 10 invokes, 2 of each left out, from the turns where the unpruned file ran within 15% of its fastest turn of the build (section 'Latency clock drift'); cells marked + took every turn (2026-12-06, section 'Latency timing noise'), cells marked * the lower of two sessions' medians of 50 runs, the unpruned file timed right after, or before that one session's median); then checked on "
         f"{p['check']} random configs it never saw, exported and timed the same way. Build time: sampling and "
         "fitting, on this machine. Every cell is scored with this version's fit, refitted on the cell's own timed "
         "samples (the timings are the record's; the fit is redone), so a change to the fit is judged on the same "
