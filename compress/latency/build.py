@@ -107,7 +107,6 @@ def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, sam
     with tempfile.TemporaryDirectory() as tmp:
         timer = BesideUnpruned(model, space, clock, Path(tmp))
         floor = timer(configs[:1])[0][0]
-        base.update(unpruned_ms=timer.unpruned_ms, floor_ms=floor)
         if on_ends is not None:
             on_ends(timer.unpruned_ms, floor)
         rest = [t[0] for t in timer(configs[1:], what="sampled models" if progress else None)]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.export.latency import measure_adb, measure_beside
+from compress.export.latency import SLACK, measure_adb, measure_beside
 from compress.export.quantize import quantize_onnx, quantize_tflite
 from compress.export.tflite import write_tflite
 from compress.logs import runtime
@@ -23,7 +23,7 @@ RUNTIMES = ("tflite", "onnxruntime")
 SUFFIX = {"tflite": ".tflite", "onnxruntime": ".onnx"}
 # how a latency model's samples are timed, recorded with it
 TIMING = ("medians of turns of 10 invokes taken with the unpruned file (2 of each left out), from the turns where "
-          "the unpruned file ran within 15% of its fastest, as a ratio to it")
+          f"the unpruned file ran within {SLACK:.0%} of its fastest, as a ratio to it")
 CALIBRATION_IMAGES = 4  # int8 speed does not depend on the ranges, so a few random inputs calibrate
 
 
