@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--noise", type=int, metavar="REPEATS", help="only the spread of repeated timings of one cut, "
                     "one after the other against in turns, REPEATS ratios each")
     ap.add_argument("--drift", type=int, metavar="ROUNDS", help="only how far cuts' timings move over ROUNDS rounds "
-                    "of turns, as ratios and affine (--drift-model, --drift-threads)")
+                    "of turns: as ratios over all turns, affine, and by the latency clock (--drift-model, --drift-threads)")
     ap.add_argument("--drift-model", default="torchvision:mobilenet_v3_large")
     ap.add_argument("--drift-threads", type=int, default=2)
     args = ap.parse_args()
@@ -238,7 +238,7 @@ def main() -> None:
                     f"{_retimed(c)} |")
     write_section(f"Latency model accuracy ({args.size})" + (f": {args.label}" if args.label else ""), "\n".join([
         f"Each model at 224 px ({'16 px: ' if args.size == 'quick' else ''}the latency model fitted on {p['samples']} whole models (the unpruned one, the "
-        "smallest, two uniform widths, random configs), exported and timed as a ratio to the unpruned file (this machine's speed drifts over minutes): since 2026-12-07 the two in turns of 10 invokes, 2 of each left out, from the turns where the unpruned file ran within 15% of its fastest turn of the build (section 'Latency clock drift'); cells marked + took every turn (2026-12-06, section 'Latency timing noise'), cells marked * the lower of two sessions' medians of 50 runs, the unpruned file timed right after, or before that one session's median); then checked on "
+        f"smallest, two uniform widths, random configs), exported and timed as a ratio to the unpruned file (this machine's speed drifts over minutes): since 2026-12-07 the two in turns of 10 invokes, 2 of each left out, from the turns where the unpruned file ran within {SLACK:.0%} of its fastest turn of the build (section 'Latency clock drift'); cells marked + took every turn (2026-12-06, section 'Latency timing noise'), cells marked * the lower of two sessions' medians of 50 runs, the unpruned file timed right after, or before that one session's median); then checked on "
         f"{p['check']} random configs it never saw, exported and timed the same way. Build time: sampling and "
         "fitting, on this machine. Every cell is scored with this version's fit, refitted on the cell's own timed "
         "samples (the timings are the record's; the fit is redone), so a change to the fit is judged on the same "
