@@ -18,6 +18,7 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
+from compress.export.latency import SLACK
 from compress.latency.clock import SUFFIX, TIMING, Clock
 from compress.latency.layers import layer_records
 from compress.latency.model import FORMAT, LatencyModel
@@ -38,28 +39,37 @@ def exported(clock: Clock, nets: list[nn.Module], input_size: int, what: str | N
 
 
 class BesideUnpruned:
-    """Times configs as ratios to the unpruned file, the two taking turns every few invokes: a
-    shared machine's speed drifts by several percent over minutes (the unpruned MobileNetV2 ran
-    at 2.95 to 3.34 ms in one afternoon here) and jumps over seconds, which a ratio taken in
-    turns cancels; turns where the unpruned file ran well above its fastest turn of the whole
-    build are left out (`measure_beside`). Each time is reported as the ratio times the unpruned
-    file's time: its first timing, until `settle` takes it from the turns counted since. Files are
-    all exported before any is timed, so no conversion runs beside a timing."""
+    """Times cuts of a model as ratios to the unpruned file, the two taking turns every few
+    invokes: a shared machine's speed drifts by several percent over minutes (the unpruned
+    MobileNetV2 ran at 2.95 to 3.34 ms in one afternoon here) and jumps over seconds, which a
+    ratio taken in turns cancels; turns where the unpruned file ran well above its fastest turn
+    of the whole run are left out (`measure_beside`). Files are all exported before any is
+    timed, so no conversion runs beside a timing."""
 
     def __init__(self, model: nn.Module, space: ChannelSpace, clock: Clock, folder: Path):
         self.model, self.space, self.clock, self.folder = model, space, clock, folder
         self.reference = folder / f"unpruned{SUFFIX[clock.runtime]}"
         clock.export(copy.deepcopy(model), space.input_size[-1], self.reference)  # export sets eval mode
-        self.unpruned_ms = clock.measure_file(self.reference)
         self.fastest_ms: float | None = None  # the unpruned file's fastest turn so far
         self.reference_ms: list[float] = []  # its time in each timing's counted turns
+        self.time(self.reference)
+
+    @property
+    def unpruned_ms(self) -> float:
+        """The unpruned file's time, which turns a ratio into ms: the median of its times in
+        the timings so far, of those within SLACK of the fastest. Any one timing, the first
+        included, can fall in a slow phase whole (a 2-thread MobileNetV2 build on a 2-core VM
+        first timed it at 5.14 ms, an earlier one on the same VM at 3.48 ms)."""
+        fast = min(self.reference_ms) * (1 + SLACK)
+        return float(np.median([t for t in self.reference_ms if t <= fast]))
 
     def __call__(self, configs: list[ChannelConfig], repeats: int = 1, what: str | None = None) -> list[list[float]]:
-        """The times of each config's cut (`repeats` each); `what` labels the progress bars."""
+        """Each config's cut timed `repeats` times, as ratios; `what` labels the progress bars."""
         return self.nets([prune(self.model, c, self.space, importance="first") for c in configs], repeats, what)
 
     def nets(self, nets: list[nn.Module], repeats: int = 1, what: str | None = None) -> list[list[float]]:
-        """The times of each of `nets` (cuts of the model), each beside the unpruned file."""
+        """Each of `nets` (cuts of the model) timed `repeats` times beside the unpruned file, as
+        ratios to it."""
         with exported(self.clock, nets, self.space.input_size[-1], what, self.folder) as paths:
             return [[self.time(p) for _ in range(repeats)]
                     for p in tqdm(paths, desc=f"timing {what} ({self.clock.describe()})", unit="model",
@@ -69,18 +79,7 @@ class BesideUnpruned:
         timed = self.clock.ratio(path, self.reference, self.fastest_ms)
         self.fastest_ms = timed["fastest_ms"]
         self.reference_ms.append(timed["reference_ms"])
-        return timed["ratio"] * self.unpruned_ms
-
-    def settle(self) -> float:
-        """Take the unpruned file's time from the turns the timings so far counted, and return
-        the factor every time reported before changes by: its first timing, alone, may fall in a
-        slow phase the ratios leave out (a 2-thread MobileNetV2 build on a 2-core VM recorded 5.14 ms,
-        an earlier one on the same VM 3.48 ms)."""
-        if not self.reference_ms:
-            return 1.0
-        settled = float(np.median(self.reference_ms))
-        factor, self.unpruned_ms = settled / self.unpruned_ms, settled
-        return factor
+        return timed["ratio"]
 
 
 def sample_configs(space: ChannelSpace, count: int, seed: int = 0) -> list[ChannelConfig]:
@@ -108,22 +107,21 @@ def build_latency_model(model: nn.Module, space: ChannelSpace, clock: Clock, sam
         timer = BesideUnpruned(model, space, clock, Path(tmp))
         floor = timer(configs[:1])[0][0]
         if on_ends is not None:
-            on_ends(timer.unpruned_ms, floor)
+            on_ends(timer.unpruned_ms, floor * timer.unpruned_ms)
         rest = [t[0] for t in timer(configs[1:], what="sampled models" if progress else None)]
-        factor = timer.settle()
-        floor, rest = floor * factor, [t * factor for t in rest]
-        base.update(unpruned_ms=timer.unpruned_ms, floor_ms=floor)
-        samples = list(zip([space.max(), *configs], [timer.unpruned_ms, floor, *rest]))
-        fitted = _retimed(LatencyModel.fit(base, space, samples), base, samples, timer, progress)
+        unpruned = timer.unpruned_ms  # one scale for every sample, from every timing's counted turns
+        base.update(unpruned_ms=unpruned, floor_ms=floor * unpruned)
+        samples = list(zip([space.max(), *configs], [unpruned * r for r in (1.0, floor, *rest)]))
+        fitted = _retimed(LatencyModel.fit(base, space, samples), base, samples, timer, unpruned, progress)
         fitted.record.update(build_s=round(time.perf_counter() - began, 1),
                              built=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         if check:
-            fitted.record["check"] = _check(fitted, timer, check, progress)
+            fitted.record["check"] = _check(fitted, timer, unpruned, check, progress)
     return fitted
 
 
 def _retimed(fitted: LatencyModel, base: dict, samples: list[tuple[ChannelConfig, float]], timer: BesideUnpruned,
-             progress: bool) -> LatencyModel:
+             unpruned_ms: float, progress: bool) -> LatencyModel:
     """The fit again after each suspect sample (`LatencyModel.suspects`) is timed twice more and
     keeps the median of its three times: on a shared machine a timing now and then jumps by
     20-60%, and at 2 threads two such samples of 24 bent the whole fit (benchmarks/RESULTS.md,
@@ -131,12 +129,13 @@ def _retimed(fitted: LatencyModel, base: dict, samples: list[tuple[ChannelConfig
     suspects = fitted.suspects()
     if not suspects:
         return fitted
-    again = timer([samples[i][0] for i in suspects], 2, "suspect samples again" if progress else None)
+    again = unpruned_ms * np.array(timer([samples[i][0] for i in suspects], 2,
+                                         "suspect samples again" if progress else None))
     retimed = []
     for i, times in zip(suspects, again):
         first = samples[i][1]
         samples[i] = (samples[i][0], float(np.median([first, *times])))
-        retimed.append({"sample": i, "first_ms": first, "again_ms": times, "kept_ms": samples[i][1]})
+        retimed.append({"sample": i, "first_ms": first, "again_ms": times.tolist(), "kept_ms": samples[i][1]})
     if 1 in suspects:  # the smallest config: the floor a budget is refused under
         base = {**base, "floor_ms": samples[1][1]}
     refit = LatencyModel.fit(base, fitted.space, samples)
@@ -144,13 +143,14 @@ def _retimed(fitted: LatencyModel, base: dict, samples: list[tuple[ChannelConfig
     return refit
 
 
-def _check(fitted: LatencyModel, timer: BesideUnpruned, configs: int, progress: bool, seed: int = 1) -> dict:
+def _check(fitted: LatencyModel, timer: BesideUnpruned, unpruned_ms: float, configs: int, progress: bool,
+           seed: int = 1) -> dict:
     """Predicted against measured latency on random configs the fit never saw; each file is
     timed a second time too, to show how far two timings of one file differ here (the floor
     under any prediction's error)."""
     rng = np.random.default_rng(seed)
     sample = [timer.space.sample(rng) for _ in range(configs)]
-    timed = np.array(timer(sample, 2, "check models" if progress else None))
+    timed = unpruned_ms * np.array(timer(sample, 2, "check models" if progress else None))
     return check_scores(fitted, sample, timed[:, 0].tolist(), timed[:, 1].tolist())
 
 

@@ -71,7 +71,8 @@ class Clock:
         fastest turn now known (`fastest_ms`). On a phone, one after the other (no fastest turn)."""
         if self.device != "local":
             reference_ms = self.measure_file(reference)
-            return {"ratio": self.measure_file(path) / reference_ms, "reference_ms": reference_ms, "fastest_ms": None}
+            ratio = 1.0 if path == reference else self.measure_file(path) / reference_ms
+            return {"ratio": ratio, "reference_ms": reference_ms, "fastest_ms": None}
         timed = measure_beside(path, reference, self.threads, self.warmup, 2 * self.runs, fastest_ms)
         return {"ratio": timed["ms"] / timed["reference_ms"], "reference_ms": timed["reference_ms"],
                 "fastest_ms": timed["fastest_ms"]}

@@ -134,7 +134,9 @@ def _meet_latency(result: dict, settings: SearchSettings, budgets: list[Budget],
     with tempfile.TemporaryDirectory() as tmp:
         main = distributed.is_main()
         timer = BesideUnpruned(evaluator.supernet.plain_copy(), space, clock, Path(tmp)) if main else None
-        unpruned_ms = distributed.from_main(timer and timer.unpruned_ms)
+
+        def unpruned_ms() -> float:
+            return distributed.from_main(timer and timer.unpruned_ms)
 
         def measure(config: ChannelConfig) -> float:
             return distributed.from_main(timer and timer([config])[0][0])
@@ -142,18 +144,21 @@ def _meet_latency(result: dict, settings: SearchSettings, budgets: list[Budget],
         for target, budget, t in zip(settings.targets, budgets, result["targets"]):
             first = ChannelConfig(t["config"])
             if budget.latency_ms is None:
-                t.update(measured_ms=measure(first), measured_on=clock.describe(), measured_within_budget=True)
+                t.update(measured_ms=measure(first) * unpruned_ms(), measured_on=clock.describe(),
+                         measured_within_budget=True)
                 continue
-            limit = parse_latency(target.latency, unpruned_ms)  # a share is of the unpruned file timed now
-            attempts = corrected_cuts(_research(evaluator, settings, budget, first, log), measure, fitted, limit,
-                                      unpruned_ms / fitted.unpruned_ms, clock, SEARCH_TRIES, budget.latency_ms)
-            chosen = best_under(attempts, limit) or min(attempts, key=lambda a: a["measured_ms"])
-            t.update(plain_entry(evaluator.score(chosen["config"])), measured_ms=chosen["measured_ms"],
-                     measured_budget_ms=limit, measured_on=clock.describe(), latency_attempts=public(attempts),
-                     measured_within_budget=chosen["measured_ms"] <= limit)
+            attempts = corrected_cuts(_research(evaluator, settings, budget, first, log), measure, fitted,
+                                      target.latency, unpruned_ms, clock, SEARCH_TRIES,
+                                      budget.latency_ms / fitted.unpruned_ms)
+            now = unpruned_ms()
+            limit = parse_latency(target.latency, now)  # a share is of the unpruned file timed now
+            chosen = best_under(attempts, limit / now) or min(attempts, key=lambda a: a["measured"])
+            t.update(plain_entry(evaluator.score(chosen["config"])), measured_ms=chosen["measured"] * now,
+                     measured_budget_ms=limit, measured_on=clock.describe(), latency_attempts=public(attempts, now),
+                     measured_within_budget=chosen["measured"] <= limit / now)
             if not t["measured_within_budget"]:
                 print(f"warning: {t['label']}: after {len(attempts)} searches the fastest pick measured "
-                      f"{chosen['measured_ms']:.3f} ms on {clock.describe()}, over the {limit:.3f} ms budget; "
+                      f"{t['measured_ms']:.3f} ms on {clock.describe()}, over the {limit:.3f} ms budget; "
                       "the machine may be busy (search again: scored configs are kept), or prune to it directly "
                       "(`chansearch prune --latency`).", file=sys.stderr)
     result.update(evaluated=len(evaluator.cache), evaluated_now=evaluator.fresh)
@@ -164,7 +169,7 @@ def _research(evaluator: Evaluator, settings: SearchSettings, budget: Budget, fi
     """The search of `budget` again with its latency limit moved to a predicted-ms target;
     the first pick (found under the budget itself) is not searched twice."""
     def cut(target_ms: float) -> ChannelConfig | None:
-        if target_ms == budget.latency_ms:
+        if math.isclose(target_ms, budget.latency_ms):  # the first target, back from a share
             return first
         if log:
             log(f"{budget.label()}: searching again under a predicted {target_ms:.3f} ms, corrected by the measurement")
