@@ -82,12 +82,11 @@ def corrected_cuts(cut: Callable[[float], ChannelConfig | None], measure: Callab
     the unpruned file was first timed. `unpruned_ms()` is its time now, settled over every
     timing so far, which makes a budget in ms a share. The first target is the middle of the
     window (a re-timing may differ) unless `first_target` (a share) says otherwise."""
-    def share() -> float:
-        now = unpruned_ms()
+    def share(now: float) -> float:
         return parse_latency(budget, now) / now
 
     floor, attempts = fitted.predict(fitted.space.min()) / fitted.unpruned_ms, []
-    target = share() * (1 - TOLERANCE / 2) if first_target is None else first_target
+    target = share(unpruned_ms()) * (1 - TOLERANCE / 2) if first_target is None else first_target
     for _ in range(tries):
         config = cut(max(target, floor) * fitted.unpruned_ms)
         # None: no cut aims there; a config cut before: the MAC or parameter budget (or the
@@ -96,7 +95,8 @@ def corrected_cuts(cut: Callable[[float], ChannelConfig | None], measure: Callab
             break
         predicted = fitted.predict(config) / fitted.unpruned_ms
         attempts.append({"config": config, "target": target, "predicted": predicted, "measured": measure(config)})
-        limit, now = share(), unpruned_ms()
+        now = unpruned_ms()  # on a search's ranks, one broadcast from the main rank
+        limit = share(now)
         notes.info(f"latency: predicted {predicted * now:.3f} ms, measured {attempts[-1]['measured'] * now:.3f} ms "
                    f"on {clock.describe()} (budget {limit * now:.3f} ms)")
         if (1 - TOLERANCE) * limit <= attempts[-1]["measured"] <= limit:
